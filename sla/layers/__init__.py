@@ -1,0 +1,3 @@
+from .sla import SparseLinearAttention
+
+__all__ = ["SparseLinearAttention"]

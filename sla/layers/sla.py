@@ -1,0 +1,62 @@
+"""``SparseLinearAttention``: the SLA operator as an ``nn.Module`` owning its projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.sla.interface import sparse_linear_attention
+from ..ops.sla.validation import check_sla_config
+
+
+class SparseLinearAttention(nn.Module):
+    """SLA attention with a learnable ``Proj`` on the linear branch: ``o = o_s + Proj(o_l)``.
+
+    ``Proj`` is a ``Linear(head_dim, head_dim)`` with bias, kept in float32 and initialised to zero, so an
+    untrained module computes sparse-only attention and fine-tuning grows the linear branch in. One
+    projection per module, shared by all heads (as in the paper's public code).
+
+    Args:
+        head_dim (int): D of q, k, v.
+        critical, negligible, block_q, block_k, feature_map, linear_scope: see
+            :func:`sla.sparse_linear_attention`. Defaults are the paper's (0.05, 0.10, 64, 64, softmax,
+            marginal).
+        backend (str): implementation choice, see :func:`sla.sparse_linear_attention`. Default ``"auto"``.
+
+    ``forward(q, k, v)`` takes ``(B, H, L, D)`` tensors and returns the same layout and dtype as q.
+    """
+
+    def __init__(self, head_dim: int, critical: float = 0.05, negligible: float = 0.10, block_q: int = 64,
+                 block_k: int = 64, feature_map: str = "softmax", linear_scope: str = "marginal",
+                 backend: str = "auto"):
+        super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
+        self.head_dim = head_dim
+        self.critical = critical
+        self.negligible = negligible
+        self.block_q = block_q
+        self.block_k = block_k
+        self.feature_map = feature_map
+        self.linear_scope = linear_scope
+        self.backend = backend
+        self.proj = nn.Linear(head_dim, head_dim, bias=True, dtype=torch.float32)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_info: bool = False,
+                block_map=None):
+        return sparse_linear_attention(
+            q, k, v, critical=self.critical, negligible=self.negligible, block_q=self.block_q,
+            block_k=self.block_k, feature_map=self.feature_map, linear_scope=self.linear_scope,
+            proj_weight=self.proj.weight, proj_bias=self.proj.bias, return_info=return_info,
+            block_map=block_map, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, critical={self.critical}, negligible={self.negligible}, "
+                f"block_q={self.block_q}, block_k={self.block_k}, feature_map={self.feature_map!r}, "
+                f"linear_scope={self.linear_scope!r}")

@@ -1,0 +1,128 @@
+"""Public entry point of the SLA operator: validation, block classification and dispatch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .blockmap import BlockMap, build_block_map
+from .naive import naive_sparse_linear_attention
+from .torch_impl import torch_sparse_linear_attention
+from .validation import check_attention_inputs, check_projection, check_sla_config
+
+# backend name -> callable(q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale).
+# The Triton kernels add themselves here when their module is imported (see sla/ops/sla/__init__.py).
+BACKENDS = {
+    "torch": torch_sparse_linear_attention,
+    "reference": naive_sparse_linear_attention,
+}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Pick the implementation for ``backend`` on ``device``.
+
+    ``"auto"`` means the Triton kernels on CUDA and the PyTorch path elsewhere; with ``TRITON_INTERPRET=1``
+    the kernels can also be asked for explicitly on CPU (that is how CI tests them). An explicit backend is
+    never replaced by another.
+    """
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
+    if backend not in BACKENDS:
+        known = ("auto",) + tuple(BACKENDS)
+        raise ValueError(f"backend={backend!r} is unknown or unavailable here; choose one of {known}")
+    return backend
+
+
+@dataclass
+class SLAInfo:
+    """What one SLA call did.
+
+    Attributes:
+        block_map: the full :class:`~sla.ops.sla.blockmap.BlockMap` used.
+        class_map: ``(B, H, T_m, T_n)`` int8, 1 critical, 0 marginal, -1 negligible.
+        sparsity: fraction of (query, key) token pairs not computed exactly (token-weighted).
+        block_sparsity: ``1 - n_critical / T_n``.
+        n_critical, n_negligible, n_marginal: key blocks per query-block row in each class.
+        backend: the implementation that ran.
+    """
+
+    block_map: BlockMap
+    class_map: torch.Tensor
+    sparsity: float
+    block_sparsity: float
+    n_critical: int
+    n_negligible: int
+    n_marginal: int
+    backend: str
+
+
+def sparse_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    critical: float = 0.05,
+    negligible: float = 0.10,
+    block_q: int = 64,
+    block_k: int = 64,
+    feature_map: str = "softmax",
+    linear_scope: str = "marginal",
+    proj_weight: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_info: bool = False,
+    block_map: BlockMap | None = None,
+    backend: str = "auto",
+):
+    """Sparse-Linear Attention (SLA, arXiv 2509.24006): ``o = o_s + Proj(o_l)``.
+
+    Args:
+        q (torch.Tensor): ``(B, H, Lq, D)``, float16, bfloat16, float32 or float64.
+        k (torch.Tensor): ``(B, H, Lk, D)``, same dtype and device; ``Lk`` may differ from ``Lq``.
+        v (torch.Tensor): ``(B, H, Lk, D)``.
+        critical (float): fraction of key blocks per query-block row computed exactly
+            (``n_crit = max(1, floor(critical * T_n))``). Default: 0.05 (the paper).
+        negligible (float): fraction of lowest-scoring key blocks skipped entirely
+            (``n_negl = min(floor(negligible * T_n), T_n - n_crit)``); only used by ``linear_scope="marginal"``.
+            Default: 0.10 (the paper).
+        block_q (int): query tokens per block. Default: 64.
+        block_k (int): key tokens per block. Default: 64.
+        feature_map (str): ``phi`` of the linear branch: ``"softmax"`` (over D), ``"elu"`` (elu+1) or ``"relu"``.
+        linear_scope (str): key blocks the linear branch covers. ``"marginal"``: marginal only, negligible
+            skipped (the paper). ``"noncritical"``: every non-critical block (public SLA-1 code).
+            ``"all"``: every key (public main-branch code). Default: ``"marginal"``.
+        proj_weight (torch.Tensor, optional): ``(D, D)`` weight of ``Proj``, shared by all heads. ``None`` means
+            no projection: the branches are summed as they are (``o_s + o_l``). Pass zeros for sparse-only.
+        proj_bias (torch.Tensor, optional): ``(D,)`` bias of ``Proj``.
+        scale (float, optional): softmax scale of the sparse branch. Default: ``D ** -0.5``.
+        return_info (bool): also return an :class:`SLAInfo` (class map, sparsity, ...).
+        block_map (BlockMap, optional): use this classification instead of predicting one; ``critical``,
+            ``negligible``, ``block_q`` and ``block_k`` are then taken from it.
+        backend (str): ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere), ``"torch"``, ``"triton"`` or
+            ``"reference"`` (the dense O(L^2) specification, for tests).
+
+    Returns:
+        ``o`` with the shape and dtype of ``q``, or ``(o, info)`` with ``return_info=True``.
+
+    NaN or Inf in the inputs propagate to the output as they would through dense attention.
+    """
+    check_attention_inputs(q, k, v)
+    check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
+    check_projection(proj_weight, proj_bias, q.shape[-1], q.device)
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    name = resolve_backend(backend, q.device)
+    if block_map is None:
+        block_map = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q,
+                                    block_k=block_k)
+    else:
+        block_map.validate_for(q, k)
+    out = BACKENDS[name](q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
+                         proj_weight=proj_weight, proj_bias=proj_bias, scale=scale)
+    if not return_info:
+        return out
+    info = SLAInfo(block_map=block_map, class_map=block_map.class_map, sparsity=block_map.sparsity(),
+                   block_sparsity=block_map.block_sparsity, n_critical=block_map.n_critical,
+                   n_negligible=block_map.n_negligible, n_marginal=block_map.n_marginal, backend=name)
+    return out, info

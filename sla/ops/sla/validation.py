@@ -1,0 +1,106 @@
+"""Argument checks shared by every SLA implementation.
+
+Every public entry point calls :func:`check_attention_inputs` and :func:`check_sla_config` before any
+work, so a bad call fails with a message that names the argument and the fix instead of failing deep
+inside a matmul or, worse, returning a wrong result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FEATURE_MAPS = ("softmax", "elu", "relu")
+LINEAR_SCOPES = ("marginal", "noncritical", "all")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Check that q, k, v are ``(B, H, L, D)`` float tensors that agree with each other."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dimensions laid out as (batch, heads, seq_len, head_dim), got shape "
+                f"{tuple(t.shape)}; diffusers-style (B, L, H, D) tensors can be passed as x.transpose(1, 2)"
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; SLA needs float16, bfloat16, float32 or float64 inputs "
+                f"(convert with {name}.float() or {name}.to(torch.bfloat16))"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them with .to()")
+    B, H, _, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != B or t.shape[1] != H:
+            raise ValueError(
+                f"{name} has batch/heads {tuple(t.shape[:2])} but q has {(B, H)}; SLA needs the same batch and "
+                f"head count for q, k, v (repeat k/v heads for grouped-query attention)"
+            )
+        if t.shape[3] != D:
+            raise ValueError(f"{name} has head_dim {t.shape[3]} but q has {D}; q, k, v must share head_dim")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"v has length {v.shape[2]} but k has {k.shape[2]}; every key needs exactly one value")
+    if q.shape[2] < 1 or k.shape[2] < 1 or D < 1:
+        raise ValueError(f"q and k need at least one token and head_dim >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def check_sla_config(
+    critical: float,
+    negligible: float,
+    block_q: int,
+    block_k: int,
+    feature_map: str,
+    linear_scope: str,
+) -> None:
+    """Check SLA hyperparameters; see ``docs/semantics.md`` for what each one means."""
+    for name, val in (("critical", critical), ("negligible", negligible)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise TypeError(f"{name} must be a float fraction of key blocks in [0, 1], got {val!r}")
+        if not 0.0 <= float(val) <= 1.0:
+            raise ValueError(f"{name}={val} is outside [0, 1]; it is a fraction of key blocks (0.05 means 5%)")
+    if float(critical) + float(negligible) > 1.0 + 1e-12:
+        raise ValueError(
+            f"critical + negligible = {critical} + {negligible} > 1; lower one of them so that every key block "
+            f"gets exactly one class"
+        )
+    for name, val in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{name} must be an int number of tokens per block, got {val!r}")
+        if val < 1:
+            raise ValueError(f"{name}={val} must be >= 1 (tokens per block; the paper uses 64)")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map={feature_map!r} is unknown; choose one of {FEATURE_MAPS}")
+    if linear_scope not in LINEAR_SCOPES:
+        raise ValueError(
+            f"linear_scope={linear_scope!r} is unknown; choose one of {LINEAR_SCOPES} "
+            f"('marginal' is the paper, 'noncritical' the public SLA-1 code, 'all' the public main branch)"
+        )
+
+
+def check_projection(
+    proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None, head_dim: int, device: torch.device
+) -> None:
+    """Check the ``Linear(D, D)`` projection applied to the linear branch."""
+    if proj_weight is None and proj_bias is not None:
+        raise ValueError("proj_bias was given without proj_weight; pass both, or proj_weight alone")
+    if proj_weight is not None:
+        if not isinstance(proj_weight, torch.Tensor) or not proj_weight.is_floating_point():
+            raise TypeError("proj_weight must be a float tensor of shape (head_dim, head_dim)")
+        if tuple(proj_weight.shape) != (head_dim, head_dim):
+            raise ValueError(
+                f"proj_weight has shape {tuple(proj_weight.shape)}, expected ({head_dim}, {head_dim}) "
+                f"(a Linear(head_dim, head_dim) weight, shared by all heads)"
+            )
+        if proj_weight.device != device:
+            raise ValueError(f"proj_weight is on {proj_weight.device} but q is on {device}; move it with .to()")
+    if proj_bias is not None:
+        if not isinstance(proj_bias, torch.Tensor) or not proj_bias.is_floating_point():
+            raise TypeError("proj_bias must be a float tensor of shape (head_dim,)")
+        if tuple(proj_bias.shape) != (head_dim,):
+            raise ValueError(f"proj_bias has shape {tuple(proj_bias.shape)}, expected ({head_dim},)")
+        if proj_bias.device != device:
+            raise ValueError(f"proj_bias is on {proj_bias.device} but q is on {device}; move it with .to()")

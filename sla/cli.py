@@ -1,0 +1,41 @@
+"""The ``sla`` command line. Each subcommand lives in ``sla/commands/<name>.py`` and exposes
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs,
+so ``sla --help`` stays fast and never touches a GPU."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (name, module, one-line help). Add a command by adding a module and one line here.
+COMMANDS = [
+    ("demo", "sla.commands.demo", "accuracy and CPU speed of SLA against dense attention on generated inputs"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sla",
+        description="SLA (Sparse-Linear Attention) for diffusion transformers. Run `sla COMMAND --help` for details.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The SLA operator: memory-efficient PyTorch path against the dense reference, identities, gradients,
+layouts and bad input."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sla
+from sla.ops.sla.naive import naive_sparse_linear_attention
+from sla.ops.sla.torch_impl import torch_sparse_linear_attention
+
+SCOPES = ("marginal", "noncritical", "all")
+FEATURE_MAPS = ("softmax", "elu", "relu")
+
+
+def make_qkv(B, H, Lq, Lk, D, dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=dtype) for L in (Lq, Lk, Lk))
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def make_proj(D, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(D, D, generator=g, dtype=dtype) / D ** 0.5, torch.randn(D, generator=g, dtype=dtype)
+
+
+CASES = [
+    # (Lq, Lk, D, block_q, block_k, critical, negligible)
+    (1, 1, 32, 64, 64, 0.05, 0.10),
+    (63, 63, 32, 64, 64, 0.05, 0.10),
+    (65, 65, 64, 64, 64, 0.05, 0.10),
+    (1000, 1000, 64, 64, 64, 0.05, 0.10),
+    (1000, 1000, 128, 128, 64, 0.10, 0.10),
+    (63, 1000, 32, 16, 32, 0.2, 0.3),
+    (1000, 65, 32, 32, 16, 0.3, 0.2),
+    (257, 300, 64, 32, 32, 0.5, 0.5),     # nothing marginal: the paper's linear branch is empty
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "Lq{}-Lk{}-D{}-bq{}-bk{}-c{}-n{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_torch_path_matches_reference(case, dtype):
+    Lq, Lk, D, bq, bk, crit, negl = case
+    q, k, v = make_qkv(1, 2, Lq, Lk, D, dtype)
+    w, b = make_proj(D, dtype)
+    bm = sla.build_block_map(q, k, critical=crit, negligible=negl, block_q=bq, block_k=bk)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-4)
+    for scope, fm in itertools.product(SCOPES, FEATURE_MAPS):
+        kw = dict(feature_map=fm, linear_scope=scope, proj_weight=w, proj_bias=b)
+        ref = naive_sparse_linear_attention(q, k, v, bm, **kw)
+        out = torch_sparse_linear_attention(q, k, v, bm, **kw)
+        torch.testing.assert_close(out, ref, **tol, msg=lambda m: f"{scope}/{fm}: {m}")
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("fm", FEATURE_MAPS)
+def test_gradients_match_reference(scope, fm):
+    q, k, v = make_qkv(2, 2, 150, 130, 32, requires_grad=True)
+    w, b = make_proj(32)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
+    grads = []
+    for fn in (naive_sparse_linear_attention, torch_sparse_linear_attention):
+        out = fn(q, k, v, bm, feature_map=fm, linear_scope=scope, proj_weight=w, proj_bias=b)
+        do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        grads.append(torch.autograd.grad(out, (q, k, v, w, b), do))
+    for name, g_ref, g in zip("q k v w b".split(), *grads):
+        torch.testing.assert_close(g, g_ref, atol=1e-11, rtol=1e-9, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_gradcheck(backend):
+    q, k, v = make_qkv(1, 2, 13, 11, 4, requires_grad=True)
+    w, b = make_proj(4)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    bm = sla.build_block_map(q, k, critical=0.34, negligible=0.34, block_q=4, block_k=3)
+
+    def fn(q, k, v, w, b):
+        return sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w, proj_bias=b, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, w, b), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (50, 50), (200, 333)])
+def test_all_blocks_critical_equals_dense_sdpa(Lq, Lk):
+    q, k, v = make_qkv(2, 3, Lq, Lk, 32)
+    zero_w, zero_b = torch.zeros(32, 32, dtype=q.dtype), torch.zeros(32, dtype=q.dtype)
+    for backend in ("torch", "reference"):
+        out = sla.sparse_linear_attention(q, k, v, critical=1.0, negligible=0.0, proj_weight=zero_w, proj_bias=zero_b,
+                                          block_q=32, block_k=16, backend=backend)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12, rtol=1e-10)
+
+
+def test_zero_projection_equals_sparse_only_branch():
+    q, k, v = make_qkv(1, 2, 300, 300, 32)
+    bm = sla.build_block_map(q, k, block_q=32, block_k=32, critical=0.2)
+    _, (o_s, _) = naive_sparse_linear_attention(q, k, v, bm, return_branches=True)
+    mod = sla.SparseLinearAttention(32, critical=0.2, block_q=32, block_k=32).double()
+    torch.testing.assert_close(mod(q, k, v, block_map=bm), o_s, atol=1e-12, rtol=1e-10)
+
+
+def test_empty_scope_rows_get_zero_linear_output():
+    # critical 0.5 + negligible 0.5 leaves nothing marginal: o_l must be exactly zero, so the output is
+    # o_s + bias whatever the weight.
+    q, k, v = make_qkv(1, 1, 128, 128, 16)
+    w, b = make_proj(16)
+    bm = sla.build_block_map(q, k, critical=0.5, negligible=0.5, block_q=32, block_k=32)
+    _, (o_s, o_l) = naive_sparse_linear_attention(q, k, v, bm, return_branches=True)
+    assert torch.count_nonzero(o_l) == 0
+    out = torch_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b)
+    torch.testing.assert_close(out, o_s + b, atol=1e-12, rtol=1e-10)
+
+
+def test_non_contiguous_and_diffusers_layout_inputs():
+    q, k, v = make_qkv(2, 3, 100, 90, 16)
+    q_bl = q.transpose(1, 2).contiguous()  # (B, L, H, D) storage, as diffusers hands it over
+    k_bl, v_bl = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    ref = sla.sparse_linear_attention(q, k, v, block_q=16, block_k=16, backend="reference")
+    out = sla.sparse_linear_attention(q_bl.transpose(1, 2), k_bl.transpose(1, 2), v_bl.transpose(1, 2),
+                                      block_q=16, block_k=16, backend="torch")
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    q_big = torch.randn(2, 3, 100, 32, dtype=torch.float64)[..., ::2]  # stride-2 head dim
+    out2 = sla.sparse_linear_attention(q_big, k, v, block_q=16, block_k=16, backend="torch")
+    ref2 = sla.sparse_linear_attention(q_big.contiguous(), k, v, block_q=16, block_k=16, backend="reference")
+    torch.testing.assert_close(out2, ref2, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_keep_dtype_and_stay_close(dtype):
+    q, k, v = make_qkv(1, 2, 200, 200, 64, torch.float32)
+    w, b = make_proj(64, torch.float32)
+    bm = sla.build_block_map(q, k, block_q=32, block_k=32, critical=0.2)
+    gold = naive_sparse_linear_attention(q.double(), k.double(), v.double(), bm, proj_weight=w.double(),
+                                         proj_bias=b.double())
+    qh, kh, vh = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = sla.sparse_linear_attention(qh, kh, vh, block_map=bm, proj_weight=w, proj_bias=b, backend="torch")
+    assert out.dtype == dtype
+    pt = naive_sparse_linear_attention(qh, kh, vh, bm, proj_weight=w.to(dtype), proj_bias=b.to(dtype), upcast=False)
+    eps = torch.finfo(dtype).eps
+    # The PyTorch path computes in float32, so it must be no worse than the same-precision reference.
+    assert (out.double() - gold).abs().max() <= 2 * (pt.double() - gold).abs().max() + eps
+
+
+def test_return_info():
+    q, k, v = make_qkv(2, 2, 640, 640, 16)
+    out, info = sla.sparse_linear_attention(q, k, v, return_info=True)
+    assert out.shape == q.shape
+    assert info.class_map.dtype == torch.int8 and info.class_map.shape == (2, 2, 10, 10)
+    assert (info.n_critical, info.n_negligible, info.n_marginal) == (1, 1, 8)
+    assert info.sparsity == pytest.approx(0.9)
+    assert info.backend == "torch"
+
+
+def test_nan_input_propagates_without_hanging():
+    q, k, v = make_qkv(1, 1, 128, 128, 16)
+    q[0, 0, 5, 3] = float("nan")
+    out = sla.sparse_linear_attention(q, k, v, block_q=32, block_k=32)
+    assert torch.isnan(out[0, 0, 5]).any()
+    assert torch.isfinite(out[0, 0, 64:]).all()  # other query blocks are unaffected
+
+
+def test_module_owns_zero_initialised_float32_projection():
+    mod = sla.SparseLinearAttention(64)
+    assert mod.proj.weight.dtype == torch.float32 and torch.count_nonzero(mod.proj.weight) == 0
+    assert torch.count_nonzero(mod.proj.bias) == 0
+    q, k, v = make_qkv(1, 2, 300, 300, 64, torch.float32, requires_grad=True)
+    mod(q, k, v).square().sum().backward()
+    assert mod.proj.weight.grad is not None and torch.count_nonzero(mod.proj.weight.grad) > 0
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+BAD_INPUTS = [
+    (dict(q=torch.randn(2, 8, 4)), ValueError, "4 dimensions"),
+    (dict(k=torch.randn(1, 3, 8, 4)), ValueError, "batch/heads"),
+    (dict(v=torch.randn(1, 2, 8, 5)), ValueError, "head_dim"),
+    (dict(v=torch.randn(1, 2, 9, 4)), ValueError, "every key needs exactly one value"),
+    (dict(q=torch.ones(1, 2, 8, 4, dtype=torch.int64)), TypeError, "dtype"),
+    (dict(q=torch.ones(1, 2, 8, 4, dtype=torch.bool)), TypeError, "dtype"),
+    (dict(q=torch.randn(1, 2, 8, 4, dtype=torch.float64)), TypeError, "one dtype"),
+    (dict(critical=1.5), ValueError, "critical=1.5"),
+    (dict(negligible=-0.1), ValueError, "negligible"),
+    (dict(critical=0.6, negligible=0.5), ValueError, "critical \\+ negligible"),
+    (dict(block_q=0), ValueError, "block_q"),
+    (dict(block_k=16.0), TypeError, "block_k"),
+    (dict(feature_map="hedgehog"), ValueError, "feature_map"),
+    (dict(linear_scope="full"), ValueError, "linear_scope"),
+    (dict(proj_weight=torch.zeros(4, 5)), ValueError, "proj_weight"),
+    (dict(proj_weight=torch.zeros(4, 4), proj_bias=torch.zeros(5)), ValueError, "proj_bias"),
+    (dict(proj_bias=torch.zeros(4)), ValueError, "without proj_weight"),
+    (dict(backend="cuda-magic"), ValueError, "backend"),
+    (dict(q="not a tensor"), TypeError, "q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize(("override", "exc", "match"), BAD_INPUTS, ids=lambda x: str(x)[:40])
+def test_bad_input_gives_clear_error(override, exc, match):
+    args = dict(q=torch.randn(1, 2, 8, 4), k=torch.randn(1, 2, 8, 4), v=torch.randn(1, 2, 8, 4))
+    args.update(override)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(exc, match=match):
+        sla.sparse_linear_attention(q, k, v, **args)
+
+
+def test_mixed_devices_rejected():
+    meta = torch.randn(1, 2, 8, 4, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        sla.sparse_linear_attention(torch.randn(1, 2, 8, 4), meta, meta)

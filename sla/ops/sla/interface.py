@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -11,11 +12,19 @@ from .naive import naive_sparse_linear_attention
 from .torch_impl import torch_sparse_linear_attention
 from .validation import check_attention_inputs, check_projection, check_sla_config
 
+def _triton_backend(q, k, v, block_map, **kwargs):
+    """The fused Triton kernels (``sla/ops/sla/triton``), imported on first use so that ``import sla``
+    never imports Triton or touches a GPU."""
+    from .triton import triton_sparse_linear_attention
+
+    return triton_sparse_linear_attention(q, k, v, block_map, **kwargs)
+
+
 # backend name -> callable(q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale).
-# The Triton kernels add themselves here when their module is imported (see sla/ops/sla/__init__.py).
 BACKENDS = {
     "torch": torch_sparse_linear_attention,
     "reference": naive_sparse_linear_attention,
+    "triton": _triton_backend,
 }
 
 
@@ -31,6 +40,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         known = ("auto",) + tuple(BACKENDS)
         raise ValueError(f"backend={backend!r} is unknown or unavailable here; choose one of {known}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got tensors on {device}; use backend='torch' (or 'auto') on "
+            f"CPU, or set TRITON_INTERPRET=1 before importing sla to run the kernels in Triton's interpreter"
+        )
     return backend
 
 

@@ -1,0 +1,351 @@
+"""Host side of the SLA Triton kernels: launchers, ``torch.library`` custom ops and autograd.
+
+What runs where, per SLA call (layout ``(B, H, L, D)``; the variant is chosen by ``linear_scope``):
+
+1. ``phi(q)``, ``phi(k)`` in PyTorch, so autograd differentiates the feature map (as the paper's code does).
+2. ``sla_linear_state_kernel``: per key block ``h_j = phi(K_j)^T V_j`` and ``z_j``.
+3. ``H = M @ h``, ``Z = M @ z`` with ``M`` the ``(T_m, T_n)`` 0/1 matrix of key blocks in scope: one
+   tensor-core matmul (cuBLAS) builds every query block's state at once. ``linear_scope="all"`` needs
+   no ``M``: every query block shares the total, passed with a zero stride.
+4. ``sla_fwd_kernel``: sparse branch over the critical LUT, then ``o_l = phi(Q_i) H_i / (phi(Q_i) . Z_i)``,
+   ``Proj`` and the sum, in one pass over each query block.
+
+Backward: the sparse branch in two deterministic kernels (dQ over the LUT, dK/dV over its CSR transpose;
+no atomics); the linear branch by its closed-form gradients (paper Eq. 8) as batched matmuls, recomputing
+``H_i``: nothing of size ``T_m x D x D`` is saved between forward and backward.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from ..blockmap import CRITICAL, MARGINAL, BlockMap
+from ..feature_maps import apply_feature_map
+from .kernels import sla_bwd_dkdv_kernel, sla_bwd_dq_kernel, sla_fwd_kernel, sla_linear_state_kernel
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    from ._interpreter_compat import patch_interpreter_index
+
+    patch_interpreter_index()
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_BLOCKS = (16, 32, 64, 128)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-block states ``h`` and ``H``: bf16 for bf16 inputs (tensor-core matmul, same range as
+    fp32), fp32 otherwise (fp16 could overflow: ``H_i`` sums thousands of tokens' ``phi(k) v``)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 dots; half inputs use tf32 where an fp32 operand meets the tensor cores
+    # (projection, fp32 states), whose rounding is below that of the half inputs themselves.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> dict:
+    """num_warps / num_stages per kernel (one table; no autotuning, so runs are reproducible)."""
+    if _interpreting():
+        return {}
+    big = max(block_q, block_k) >= 128 or head_dim >= 128
+    if kernel == "fwd":
+        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3 if head_dim <= 64 or block_q < 128 else 2}
+    if kernel == "state":
+        return {"num_warps": 4, "num_stages": 1}
+    return {"num_warps": 8 if big and block_q >= 128 else 4, "num_stages": 2}
+
+
+def check_triton_inputs(q: torch.Tensor, block_q: int, block_k: int) -> None:
+    """Raise a clear error for what the kernels cannot run (never silently switch implementation)."""
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {q.device}); on CPU use backend='torch', or set "
+            f"TRITON_INTERPRET=1 before importing sla to run the kernels in Triton's interpreter (slow, for tests)"
+        )
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"backend='triton' supports {SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch' for "
+                        f"float64, or cast the inputs")
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"backend='triton' supports head_dim in {SUPPORTED_HEAD_DIMS}, got {D}; use "
+                         f"backend='torch' for other head dims")
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if b not in SUPPORTED_BLOCKS:
+            raise ValueError(f"backend='triton' supports {name} in {SUPPORTED_BLOCKS} (kernel tile sizes), got {b}")
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernels address (batch, head, token) through strides; only the head dim must be contiguous.
+    # A (B, L, H, D) tensor viewed as (B, H, L, D) already is, so it passes through untouched.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _linear_states(phi_k: torch.Tensor, v: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key block ``h_j = phi(K_j)^T V_j`` ``(B, H, T_n, D, D)`` and ``z_j`` ``(B, H, T_n, D)`` fp32."""
+    B, H, Lk, D = phi_k.shape
+    Tn = triton.cdiv(Lk, block_k)
+    hs = torch.empty(B, H, Tn, D, D, dtype=_state_dtype(v.dtype), device=v.device)
+    zs = torch.empty(B, H, Tn, D, dtype=torch.float32, device=v.device)
+    sla_linear_state_kernel[(Tn, B * H)](
+        phi_k, v, hs, zs, *_strides(phi_k), *_strides(v), Lk, Tn,
+        H=H, D=D, BN=block_k, PREC=_dot_precision(v.dtype), **_launch_config("state", block_k, block_k, D))
+    return hs, zs
+
+
+def _aggregate_states(hs: torch.Tensor, zs: torch.Tensor, scope_mask: Optional[torch.Tensor]):
+    """Per query block ``H_i = sum_j M_ij h_j`` and ``Z_i``: ``(B, H, T_m, D, D)`` and ``(B, H, T_m, D)``, or
+    ``(B, H, 1, D, D)`` totals when every key is in scope (``scope_mask is None``)."""
+    B, H, Tn, D, _ = hs.shape
+    if scope_mask is None:
+        return hs.sum(dim=2, keepdim=True, dtype=torch.float32).to(hs.dtype), zs.sum(dim=2, keepdim=True)
+    Tm = scope_mask.shape[2]
+    big = torch.matmul(scope_mask.to(hs.dtype), hs.reshape(B, H, Tn, D * D)).reshape(B, H, Tm, D, D)
+    return big, torch.matmul(scope_mask.to(torch.float32), zs)
+
+
+def _fwd_impl(q, k, v, phi_q, phi_k, critical_lut, scope_mask, proj_weight, proj_bias, scale, block_q, block_k):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Tm = triton.cdiv(Lq, block_q)
+    hs, zs = _linear_states(phi_k, v, block_k)
+    big_h, big_z = _aggregate_states(hs, zs, scope_mask)
+    o = torch.empty_like(q)
+    o_s = torch.empty_like(o)
+    o_l = torch.empty_like(o)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    n_crit = critical_lut.shape[-1]
+    w = proj_weight if proj_weight is not None else big_z  # placeholder pointer, never read
+    bias = proj_bias if proj_bias is not None else big_z
+    sla_fwd_kernel[(Tm, B * H)](
+        q, k, v, phi_q, critical_lut, big_h, big_z, w, bias, o, o_s, o_l, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(o),
+        big_h.shape[2] * D * D, big_h.stride(2) if big_h.shape[2] > 1 else 0,
+        big_z.shape[2] * D, big_z.stride(2) if big_z.shape[2] > 1 else 0,
+        scale, Lq, Lk, Tm, n_crit,
+        H=H, D=D, BM=block_q, BN=block_k, HAS_PROJ=proj_weight is not None, HAS_BIAS=proj_bias is not None,
+        PREC=_dot_precision(q.dtype), **_launch_config("fwd", block_q, block_k, D))
+    return o, o_s, o_l, lse
+
+
+@torch.library.custom_op("sla::triton_fwd", mutates_args=())
+def sla_triton_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
+    critical_lut: torch.Tensor, critical_lut_t_offsets: torch.Tensor, critical_lut_t: torch.Tensor,
+    scope_mask: Optional[torch.Tensor], proj_weight: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
+    scale: float, block_q: int, block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused SLA forward. Returns ``(o, o_s, o_l, lse)``: the output, the sparse branch, the linear branch
+    before ``Proj`` (both kept for backward, ``(B, H, Lq, D)`` in q's dtype) and the base-2 log-sum-exp
+    ``(B, H, Lq)`` fp32. The transposed LUT is an input only so that autograd can hand it to backward."""
+    return _fwd_impl(q, k, v, phi_q, phi_k, critical_lut, scope_mask, proj_weight, proj_bias, scale, block_q,
+                     block_k)
+
+
+@sla_triton_fwd.register_fake
+def _(q, k, v, phi_q, phi_k, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask, proj_weight,
+      proj_bias, scale, block_q, block_k):
+    o = torch.empty_like(q)
+    B, H, Lq, _ = q.shape
+    return o, torch.empty_like(o), torch.empty_like(o), q.new_empty(B, H, Lq, dtype=torch.float32)
+
+
+def _sparse_bwd(do, q, k, v, o_s, lse, critical_lut, lut_t_offsets, lut_t, scale, block_q, block_k):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Tm, Tn = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
+    n_crit = critical_lut.shape[-1]
+    prec = _dot_precision(q.dtype)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    sla_bwd_dq_kernel[(Tm, B * H)](
+        q, k, v, do, o_s, lse, critical_lut, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(o_s), *_strides(dq),
+        scale, Lq, Lk, Tm, n_crit,
+        H=H, D=D, BM=block_q, BN=block_k, PREC=prec, **_launch_config("dq", block_q, block_k, D))
+    sla_bwd_dkdv_kernel[(Tn, B * H)](
+        q, k, v, do, lse, delta, lut_t_offsets, lut_t, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+        scale, Lq, Lk, Tm, Tn, n_crit,
+        H=H, D=D, BM=block_q, BN=block_k, PREC=prec, **_launch_config("dkdv", block_q, block_k, D))
+    return dq, dk, dv
+
+
+def _blocked(x: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, H, L, D)`` -> ``(B, H, ceil(L/block), block, D)`` in ``dtype``, zero-padding the last block."""
+    B, H, L, D = x.shape
+    nb = triton.cdiv(L, block)
+    x = x.to(dtype)
+    if nb * block != L:
+        x = torch.nn.functional.pad(x, (0, 0, 0, nb * block - L))
+    return x.reshape(B, H, nb, block, D)
+
+
+def _linear_bwd(do_l, o_l, phi_q, phi_k, v, scope_mask, block_q, block_k):
+    """Gradients of ``o_l = phi(q) H_i / (phi(q) . Z_i)`` (paper Eq. 8) w.r.t. ``phi_q``, ``phi_k`` and ``v``.
+
+    Batched matmuls; ``H_i`` is recomputed from the block states rather than saved by the forward.
+    """
+    B, H, Lq, D = phi_q.shape
+    Lk = phi_k.shape[2]
+    f32 = torch.float32
+    sdt = _state_dtype(v.dtype)
+    hs, zs = _linear_states(phi_k, v, block_k)
+    big_h, big_z = _aggregate_states(hs, zs, scope_mask)
+    pq = _blocked(phi_q, block_q, f32)  # [B, H, Tm, bq, D]
+    dol = _blocked(do_l, block_q, f32)
+    den = (pq * big_z[:, :, :, None, :]).sum(-1)
+    den = torch.where(den == 0, torch.ones_like(den), den)  # rows with o_l = 0 (see the forward kernel)
+    dl = (dol * _blocked(o_l, block_q, f32)).sum(-1)  # D^l = rowsum(dO_l * O_l)
+    d_phi_q = (torch.matmul(dol.to(sdt), big_h.transpose(-1, -2)).to(f32) - dl[..., None] * big_z[:, :, :, None, :])
+    d_phi_q = d_phi_q / den[..., None]
+    qn = pq / den[..., None]
+    d_big_h = torch.matmul(qn.transpose(-1, -2).to(sdt), dol.to(sdt))  # [B, H, Tm, D, D]
+    d_big_z = -(qn * dl[..., None]).sum(-2)  # [B, H, Tm, D]
+    Tm = pq.shape[2]
+    Tn = hs.shape[2]
+    if scope_mask is None:
+        d_hs = d_big_h.sum(dim=2, keepdim=True, dtype=f32).to(sdt)
+        d_zs = d_big_z.sum(dim=2, keepdim=True)
+    else:
+        m_t = scope_mask.transpose(-1, -2)
+        d_hs = torch.matmul(m_t.to(sdt), d_big_h.reshape(B, H, Tm, D * D)).reshape(B, H, Tn, D, D)
+        d_zs = torch.matmul(m_t.to(f32), d_big_z)
+    pk = _blocked(phi_k, block_k, sdt)  # [B, H, Tn, bk, D]
+    vb = _blocked(v, block_k, sdt)
+    d_phi_k = torch.matmul(vb, d_hs.transpose(-1, -2)).to(f32) + d_zs[:, :, :, None, :]
+    d_v = torch.matmul(pk, d_hs).to(f32)
+    d_phi_q = d_phi_q.reshape(B, H, Tm * block_q, D)[:, :, :Lq]
+    d_phi_k = d_phi_k.reshape(B, H, Tn * block_k, D)[:, :, :Lk]
+    d_v = d_v.reshape(B, H, Tn * block_k, D)[:, :, :Lk]
+    return d_phi_q, d_phi_k, d_v
+
+
+@torch.library.custom_op("sla::triton_bwd", mutates_args=())
+def sla_triton_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
+    o_s: torch.Tensor, o_l: torch.Tensor, lse: torch.Tensor,
+    critical_lut: torch.Tensor, critical_lut_t_offsets: torch.Tensor, critical_lut_t: torch.Tensor,
+    scope_mask: Optional[torch.Tensor], proj_weight: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
+    scale: float, block_q: int, block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLA backward. Returns ``(dq, dk, dv, d_phi_q, d_phi_k, d_proj_weight, d_proj_bias)``; ``dq``/``dk`` are
+    the sparse branch's (the linear branch reaches q and k through ``d_phi_q``/``d_phi_k`` and the feature
+    map's autograd), ``dv`` covers both branches. Projection grads are empty tensors when there is none."""
+    do = _last_dim_contiguous(do)
+    dq, dk, dv = _sparse_bwd(do, q, k, v, o_s, lse, critical_lut, critical_lut_t_offsets, critical_lut_t, scale,
+                             block_q, block_k)
+    D = q.shape[-1]
+    if proj_weight is not None:
+        do32 = do.to(torch.float32).reshape(-1, D)
+        do_l = (do32 @ proj_weight.to(torch.float32)).reshape(q.shape)
+        d_w = (do32.transpose(0, 1) @ o_l.to(torch.float32).reshape(-1, D)).to(proj_weight.dtype)
+        d_b = do32.sum(0).to(proj_bias.dtype) if proj_bias is not None else do.new_empty(0)
+    else:
+        do_l, d_w, d_b = do, do.new_empty(0), do.new_empty(0)
+    d_phi_q, d_phi_k, dv_lin = _linear_bwd(do_l, o_l, phi_q, phi_k, v, scope_mask, block_q, block_k)
+    # Outputs get the layouts the fake implementation promises (those of the matching inputs).
+    dv = dv.copy_(dv.to(torch.float32) + dv_lin)
+    d_phi_q = torch.empty_like(phi_q).copy_(d_phi_q)
+    d_phi_k = torch.empty_like(phi_k).copy_(d_phi_k)
+    return dq, dk, dv, d_phi_q, d_phi_k, d_w, d_b
+
+
+@sla_triton_bwd.register_fake
+def _(do, q, k, v, phi_q, phi_k, o_s, o_l, lse, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask,
+      proj_weight, proj_bias, scale, block_q, block_k):
+    d_w = torch.empty_like(proj_weight) if proj_weight is not None else do.new_empty(0)
+    d_b = torch.empty_like(proj_bias) if proj_bias is not None else do.new_empty(0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(phi_q),
+            torch.empty_like(phi_k), d_w, d_b)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, phi_q, phi_k, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias, scale, block_q,
+     block_k) = inputs
+    _, o_s, o_l, lse = output
+    ctx.mark_non_differentiable(o_s, o_l, lse)
+    ctx.save_for_backward(q, k, v, phi_q, phi_k, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight,
+                          proj_bias)
+    ctx.args = (scale, block_q, block_k)
+
+
+def _backward(ctx, do, _d_os, _d_ol, _d_lse):
+    q, k, v, phi_q, phi_k, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias = ctx.saved_tensors
+    dq, dk, dv, d_phi_q, d_phi_k, d_w, d_b = sla_triton_bwd(
+        do, q, k, v, phi_q, phi_k, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias,
+        *ctx.args)
+    return (dq, dk, dv, d_phi_q, d_phi_k, None, None, None, None,
+            d_w if proj_weight is not None else None, d_b if proj_bias is not None else None, None, None, None)
+
+
+sla_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def scope_mask_for(block_map: BlockMap, linear_scope: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The 0/1 ``(B, H, T_m, T_n)`` matrix of key blocks in the linear scope, or None for ``"all"``."""
+    if linear_scope == "all":
+        return None
+    if linear_scope == "marginal":
+        return (block_map.class_map == MARGINAL).to(dtype)
+    if linear_scope == "noncritical":
+        return (block_map.class_map != CRITICAL).to(dtype)
+    raise ValueError(f"unknown linear_scope {linear_scope!r}; choose 'marginal', 'noncritical' or 'all'")
+
+
+def triton_sparse_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_map: BlockMap,
+    *,
+    feature_map: str = "softmax",
+    linear_scope: str = "marginal",
+    proj_weight: Optional[torch.Tensor] = None,
+    proj_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """SLA through the fused Triton kernels, differentiable in q, k, v, ``proj_weight`` and ``proj_bias``.
+
+    Args:
+        q (torch.Tensor): ``[B, H, Lq, D]`` float16, bfloat16 or float32 on CUDA (or CPU under
+            ``TRITON_INTERPRET=1``); any strides with a contiguous last dim (e.g. a ``[B, L, H, D]`` tensor
+            viewed as ``[B, H, L, D]``, read without a copy). ``D`` in 16, 32, 64, 128.
+        k, v (torch.Tensor): ``[B, H, Lk, D]``, same dtype and device.
+        block_map (BlockMap): the classification (``sla.build_block_map``); ``block_q``/``block_k`` in 16..128.
+        feature_map, linear_scope, proj_weight, proj_bias, scale: as in :func:`sla.sparse_linear_attention`.
+
+    Returns:
+        ``o`` ``[B, H, Lq, D]`` in q's dtype, with q's memory layout.
+    """
+    check_triton_inputs(q, block_map.block_q, block_map.block_k)
+    block_map.validate_for(q, k)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    if proj_weight is not None:
+        proj_weight = proj_weight.to(torch.float32)
+    if proj_bias is not None:
+        proj_bias = proj_bias.to(torch.float32)
+    phi_q = apply_feature_map(q, feature_map)
+    phi_k = apply_feature_map(k, feature_map)
+    scope_mask = scope_mask_for(block_map, linear_scope, _state_dtype(q.dtype))
+    o, _, _, _ = sla_triton_fwd(
+        q, k, v, phi_q, phi_k, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t,
+        scope_mask, proj_weight, proj_bias, scale, block_map.block_q, block_map.block_k)
+    return o

@@ -1,0 +1,97 @@
+"""Test helpers for the SLA kernels, shared by the interpreter (CPU) and GPU test suites.
+
+* :func:`assert_within_rule`: ``max|kernel - gold| <= factor * max|pt - gold| + ulp floor``, gold being the
+  float64 reference and pt the same reference computed in the test's low precision (FlashAttention's
+  rule with FA4's absolute floor). Prints both errors so that a failure explains itself.
+* :func:`nan_poisoned_allocations`: ``torch.empty``/``empty_like``/``new_empty`` return NaN-filled tensors,
+  so an output element a kernel forgets to write fails the comparison loudly.
+* :func:`guarded_bhld`: a ``(B, H, L, D)`` view of a ``(B, L, H, D)`` buffer surrounded by NaN tokens and
+  heads: an unmasked read past a block edge turns the result into NaN.
+* :func:`reference_outputs`: output and gradients of the dense reference, in fp64 (gold) and in the
+  input dtype (pt), for the same block map the kernel gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..naive import naive_sparse_linear_attention
+
+
+def ulp_floor(gold: torch.Tensor, dtype: torch.dtype) -> float:
+    """Twice the rounding noise of ``dtype`` at the magnitude of ``gold``."""
+    g = gold.to(dtype)
+    return 2.0 * float(((g + 0.3) - 0.3 - g).abs().max())
+
+
+def assert_within_rule(name: str, kernel: torch.Tensor, gold: torch.Tensor, pt: torch.Tensor, factor: float) -> None:
+    assert kernel.shape == gold.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(gold.shape)}"
+    assert torch.isfinite(kernel).all(), f"{name}: non-finite values (unwritten output or out-of-bounds read?)"
+    kernel, gold, pt = kernel.detach(), gold.detach(), pt.detach()
+    err = (kernel.double() - gold).abs()
+    pt_err = (pt.double() - gold).abs()
+    floor = ulp_floor(gold, kernel.dtype)
+    bound = factor * float(pt_err.max()) + floor
+    msg = (f"{name}: kernel max err {float(err.max()):.3e} (mean {float(err.mean()):.3e}), reference-in-"
+           f"{kernel.dtype} max err {float(pt_err.max()):.3e} (mean {float(pt_err.mean()):.3e}), ulp floor "
+           f"{floor:.3e}, bound {bound:.3e}")
+    print(msg)
+    if float(err.max()) > bound:
+        idx = torch.nonzero(err == err.max())[0].tolist()
+        raise AssertionError(msg + f"; worst at index {idx}")
+
+
+@contextlib.contextmanager
+def nan_poisoned_allocations():
+    """Within the block, uninitialised float allocations come back filled with NaN."""
+    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def _poison(t):
+        if t.is_floating_point() and t.numel():
+            t.fill_(float("nan"))
+        return t
+
+    def empty(*args, **kwargs):
+        return _poison(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return _poison(real_empty_like(*args, **kwargs))
+
+    def new_empty(self, *args, **kwargs):
+        return _poison(real_new_empty(self, *args, **kwargs))
+
+    torch.empty, torch.empty_like, torch.Tensor.new_empty = empty, empty_like, new_empty
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_empty_like, real_new_empty
+
+
+def guarded_bhld(values: torch.Tensor, guard: int = 3) -> torch.Tensor:
+    """Copy ``values`` ``(B, H, L, D)`` into a NaN-filled ``(B, L + 2*guard, H + 2, D)`` buffer and return the
+    ``(B, H, L, D)`` strided view of it (the diffusers layout, no copy), as a leaf requiring grad if
+    ``values`` does."""
+    B, H, L, D = values.shape
+    buf = torch.full((B, L + 2 * guard, H + 2, D), float("nan"), dtype=values.dtype, device=values.device)
+    view = buf[:, guard:guard + L, 1:1 + H, :].transpose(1, 2)
+    with torch.no_grad():
+        view.copy_(values)
+    return view
+
+
+def reference_outputs(q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale, do):
+    """``{"gold": (o, grads), "pt": (o, grads)}``; grads in the order q, k, v, proj_weight, proj_bias (those
+    that are not None)."""
+    result = {}
+    for tag, dtype, upcast in (("gold", torch.float64, True), ("pt", q.dtype, False)):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        params = [None if p is None else p.detach().to(torch.float64 if tag == "gold" else p.dtype).requires_grad_()
+                  for p in (proj_weight, proj_bias)]
+        o = naive_sparse_linear_attention(*leaves, block_map, feature_map=feature_map, linear_scope=linear_scope,
+                                          proj_weight=params[0], proj_bias=params[1], scale=scale, upcast=upcast)
+        wrt = leaves + [p for p in params if p is not None]
+        grads = torch.autograd.grad(o, wrt, do.to(o.dtype))
+        result[tag] = (o.detach(), [g.detach() for g in grads])
+    return result

@@ -1,0 +1,164 @@
+"""The SLA Triton kernels under Triton's CPU interpreter (``TRITON_INTERPRET=1``): fp32 and fp16 only
+(bf16 dots are silently wrong in the interpreter), small shapes, one pinned launch configuration.
+
+Every case compares output and gradients against the fp64 dense reference with the rule
+``max|kernel - gold| <= 2 * max|pt - gold| + ulp`` (3x for gradients), where pt is the reference run in
+the test dtype; kernel and reference get the same BlockMap. Outputs are NaN-poisoned before the kernels
+write them and inputs sit inside NaN guard bands. On a CUDA machine these tests are skipped: the same
+checks run on the GPU in ``tests/gpu/test_triton_gpu.py``.
+"""
+
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    pytest.skip("interpreter tests are for CPU CI; on CUDA run tests/gpu/test_triton_gpu.py", allow_module_level=True)
+
+# Must be set before the kernels are decorated, i.e. before sla.ops.sla.triton is imported.
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import sla  # noqa: E402
+from sla.ops.sla.blockmap import build_block_map  # noqa: E402
+from sla.ops.sla.triton import sla_triton_bwd, sla_triton_fwd, triton_sparse_linear_attention  # noqa: E402
+from sla.ops.sla.triton.ops import scope_mask_for  # noqa: E402
+from sla.ops.sla.triton.testing import (  # noqa: E402
+    assert_within_rule,
+    guarded_bhld,
+    nan_poisoned_allocations,
+    reference_outputs,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(42)
+
+
+def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, critical=0.4,
+              negligible=0.3, guard=True):
+    # critical=0.4 keeps >= 2 critical blocks per row: with a single one-token critical block the softmax is
+    # exactly 1, the fp64 dK is exactly 0 and the fp32 kernel's ~1e-6 cancellation residue would be judged
+    # against an ulp floor taken at the (much smaller) output magnitude.
+    q0 = torch.randn(B, H, Lq, D, dtype=dtype)
+    k0 = torch.randn(B, H, Lk, D, dtype=dtype)
+    v0 = torch.randn(B, H, Lk, D, dtype=dtype)
+    if guard:
+        q, k, v = (guarded_bhld(x).requires_grad_() for x in (q0, k0, v0))
+    else:
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+    w = (0.2 * torch.randn(D, D)).requires_grad_() if with_proj else None
+    b = torch.randn(D).requires_grad_() if with_proj else None
+    bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
+    do = torch.randn(B, H, Lq, D, dtype=dtype)
+    with nan_poisoned_allocations():
+        o = triton_sparse_linear_attention(q, k, v, bm, feature_map=feature_map, linear_scope=linear_scope,
+                                           proj_weight=w, proj_bias=b)
+        wrt = [q, k, v] + ([w, b] if with_proj else [])
+        grads = torch.autograd.grad(o, wrt, do)
+    ref = reference_outputs(q0, k0, v0, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w,
+                            proj_bias=b, scale=None, do=do)
+    assert o.dtype == dtype and o.shape == (B, H, Lq, D)
+    assert_within_rule("o", o, ref["gold"][0], ref["pt"][0], 2.0)
+    for name, g, gg, gp in zip(("dq", "dk", "dv", "dW", "db"), grads, ref["gold"][1], ref["pt"][1]):
+        assert_within_rule(name, g, gg, gp, 3.0)
+
+
+CASES = [
+    # (B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj)
+    pytest.param(1, 2, 200, 200, 64, 64, 64, "marginal", "softmax", True, id="marginal-softmax-64x64-L200-proj"),
+    pytest.param(1, 2, 300, 190, 64, 128, 64, "noncritical", "elu", True, id="noncritical-elu-128x64-Lq300-Lk190"),
+    pytest.param(2, 1, 130, 257, 64, 64, 64, "all", "relu", False, id="all-relu-64x64-Lq130-Lk257-noproj"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj", CASES)
+def test_kernels_match_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, dtype):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj)
+
+
+def test_head_dim_128_fp16():
+    _run_case(1, 1, 160, 150, 128, 64, 64, torch.float16, "marginal", "softmax", True)
+
+
+def test_contiguous_input_and_short_sequences():
+    # L smaller than one block, no guard band (plain contiguous tensors).
+    _run_case(1, 1, 17, 40, 64, 64, 64, torch.float32, "marginal", "softmax", True, guard=False)
+
+
+def test_all_critical_equals_dense_attention():
+    q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
+    bm = build_block_map(q, k, critical=1.0, negligible=0.0, block_q=64, block_k=64)
+    zero = torch.zeros(64, 64)
+    o = triton_sparse_linear_attention(q, k, v, bm, proj_weight=zero, proj_bias=torch.zeros(64))
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(o.double(), dense, atol=2e-5, rtol=1e-5)
+
+
+def test_public_api_dispatch(monkeypatch):
+    q, k, v = (torch.randn(1, 1, 70, 64) for _ in range(3))
+    o, info = sla.sparse_linear_attention(q, k, v, critical=0.5, negligible=0.0, backend="triton", return_info=True)
+    assert info.backend == "triton"
+    ref = sla.sparse_linear_attention(q, k, v, critical=0.5, negligible=0.0, backend="reference",
+                                      block_map=info.block_map)
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+    # auto stays on the PyTorch path on CPU; explicit triton without the interpreter is a clear error.
+    _, info = sla.sparse_linear_attention(q, k, v, return_info=True)
+    assert info.backend == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        sla.sparse_linear_attention(q, k, v, backend="triton")
+
+
+def test_unsupported_inputs_raise():
+    q = torch.randn(1, 1, 64, 48)
+    bm = build_block_map(q, q, critical=0.5, negligible=0.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        triton_sparse_linear_attention(q, q, q, bm)
+    q = torch.randn(1, 1, 64, 64, dtype=torch.float64)
+    bm = build_block_map(q, q, critical=0.5, negligible=0.0)
+    with pytest.raises(TypeError, match="float64"):
+        triton_sparse_linear_attention(q, q, q, bm)
+    q = torch.randn(1, 1, 96, 64)
+    bm = build_block_map(q, q, critical=0.5, negligible=0.0, block_q=48, block_k=48)
+    with pytest.raises(ValueError, match="block_q"):
+        triton_sparse_linear_attention(q, q, q, bm)
+
+
+def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True):
+    B, H, L, D, blk = 1, 1, 48, 16, 16
+    q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for _ in range(3))
+    bm = build_block_map(q, k, critical=0.34, negligible=0.34, block_q=blk, block_k=blk)
+    phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)
+    w, b = (torch.randn(D, D), torch.randn(D)) if with_proj else (None, None)
+    return (q, k, v, phi_q, phi_k, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
+            scope_mask_for(bm, linear_scope, torch.float32), w, b, D ** -0.5, blk, blk)
+
+
+@pytest.mark.parametrize("linear_scope, with_proj", [("marginal", True), ("all", False)])
+def test_opcheck(linear_scope, with_proj):
+    args = _op_args(linear_scope=linear_scope, with_proj=with_proj)
+    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 3, 4, 9, 10) and a is not None else a
+                 for i, a in enumerate(args)]
+    torch.library.opcheck(sla_triton_fwd, grad_args)
+    o, o_s, o_l, lse = sla_triton_fwd(*args)
+    bwd_args = (torch.randn_like(o), *args[:5], o_s, o_l, lse, *args[5:])
+    torch.library.opcheck(sla_triton_bwd, bwd_args)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (torch.randn(1, 1, 80, 64, requires_grad=True) for _ in range(3))
+    w, b = torch.randn(64, 64) * 0.1, torch.randn(64)
+    bm = build_block_map(q.detach(), k.detach(), critical=0.5, negligible=0.25)
+
+    def f(q, k, v):
+        return triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    out.sum().backward()
+    eager = f(q, k, v)
+    torch.testing.assert_close(out, eager)

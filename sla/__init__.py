@@ -14,6 +14,17 @@ from .ops.sla import (
 
 __version__ = "0.1.0"
 
+# diffusers integration, imported on first use so that `import sla` never imports diffusers.
+_LAZY_INTEGRATIONS = ("apply_sla", "remove_sla", "save_sla", "load_sla")
+
+
+def __getattr__(name):
+    if name in _LAZY_INTEGRATIONS:
+        from .integrations import diffusers as _diffusers_integration
+
+        return getattr(_diffusers_integration, name)
+    raise AttributeError(f"module 'sla' has no attribute {name!r}")
+
 __all__ = [
     "BlockMap",
     "SLAInfo",
@@ -22,4 +33,8 @@ __all__ = [
     "naive_sparse_linear_attention",
     "sparse_linear_attention",
     "__version__",
+    "apply_sla",
+    "load_sla",
+    "remove_sla",
+    "save_sla",
 ]

@@ -64,6 +64,7 @@ class _SDPAToSLA(TorchFunctionMode):
         super().__init__()
         self.router = router
         self.module = module
+        self.sdpa_calls = 0  # every SDPA call seen, including ones that raise
         self.sla_calls = 0
         self.dense_calls = 0
 
@@ -71,6 +72,7 @@ class _SDPAToSLA(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention and func is not _SDPA:
             return func(*args, **kwargs)
+        self.sdpa_calls += 1
         call = _bind_sdpa(args, kwargs)
         q, k, v = call["query"], call["key"], call["value"]
         if q.dim() == 4 and k.dim() == 4 and q.shape[-2] != k.shape[-2]:
@@ -126,7 +128,7 @@ class _SDPARouter:
             return
         mode = self.stack.pop()
         mode.__exit__(None, None, None)
-        if mode.sla_calls == 0 and mode.dense_calls == 0:
+        if mode.sdpa_calls == 0:
             raise RuntimeError(
                 f"{type(module).__name__}.forward made no scaled_dot_product_attention call, so SLA did not run. "
                 f"The module computes attention another way (flash-attn directly, a diffusers backend other than "

@@ -8,8 +8,12 @@ extras="${1:-test}"
 python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null
-if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "${SLA_TORCH-torch==2.13.0}"
+quiet_pip() {  # pip -q still prints one warning per missing local mirror folder on some machines
+  python -m pip install -q "$@" 2>&1 | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" || true; }
+}
+quiet_pip --upgrade pip
+if ! python -c "import torch" 2>/dev/null && [ -n "${SLA_TORCH-torch==2.13.0}" ]; then
+  quiet_pip "${SLA_TORCH-torch==2.13.0}"
 fi
-python -m pip install -q -e ".[${extras}]"
+quiet_pip -e ".[${extras}]"
+python -c "import sla, torch; print(f'sla {sla.__version__} with torch {torch.__version__} ready in .venv')"

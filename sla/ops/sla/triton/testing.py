@@ -18,6 +18,7 @@ import contextlib
 import torch
 
 from ..naive import naive_sparse_linear_attention
+from ..torch_impl import torch_sparse_linear_attention
 
 
 def ulp_floor(gold: torch.Tensor, dtype: torch.dtype) -> float:
@@ -81,16 +82,22 @@ def guarded_bhld(values: torch.Tensor, guard: int = 3) -> torch.Tensor:
     return view
 
 
-def reference_outputs(q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale, do):
+def reference_outputs(q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale, do,
+                      gold_impl="naive"):
     """``{"gold": (o, grads), "pt": (o, grads)}``; grads in the order q, k, v, proj_weight, proj_bias (those
-    that are not None)."""
+    that are not None). ``gold_impl="torch"`` computes the fp64 gold with the memory-efficient PyTorch path
+    (itself tested against the dense reference) where the dense fp64 maps would not fit in memory."""
     result = {}
     for tag, dtype, upcast in (("gold", torch.float64, True), ("pt", q.dtype, False)):
         leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
         params = [None if p is None else p.detach().to(torch.float64 if tag == "gold" else p.dtype).requires_grad_()
                   for p in (proj_weight, proj_bias)]
-        o = naive_sparse_linear_attention(*leaves, block_map, feature_map=feature_map, linear_scope=linear_scope,
-                                          proj_weight=params[0], proj_bias=params[1], scale=scale, upcast=upcast)
+        kwargs = dict(feature_map=feature_map, linear_scope=linear_scope, proj_weight=params[0],
+                      proj_bias=params[1], scale=scale)
+        if tag == "gold" and gold_impl == "torch":
+            o = torch_sparse_linear_attention(*leaves, block_map, **kwargs)
+        else:
+            o = naive_sparse_linear_attention(*leaves, block_map, upcast=upcast, **kwargs)
         wrt = leaves + [p for p in params if p is not None]
         grads = torch.autograd.grad(o, wrt, do.to(o.dtype))
         result[tag] = (o.detach(), [g.detach() for g in grads])

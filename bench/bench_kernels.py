@@ -1,0 +1,331 @@
+"""GPU benchmark of the SLA Triton kernels against SDPA (flash, cuDNN) and FlexAttention, in one process.
+
+Usage (on a CUDA machine; see bench/gpu_check.sh, which runs the GPU tests first):
+
+    python bench/bench_kernels.py --out bench/results_kernels.json --md bench/results_kernels.md
+
+For each shape (B, H, L, D), bf16:
+
+* ``sdpa-flash`` / ``sdpa-cudnn``: dense ``scaled_dot_product_attention`` pinned to one backend.
+* ``flex``: ``torch.compile(flex_attention)`` with a ``BlockMask`` of exactly SLA's critical blocks (the sparse
+  part only, mask given, not predicted). Tried with SLA's block size first; where FlexAttention cannot
+  compile that block size, the row says so and uses 128x128 blocks at the same block sparsity.
+* ``sla``: ``sla.sparse_linear_attention(..., backend="triton")`` end to end: mask prediction, both branches
+  and the fp32 projection.
+
+Times are medians of ``triton.testing.do_bench`` after a warm-up call of every provider. "TFLOPS" is
+dense-equivalent: ``4*B*H*L^2*D`` per forward, 3.5x that per forward+backward, divided by the time. Peak
+memory is ``torch.cuda.max_memory_allocated`` over one forward+backward, inputs included. For the target
+configuration a per-stage breakdown of SLA's time is measured too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="1,12,32760,128;2,16,32760,128;1,40,75600,128",
+                   help="';'-separated B,H,L,D shapes; the first gets the full sweep, the others the target "
+                        "configuration only (default: %(default)s)")
+    p.add_argument("--sparsities", default="0.90,0.95,0.97", help="block sparsities (1 - critical) for the sweep")
+    p.add_argument("--negligible", type=float, default=0.10, help="negligible fraction (default: %(default)s)")
+    p.add_argument("--scopes", default="marginal,noncritical,all", help="linear scopes for the sweep")
+    p.add_argument("--blocks", default="64x64,128x64", help="block configs block_qxblock_k")
+    p.add_argument("--time-budget", type=float, default=330.0,
+                   help="seconds; shapes after the first are skipped once this is spent (default: %(default)s)")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    p.add_argument("--out", default="bench/results_kernels.json", help="JSON output path")
+    p.add_argument("--md", default=None, help="also write the Markdown tables here")
+    return p.parse_args(argv)
+
+
+def git_commit() -> str:
+    if os.environ.get("SLA_COMMIT"):
+        return os.environ["SLA_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def bench(fn, rep_ms=200, grad_to_none=None):
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none,
+                                         return_mode="median"))
+
+
+def peak_memory_gb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def dense_flops(B, H, L, D) -> float:
+    return 4.0 * B * H * L * L * D
+
+
+class Runner:
+    def __init__(self, B, H, L, D, dtype=torch.bfloat16):
+        self.shape = (B, H, L, D)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.q, self.k, self.v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g).requires_grad_()
+                                  for _ in range(3))
+        self.do = torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g)
+        self.w = (0.05 * torch.randn(D, D, device="cuda", generator=g)).requires_grad_()
+        self.b = (0.05 * torch.randn(D, device="cuda", generator=g)).requires_grad_()
+        self.leaves = [self.q, self.k, self.v, self.w, self.b]
+
+    def fwd_bwd(self, f):
+        def step():
+            f().backward(self.do)
+        return step
+
+    def time_pair(self, f, rep_fwd=200, rep_bwd=300):
+        with torch.no_grad():
+            f()
+        self.fwd_bwd(f)()  # warm-up / compile
+        t_fwd = bench(lambda: f(), rep_fwd)
+        t_fb = bench(self.fwd_bwd(f), rep_bwd, grad_to_none=self.leaves)
+        for x in self.leaves:
+            x.grad = None
+        mem = peak_memory_gb(self.fwd_bwd(f))
+        for x in self.leaves:
+            x.grad = None
+        return t_fwd, t_fb, mem
+
+
+def sdpa_fn(r, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def f():
+        with sdpa_kernel(be):
+            return torch.nn.functional.scaled_dot_product_attention(r.q, r.k, r.v)
+    return f
+
+
+_FLEX = {}
+
+
+def flex_fn(r, block_map):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention)
+    B, H, L, _ = r.shape
+    lut = block_map.critical_lut
+    Tm, n = lut.shape[2], lut.shape[3]
+    Tn = block_map.num_key_blocks
+    kv_num = torch.full((B, H, Tm), n, dtype=torch.int32, device="cuda")
+    kv_idx = torch.zeros(B, H, Tm, Tn, dtype=torch.int32, device="cuda")
+    kv_idx[..., :n] = lut
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(block_map.block_q, block_map.block_k),
+                                    seq_lengths=(L, L))
+    fn = _FLEX["fn"]
+    return lambda: fn(r.q, r.k, r.v, block_mask=mask)
+
+
+def sla_fn(r, critical, negligible, block_q, block_k, scope):
+    import sla
+
+    return lambda: sla.sparse_linear_attention(
+        r.q, r.k, r.v, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
+        linear_scope=scope, proj_weight=r.w, proj_bias=r.b, backend="triton")
+
+
+def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
+    """Per-stage times (ms) of one SLA forward and backward, each stage timed on its own."""
+    from sla.ops.sla.blockmap import build_block_map
+    from sla.ops.sla.triton import ops
+
+    q, k, v = (x.detach() for x in (r.q, r.k, r.v))
+    out = {}
+    bm = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
+    out["block_map"] = bench(lambda: build_block_map(q, k, critical=critical, negligible=negligible,
+                                                     block_q=block_q, block_k=block_k))
+    out["feature_map_phi_q_phi_k"] = bench(lambda: (torch.softmax(q, -1), torch.softmax(k, -1)))
+    phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)
+    mask = ops.scope_mask_for(bm, scope, ops._state_dtype(q.dtype))
+    out["scope_mask"] = bench(lambda: ops.scope_mask_for(bm, scope, ops._state_dtype(q.dtype)))
+    out["linear_states_kernel"] = bench(lambda: ops._linear_states(phi_k, v, block_k))
+    hs, zs = ops._linear_states(phi_k, v, block_k)
+    out["aggregate_M_at_h_matmul"] = bench(lambda: ops._aggregate_states(hs, zs, mask))
+    w, b = r.w.detach(), r.b.detach()
+    fwd_args = (q, k, v, phi_q, phi_k, bm.critical_lut, mask, w, b, q.shape[-1] ** -0.5, block_q, block_k)
+    t_fwd_impl = bench(lambda: ops._fwd_impl(*fwd_args))
+    out["fwd_kernel_only"] = t_fwd_impl - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
+    o, o_s, o_l, lse = ops._fwd_impl(*fwd_args)
+    do = r.do
+    out["bwd_sparse_dq_dkdv_kernels"] = bench(lambda: ops._sparse_bwd(
+        do, q, k, v, o_s, lse, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, q.shape[-1] ** -0.5,
+        block_q, block_k))
+    do_l = (do.float().reshape(-1, q.shape[-1]) @ w).reshape(q.shape)
+    out["bwd_linear_branch_torch"] = bench(lambda: ops._linear_bwd(do_l, o_l, phi_q, phi_k, v, mask, block_q,
+                                                                   block_k))
+    out["bwd_full_op"] = bench(lambda: ops.sla_triton_bwd(
+        do, q, k, v, phi_q, phi_k, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
+        mask, w, b, q.shape[-1] ** -0.5, block_q, block_k))
+    n_crit = bm.n_critical
+    B, H, L, D = r.shape
+    Tm = bm.num_query_blocks
+    sparse_flops = 4.0 * B * H * Tm * block_q * n_crit * block_k * D
+    out["sparse_fwd_effective_tflops"] = sparse_flops / (out["fwd_kernel_only"] * 1e-3) / 1e12
+    out["sparse_bwd_effective_tflops"] = 2.5 * sparse_flops / (out["bwd_sparse_dq_dkdv_kernels"] * 1e-3) / 1e12
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU (triton.testing.do_bench times with CUDA events); "
+              "for the CPU benchmark see bench/ (PyTorch path).", file=sys.stderr)
+        return 2
+    import triton
+
+    from sla.ops.sla.blockmap import build_block_map
+
+    t_start = time.time()
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": git_commit(), "dtype": "bfloat16", "negligible": args.negligible}
+    print(json.dumps(meta))
+    rows, breakdowns, notes = [], {}, []
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    scopes = args.scopes.split(",")
+    blocks = [tuple(int(x) for x in b.split("x")) for b in args.blocks.split(",")]
+
+    def save():
+        with open(args.out, "w") as fh:
+            json.dump({"meta": meta, "rows": rows, "breakdown": breakdowns, "notes": notes}, fh, indent=1)
+
+    for i_shape, (B, H, L, D) in enumerate(shapes):
+        if i_shape > 0 and time.time() - t_start > args.time_budget:
+            notes.append(f"shape {(B, H, L, D)} skipped: time budget of {args.time_budget:.0f} s spent")
+            print(notes[-1])
+            continue
+        full = i_shape == 0
+        r = Runner(B, H, L, D)
+        flops = dense_flops(B, H, L, D)
+
+        def add(provider, config, t_fwd, t_fb, mem):
+            row = {"shape": [B, H, L, D], "provider": provider, **config, "fwd_ms": t_fwd, "fwd_bwd_ms": t_fb,
+                   "fwd_tflops": flops / (t_fwd * 1e-3) / 1e12, "fwd_bwd_tflops": 3.5 * flops / (t_fb * 1e-3) / 1e12,
+                   "peak_mem_gb": mem}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save()
+
+        base = {}
+        for be in ("flash", "cudnn"):
+            try:
+                t = r.time_pair(sdpa_fn(r, be), rep_fwd=300, rep_bwd=500)
+                base[be] = t
+                add(f"sdpa-{be}", {}, *t)
+            except Exception as exc:  # a backend the card/torch build lacks is reported, not fatal
+                notes.append(f"sdpa-{be} at {(B, H, L, D)} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                print(notes[-1])
+        sweep = [(s, sc, bl) for s in sparsities for sc in scopes for bl in blocks] if full else \
+            [(0.95, "marginal", bl) for bl in blocks]
+        for sparsity, scope, (bq, bk) in sweep:
+            crit = round(1.0 - sparsity, 6)
+            try:
+                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope))
+            except Exception as exc:
+                notes.append(f"sla {sparsity} {scope} {bq}x{bk} at {(B, H, L, D)} failed: {type(exc).__name__}: "
+                             f"{str(exc)[:300]}")
+                print(notes[-1])
+                continue
+            add("sla", {"sparsity": sparsity, "critical": crit, "negligible": args.negligible, "scope": scope,
+                        "block_q": bq, "block_k": bk}, *t)
+        if full or L <= 40000:
+            targets = [(0.95, (64, 64)), (0.95, (128, 64))] if full else [(0.95, (64, 64))]
+            for sparsity, (bq, bk) in targets:
+                key = f"{(B, H, L, D)} sparsity={sparsity} marginal {bq}x{bk}"
+                try:
+                    breakdowns[key] = sla_breakdown(r, round(1 - sparsity, 6), args.negligible, bq, bk, "marginal")
+                except Exception as exc:
+                    notes.append(f"breakdown {key} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                    print(notes[-1])
+                    continue
+                print(key, json.dumps(breakdowns[key]), flush=True)
+                save()
+        if not args.no_flex:
+            flex_sparsities = sparsities if full else [0.95]
+            flex_block = blocks[0]
+            for sparsity in flex_sparsities:
+                crit = round(1.0 - sparsity, 6)
+                for attempt in ([flex_block, (128, 128)] if flex_block != (128, 128) else [(128, 128)]):
+                    bm = build_block_map(r.q.detach(), r.k.detach(), critical=crit, negligible=0.0,
+                                         block_q=attempt[0], block_k=attempt[1])
+                    try:
+                        t = r.time_pair(flex_fn(r, bm))
+                    except Exception as exc:
+                        notes.append(f"flex {attempt[0]}x{attempt[1]} at {(B, H, L, D)} failed: "
+                                     f"{type(exc).__name__}: {str(exc)[:300]}")
+                        print(notes[-1])
+                        torch._dynamo.reset()
+                        _FLEX.clear()
+                        flex_block = (128, 128)
+                        continue
+                    add("flex", {"sparsity": sparsity, "critical": crit, "block_q": attempt[0],
+                                 "block_k": attempt[1], "n_critical_blocks": bm.n_critical}, *t)
+                    break
+        if "flash" in base:
+            for row in rows:
+                if row["shape"] == [B, H, L, D]:
+                    row["speedup_fwd_vs_flash"] = base["flash"][0] / row["fwd_ms"]
+                    row["speedup_fwd_bwd_vs_flash"] = base["flash"][1] / row["fwd_bwd_ms"]
+        save()
+        del r
+        torch.cuda.empty_cache()
+
+    md = to_markdown(meta, rows, breakdowns, notes)
+    print(md)
+    if args.md:
+        with open(args.md, "w") as fh:
+            fh.write(md)
+    save()
+    return 0
+
+
+def to_markdown(meta, rows, breakdowns, notes) -> str:
+    lines = [f"Card: {meta['card']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}; commit "
+             f"{meta['commit']}; {meta['dtype']}; negligible={meta['negligible']}.", ""]
+    lines.append("| shape (B,H,L,D) | provider | sparsity | scope | blocks | fwd ms | fwd+bwd ms | fwd TFLOPS | "
+                 "fwd+bwd TFLOPS | fwd x flash | fwd+bwd x flash | peak GB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        blocks = f"{r['block_q']}x{r['block_k']}" if "block_q" in r else "-"
+        lines.append(
+            f"| {tuple(r['shape'])} | {r['provider']} | {r.get('sparsity', '-')} | {r.get('scope', '-')} | {blocks} | "
+            f"{r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
+            f"{r.get('speedup_fwd_vs_flash', float('nan')):.1f} | {r.get('speedup_fwd_bwd_vs_flash', float('nan')):.1f} | "
+            f"{r['peak_mem_gb']:.2f} |")
+    for key, bd in breakdowns.items():
+        lines += ["", f"Breakdown, {key} (ms unless named):", ""]
+        lines += [f"- {k}: {v:.3f}" for k, v in bd.items()]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

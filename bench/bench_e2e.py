@@ -297,7 +297,8 @@ def to_markdown(result: dict) -> str:
         f"after {result['warmup']} warm-up; train step = forward + backward"
         + (" with gradient checkpointing" if result["gradient_checkpointing"] else "") + ".",
         "",
-        "| mode | step | time/step (ms) | self-attention (ms) | self-attn share | vs flash (CPU: native) | vs cuDNN | peak mem (GiB) |",
+        "| mode | step | time/step (ms) | self-attention (ms) | self-attn share | vs flash (CPU: native) | vs cuDNN "
+        "| peak mem (GiB) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
@@ -345,7 +346,8 @@ def parse_args(argv=None):
     p.add_argument("--linear-scope", default="marginal")
     p.add_argument("--backend", default="auto", help="SLA backend: auto (Triton on CUDA), triton, torch")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--tiny", action="store_true", help="2-layer model and a 9x128x128 video (192 tokens): checks the script fast")
+    p.add_argument("--tiny", action="store_true",
+                   help="2-layer model and a 9x128x128 video (192 tokens): checks the script fast")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 

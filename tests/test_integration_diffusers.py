@@ -372,3 +372,32 @@ def test_cogvideox_equivalence_layers_gradients_and_round_trip(tmp_path):
     sla.save_sla(model, tmp_path)
     loaded = sla.load_sla(CogVideoXTransformer3DModel.from_pretrained(tmp_path).eval(), tmp_path)
     assert torch.equal(_run(loaded, inputs), expected)
+
+
+# ------------------------------------------------------------------------------------------ compile and LoRA
+
+
+def test_wan_sla_under_torch_compile():
+    model = _wan()
+    inputs = _wan_inputs()
+    sla.apply_sla(model, **SMALL_BLOCKS)
+    _perturb_projections(model)
+    expected = _run(model, inputs)
+    compiled = torch.compile(model, backend="eager")  # dynamo traces the processors; no C++ compiler needed
+    torch.testing.assert_close(_run(compiled, inputs), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_wan_sla_with_peft_lora_adapters():
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    model = _wan()
+    model.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    sla.apply_sla(model, **SMALL_BLOCKS)
+    for name, p in model.named_parameters():  # LoRA fine-tuning: adapters and SLA projections train
+        p.requires_grad_(".lora_" in name or ".sla." in name)
+    model.train()
+    model(**_wan_inputs(), return_dict=False)[0].square().mean().backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".sla.proj" in n for n in trained) and any("attn1.to_q.lora_A" in n for n in trained)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

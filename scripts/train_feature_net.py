@@ -3,7 +3,11 @@
 Multi-label classification of which attribute values (shape, colour, texture, motion, size) appear in a
 clip; the 64-wide penultimate layer becomes the feature space of ``sla eval``'s Frechet distance.
 
-    python scripts/train_feature_net.py --steps 1500 --batch-size 64 --out sla/assets/feature_net.safetensors
+    python scripts/train_feature_net.py --seconds 190 --steps 1200 --batch-size 64 --workers 4 \
+        --out sla/assets/feature_net.safetensors
+
+The shipped weights came from that command on one NVIDIA H200 (1,200 steps, 95 s; held-out attribute
+accuracy 0.7965, see sla/assets/feature_net_training.log).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import sys
 # (name, module, one-line help). Add a command by adding a module and one line here.
 COMMANDS = [
     ("demo", "sla.commands.demo", "accuracy and CPU speed of SLA against dense attention on generated inputs"),
+    ("analyze", "sla.commands.analyze", "measure SLA's premise on a model's own attention: weights, errors, ranks, plots"),
 ]
 
 

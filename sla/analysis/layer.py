@@ -1,0 +1,360 @@
+"""Analyse one captured self-attention call: q, k, v of one layer at one denoising step.
+
+:func:`analyze_attention` takes ``(H, L, D)`` tensors (one batch element, the sampled heads) and returns
+a JSON-ready dict of every measurement plus the block class map for the pictures. Query rows are
+sampled as whole query blocks, so the cost per head is O(R * L) with R = sampled rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..ops.sla.blockmap import (
+    CRITICAL,
+    MARGINAL,
+    NEGLIGIBLE,
+    block_lengths,
+    build_block_map,
+    class_counts,
+    pooled_block_scores,
+    select_blocks,
+)
+from ..ops.sla.feature_maps import apply_feature_map
+from ..ops.sla.naive import expand_block_mask
+from ..ops.sla.validation import check_sla_config
+from . import metrics
+
+DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.92, 0.95, 0.97)
+
+
+@dataclass
+class AnalysisConfig:
+    """What to measure and how much to sample.
+
+    Attributes:
+        sparsities: fractions of attention entries (token curves) or key blocks (block curves) left out of
+            the exact computation; ``1 - critical`` is always added so the configured setting is measured.
+        critical, negligible, block_q, block_k, feature_map, linear_scope: the SLA settings whose class map
+            is drawn and whose linear branch is measured (the paper's defaults). When the analysed layer has
+            SLA applied, its own settings and projection are used for the "own projection" curve.
+        rank_top: the "top-x%" part for stable ranks: per row, this fraction of the largest weights (the
+            paper's Fig. 3 uses 8%, the share of weights above 1/N in Wan2.1).
+        query_blocks: query blocks sampled per call (``None`` = all); each gives ``block_q`` rows.
+        seed: seed of the row sampling.
+    """
+
+    sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
+    critical: float = 0.05
+    negligible: float = 0.10
+    block_q: int = 64
+    block_k: int = 64
+    feature_map: str = "softmax"
+    linear_scope: str = "marginal"
+    rank_top: float = 0.08
+    query_blocks: int | None = 16
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        check_sla_config(self.critical, self.negligible, self.block_q, self.block_k, self.feature_map,
+                         self.linear_scope)
+        if not self.sparsities:
+            raise ValueError("sparsities must name at least one value in [0, 1), e.g. 0.5,0.9,0.95")
+        for s in self.sparsities:
+            if not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+                raise ValueError(f"every sparsity must be a number in [0, 1), got {s!r}")
+        if not 0.0 < self.rank_top < 1.0:
+            raise ValueError(f"rank_top must be in (0, 1), e.g. 0.08 (the paper's top 8%), got {self.rank_top!r}")
+        if self.query_blocks is not None and self.query_blocks < 1:
+            raise ValueError(f"query_blocks must be >= 1 or None (all), got {self.query_blocks!r}")
+
+    def measured_sparsities(self) -> list[float]:
+        return sorted(set(round(float(s), 6) for s in self.sparsities) | {round(1.0 - self.critical, 6)})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsities"] = list(self.sparsities)
+        return d
+
+
+@dataclass
+class OwnProjection:
+    """The SLA settings and ``Proj`` parameters of a layer that already has SLA applied (fine-tuned)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    critical: float
+    negligible: float
+    block_q: int
+    block_k: int
+    feature_map: str
+    linear_scope: str
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values))
+
+
+def _topk_from_order(order: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the first ``keep`` columns of a per-row descending ``order`` ``(R, N)``."""
+    mask = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    return mask.scatter_(-1, order[:, :keep], True)
+
+
+def _class_rows(crit: torch.Tensor, negl: torch.Tensor, tn: int) -> torch.Tensor:
+    """``(T_m, T_n)`` int8 class map from per-row critical and negligible block indices."""
+    cm = torch.zeros(crit.shape[0], tn, dtype=torch.int8, device=crit.device)
+    cm.scatter_(-1, crit, CRITICAL)
+    cm.scatter_(-1, negl, NEGLIGIBLE)
+    return cm
+
+
+def _scope(class_rows: torch.Tensor, linear_scope: str) -> torch.Tensor:
+    if linear_scope == "marginal":
+        return class_rows == MARGINAL
+    if linear_scope == "noncritical":
+        return class_rows != CRITICAL
+    return torch.ones_like(class_rows, dtype=torch.bool)
+
+
+def _block_sparse(logits, v, critical_blocks, R, N, bq, bk):
+    """SLA's sparse branch from precomputed logits: softmax over the tokens of the critical blocks only."""
+    token_mask = expand_block_mask(critical_blocks, R, N, bq, bk)
+    return torch.softmax(logits.masked_fill(~token_mask, float("-inf")), dim=-1) @ v
+
+
+class _LinearBranch:
+    """SLA's linear branch ``phi(q) H_i / (phi(q) . Z_i)`` for one head, from per-key-block states
+    ``h_j = phi(K_j)^T V_j`` and ``z_j = sum phi(K_j)`` computed once and reused for every block set
+    (O(T_m T_n D^2) per set instead of O(R N D))."""
+
+    def __init__(self, q, k, v, feature_map, bq, bk):
+        R, D = q.shape
+        N = k.shape[0]
+        tn, tm = -(-N // bk), -(-R // bq)
+        phi_k = torch.nn.functional.pad(apply_feature_map(k, feature_map), (0, 0, 0, tn * bk - N))
+        v_pad = torch.nn.functional.pad(v, (0, 0, 0, tn * bk - N))
+        phi_k, v_pad = phi_k.reshape(tn, bk, D), v_pad.reshape(tn, bk, D)
+        self.h = torch.einsum("jtd,jte->jde", phi_k, v_pad).reshape(tn, D * D)
+        self.z = phi_k.sum(1)
+        self.phi_q = torch.nn.functional.pad(apply_feature_map(q, feature_map), (0, 0, 0, tm * bq - R))
+        self.phi_q = self.phi_q.reshape(tm, bq, D)
+        self.R, self.D = R, D
+
+    def __call__(self, scope: torch.Tensor) -> torch.Tensor:
+        w = scope.to(self.h.dtype)
+        H = (w @ self.h).reshape(-1, self.D, self.D)
+        Z = w @ self.z
+        num = torch.einsum("ibd,ide->ibe", self.phi_q, H)
+        den = torch.einsum("ibd,id->ib", self.phi_q, Z)[..., None]
+        out = num / torch.where(den == 0, torch.ones_like(den), den)  # nothing in scope -> 0, as the operator
+        return out.reshape(-1, self.D)[: self.R]
+
+
+@torch.no_grad()
+def analyze_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: AnalysisConfig,
+    *,
+    scale: float | None = None,
+    own_projection: OwnProjection | None = None,
+    progress=None,
+) -> tuple[dict, torch.Tensor]:
+    """Measure SLA's premise on one attention call.
+
+    Args:
+        q: ``(H, Lq, D)`` queries after normalisation and RoPE (as the attention kernel sees them).
+        k, v: ``(H, Lk, D)``.
+        config: :class:`AnalysisConfig`.
+        scale: softmax scale the layer uses (``None`` = ``D ** -0.5``).
+        own_projection: the layer's own SLA settings and ``Proj``, if it has SLA applied.
+        progress: optional tqdm-like object whose ``update(1)`` is called once per head.
+
+    Returns:
+        ``(result, class_map)``: ``result`` a JSON-ready dict (per-head values and head means) and
+        ``class_map`` ``(H, T_m, T_n)`` int8 of the full sequence under the configured settings.
+
+    Errors are relative L1 against dense softmax attention over the sampled rows. Block curves use the
+    operator's own pooled classification (``sla.build_block_map``'s rule) and, as an upper bound, the
+    oracle that picks the key blocks with the largest exact attention mass.
+    """
+    config.validate()
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"analyze_attention expects (H, L, D) tensors, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    H, Lq, D = q.shape
+    N = k.shape[1]
+    sla = own_projection
+    # A layer with SLA applied is measured with its own block sizes, so its projection sees the blocks
+    # it was trained with.
+    bq, bk = (sla.block_q, sla.block_k) if sla else (config.block_q, config.block_k)
+    gen = torch.Generator().manual_seed(config.seed)
+    blocks = metrics.sample_query_blocks(Lq, bq, config.query_blocks, gen)
+    q_sub = metrics.gather_query_blocks(q, blocks, bq)
+    R = q_sub.shape[1]
+    # Alternate whole sampled query blocks between two folds for the cross-fitted projection.
+    folds = (torch.arange(R) // bq) % 2
+    sparsities = config.measured_sparsities()
+    tn = -(-N // bk)
+
+    lin_feature = sla.feature_map if sla else config.feature_map
+    lin_scope = sla.linear_scope if sla else config.linear_scope
+    negl_cfg = sla.negligible if sla else config.negligible
+
+    klen = block_lengths(N, bk).to(dt)
+    qlen_sub = block_lengths(R, bq).to(dt)
+    per_head = []
+    branches = {s: {"o_s": [], "o_l": []} for s in sparsities}
+    dense_all = []
+    for h in range(H):
+        logits = (q_sub[h] @ k[h].T) * (D ** -0.5 if scale is None else scale)
+        probs = torch.softmax(logits, dim=-1)
+        dense = probs @ v[h]
+        dense_all.append(dense)
+        head = {"head_position": h}
+        head["distribution"] = metrics.attention_distribution(probs)
+        order = torch.argsort(probs, dim=-1, descending=True)  # one sort serves every top-x% mask
+        top_mask = _topk_from_order(order, metrics.keep_count(1.0 - config.rank_top, N))
+        head["stable_rank"] = {
+            "full": metrics.stable_rank(probs),
+            "top": metrics.stable_rank(probs * top_mask),
+            "rest": metrics.stable_rank(probs * ~top_mask),
+        }
+        del top_mask
+
+        tok_renorm, tok_masked = [], []
+        for s in sparsities:
+            kept = probs * _topk_from_order(order, metrics.keep_count(s, N))
+            o_masked = kept @ v[h]
+            tok_masked.append(metrics.relative_l1(o_masked, dense))
+            tok_renorm.append(metrics.relative_l1(o_masked / kept.sum(-1, keepdim=True), dense))
+            del kept
+        del order
+        head["token_topk_renormalised"] = tok_renorm
+        head["token_topk_masked"] = tok_masked
+
+        scores = pooled_block_scores(q_sub[h][None, None], k[h][None, None], bq, bk)[0, 0]
+        mass = metrics.block_attention_mass(probs, bq, bk)
+        del probs
+        linear = _LinearBranch(q_sub[h], k[h], v[h], lin_feature, bq, bk)
+        curves = {name: [] for name in ("block_pooled_sparse_only", "block_oracle_sparse_only",
+                                        "sla_identity_projection", "sla_own_projection",
+                                        "block_achieved_sparsity", "recall", "mass_pooled", "mass_oracle")}
+        for s in sparsities:
+            n_crit, n_negl = class_counts(1.0 - s, min(negl_cfg, s), tn)
+            crit_p, negl_p = select_blocks(scores, n_crit, n_negl)
+            crit_o, negl_o = select_blocks(mass, n_crit, n_negl)
+            curves["recall"].append(metrics.critical_set_recall(crit_p, crit_o))
+            curves["mass_pooled"].append(float(mass.gather(-1, crit_p).sum() / R))
+            curves["mass_oracle"].append(float(mass.gather(-1, crit_o).sum() / R))
+            attended = klen[crit_p].sum(-1)  # exact keys per query block
+            curves["block_achieved_sparsity"].append(float(1.0 - (attended * qlen_sub).sum() / (R * N)))
+
+            class_sub = _class_rows(crit_p, negl_p, tn)
+            o_s = _block_sparse(logits, v[h], class_sub == CRITICAL, R, N, bq, bk)
+            o_l = linear(_scope(class_sub, lin_scope))
+            branches[s]["o_s"].append(o_s)
+            branches[s]["o_l"].append(o_l)
+            curves["block_pooled_sparse_only"].append(metrics.relative_l1(o_s, dense))
+            curves["sla_identity_projection"].append(metrics.relative_l1(o_s + o_l, dense))
+            if sla is not None:
+                proj = torch.nn.functional.linear(o_l, sla.weight.to(o_l), None if sla.bias is None
+                                                  else sla.bias.to(o_l))
+                curves["sla_own_projection"].append(metrics.relative_l1(o_s + proj, dense))
+            oracle_crit = _class_rows(crit_o, negl_o, tn) == CRITICAL
+            curves["block_oracle_sparse_only"].append(
+                metrics.relative_l1(_block_sparse(logits, v[h], oracle_crit, R, N, bq, bk), dense))
+        del logits
+        if sla is None:
+            curves["sla_own_projection"] = None
+        head.update(curves)
+        per_head.append(head)
+        if progress is not None:
+            progress.update(1)
+
+    # A least-squares Proj shared by the heads: how far a trained projection could take SLA from
+    # sparse-only at each sparsity on this layer, measured out of sample (two folds of query blocks).
+    lsq_available = int(folds.max()) >= 1
+    dense_stack = torch.stack(dense_all)
+    for i, s in enumerate(sparsities):
+        o_s = torch.stack(branches[s]["o_s"])
+        o_l = torch.stack(branches[s]["o_l"])
+        if lsq_available:
+            pred = metrics.fit_shared_projection(o_l, dense_stack - o_s, folds)
+            for h in range(H):
+                per_head[h].setdefault("sla_lstsq_projection", []).append(
+                    metrics.relative_l1(o_s[h] + pred[h], dense_stack[h]))
+        else:
+            for h in range(H):
+                per_head[h]["sla_lstsq_projection"] = None
+
+    class_map = build_block_map(q[None], k[None], critical=config.critical, negligible=config.negligible,
+                                block_q=bq, block_k=bk).class_map[0]
+
+    def head_mean(getter):
+        return _mean([getter(ph) for ph in per_head])
+
+    def curve_mean(name):
+        if per_head[0][name] is None:
+            return None
+        return [head_mean(lambda ph, i=i: ph[name][i]) for i in range(len(sparsities))]
+
+    n_crit_cfg, n_negl_cfg = class_counts(config.critical, config.negligible, tn)
+    cfg_index = sparsities.index(round(1.0 - config.critical, 6))
+    result = {
+        "seq_len_q": Lq,
+        "seq_len_k": N,
+        "head_dim": D,
+        "num_heads_analysed": H,
+        "query_rows": R,
+        "query_blocks": blocks.tolist(),
+        "distribution": {
+            "frac_above_mean": head_mean(lambda ph: ph["distribution"]["frac_above_mean"]),
+            "frac_below_mean_over_100": head_mean(lambda ph: ph["distribution"]["frac_below_mean_over_100"]),
+            "mass_above_mean": head_mean(lambda ph: ph["distribution"]["mass_above_mean"]),
+            "histogram": {
+                "edges": per_head[0]["distribution"]["histogram"]["edges"],
+                "counts": [sum(c) for c in zip(*[ph["distribution"]["histogram"]["counts"] for ph in per_head])],
+            },
+        },
+        "stable_rank": {
+            "top_fraction": config.rank_top,
+            "full": head_mean(lambda ph: ph["stable_rank"]["full"]),
+            "top": head_mean(lambda ph: ph["stable_rank"]["top"]),
+            "rest": head_mean(lambda ph: ph["stable_rank"]["rest"]),
+        },
+        "errors": {
+            "sparsity": sparsities,
+            "block_achieved_sparsity": curve_mean("block_achieved_sparsity"),
+            "token_topk_renormalised": curve_mean("token_topk_renormalised"),
+            "token_topk_masked": curve_mean("token_topk_masked"),
+            "block_pooled_sparse_only": curve_mean("block_pooled_sparse_only"),
+            "block_oracle_sparse_only": curve_mean("block_oracle_sparse_only"),
+            "sla_identity_projection": curve_mean("sla_identity_projection"),
+            "sla_lstsq_projection": curve_mean("sla_lstsq_projection"),
+            "sla_own_projection": curve_mean("sla_own_projection"),
+        },
+        "recall": {
+            "sparsity": sparsities,
+            "recall": curve_mean("recall"),
+            "mass_pooled": curve_mean("mass_pooled"),
+            "mass_oracle": curve_mean("mass_oracle"),
+            "at_critical": {"critical": config.critical, "n_critical_blocks": n_crit_cfg,
+                            "recall": curve_mean("recall")[cfg_index],
+                            "mass_pooled": curve_mean("mass_pooled")[cfg_index],
+                            "mass_oracle": curve_mean("mass_oracle")[cfg_index]},
+        },
+        "block_classes": {"num_query_blocks": int(class_map.shape[1]), "num_key_blocks": tn,
+                          "n_critical": n_crit_cfg, "n_negligible": n_negl_cfg,
+                          "n_marginal": tn - n_crit_cfg - n_negl_cfg},
+        "linear_branch": {"feature_map": lin_feature, "linear_scope": lin_scope, "negligible": negl_cfg,
+                          "own_projection": sla is not None},
+        "per_head": per_head,
+    }
+    return result, class_map

@@ -1,0 +1,154 @@
+"""Write an analysis to a folder: ``summary.json``, ``report.md`` and PNG pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .runner import AnalysisResult
+
+# The paper's measurements on Wan2.1 (arXiv 2509.24006, §3, Figures 1 and 3), for comparison.
+PAPER_REFERENCE = {
+    "frac_above_mean": 0.081,
+    "frac_below_mean_over_100": 0.45,
+    "error_top_8_percent": 0.33,
+    "stable_rank": {"full": 6226, "top_8_percent": 6230, "rest": 9},
+}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, *, plots: bool = True) -> dict:
+    """Write ``summary.json``, ``report.md`` and (with ``plots``) the PNGs into ``out_dir`` (created).
+
+    Returns ``{"summary": path, "report": path, "plots": [paths]}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written_plots = []
+    if plots and result.entries:
+        from . import plots as P
+
+        written_plots.append(P.plot_histogram(result.entries, out / "weight_histogram.png"))
+        written_plots.append(P.plot_errors(result.entries, out / "error_vs_sparsity.png"))
+        written_plots.append(P.plot_stable_ranks(result.entries, out / "stable_rank.png"))
+        for entry, class_map in zip(result.entries, result.class_maps):
+            name = f"class_map_{entry['layer'].replace('.', '_')}_step{entry['step']}.png"
+            written_plots.append(P.plot_class_map(entry, class_map, out / name))
+    summary = {
+        "meta": result.meta,
+        "config": result.config.to_dict(),
+        "paper_reference_wan2.1": PAPER_REFERENCE,
+        "captures": result.entries,
+        "plots": [p.name for p in written_plots],
+    }
+    summary_path = out / "summary.json"
+    _atomic_write_text(summary_path, json.dumps(summary, indent=1))
+    report_path = out / "report.md"
+    _atomic_write_text(report_path, render_markdown(result, [p.name for p in written_plots]))
+    return {"summary": summary_path, "report": report_path, "plots": written_plots}
+
+
+def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
+    """The human-readable report."""
+    cfg = result.config
+    meta = result.meta
+    entries = result.entries
+    lines = ["# SLA premise analysis", ""]
+    model = meta.get("model", meta.get("model_class", "model"))
+    lines += [f"Model: `{model}`. " + (meta.get("model_description", "") or ""), ""]
+    if entries:
+        e0 = entries[0]
+        lines += [
+            f"Captured {len(entries)} self-attention call(s): sequence length {e0['seq_len_k']}, head dim "
+            f"{e0['head_dim']}, {e0['num_heads_analysed']} of {e0['num_heads']} heads, {e0['query_rows']} sampled "
+            f"query rows ({len(e0['query_blocks'])} whole query blocks of {cfg.block_q}) per call.",
+            f"SLA settings: critical={cfg.critical}, negligible={cfg.negligible}, blocks {cfg.block_q}x{cfg.block_k}, "
+            f"feature map `{cfg.feature_map}`, linear scope `{cfg.linear_scope}`.",
+            f"Time: capture {meta.get('capture_seconds', 'n/a')} s, analysis {meta.get('analysis_seconds', 'n/a')} s "
+            f"on {meta.get('analysis_device', 'cpu')}.",
+            "",
+        ]
+    lines += [
+        "## What is measured",
+        "",
+        "- **Weight distribution**: share of attention weights above the uniform weight 1/N and below 1/(100N) "
+        "(the paper reports 8.1% and 45% on Wan2.1).",
+        "- **Stable rank** `||P||_F^2 / ||P||_2^2` of the sampled rows of the weight map P, of its top "
+        f"{100 * cfg.rank_top:g}% entries per row and of the remainder (paper, full 32K x 32K map: 6226, 6230, 9). "
+        "Only the sampled rows enter, so values are bounded by the number of sampled rows.",
+        "- **Relative L1 error** `sum|O' - O| / sum|O|` against dense attention O, across sparsities: keeping the "
+        "top-x% entries per row (with and without renormalising; the paper's Fig. 1 style, ~33% at 92% on Wan2.1), "
+        "block-sparse attention with SLA's pooled block selection and with the oracle selection (the key blocks "
+        "holding the most exact attention mass), and SLA itself.",
+        "- **SLA's error** needs the projection `Proj` of the linear branch. " + (
+            "Where a layer runs SLA, its own trained Proj is used (column 'SLA own')." if any(
+                e["linear_branch"]["own_projection"] for e in entries) else
+            "No analysed layer runs SLA, so its Proj would be the zero initialisation and SLA would equal block "
+            "sparse-only. Shown instead: SLA with the **best least-squares Proj** (weight and bias shared by the "
+            "heads, as in the module), fitted on half of the sampled query blocks and evaluated on the other half "
+            "(cross-fitted, so no row is scored by a fit that saw it). It shows what a projection *can* recover "
+            "at this layer without fine-tuning the rest of the model; fine-tuning usually does better."),
+        "- **Recall**: share of the true top key blocks (by exact block attention mass) that the pooled score "
+        "`mean(q) . mean(k - mean k)` selects as critical, and the attention mass both sets hold.",
+        "",
+        "## Per capture",
+        "",
+        "| layer @ step | > 1/N | < 1/(100N) | stable rank full / top / rest | recall at critical | mass pooled / oracle |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        d, sr, rc = e["distribution"], e["stable_rank"], e["recall"]["at_critical"]
+        lines.append(
+            f"| {e['layer']} @ {e['step']} | {_pct(d['frac_above_mean'])} | {_pct(d['frac_below_mean_over_100'])} | "
+            f"{_num(sr['full'])} / {_num(sr['top'])} / {_num(sr['rest'])} | {_pct(rc['recall'])} "
+            f"({rc['n_critical_blocks']} blocks) | {_pct(rc['mass_pooled'])} / {_pct(rc['mass_oracle'])} |")
+    lines += ["", "## Error vs sparsity (mean over captures and heads)", ""]
+    if entries:
+        sp = entries[0]["errors"]["sparsity"]
+        mean = {}
+        for key in ("block_achieved_sparsity", "token_topk_renormalised", "token_topk_masked",
+                    "block_pooled_sparse_only", "block_oracle_sparse_only", "sla_identity_projection",
+                    "sla_lstsq_projection", "sla_own_projection"):
+            curves = [e["errors"][key] for e in entries if e["errors"].get(key) is not None]
+            mean[key] = [sum(v) / len(v) for v in zip(*curves)] if curves else None
+        cols = [("top-x% renorm.", "token_topk_renormalised"), ("top-x% P*M", "token_topk_masked"),
+                ("block sparse (pooled)", "block_pooled_sparse_only"),
+                ("block sparse (oracle)", "block_oracle_sparse_only"),
+                ("SLA identity Proj", "sla_identity_projection"), ("SLA least-sq. Proj", "sla_lstsq_projection"),
+                ("SLA own Proj", "sla_own_projection")]
+        cols = [(n, k) for n, k in cols if mean[k] is not None]
+        lines.append("| sparsity | block sparsity achieved | " + " | ".join(n for n, _ in cols) + " |")
+        lines.append("|---" * (2 + len(cols)) + "|")
+        for i, s in enumerate(sp):
+            lines.append(f"| {_pct(s)} | {_pct(mean['block_achieved_sparsity'][i])} | "
+                         + " | ".join(_pct(mean[k][i]) for _, k in cols) + " |")
+        lines += ["", "Token-level columns keep exactly round((1 - sparsity) N) entries per row; block columns keep "
+                  "max(1, floor((1 - sparsity) T_n)) key blocks per query block, so their achieved sparsity can be "
+                  "higher than the nominal one.", ""]
+    if plot_names:
+        lines += ["## Pictures", ""]
+        for name in plot_names:
+            lines += [f"![{name}]({name})", ""]
+    lines += ["All numbers are in `summary.json` (per head under `per_head`).", ""]
+    return "\n".join(lines)

@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import sla  # noqa: E402
+from sla.integrations.diffusers import WanSLAAttnProcessor, find_self_attention_layers  # noqa: E402
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -103,14 +104,12 @@ class _NoOpSelfAttention:
 
     @staticmethod
     def install(model):
-        from sla.integrations.diffusers import WanSLAAttnProcessor
-
         class NoOp(WanSLAAttnProcessor):
             def _attend(self, attn, query, key, value):
                 return value
 
         always_on = types.SimpleNamespace(active=True)
-        for i, (name, attn, _) in enumerate(sla.integrations.diffusers.find_self_attention_layers(model)):
+        for i, (name, attn, _) in enumerate(find_self_attention_layers(model)):
             attn.set_processor(NoOp(attn.processor, always_on, i))
         return model
 
@@ -127,7 +126,7 @@ def set_mode(model, mode: str, args, dense_backend_default: str):
                       backend=args.backend)
         return lambda: (sla.remove_sla(model), model.reset_attention_backend())
     if mode == "noop":
-        originals = {n: a.processor for n, a, _ in sla.integrations.diffusers.find_self_attention_layers(model)}
+        originals = {n: a.processor for n, a, _ in find_self_attention_layers(model)}
         _NoOpSelfAttention.install(model)
 
         def undo():

@@ -23,6 +23,10 @@ def __getattr__(name):
         from .integrations import diffusers as _diffusers_integration
 
         return getattr(_diffusers_integration, name)
+    if name == "integrations":  # light: its __init__ imports nothing heavy
+        import importlib
+
+        return importlib.import_module(".integrations", __name__)
     raise AttributeError(f"module 'sla' has no attribute {name!r}")
 
 __all__ = [

@@ -115,3 +115,28 @@ def test_bad_arguments():
     layer = wrap_sdpa_self_attention(ToySelfAttention(), head_dim=16)
     with pytest.raises(ValueError, match="already wrapped"):
         wrap_sdpa_self_attention(layer, head_dim=16)
+
+
+def test_wraps_a_diffusers_flux_model_through_the_native_backend():
+    pytest.importorskip("diffusers")
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  axes_dims_rope=(4, 6, 6)).eval()
+    g = torch.Generator().manual_seed(1)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"),
+                          -1).reshape(64, 3)
+    inputs = dict(hidden_states=torch.randn(1, 64, 4, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=img_ids, txt_ids=torch.zeros(8, 3), return_dict=False)
+    with torch.no_grad():
+        dense = flux(**inputs)[0]
+    # joint text+image attention of the double-stream block and the single-stream block: 72 tokens each
+    for block in list(flux.transformer_blocks) + list(flux.single_transformer_blocks):
+        wrap_sdpa_self_attention(block.attn, head_dim=16, critical=1.0, negligible=0.0, block_q=16, block_k=16)
+    with torch.no_grad():
+        torch.testing.assert_close(flux(**inputs)[0], dense, rtol=1e-5, atol=1e-5)
+    assert sum(".sla.proj.weight" in n for n in flux.state_dict()) == 2

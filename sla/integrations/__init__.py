@@ -39,4 +39,8 @@ def __getattr__(name: str):
         from . import sdpa as _sdpa
 
         return getattr(_sdpa, name)
+    if name in ("diffusers", "sdpa"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'sla.integrations' has no attribute {name!r}")

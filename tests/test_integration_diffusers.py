@@ -196,6 +196,12 @@ def test_wan_save_pretrained_and_sla_round_trip(tmp_path):
         ref = sla_modules(model)[name]
         assert torch.equal(module.proj.weight, ref.proj.weight) and torch.equal(module.proj.bias, ref.proj.bias)
 
+    # Loaded in bf16 the diffusers way, the projections still come back in float32, bit for bit.
+    half = sla.load_sla(WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16), tmp_path)
+    for name, module in sla_modules(half).items():
+        assert module.proj.weight.dtype == torch.float32
+        assert torch.equal(module.proj.weight, sla_modules(model)[name].proj.weight)
+
     # Loading into a model that already has SLA with the same settings works; with other settings it refuses.
     sla.load_sla(loaded, tmp_path)
     other = _wan()

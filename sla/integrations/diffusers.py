@@ -293,7 +293,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def find_self_attention_layers(model: nn.Module) -> list:
     """``[(module_name, attention_module, family)]`` for every self-attention layer SLA can replace, in model
-    order (for Wan and CogVideoX, entry ``i`` is ``model.transformer_blocks[i]`` / ``model.blocks[i]``).
+    order (entry ``i`` is in ``model.blocks[i]`` for Wan, ``model.transformer_blocks[i]`` for CogVideoX).
     Layers already patched by :func:`apply_sla` are listed too."""
     model = _unwrap(model)
     found = []

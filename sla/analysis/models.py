@@ -76,7 +76,10 @@ def load_transformer(spec: str, *, seed: int = 0, dtype: torch.dtype = torch.flo
     """
     if spec in BUILTIN_MODELS:
         entry = BUILTIN_MODELS[spec]
-        return entry.load(seed).to(device=device, dtype=dtype).eval(), entry
+        model = entry.load(seed).to(device)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+        return model.eval(), entry
     folder = Path(spec)
     if not folder.is_dir():
         raise ValueError(f"--model {spec!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a folder; "

@@ -1,0 +1,309 @@
+"""Tests of sla.analysis and `sla analyze`: metrics on planted structure with known answers, agreement with
+the operator's reference, capture on a diffusers Wan model, clear errors, and the CLI writing its files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sla.analysis import metrics
+from sla.analysis.layer import AnalysisConfig, OwnProjection, analyze_attention
+from sla.ops.sla.blockmap import build_block_map
+from sla.ops.sla.naive import naive_sparse_linear_attention
+
+diffusers = pytest.importorskip("diffusers")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# metrics on planted structure
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [1, 3, 9, 40])
+def test_stable_rank_of_planted_equal_singular_values(rank):
+    g = torch.Generator().manual_seed(rank)
+    u = torch.linalg.qr(torch.randn(600, rank, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(900, rank, generator=g, dtype=torch.float64)).Q
+    a = 0.01 * u @ v.T
+    assert metrics.stable_rank(a) == pytest.approx(rank, rel=1e-9)
+    assert metrics.stable_rank(a.T) == pytest.approx(rank, rel=1e-9)
+
+
+def test_stable_rank_of_known_spectrum_and_zero():
+    # Singular values 4, 2, 2, 1: ||A||_F^2 / ||A||_2^2 = (16 + 4 + 4 + 1) / 16.
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(300, 4, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(500, 4, generator=g, dtype=torch.float64)).Q
+    a = u @ torch.diag(torch.tensor([4.0, 2.0, 2.0, 1.0], dtype=torch.float64)) @ v.T
+    assert metrics.stable_rank(a) == pytest.approx(25 / 16, rel=1e-9)
+    assert metrics.stable_rank(torch.zeros(5, 7)) == 0.0
+
+
+def test_largest_eigenvalue_matches_full_eigensolve():
+    g = torch.Generator().manual_seed(1)
+    u = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64)).Q
+    spectrum = torch.cat([torch.tensor([3.0, 3.0, 2.9]), torch.rand(297, generator=g) * 2]).double()
+    planted = u @ torch.diag(spectrum) @ u.T  # a repeated top eigenvalue
+    for gram in (planted, (lambda x: x @ x.T)(torch.softmax(3 * torch.randn(300, 800, generator=g), -1).double())):
+        assert metrics.largest_eigenvalue(gram) == pytest.approx(float(torch.linalg.eigvalsh(gram)[-1]), rel=1e-9)
+
+
+def test_attention_distribution_known_fractions():
+    # 80 of 1000 weights per row are large, the other 920 are 1e-6 < 1/(100 N) = 1e-5.
+    n, big = 1000, 80
+    small = 1e-6
+    probs = torch.full((6, n), small, dtype=torch.float64)
+    probs[:, :big] = (1 - (n - big) * small) / big
+    d = metrics.attention_distribution(probs)
+    assert d["frac_above_mean"] == pytest.approx(big / n)
+    assert d["frac_below_mean_over_100"] == pytest.approx((n - big) / n)
+    assert d["mass_above_mean"] == pytest.approx(1 - (n - big) * small)
+    assert sum(d["histogram"]["counts"]) == probs.numel()
+    # log10(N * 1e-6) = -3 lands in the bin starting at -3.0.
+    edges = d["histogram"]["edges"]
+    i = max(j for j, e in enumerate(edges[:-1]) if e <= -3.0 + 1e-9)
+    assert d["histogram"]["counts"][i] == 6 * (n - big)
+
+
+def test_block_mass_and_recall():
+    probs = torch.rand(130, 200, dtype=torch.float64)
+    mass = metrics.block_attention_mass(probs, 64, 64)
+    assert mass.shape == (3, 4)
+    assert float(mass.sum()) == pytest.approx(float(probs.sum()))
+    assert float(mass[2, 3]) == pytest.approx(float(probs[128:, 192:].sum()))
+    assert metrics.critical_set_recall(torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 0], [3, 0]])) == 0.75
+
+
+def test_fit_shared_projection_recovers_an_exact_linear_map():
+    g = torch.Generator().manual_seed(2)
+    o_l = torch.randn(3, 256, 8, generator=g, dtype=torch.float64)
+    w, b = torch.randn(8, 8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    target = o_l @ w.T + b
+    folds = (torch.arange(256) // 64) % 2
+    pred = metrics.fit_shared_projection(o_l, target, folds, ridge=0.0)
+    torch.testing.assert_close(pred, target, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="two folds"):
+        metrics.fit_shared_projection(o_l, target, torch.zeros(256, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# analyze_attention: planted structure and agreement with the operator's reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _planted_blocks(num_blocks=16, block=64, dim=32, strength=8.0, seed=0):
+    """Query block i attends to key blocks i and i+5 (mod num_blocks): keys of block j point along e_j,
+    queries of block i along e_i + e_{i+5}."""
+    g = torch.Generator().manual_seed(seed)
+    eye = torch.eye(dim, dtype=torch.float64)[:num_blocks]
+    k = eye.repeat_interleave(block, 0) * strength + 0.05 * torch.randn(num_blocks * block, dim, generator=g,
+                                                                         dtype=torch.float64)
+    partner = (torch.arange(num_blocks) + 5) % num_blocks
+    q = (eye + eye[partner]).repeat_interleave(block, 0) * strength
+    v = torch.randn(num_blocks * block, dim, generator=g, dtype=torch.float64)
+    return q[None], k[None], v[None], partner
+
+
+def test_planted_block_structure_gives_recall_one():
+    q, k, v, partner = _planted_blocks()
+    cfg = AnalysisConfig(sparsities=(0.875,), critical=2 / 16, negligible=0.25, query_blocks=None)
+    result, class_map = analyze_attention(q, k, v, cfg)
+    rc = result["recall"]["at_critical"]
+    assert rc["n_critical_blocks"] == 2
+    assert rc["recall"] == 1.0
+    assert rc["mass_pooled"] == pytest.approx(rc["mass_oracle"])
+    assert rc["mass_pooled"] > 0.99
+    # The class map marks exactly the planted blocks critical.
+    want = torch.zeros(16, 16, dtype=torch.bool)
+    want[torch.arange(16), torch.arange(16)] = True
+    want[torch.arange(16), partner] = True
+    assert torch.equal(class_map[0] == 1, want)
+    # Nearly all attention sits in the critical blocks, so block sparse-only is nearly exact.
+    assert result["errors"]["block_pooled_sparse_only"][0] < 1e-3
+
+
+def test_analysis_matches_the_operator_reference():
+    g = torch.Generator().manual_seed(3)
+    L, D = 200, 16  # short last block
+    q, k, v = (torch.randn(2, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    cfg = AnalysisConfig(sparsities=(0.0, 0.5, 0.75), critical=0.25, negligible=0.25, query_blocks=None)
+    result, class_map = analyze_attention(q, k, v, cfg)
+    dense = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1) @ v
+    errs = result["errors"]
+    assert errs["sparsity"] == [0.0, 0.5, 0.75]
+    assert errs["token_topk_renormalised"][0] == pytest.approx(0.0, abs=1e-12)
+    for i, s in enumerate(errs["sparsity"]):
+        bm = build_block_map(q[None], k[None], critical=1 - s, negligible=min(0.25, s))
+        sparse_only = naive_sparse_linear_attention(q[None], k[None], v[None], bm,
+                                                    proj_weight=torch.zeros(D, D, dtype=torch.float64))[0]
+        identity = naive_sparse_linear_attention(q[None], k[None], v[None], bm)[0]
+        per_head = [metrics.relative_l1(sparse_only[h], dense[h]) for h in range(2)]
+        assert errs["block_pooled_sparse_only"][i] == pytest.approx(sum(per_head) / 2, rel=1e-9, abs=1e-12)
+        per_head = [metrics.relative_l1(identity[h], dense[h]) for h in range(2)]
+        assert errs["sla_identity_projection"][i] == pytest.approx(sum(per_head) / 2, rel=1e-9)
+        assert errs["block_achieved_sparsity"][i] == pytest.approx(bm.sparsity(), rel=1e-9)
+    assert torch.equal(class_map, build_block_map(q[None], k[None], critical=0.25, negligible=0.25).class_map[0])
+    assert errs["sla_own_projection"] is None
+    assert len(errs["sla_lstsq_projection"]) == 3
+
+
+def test_own_projection_zero_and_identity():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 256, 8, generator=g) for _ in range(3))
+    cfg = AnalysisConfig(sparsities=(0.5,), critical=0.5, negligible=0.0, query_blocks=None)
+    settings = dict(critical=0.5, negligible=0.0, block_q=64, block_k=64, feature_map="softmax", linear_scope="marginal")
+    zero, _ = analyze_attention(q, k, v, cfg, own_projection=OwnProjection(torch.zeros(8, 8), None, **settings))
+    ident, _ = analyze_attention(q, k, v, cfg, own_projection=OwnProjection(torch.eye(8), torch.zeros(8), **settings))
+    assert zero["errors"]["sla_own_projection"] == pytest.approx(zero["errors"]["block_pooled_sparse_only"])
+    assert ident["errors"]["sla_own_projection"] == pytest.approx(ident["errors"]["sla_identity_projection"])
+
+
+def test_query_block_sampling_keeps_whole_blocks():
+    blocks = metrics.sample_query_blocks(1000, 64, 5, torch.Generator().manual_seed(0))
+    assert blocks.tolist() == sorted(blocks.tolist()) and len(set(blocks.tolist())) == 5
+    rows = metrics.gather_query_blocks(torch.arange(1000.0)[:, None], torch.tensor([2, 15]), 64)
+    assert rows[:, 0].tolist() == list(range(128, 192)) + list(range(960, 1000))
+
+
+def test_bad_analysis_config():
+    q = torch.randn(1, 64, 8)
+    with pytest.raises(ValueError, match="sparsity"):
+        analyze_attention(q, q, q, AnalysisConfig(sparsities=(1.5,)))
+    with pytest.raises(ValueError, match="rank_top"):
+        analyze_attention(q, q, q, AnalysisConfig(rank_top=0.0))
+    with pytest.raises(ValueError, match=r"\(H, L, D\)"):
+        analyze_attention(q[None], q[None], q[None], AnalysisConfig())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# capture on a diffusers Wan model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _small_wan(seed=0):
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                     in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                     num_layers=3, rope_max_seq_len=32).eval()
+
+
+def _drive(model, steps=3):
+    from sla.analysis.models import run_flow_matching
+
+    return run_flow_matching(model, num_steps=steps, latent_size=(2, 16, 16), text_len=8, seed=0, progress=False)
+
+
+def test_capture_records_normalised_qkv_and_leaves_the_model_unchanged():
+    from sla.analysis import AttentionCapture
+
+    model = _small_wan()
+    expected = _drive(model)
+    with AttentionCapture(model, layers=[0, -1], steps=[0, 2], heads=None) as cap:
+        got = _drive(model)
+    cap.check_complete()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert [(c.layer_name, c.step) for c in cap.captures] == [
+        ("blocks.0.attn1", 0), ("blocks.2.attn1", 0), ("blocks.0.attn1", 2), ("blocks.2.attn1", 2)]
+    c = cap.captures[0]
+    assert c.q.shape == (2, 128, 16) and c.k.shape == (2, 128, 16) and c.v.shape == (2, 128, 16)
+    assert c.source == "sdpa" and c.heads == [0, 1] and c.num_heads == 2
+    # q is taken after RMSNorm over all heads (unit weight at init) and RoPE (a rotation): mean square 1.
+    torch.testing.assert_close(c.q.pow(2).mean(dim=(0, 2)), torch.ones(128), rtol=0, atol=1e-3)
+    # No hook or mode is left behind.
+    assert not model._forward_pre_hooks and not model.blocks[0].attn1._forward_hooks
+
+
+def test_capture_sla_applied_layer_uses_its_projection():
+    from sla.analysis import AnalysisConfig as Cfg
+    from sla.analysis import analyze_model
+    from sla.integrations.diffusers import apply_sla, sla_modules
+
+    model = _small_wan()
+    apply_sla(model, critical=0.25, negligible=0.0, block_q=32, block_k=32, backend="torch")
+    with torch.no_grad():
+        for module in sla_modules(model).values():
+            module.proj.weight.copy_(0.1 * torch.eye(16))
+    result = analyze_model(model, lambda: _drive(model, steps=2), layers=[1], steps=[1], heads=1,
+                           config=Cfg(sparsities=(0.75,), query_blocks=None, block_q=32, block_k=32), progress=False)
+    (entry,) = result.entries
+    assert entry["source"] == "sla" and entry["own_sla_settings"]["critical"] == 0.25
+    assert entry["errors"]["sla_own_projection"] is not None
+
+
+def test_bad_layer_and_step_selections():
+    from sla.analysis import AttentionCapture, resolve_layers, resolve_steps
+
+    model = _small_wan()
+    with pytest.raises(ValueError, match="out of range.*3 self-attention layers"):
+        resolve_layers(model, [3])
+    with pytest.raises(ValueError, match="not a self-attention layer"):
+        resolve_layers(model, ["blocks.0.attn2"])
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_layers(model, ["blocks.9.attn1"])
+    with pytest.raises(TypeError):
+        resolve_layers(model, [1.5])
+    assert [i for i, _, _ in resolve_layers(model, "auto")] == [0, 1, 2]
+    assert [n for _, n, _ in resolve_layers(model, ["-1", "blocks.0.attn1"])] == ["blocks.0.attn1", "blocks.2.attn1"]
+    with pytest.raises(ValueError, match="out of range.*4 denoising steps"):
+        resolve_steps([4], 4)
+    with pytest.raises(ValueError, match="integers"):
+        resolve_steps(["x"], 4)
+    assert resolve_steps([-1, 0], 4) == [0, 3]
+    with pytest.raises(ValueError, match="non-negative"):
+        AttentionCapture(model, steps=[-1])
+    with AttentionCapture(model, layers=[0], steps=[5]) as cap:
+        _drive(model, steps=2)
+    with pytest.raises(ValueError, match=r"steps \[5\].*only 2 times"):
+        cap.check_complete()
+    with pytest.raises(ValueError, match="heads \\[7\\] do not exist"):
+        with AttentionCapture(model, layers=[0], steps=[0], heads=[7]):
+            _drive(model, steps=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the CLI end to end on the built-in tiny random model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_analyze_tiny_random_writes_report(tmp_path, capsys):
+    from sla.cli import main
+
+    out = tmp_path / "analysis"
+    rc = main(["analyze", "--model", "tiny-random", "--num-steps", "2", "--layers", "0,-1", "--steps", "-1",
+               "--heads", "2", "--query-blocks", "4", "--sparsities", "0.5,0.9", "--out", str(out), "--quiet"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["layer"] for c in summary["captures"]] == ["blocks.0.attn1", "blocks.1.attn1"]
+    c = summary["captures"][0]
+    assert c["step"] == 1 and c["seq_len_k"] == 4096 and c["query_rows"] == 256
+    assert c["block_classes"]["num_key_blocks"] == 64
+    assert c["errors"]["sparsity"] == [0.5, 0.9, 0.95]
+    assert 0.0 <= c["distribution"]["frac_above_mean"] <= 1.0
+    for name in ("report.md", "weight_histogram.png", "error_vs_sparsity.png", "stable_rank.png",
+                 "class_map_blocks_0_attn1_step1.png", "class_map_blocks_1_attn1_step1.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| blocks.0.attn1 @ 1 |" in (out / "report.md").read_text()
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layers", "5"], "out of range"),
+    (["--layers", "blocks.0.attn2"], "not a self-attention layer"),
+    (["--steps", "7"], "out of range"),
+    (["--heads", "ids:9"], "do not exist"),
+    (["--model", "no-such-model"], "neither a built-in model"),
+    (["--sparsities", "0.5,abc"], "comma list of numbers"),
+])
+def test_cli_analyze_bad_input(tmp_path, capsys, argv, message):
+    from sla.cli import main
+
+    rc = main(["analyze", "--num-steps", "1", "--quiet", "--no-plots", "--query-blocks", "1", "--heads", "1",
+               "--out", str(tmp_path)] + argv)
+    assert rc == 2
+    assert message in capsys.readouterr().err

@@ -173,22 +173,47 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
     out["fwd_kernel_only"] = t_fwd_impl - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
     o, o_s, o_l, lse = ops._fwd_impl(*fwd_args)
     do = r.do
-    out["bwd_sparse_dq_dkdv_kernels"] = bench(lambda: ops._sparse_bwd(
-        do, q, k, v, o_s, lse, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, q.shape[-1] ** -0.5,
-        block_q, block_k))
-    do_l = (do.float().reshape(-1, q.shape[-1]) @ w).reshape(q.shape)
-    out["bwd_linear_branch_torch"] = bench(lambda: ops._linear_bwd(do_l, o_l, phi_q, phi_k, v, mask, block_q,
-                                                                   block_k))
-    out["bwd_full_op"] = bench(lambda: ops.sla_triton_bwd(
-        do, q, k, v, phi_q, phi_k, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
-        mask, w, b, q.shape[-1] ** -0.5, block_q, block_k))
+    bwd_args = (do, q, k, v, phi_q, phi_k, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets,
+                bm.critical_lut_t, mask, w, q.shape[-1] ** -0.5, block_q, block_k)
+    out["bwd_kernels_and_M_matmuls"] = bench(lambda: ops._bwd_impl(*bwd_args))
+    out["bwd_full_op_with_proj_grads"] = bench(lambda: ops.sla_triton_bwd(*bwd_args[:13], w, b, *bwd_args[14:]))
+    out["per_kernel_ms_fwd_bwd"] = kernel_profile(sla_fn(r, critical, negligible, block_q, block_k, scope), r)
     n_crit = bm.n_critical
     B, H, L, D = r.shape
     Tm = bm.num_query_blocks
     sparse_flops = 4.0 * B * H * Tm * block_q * n_crit * block_k * D
     out["sparse_fwd_effective_tflops"] = sparse_flops / (out["fwd_kernel_only"] * 1e-3) / 1e12
-    out["sparse_bwd_effective_tflops"] = 2.5 * sparse_flops / (out["bwd_sparse_dq_dkdv_kernels"] * 1e-3) / 1e12
+    prof = out["per_kernel_ms_fwd_bwd"]
+    t_dq = sum(v for k_, v in prof.items() if "sla_bwd_dq_kernel" in k_)
+    t_dkdv = sum(v for k_, v in prof.items() if "sla_bwd_dkdv_kernel" in k_)
+    if t_dq + t_dkdv > 0:
+        out["sparse_bwd_effective_tflops_dq_plus_dkdv"] = 2.5 * sparse_flops / ((t_dq + t_dkdv) * 1e-3) / 1e12
     return out
+
+
+def kernel_profile(fn, r, iters=5):
+    """Mean device time (ms) per call of each GPU kernel in one forward+backward, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = r.fwd_bwd(fn)
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    for x in r.leaves:
+        x.grad = None
+    times = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None)
+        if t is None:
+            t = getattr(evt, "cuda_time_total", 0.0)
+        if t > 0:
+            times[evt.key[:90]] = t / 1e3 / iters
+    top = dict(sorted(times.items(), key=lambda kv: -kv[1])[:18])
+    top["(sum of all kernels)"] = sum(times.values())
+    return top
 
 
 def main(argv=None) -> int:
@@ -321,7 +346,12 @@ def to_markdown(meta, rows, breakdowns, notes) -> str:
             f"{r['peak_mem_gb']:.2f} |")
     for key, bd in breakdowns.items():
         lines += ["", f"Breakdown, {key} (ms unless named):", ""]
-        lines += [f"- {k}: {v:.3f}" for k, v in bd.items()]
+        for k, v in bd.items():
+            if isinstance(v, dict):
+                lines.append(f"- {k}:")
+                lines += [f"  - `{name}`: {t:.3f}" for name, t in v.items()]
+            else:
+                lines.append(f"- {k}: {v:.3f}")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

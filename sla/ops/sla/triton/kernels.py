@@ -11,7 +11,9 @@ Kernels:
   ``log2(e)`` folded into the scale, fp32 accumulators, base-2 log-sum-exp saved), then the linear branch
   ``phi(Q_i) H_i / (phi(Q_i) . Z_i)`` from the block's aggregated state, then ``Proj`` and the sum.
 * ``sla_bwd_dq_kernel``: ``delta = rowsum(dO * O_s)`` and dQ of the sparse branch over the critical LUT.
-* ``sla_bwd_dkdv_kernel``: dK and dV of the sparse branch per key block over the transposed (CSR) LUT.
+* ``sla_bwd_linear_q_kernel``: the linear branch's dphi(Q_i), dH_i, dZ_i per query block.
+* ``sla_bwd_dkdv_kernel``: dK and dV of the sparse branch per key block over the transposed (CSR) LUT, plus
+  the linear branch's dphi(K_j) and its share of dV_j.
 
 Sequence lengths and the critical count are runtime integers (``do_not_specialize``): a new length or
 top-k count does not compile a new kernel.
@@ -172,14 +174,17 @@ def sla_bwd_dq_kernel(
     tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn", "N_CRIT"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn", "N_CRIT", "s_dhs_n", "s_dzs_n"])
 def sla_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, DK, DV,
+    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, PHIK, DHS, DZS, DK, DV, DPHIK,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
     s_do_b, s_do_h, s_do_l,
+    s_pk_b, s_pk_h, s_pk_l,
     s_dk_b, s_dk_h, s_dk_l,
+    s_dpk_b, s_dpk_h, s_dpk_l,
+    s_dhs_bh, s_dhs_n, s_dzs_bh, s_dzs_n,
     scale, Lq, Lk, Tm, Tn, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -216,6 +221,64 @@ def sla_bwd_dkdv_kernel(
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PREC)
+    # Linear branch, per key block j: dV_j += phi(K_j) dh_j and dphi(K_j) = V_j dh_j^T + dz_j, where dh_j, dz_j
+    # are the sums of dH_i, dZ_i over the query blocks that have j in scope (M^T @ dH, formed beforehand).
+    b_dhs = tl.load(DHS + i_bh * s_dhs_bh + i_n * s_dhs_n + o_d[:, None] * D + o_d[None, :])  # [D, D]
+    b_dzs = tl.load(DZS + i_bh * s_dzs_bh + i_n * s_dzs_n + o_d)
+    b_pk = tl.load(PHIK + i_b * s_pk_b + i_h * s_pk_h + o_k[:, None] * s_pk_l + o_d[None, :], mask=m_k[:, None],
+                   other=0.)
+    b_dv += tl.dot(b_pk.to(b_dhs.dtype), b_dhs, input_precision=PREC)
+    b_dpk = tl.dot(b_v.to(b_dhs.dtype), tl.trans(b_dhs), input_precision=PREC) + b_dzs[None, :]
+
     p_dk = i_b * s_dk_b + i_h * s_dk_h + o_k[:, None] * s_dk_l + o_d[None, :]
     tl.store(DK + p_dk, (b_dk * scale).to(DK.dtype.element_ty), mask=m_k[:, None])
     tl.store(DV + p_dk, b_dv.to(DV.dtype.element_ty), mask=m_k[:, None])
+    p_dpk = DPHIK + i_b * s_dpk_b + i_h * s_dpk_h + o_k[:, None] * s_dpk_l + o_d[None, :]
+    tl.store(p_dpk, b_dpk.to(DPHIK.dtype.element_ty), mask=m_k[:, None])
+
+
+@triton.jit(do_not_specialize=["Lq", "Tm", "s_hs_m", "s_zs_m"])
+def sla_bwd_linear_q_kernel(
+    DO, W, OL, PHIQ, HS, ZS, DPHIQ, DHS, DZS,
+    s_do_b, s_do_h, s_do_l,
+    s_ol_b, s_ol_h, s_ol_l,
+    s_pq_b, s_pq_h, s_pq_l,
+    s_dpq_b, s_dpq_h, s_dpq_l,
+    s_hs_bh, s_hs_m, s_zs_bh, s_zs_m,
+    Lq, Tm,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, HAS_PROJ: tl.constexpr, PREC: tl.constexpr,
+):
+    # Linear branch backward per query block (paper Eq. 8): dphi(Q_i), dH_i and dZ_i, with dO_l = dO W (through
+    # Proj) and D^l = rowsum(dO_l * O_l). H_i, Z_i are recomputed states, not saved ones.
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_q = o_m < Lq
+    b_do = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
+                   other=0.).to(tl.float32)
+    if HAS_PROJ:
+        b_w = tl.load(W + o_d[:, None] * D + o_d[None, :])  # [D_out, D_in]
+        b_dol = tl.dot(b_do, b_w, input_precision=PREC)
+    else:
+        b_dol = b_do
+    b_ol = tl.load(OL + i_b * s_ol_b + i_h * s_ol_h + o_m[:, None] * s_ol_l + o_d[None, :], mask=m_q[:, None],
+                   other=0.).to(tl.float32)
+    b_dl = tl.sum(b_dol * b_ol, axis=1)
+    b_pq = tl.load(PHIQ + i_b * s_pq_b + i_h * s_pq_h + o_m[:, None] * s_pq_l + o_d[None, :], mask=m_q[:, None],
+                   other=0.).to(tl.float32)
+    b_hs = tl.load(HS + i_bh * s_hs_bh + i_m * s_hs_m + o_d[:, None] * D + o_d[None, :])  # [D, D]
+    b_zs = tl.load(ZS + i_bh * s_zs_bh + i_m * s_zs_m + o_d)
+    b_den = tl.sum(b_pq * b_zs[None, :], axis=1)
+    b_den = tl.where(b_den == 0., 1., b_den)  # rows whose o_l is 0 (see sla_fwd_kernel)
+    b_dpq = tl.dot(b_dol.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC) - b_dl[:, None] * b_zs[None, :]
+    b_dpq = b_dpq / b_den[:, None]
+    p_dpq = DPHIQ + i_b * s_dpq_b + i_h * s_dpq_h + o_m[:, None] * s_dpq_l + o_d[None, :]
+    tl.store(p_dpq, b_dpq.to(DPHIQ.dtype.element_ty), mask=m_q[:, None])
+    b_qn = b_pq / b_den[:, None]
+    b_dhs = tl.dot(tl.trans(b_qn.to(b_hs.dtype)), b_dol.to(b_hs.dtype), input_precision=PREC)  # [D, D]
+    b_dzs = -tl.sum(b_qn * b_dl[:, None], axis=0)
+    i_row = i_bh * Tm + i_m
+    tl.store(DHS + i_row * D * D + o_d[:, None] * D + o_d[None, :], b_dhs.to(DHS.dtype.element_ty))
+    tl.store(DZS + i_row * D + o_d, b_dzs)

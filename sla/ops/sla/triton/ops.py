@@ -25,7 +25,13 @@ import triton
 
 from ..blockmap import CRITICAL, MARGINAL, BlockMap
 from ..feature_maps import apply_feature_map
-from .kernels import sla_bwd_dkdv_kernel, sla_bwd_dq_kernel, sla_fwd_kernel, sla_linear_state_kernel
+from .kernels import (
+    sla_bwd_dkdv_kernel,
+    sla_bwd_dq_kernel,
+    sla_bwd_linear_q_kernel,
+    sla_fwd_kernel,
+    sla_linear_state_kernel,
+)
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     from ._interpreter_compat import patch_interpreter_index
@@ -62,6 +68,8 @@ def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> di
         return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3 if head_dim <= 64 or block_q < 128 else 2}
     if kernel == "state":
         return {"num_warps": 4, "num_stages": 1}
+    if kernel == "linear_q":
+        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 1}
     return {"num_warps": 8 if big and block_q >= 128 else 4, "num_stages": 2}
 
 
@@ -163,77 +171,59 @@ def _(q, k, v, phi_q, phi_k, critical_lut, critical_lut_t_offsets, critical_lut_
     return o, torch.empty_like(o), torch.empty_like(o), q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
-def _sparse_bwd(do, q, k, v, o_s, lse, critical_lut, lut_t_offsets, lut_t, scale, block_q, block_k):
+def _bwd_impl(do, q, k, v, phi_q, phi_k, o_s, o_l, lse, critical_lut, lut_t_offsets, lut_t, scope_mask, proj_weight,
+              scale, block_q, block_k):
+    """dq, dk (sparse branch), dv (both branches), dphi_q, dphi_k (linear branch). Four kernels and two matmuls:
+    dQ (+ delta), linear per query block (dphi_q, dH_i, dZ_i), ``dh = M^T dH``, then dK/dV per key block with
+    the linear dphi_k / dV folded in."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm, Tn = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
     n_crit = critical_lut.shape[-1]
     prec = _dot_precision(q.dtype)
+    sdt = _state_dtype(v.dtype)
     dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     sla_bwd_dq_kernel[(Tm, B * H)](
         q, k, v, do, o_s, lse, critical_lut, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(o_s), *_strides(dq),
         scale, Lq, Lk, Tm, n_crit,
         H=H, D=D, BM=block_q, BN=block_k, PREC=prec, **_launch_config("dq", block_q, block_k, D))
-    sla_bwd_dkdv_kernel[(Tn, B * H)](
-        q, k, v, do, lse, delta, lut_t_offsets, lut_t, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        scale, Lq, Lk, Tm, Tn, n_crit,
-        H=H, D=D, BM=block_q, BN=block_k, PREC=prec, **_launch_config("dkdv", block_q, block_k, D))
-    return dq, dk, dv
 
-
-def _blocked(x: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, H, L, D)`` -> ``(B, H, ceil(L/block), block, D)`` in ``dtype``, zero-padding the last block."""
-    B, H, L, D = x.shape
-    nb = triton.cdiv(L, block)
-    x = x.to(dtype)
-    if nb * block != L:
-        x = torch.nn.functional.pad(x, (0, 0, 0, nb * block - L))
-    return x.reshape(B, H, nb, block, D)
-
-
-def _linear_bwd(do_l, o_l, phi_q, phi_k, v, scope_mask, block_q, block_k):
-    """Gradients of ``o_l = phi(q) H_i / (phi(q) . Z_i)`` (paper Eq. 8) w.r.t. ``phi_q``, ``phi_k`` and ``v``.
-
-    Batched matmuls; ``H_i`` is recomputed from the block states rather than saved by the forward.
-    """
-    B, H, Lq, D = phi_q.shape
-    Lk = phi_k.shape[2]
-    f32 = torch.float32
-    sdt = _state_dtype(v.dtype)
     hs, zs = _linear_states(phi_k, v, block_k)
     big_h, big_z = _aggregate_states(hs, zs, scope_mask)
-    pq = _blocked(phi_q, block_q, f32)  # [B, H, Tm, bq, D]
-    dol = _blocked(do_l, block_q, f32)
-    den = (pq * big_z[:, :, :, None, :]).sum(-1)
-    den = torch.where(den == 0, torch.ones_like(den), den)  # rows with o_l = 0 (see the forward kernel)
-    dl = (dol * _blocked(o_l, block_q, f32)).sum(-1)  # D^l = rowsum(dO_l * O_l)
-    d_phi_q = (torch.matmul(dol.to(sdt), big_h.transpose(-1, -2)).to(f32) - dl[..., None] * big_z[:, :, :, None, :])
-    d_phi_q = d_phi_q / den[..., None]
-    qn = pq / den[..., None]
-    d_big_h = torch.matmul(qn.transpose(-1, -2).to(sdt), dol.to(sdt))  # [B, H, Tm, D, D]
-    d_big_z = -(qn * dl[..., None]).sum(-2)  # [B, H, Tm, D]
-    Tm = pq.shape[2]
-    Tn = hs.shape[2]
+    d_phi_q = torch.empty_like(phi_q)
+    d_big_h = torch.empty(B, H, Tm, D, D, dtype=sdt, device=q.device)
+    d_big_z = torch.empty(B, H, Tm, D, dtype=torch.float32, device=q.device)
+    sla_bwd_linear_q_kernel[(Tm, B * H)](
+        do, proj_weight if proj_weight is not None else big_z, o_l, phi_q, big_h, big_z, d_phi_q, d_big_h, d_big_z,
+        *_strides(do), *_strides(o_l), *_strides(phi_q), *_strides(d_phi_q),
+        big_h.shape[2] * D * D, big_h.stride(2) if big_h.shape[2] > 1 else 0,
+        big_z.shape[2] * D, big_z.stride(2) if big_z.shape[2] > 1 else 0,
+        Lq, Tm,
+        H=H, D=D, BM=block_q, HAS_PROJ=proj_weight is not None, PREC=prec,
+        **_launch_config("linear_q", block_q, block_k, D))
+    # Per key block: the sum of dH_i over the query blocks that have it in scope (fp32 accumulation).
     if scope_mask is None:
-        d_hs = d_big_h.sum(dim=2, keepdim=True, dtype=f32).to(sdt)
+        d_hs = d_big_h.sum(dim=2, keepdim=True, dtype=torch.float32).to(sdt)
         d_zs = d_big_z.sum(dim=2, keepdim=True)
     else:
         m_t = scope_mask.transpose(-1, -2)
         d_hs = torch.matmul(m_t.to(sdt), d_big_h.reshape(B, H, Tm, D * D)).reshape(B, H, Tn, D, D)
-        d_zs = torch.matmul(m_t.to(f32), d_big_z)
-    pk = _blocked(phi_k, block_k, sdt)  # [B, H, Tn, bk, D]
-    vb = _blocked(v, block_k, sdt)
-    d_phi_k = torch.matmul(vb, d_hs.transpose(-1, -2)).to(f32) + d_zs[:, :, :, None, :]
-    d_v = torch.matmul(pk, d_hs).to(f32)
-    d_phi_q = d_phi_q.reshape(B, H, Tm * block_q, D)[:, :, :Lq]
-    d_phi_k = d_phi_k.reshape(B, H, Tn * block_k, D)[:, :, :Lk]
-    d_v = d_v.reshape(B, H, Tn * block_k, D)[:, :, :Lk]
-    return d_phi_q, d_phi_k, d_v
+        d_zs = torch.matmul(m_t.to(torch.float32), d_big_z)
+
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    d_phi_k = torch.empty_like(phi_k)
+    sla_bwd_dkdv_kernel[(Tn, B * H)](
+        q, k, v, do, lse, delta, lut_t_offsets, lut_t, phi_k, d_hs, d_zs, dk, dv, d_phi_k,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(phi_k), *_strides(dk),
+        *_strides(d_phi_k),
+        d_hs.shape[2] * D * D, d_hs.stride(2) if d_hs.shape[2] > 1 else 0,
+        d_zs.shape[2] * D, d_zs.stride(2) if d_zs.shape[2] > 1 else 0,
+        scale, Lq, Lk, Tm, Tn, n_crit,
+        H=H, D=D, BM=block_q, BN=block_k, PREC=prec, **_launch_config("dkdv", block_q, block_k, D))
+    return dq, dk, dv, d_phi_q, d_phi_k
 
 
 @torch.library.custom_op("sla::triton_bwd", mutates_args=())
@@ -248,21 +238,16 @@ def sla_triton_bwd(
     the sparse branch's (the linear branch reaches q and k through ``d_phi_q``/``d_phi_k`` and the feature
     map's autograd), ``dv`` covers both branches. Projection grads are empty tensors when there is none."""
     do = _last_dim_contiguous(do)
-    dq, dk, dv = _sparse_bwd(do, q, k, v, o_s, lse, critical_lut, critical_lut_t_offsets, critical_lut_t, scale,
-                             block_q, block_k)
+    dq, dk, dv, d_phi_q, d_phi_k = _bwd_impl(do, q, k, v, phi_q, phi_k, o_s, o_l, lse, critical_lut,
+                                             critical_lut_t_offsets, critical_lut_t, scope_mask, proj_weight, scale,
+                                             block_q, block_k)
     D = q.shape[-1]
     if proj_weight is not None:
         do32 = do.to(torch.float32).reshape(-1, D)
-        do_l = (do32 @ proj_weight.to(torch.float32)).reshape(q.shape)
         d_w = (do32.transpose(0, 1) @ o_l.to(torch.float32).reshape(-1, D)).to(proj_weight.dtype)
         d_b = do32.sum(0).to(proj_bias.dtype) if proj_bias is not None else do.new_empty(0)
     else:
-        do_l, d_w, d_b = do, do.new_empty(0), do.new_empty(0)
-    d_phi_q, d_phi_k, dv_lin = _linear_bwd(do_l, o_l, phi_q, phi_k, v, scope_mask, block_q, block_k)
-    # Outputs get the layouts the fake implementation promises (those of the matching inputs).
-    dv = dv.copy_(dv.to(torch.float32) + dv_lin)
-    d_phi_q = torch.empty_like(phi_q).copy_(d_phi_q)
-    d_phi_k = torch.empty_like(phi_k).copy_(d_phi_k)
+        d_w, d_b = do.new_empty(0), do.new_empty(0)
     return dq, dk, dv, d_phi_q, d_phi_k, d_w, d_b
 
 

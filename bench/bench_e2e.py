@@ -176,6 +176,16 @@ def train_step(model, inputs, target):
     return loss
 
 
+def _sla_block_counts(tokens: int, args) -> dict:
+    """Key blocks per row in each class for this sequence (the operator's counting rule, issue 2)."""
+    from sla.ops.sla.blockmap import class_counts
+
+    t_n = -(-tokens // args.block_k)
+    n_crit, n_negl = class_counts(args.critical, args.negligible, t_n)
+    return {"query_blocks": -(-tokens // args.block_q), "key_blocks": t_n, "critical": n_crit,
+            "negligible": n_negl, "marginal": t_n - n_crit - n_negl, "block_sparsity": 1 - n_crit / t_n}
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -229,6 +239,7 @@ def run(args) -> dict:
                 "block_k": args.block_k, "feature_map": args.feature_map, "linear_scope": args.linear_scope,
                 "backend": args.backend, "resolved_backend": resolve_backend(args.backend, device)
                 if args.backend == "auto" else args.backend},
+        "sla_blocks": _sla_block_counts(tokens, args),
         "gradient_checkpointing": bool(train and args.grad_checkpointing),
         "warmup": args.warmup,
         "iters": args.iters,
@@ -292,7 +303,9 @@ def to_markdown(result: dict) -> str:
         "",
         f"{result['device']}, torch {result['torch']}, diffusers {result['diffusers']}, commit {result['commit']}; "
         f"SLA critical={s['critical']}, negligible={s['negligible']}, blocks {s['block_q']}x{s['block_k']}, "
-        f"{s['feature_map']}/{s['linear_scope']}, backend {s['resolved_backend']}; median of {result['iters']} "
+        f"{s['feature_map']}/{s['linear_scope']}, backend {s['resolved_backend']} "
+        f"({result['sla_blocks']['critical']} of {result['sla_blocks']['key_blocks']} key blocks critical, "
+        f"{result['sla_blocks']['negligible']} negligible); median of {result['iters']} "
         f"after {result['warmup']} warm-up; train step = forward + backward"
         + (" with gradient checkpointing" if result["gradient_checkpointing"] else "") + ".",
         "",

@@ -407,3 +407,21 @@ def test_wan_sla_with_peft_lora_adapters():
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".sla.proj" in n for n in trained) and any("attn1.to_q.lora_A" in n for n in trained)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_deepcopy_gives_an_independent_patched_model():
+    import copy
+
+    model = _wan()
+    inputs = _wan_inputs()
+    sla.apply_sla(model, dense_timestep_threshold=900, **SMALL_BLOCKS)
+    _perturb_projections(model)
+    expected = _run(model, inputs)
+    ema = copy.deepcopy(model)  # e.g. an EMA copy during fine-tuning
+    assert torch.equal(_run(ema, inputs), expected)
+    assert ema.blocks[0].attn1.sla.proj.weight is not model.blocks[0].attn1.sla.proj.weight
+    assert ema.blocks[0].attn1.processor.controller is ema._sla_controller
+    _run(ema, dict(inputs, timestep=torch.tensor([950])))  # the copy's hook sets the copy's state only
+    assert ema._sla_controller.dense_step and not model._sla_controller.dense_step
+    set_sla_enabled(ema, False)
+    assert torch.equal(_run(model, inputs), expected)

@@ -107,6 +107,20 @@ class _SLAController:
     def active(self) -> bool:
         return self.enabled and not self.dense_step
 
+    def timestep_hook(self, module, args, kwargs):
+        """Forward pre-hook of the model: dense step iff max(timestep) >= dense_timestep_threshold."""
+        try:
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = kwargs
+        timestep = bound.get("timestep")
+        if timestep is None:
+            raise ValueError("apply_sla(dense_timestep_threshold=...) needs the model to be called with a "
+                             "`timestep` argument; pass it, or use sla_disabled(model) to choose dense steps")
+        t = torch.as_tensor(timestep)
+        # One host sync per model call (not per layer): the choice must be a Python bool to pick a code path.
+        self.dense_step = bool((t.float().max() >= self.config.dense_timestep_threshold).item())
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Processors
@@ -422,31 +436,12 @@ def apply_sla(
         controller.layer_names.append(name)
 
     if config.dense_timestep_threshold is not None:
-        controller.hook_handle = root.register_forward_pre_hook(_make_timestep_hook(root, controller),
-                                                                with_kwargs=True)
+        # A bound method (not a closure) so that copy.deepcopy(model), e.g. for an EMA copy, hooks the copy's
+        # own controller.
+        controller.hook_handle = root.register_forward_pre_hook(controller.timestep_hook, with_kwargs=True)
     # A plain attribute (not a Module, not a tensor): invisible to state_dict and parameters().
     object.__setattr__(root, _CONTROLLER_ATTRIBUTE, controller)
     return model
-
-
-def _make_timestep_hook(root: nn.Module, controller: _SLAController):
-    signature = inspect.signature(root.forward)
-    threshold = controller.config.dense_timestep_threshold
-
-    def hook(module, args, kwargs):
-        try:
-            bound = signature.bind_partial(*args, **kwargs)
-        except TypeError:
-            bound = None
-        timestep = kwargs.get("timestep") if bound is None else bound.arguments.get("timestep")
-        if timestep is None:
-            raise ValueError("apply_sla(dense_timestep_threshold=...) needs the model to be called with a "
-                             "`timestep` argument; pass it, or use sla_disabled(model) to choose dense steps")
-        t = torch.as_tensor(timestep)
-        # One host sync per model call (not per layer): the choice must be a Python bool to pick a code path.
-        controller.dense_step = bool((t.float().max() >= threshold).item())
-
-    return hook
 
 
 def is_sla_applied(model: nn.Module) -> bool:

@@ -10,8 +10,10 @@ For each shape (B, H, L, D), bf16:
 * ``flex``: ``torch.compile(flex_attention)`` with a ``BlockMask`` of exactly SLA's critical blocks (the sparse
   part only, mask given, not predicted). Tried with SLA's block size first; where FlexAttention cannot
   compile that block size, the row says so and uses 128x128 blocks at the same block sparsity.
-* ``sla``: ``sla.sparse_linear_attention(..., backend="triton")`` end to end: mask prediction, both branches
-  and the fp32 projection.
+* ``sla``: ``sla.ops.sla.triton.sparse_linear_attention_triton`` end to end: block classification on the GPU
+  (``build_block_map_triton``), both branches and the fp32 projection.
+* ``sla-public-api``: ``sla.sparse_linear_attention(..., backend="triton")``, the same kernels with the block
+  map from the PyTorch ``build_block_map`` (target configuration only).
 
 Times are medians of ``triton.testing.do_bench`` after a warm-up call of every provider. "TFLOPS" is
 dense-equivalent: ``4*B*H*L^2*D`` per forward, 3.5x that per forward+backward, divided by the time. Peak
@@ -142,24 +144,30 @@ def flex_fn(r, block_map):
     return lambda: fn(r.q, r.k, r.v, block_mask=mask)
 
 
-def sla_fn(r, critical, negligible, block_q, block_k, scope):
+def sla_fn(r, critical, negligible, block_q, block_k, scope, public=False):
+    """SLA end to end. ``public``: ``sla.sparse_linear_attention(backend="triton")``, whose block map comes from
+    the PyTorch ``build_block_map``; otherwise ``sparse_linear_attention_triton`` (GPU classification)."""
     import sla
+    from sla.ops.sla.triton import sparse_linear_attention_triton
 
-    return lambda: sla.sparse_linear_attention(
-        r.q, r.k, r.v, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-        linear_scope=scope, proj_weight=r.w, proj_bias=r.b, backend="triton")
+    fn = (lambda *a, **kw: sla.sparse_linear_attention(*a, backend="triton", **kw)) if public else \
+        sparse_linear_attention_triton
+    return lambda: fn(r.q, r.k, r.v, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
+                      linear_scope=scope, proj_weight=r.w, proj_bias=r.b)
 
 
 def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
     """Per-stage times (ms) of one SLA forward and backward, each stage timed on its own."""
     from sla.ops.sla.blockmap import build_block_map
-    from sla.ops.sla.triton import ops
+    from sla.ops.sla.triton import build_block_map_triton, ops
 
     q, k, v = (x.detach() for x in (r.q, r.k, r.v))
     out = {}
     bm = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
-    out["block_map"] = bench(lambda: build_block_map(q, k, critical=critical, negligible=negligible,
-                                                     block_q=block_q, block_k=block_k))
+    out["block_map_pytorch"] = bench(lambda: build_block_map(q, k, critical=critical, negligible=negligible,
+                                                             block_q=block_q, block_k=block_k))
+    out["block_map_triton"] = bench(lambda: build_block_map_triton(q, k, critical=critical, negligible=negligible,
+                                                                   block_q=block_q, block_k=block_k))
     out["feature_map_phi_q_phi_k"] = bench(lambda: (torch.softmax(q, -1), torch.softmax(k, -1)))
     phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)
     mask = ops.scope_mask_for(bm, scope, ops._state_dtype(q.dtype))
@@ -188,6 +196,35 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
     t_dkdv = sum(v for k_, v in prof.items() if "sla_bwd_dkdv_kernel" in k_)
     if t_dq + t_dkdv > 0:
         out["sparse_bwd_effective_tflops_dq_plus_dkdv"] = 2.5 * sparse_flops / ((t_dq + t_dkdv) * 1e-3) / 1e12
+    return out
+
+
+def launch_config_sweep(r, critical, negligible, block_q, block_k):
+    """Times of the forward and backward ops under other num_warps/num_stages (for tuning the table)."""
+    from sla.ops.sla.triton import build_block_map_triton, ops
+
+    q, k, v = (x.detach() for x in (r.q, r.k, r.v))
+    bm = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
+    phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)
+    mask = ops.scope_mask_for(bm, "marginal", ops._state_dtype(q.dtype))
+    w, scale = r.w.detach(), q.shape[-1] ** -0.5
+    fwd_args = (q, k, v, phi_q, phi_k, bm.critical_lut, mask, w, r.b.detach(), scale, block_q, block_k)
+    o, o_s, o_l, lse = ops._fwd_impl(*fwd_args)
+    bwd_args = (r.do, q, k, v, phi_q, phi_k, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets,
+                bm.critical_lut_t, mask, w, scale, block_q, block_k)
+    out = {}
+    for name, fn, configs in (("fwd", lambda: ops._fwd_impl(*fwd_args), [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]),
+                              ("dkdv", lambda: ops._bwd_impl(*bwd_args), [(4, 1), (4, 2), (4, 3), (8, 2)]),
+                              ("dq", lambda: ops._bwd_impl(*bwd_args), [(4, 1), (4, 3), (8, 2)])):
+        for warps, stages in configs:
+            ops.LAUNCH_CONFIG_OVERRIDES[name] = {"num_warps": warps, "num_stages": stages}
+            try:
+                fn()
+                out[f"{name} warps={warps} stages={stages} (whole {'fwd' if name == 'fwd' else 'bwd'} op)"] = bench(fn)
+            except Exception as exc:
+                out[f"{name} warps={warps} stages={stages} failed: {type(exc).__name__}"] = float("nan")
+            finally:
+                ops.LAUNCH_CONFIG_OVERRIDES.clear()
     return out
 
 
@@ -278,8 +315,12 @@ def main(argv=None) -> int:
                              f"{str(exc)[:300]}")
                 print(notes[-1])
                 continue
-            add("sla", {"sparsity": sparsity, "critical": crit, "negligible": args.negligible, "scope": scope,
-                        "block_q": bq, "block_k": bk}, *t)
+            config = {"sparsity": sparsity, "critical": crit, "negligible": args.negligible, "scope": scope,
+                      "block_q": bq, "block_k": bk}
+            add("sla", config, *t)
+            if sparsity == 0.95 and scope == "marginal":
+                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, public=True))
+                add("sla-public-api", config, *t)
         if full or L <= 40000:
             targets = [(0.95, (64, 64)), (0.95, (128, 64))] if full else [(0.95, (64, 64))]
             for sparsity, (bq, bk) in targets:
@@ -313,6 +354,16 @@ def main(argv=None) -> int:
                     add("flex", {"sparsity": sparsity, "critical": crit, "block_q": attempt[0],
                                  "block_k": attempt[1], "n_critical_blocks": bm.n_critical}, *t)
                     break
+        if full:
+            for bq, bk in blocks:
+                key = f"launch-config sweep {(B, H, L, D)} sparsity=0.95 marginal {bq}x{bk} (ms)"
+                try:
+                    breakdowns[key] = launch_config_sweep(r, 0.05, args.negligible, bq, bk)
+                except Exception as exc:
+                    notes.append(f"{key} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                    continue
+                print(key, json.dumps(breakdowns[key]), flush=True)
+                save()
         if "flash" in base:
             for row in rows:
                 if row["shape"] == [B, H, L, D]:

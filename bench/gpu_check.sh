@@ -9,6 +9,11 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if ! python3 -c "import pytest" 2>/dev/null; then
+    # No pytest on the machine: wheels carried in .whl (see .library/device/README.md).
+    python3 -m pip install -q --no-index --no-deps --target /tmp/sla_site .whl/pytest-*.whl .whl/pluggy-*.whl \
+        .whl/iniconfig-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/sla_site"
+fi
 timeout "${SLA_TEST_TIMEOUT:-240}" python3 -m pytest tests/gpu/test_triton_gpu.py -q -rfE -p no:cacheprovider \
     2>&1 | tee "$out/gpu_tests.log" | tail -40
 echo "gpu tests exit: ${PIPESTATUS[0]}"

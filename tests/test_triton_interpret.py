@@ -22,7 +22,13 @@ pytest.importorskip("triton")
 
 import sla  # noqa: E402
 from sla.ops.sla.blockmap import build_block_map  # noqa: E402
-from sla.ops.sla.triton import sla_triton_bwd, sla_triton_fwd, triton_sparse_linear_attention  # noqa: E402
+from sla.ops.sla.triton import (  # noqa: E402
+    build_block_map_triton,
+    sla_triton_bwd,
+    sla_triton_fwd,
+    sparse_linear_attention_triton,
+    triton_sparse_linear_attention,
+)
 from sla.ops.sla.triton.ops import scope_mask_for  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
     assert_within_rule,
@@ -162,3 +168,42 @@ def test_torch_compile_fullgraph():
     out.sum().backward()
     eager = f(q, k, v)
     torch.testing.assert_close(out, eager)
+
+
+BLOCKMAP_FIELDS = ("class_map", "critical_lut", "negligible_lut", "critical_lut_t_offsets", "critical_lut_t",
+                   "negligible_lut_t_offsets", "negligible_lut_t")
+
+
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, critical, negligible", [
+    pytest.param(1, 2, 300, 257, 64, 64, 64, 0.3, 0.3, id="ragged-64x64"),
+    pytest.param(2, 1, 1000, 777, 32, 128, 64, 0.05, 0.1, id="paper-ratios-128x64"),
+    pytest.param(1, 1, 40, 40, 64, 64, 64, 0.05, 0.1, id="one-block"),
+    pytest.param(1, 2, 513, 700, 64, 16, 32, 0.2, 0.5, id="small-blocks"),
+])
+def test_gpu_block_map_equals_reference(B, H, Lq, Lk, D, block_q, block_k, critical, negligible):
+    q = torch.randn(B, H, Lq, D) + 0.3
+    k = torch.randn(B, H, Lk, D) + 0.5  # a shared key offset, which smooth-K removes
+    ref = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
+    with nan_poisoned_allocations():
+        got = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q,
+                                     block_k=block_k)
+    for field in BLOCKMAP_FIELDS:
+        assert torch.equal(getattr(ref, field), getattr(got, field)), field
+
+
+def test_gpu_block_map_tie_rule():
+    # Constant inputs: every score ties, so the rule alone decides (lowest indices critical, highest negligible).
+    q, k = torch.ones(1, 1, 256, 64), torch.ones(1, 1, 256, 64)
+    ref = build_block_map(q, k, critical=0.25, negligible=0.5, block_q=64, block_k=32)
+    got = build_block_map_triton(q, k, critical=0.25, negligible=0.5, block_q=64, block_k=32)
+    assert got.class_map[0, 0, 0].tolist() == [1, 1, 0, 0, -1, -1, -1, -1]
+    for field in BLOCKMAP_FIELDS:
+        assert torch.equal(getattr(ref, field), getattr(got, field)), field
+
+
+def test_end_to_end_entry_point():
+    q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
+    o = sparse_linear_attention_triton(q, k, v, critical=0.4, negligible=0.2)
+    bm = build_block_map(q, k, critical=0.4, negligible=0.2)
+    ref = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="reference")
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)

@@ -4,6 +4,20 @@ Importing this package imports Triton; ``import sla`` does not (the ``"triton"``
 first use). Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how CI tests them.
 """
 
-from .ops import check_triton_inputs, sla_triton_bwd, sla_triton_fwd, triton_sparse_linear_attention
+from .blockmap import build_block_map_triton
+from .ops import (
+    check_triton_inputs,
+    sla_triton_bwd,
+    sla_triton_fwd,
+    sparse_linear_attention_triton,
+    triton_sparse_linear_attention,
+)
 
-__all__ = ["check_triton_inputs", "sla_triton_bwd", "sla_triton_fwd", "triton_sparse_linear_attention"]
+__all__ = [
+    "build_block_map_triton",
+    "check_triton_inputs",
+    "sla_triton_bwd",
+    "sla_triton_fwd",
+    "sparse_linear_attention_triton",
+    "triton_sparse_linear_attention",
+]

@@ -59,10 +59,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# kernel name -> {"num_warps": .., "num_stages": ..}; set only by the benchmark's launch-config sweep.
+LAUNCH_CONFIG_OVERRIDES: dict = {}
+
+
 def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> dict:
     """num_warps / num_stages per kernel (one table; no autotuning, so runs are reproducible)."""
     if _interpreting():
         return {}
+    if kernel in LAUNCH_CONFIG_OVERRIDES:
+        return dict(LAUNCH_CONFIG_OVERRIDES[kernel])
     big = max(block_q, block_k) >= 128 or head_dim >= 128
     if kernel == "fwd":
         return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3 if head_dim <= 64 or block_q < 128 else 2}
@@ -334,3 +340,36 @@ def triton_sparse_linear_attention(
         q, k, v, phi_q, phi_k, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t,
         scope_mask, proj_weight, proj_bias, scale, block_map.block_q, block_map.block_k)
     return o
+
+
+def sparse_linear_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    critical: float = 0.05,
+    negligible: float = 0.10,
+    block_q: int = 64,
+    block_k: int = 64,
+    feature_map: str = "softmax",
+    linear_scope: str = "marginal",
+    proj_weight: Optional[torch.Tensor] = None,
+    proj_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    block_map: Optional[BlockMap] = None,
+) -> torch.Tensor:
+    """SLA end to end on the GPU: block classification by :func:`build_block_map_triton` (unless ``block_map``
+    is given), then the fused kernels. Same arguments and semantics as :func:`sla.sparse_linear_attention`
+    (whose ``backend="triton"`` classifies blocks with the PyTorch ``build_block_map`` instead; both give
+    the same map up to fp32 rounding of the scores)."""
+    from ..validation import check_attention_inputs, check_projection, check_sla_config
+    from .blockmap import build_block_map_triton
+
+    check_attention_inputs(q, k, v)
+    check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
+    check_projection(proj_weight, proj_bias, q.shape[-1], q.device)
+    if block_map is None:
+        block_map = build_block_map_triton(q.detach(), k.detach(), critical=critical, negligible=negligible,
+                                           block_q=block_q, block_k=block_k)
+    return triton_sparse_linear_attention(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
+                                          proj_weight=proj_weight, proj_bias=proj_bias, scale=scale)

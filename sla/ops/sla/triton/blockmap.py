@@ -1,0 +1,161 @@
+"""SLA's block classification on the GPU: pooling, scores, per-row selection and the LUT transposes.
+
+Computes the same :class:`~sla.ops.sla.blockmap.BlockMap` as :func:`sla.build_block_map` (same scores up
+to fp32 rounding, same counts, same tie rule) with a handful of launches and no full sort:
+
+* ``sla_mean_pool_kernel`` reads q and k once in their own dtype and writes block means in fp32. The
+  smooth-K pooling ``mean_pool(k - mean(k))`` equals ``mean_pool(k) - mean(k)``, and ``mean(k)`` is the
+  length-weighted mean of the block means, so k is read once.
+* Selection: each score is packed with its index into one int64 key whose order is the tie rule of
+  ``blockmap.py`` (higher score first; equal scores: lower index first; NaN above every number). Then
+  ``topk`` of the keys gives the critical set and ``topk(largest=False)`` the negligible set, with no
+  stable sort.
+* ``sla_lut_compact_kernel`` writes each row's (ascending) LUT and each column's CSR transpose by
+  compacting the class map with a prefix sum. No host synchronisation anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..blockmap import CRITICAL, NEGLIGIBLE, BlockMap, class_counts, num_blocks
+from ..validation import check_attention_inputs, check_sla_config
+from .ops import check_triton_inputs
+
+
+@triton.jit(do_not_specialize=["L"])
+def sla_mean_pool_kernel(
+    X, OUT, s_x_b, s_x_h, s_x_l, L,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    m_t = o_t < L
+    b_x = tl.load(X + i_b * s_x_b + i_h * s_x_h + o_t[:, None] * s_x_l + o_d[None, :], mask=m_t[:, None], other=0.)
+    n_real = tl.minimum(L - i_t * BT, BT).to(tl.float32)  # the last block is averaged over its real tokens
+    b_mean = tl.sum(b_x.to(tl.float32), axis=0) / n_real
+    tl.store(OUT + (i_bh * tl.num_programs(0) + i_t) * D + o_d, b_mean)
+
+
+@triton.jit(do_not_specialize=["N_LINES", "LINE_LEN", "s_line", "s_elem"])
+def sla_lut_compact_kernel(
+    CLASS_MAP, OFFSETS, OUT, N_LINES, LINE_LEN, s_line, s_elem, out_stride_bh,
+    CLASS: tl.constexpr, CHUNK: tl.constexpr, PER_LINE: tl.constexpr,
+):
+    # One program per (batch*head, line); a line is a row (query block) or a column (key block) of the class
+    # map. Writes the indices along the line whose class is CLASS, ascending, starting at the line's offset.
+    i_line = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    p_line = CLASS_MAP + i_bh * N_LINES * LINE_LEN + i_line * s_line
+    if PER_LINE:
+        i_out = i_line * tl.load(OFFSETS)  # fixed-width rows: OFFSETS holds the count per row
+    else:
+        i_out = tl.load(OFFSETS + i_bh * (N_LINES + 1) + i_line)
+    p_out = OUT + i_bh * out_stride_bh + i_out
+    n_done = tl.full([], 0, tl.int32)
+    for i_c in range(0, tl.cdiv(LINE_LEN, CHUNK)):
+        o_e = i_c * CHUNK + tl.arange(0, CHUNK)
+        b_c = tl.load(p_line + o_e * s_elem, mask=o_e < LINE_LEN, other=0)
+        m_hit = (b_c == CLASS) & (o_e < LINE_LEN)
+        b_pos = tl.cumsum(m_hit.to(tl.int32), axis=0) - 1 + n_done
+        tl.store(p_out + b_pos, o_e.to(tl.int32), mask=m_hit)
+        n_done += tl.sum(m_hit.to(tl.int32), axis=0)
+
+
+def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    B, H, L, D = x.shape
+    nb = num_blocks(L, block)
+    out = torch.empty(B, H, nb, D, dtype=torch.float32, device=x.device)
+    sla_mean_pool_kernel[(nb, B * H)](x, out, x.stride(0), x.stride(1), x.stride(2), L, H=H, D=D, BT=block)
+    return out
+
+
+def _ranking_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose descending order is ``blockmap.py``'s ranking: score, then lower index first."""
+    Tn = scores.shape[-1]
+    # +0.0 turns -0.0 into +0.0 (they tie in the reference); every NaN becomes the positive quiet NaN, which
+    # the mapping below puts above +inf, as torch's descending sort does.
+    s = torch.where(torch.isnan(scores), torch.full_like(scores, float("nan")), scores + 0.0)
+    bits = s.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    idx = torch.arange(Tn, device=scores.device, dtype=torch.int64)
+    return (ordered << 32) | (Tn - 1 - idx)
+
+
+def _compact(class_map: torch.Tensor, cls: int, by_rows: bool, count: int, offsets=None) -> torch.Tensor:
+    B, H, Tm, Tn = class_map.shape
+    if by_rows:
+        out = torch.empty(B, H, Tm, count, dtype=torch.int32, device=class_map.device)
+        n_lines, line_len, s_line, s_elem = Tm, Tn, Tn, 1
+        offsets = torch.full((1,), count, dtype=torch.int32, device=class_map.device)
+        out_stride = Tm * count
+    else:
+        out = torch.empty(B, H, Tm * count, dtype=torch.int32, device=class_map.device)
+        n_lines, line_len, s_line, s_elem = Tn, Tm, 1, Tn
+        out_stride = Tm * count
+    if count == 0 or out.numel() == 0:
+        return out
+    chunk = min(1024, triton.next_power_of_2(line_len))
+    sla_lut_compact_kernel[(n_lines, B * H)](
+        class_map, offsets, out, n_lines if by_rows else Tn, line_len, s_line, s_elem, out_stride,
+        CLASS=cls, CHUNK=chunk, PER_LINE=by_rows)
+    return out
+
+
+@torch.no_grad()
+def build_block_map_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    critical: float = 0.05,
+    negligible: float = 0.10,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> BlockMap:
+    """GPU version of :func:`sla.build_block_map` (same arguments, same result up to fp32 score rounding).
+
+    q ``(B, H, Lq, D)`` and k ``(B, H, Lk, D)`` with a contiguous last dim (other strides free), on CUDA or
+    on CPU under ``TRITON_INTERPRET=1``.
+    """
+    check_attention_inputs(q, k, k)
+    check_sla_config(critical, negligible, block_q, block_k, "softmax", "marginal")
+    check_triton_inputs(q, block_q, block_k)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Tm, Tn = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    n_crit, n_negl = class_counts(critical, negligible, Tn)
+    pq = _mean_pool(q, block_q)
+    pk = _mean_pool(k, block_k)
+    lengths = torch.full((Tn,), float(block_k), device=k.device)
+    lengths[-1] = Lk - (Tn - 1) * block_k
+    k_mean = (pk * lengths[:, None]).sum(dim=2, keepdim=True) / Lk
+    scores = pq @ (pk - k_mean).transpose(-1, -2)
+    keys = _ranking_keys(scores)
+    crit = torch.topk(keys, n_crit, dim=-1, sorted=False).indices
+    class_map = torch.zeros(B, H, Tm, Tn, dtype=torch.int8, device=q.device)
+    class_map.scatter_(-1, crit, CRITICAL)
+    if n_negl:
+        negl = torch.topk(keys, n_negl, dim=-1, largest=False, sorted=False).indices
+        class_map.scatter_(-1, negl, NEGLIGIBLE)
+    crit_lut = _compact(class_map, CRITICAL, True, n_crit)
+    negl_lut = _compact(class_map, NEGLIGIBLE, True, n_negl)
+
+    def transpose(cls, count):
+        counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
+        offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
+        return offsets, _compact(class_map, cls, False, count, offsets)
+
+    ct_off, ct = transpose(CRITICAL, n_crit)
+    nt_off, nt = transpose(NEGLIGIBLE, n_negl)
+    return BlockMap(class_map=class_map, critical_lut=crit_lut, negligible_lut=negl_lut,
+                    critical_lut_t_offsets=ct_off, critical_lut_t=ct, negligible_lut_t_offsets=nt_off,
+                    negligible_lut_t=nt, seq_len_q=Lq, seq_len_k=Lk, block_q=block_q, block_k=block_k)

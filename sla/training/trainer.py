@@ -1,0 +1,374 @@
+"""The fine-tuning loop behind ``sla finetune``.
+
+Objective: rectified-flow velocity matching (as Wan is trained), optionally plus (or replaced by) the
+TurboDiffusion-style distillation MSE between the student's and a frozen full-attention teacher's
+velocity at the same ``(x_t, t)``. AdamW, linear warm-up then cosine decay to 10%, gradient accumulation,
+optional bf16 autocast, gradient checkpointing, EMA.
+
+Determinism, resumption and multiple processes. Optimizer step ``s`` consumes a *global* batch of
+``G = batch_size * grad_accum * world_size`` clips at global positions ``s*G .. s*G+G-1`` of a
+seeded per-epoch permutation of the dataset; micro-step ``m`` of rank ``r`` takes the slice
+``[(m * world + r) * batch_size, ... + batch_size)``. The noise and timestep of each clip are drawn from a
+generator keyed by ``(seed, step, position)``. Each micro-batch loss is its mean divided by ``grad_accum``,
+and DDP averages over ranks, so the update is the mean over the global batch whatever the split:
+one process with ``batch_size=4`` equals two processes with ``batch_size=2`` (up to float summation
+order), and a run resumed from a checkpoint continues exactly where it stopped.
+
+Multi-GPU: launch with ``torchrun --nproc_per_node N -m sla.cli finetune ...``; PyTorch DDP (NCCL on CUDA,
+gloo on CPU) does the gradient averaging.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import (
+    export_model,
+    list_checkpoints,
+    load_base_model,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import FinetuneConfig
+from .flow_matching import draw_noise_and_sigma, noisy_input_and_target, predict
+from .variants import apply_attention_mode
+
+LOG_FIELDS = ["step", "loss", "flow_loss", "distill_loss", "lr", "grad_norm", "seconds", "clips_per_s"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data order
+# ------------------------------------------------------------------------------------------------------------
+
+class GlobalOrder:
+    """Position ``p`` of the endless training stream -> dataset index (seeded permutation per epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache[epoch] = torch.randperm(self.n, generator=g)
+        return int(self._cache[epoch][offset])
+
+
+def micro_positions(step: int, micro: int, rank: int, world: int, batch_size: int, grad_accum: int) -> list[int]:
+    global_batch = batch_size * grad_accum * world
+    start = step * global_batch + (micro * world + rank) * batch_size
+    return list(range(start, start + batch_size))
+
+
+class _MicroBatchSampler(torch.utils.data.Sampler):
+    """Yields the dataset indices of this rank's micro-batches from ``start_step`` on (for a DataLoader)."""
+
+    def __init__(self, order: GlobalOrder, start_step: int, end_step: int, rank: int, world: int, cfg: FinetuneConfig):
+        self.order, self.start, self.end, self.rank, self.world, self.cfg = order, start_step, end_step, rank, world, cfg
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            for m in range(self.cfg.grad_accum):
+                pos = micro_positions(step, m, self.rank, self.world, self.cfg.batch_size, self.cfg.grad_accum)
+                yield [self.order.index(p) for p in pos]
+
+    def __len__(self):
+        return (self.end - self.start) * self.cfg.grad_accum
+
+
+def build_dataset(cfg: FinetuneConfig, text_dim: int, split: str = "train", size: int | None = None):
+    """The configured dataset; ``text_dim`` comes from the model (synthetic captions are embedded to it)."""
+    from ..data.latents import LatentsDataset
+    from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+
+    if cfg.data == "synthetic":
+        sc = SyntheticVideoConfig(frames=cfg.frames, height=cfg.height, width=cfg.width, text_dim=text_dim)
+        return SyntheticVideoDataset(split, size=size or cfg.data_size, config=sc)
+    return LatentsDataset(cfg.data)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model setup
+# ------------------------------------------------------------------------------------------------------------
+
+def sla_settings(cfg: FinetuneConfig) -> dict:
+    return dict(critical=cfg.critical, negligible=cfg.negligible, block_q=cfg.block_q, block_k=cfg.block_k,
+                feature_map=cfg.feature_map, linear_scope=cfg.linear_scope, backend=cfg.backend)
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+def prepare_student(model, cfg: FinetuneConfig):
+    """Install the attention mode and choose the trainable parameters (in place)."""
+    apply_attention_mode(model, cfg.attention, **sla_settings(cfg))
+    if cfg.trainable == "full":
+        for name, p in model.named_parameters():
+            # sparse_only keeps its projections frozen at zero (that is what makes it sparse-only).
+            p.requires_grad_(not (cfg.attention == "sparse_only" and ".sla." in name))
+    else:
+        model.requires_grad_(False)
+        if cfg.trainable == "lora":
+            try:
+                from peft import LoraConfig
+            except ImportError as e:
+                raise ImportError("trainable='lora' needs peft: pip install peft") from e
+            model.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=LORA_TARGETS,
+                                         init_lora_weights=True))
+        for name, p in model.named_parameters():
+            if "lora_" in name or (cfg.attention == "sla" and ".sla." in name):
+                p.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"nothing to train with attention={cfg.attention!r} and trainable={cfg.trainable!r}")
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------------------
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict:
+    """Run fine-tuning as configured; returns a summary dict (rank 0's view).
+
+    ``resume``: ``None`` (start fresh; refuses a non-empty checkpoint folder), ``"auto"`` (latest checkpoint
+    in ``output_dir`` if any) or a checkpoint path.
+    """
+    cfg.validate()
+    world, rank, local = _dist_info()
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    elif cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is visible; use device='cpu' or 'auto'")
+        device = torch.device(f"cuda:{local}")
+    else:
+        device = torch.device("cpu")
+    initialised_here = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        initialised_here = True
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        return _finetune(cfg, resume, device, world, rank)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+
+
+def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dict:
+    out = Path(cfg.output_dir)
+    ckpt = None
+    if resume == "auto":
+        found = list_checkpoints(out)
+        if found:
+            ckpt = load_checkpoint(found[-1][1])
+    elif resume:
+        ckpt = load_checkpoint(resume)
+    elif list_checkpoints(out):
+        raise ValueError(f"{out} already holds checkpoints; pass --resume auto to continue, or another --output-dir")
+    if ckpt is not None:
+        saved = ckpt["config"]
+        for key in ("model", "data", "attention", "trainable", "seed", "batch_size", "grad_accum", "loss", "lr",
+                    "steps", "critical", "negligible", "linear_scope", "feature_map"):
+            if key == "batch_size":
+                same = saved["batch_size"] * saved["grad_accum"] * ckpt.get("world_size", 1) == \
+                    cfg.batch_size * cfg.grad_accum * world
+            elif key == "grad_accum":
+                continue
+            else:
+                same = saved[key] == getattr(cfg, key)
+            if not same:
+                raise ValueError(f"cannot resume: checkpoint was made with {key}={saved[key]!r} (global batch kept "
+                                 f"equal), this run has {key}={getattr(cfg, key)!r}")
+
+    torch.manual_seed(cfg.seed)
+    base = load_base_model(cfg.model)
+    dataset = build_dataset(cfg, base.config.text_dim)
+    teacher = None
+    if cfg.loss != "flow":
+        teacher = copy.deepcopy(base).to(device).eval().requires_grad_(False)
+    student = prepare_student(base, cfg).to(device).train()
+    named_trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_trainable]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    ema = {n: p.detach().clone() for n, p in named_trainable} if cfg.ema > 0 else None
+
+    start_step = 0
+    if ckpt is not None:
+        missing = [n for n, _ in named_trainable if n not in ckpt["trainable"]]
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable parameters {missing[:3]}...; was it made with other settings?")
+        with torch.no_grad():
+            for n, p in named_trainable:
+                p.copy_(ckpt["trainable"][n])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            for n in ema:
+                ema[n].copy_(ckpt["ema"][n])
+        set_rng_state(ckpt["rng"])
+        start_step = int(ckpt["step"])
+
+    model = student
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    end_step = cfg.steps if not cfg.stop_after else min(cfg.steps, cfg.stop_after)
+    order = GlobalOrder(len(dataset), cfg.seed)
+    from ..data.synthetic import collate
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_MicroBatchSampler(order, start_step, end_step, rank, world, cfg),
+        num_workers=cfg.num_workers, collate_fn=collate)
+    batches = iter(loader)
+
+    is_main = rank == 0
+    log_path = out / "train_log.csv"
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        new_log = not log_path.is_file() or start_step == 0
+        log_f = open(log_path, "w" if new_log else "a", newline="")
+        log = csv.DictWriter(log_f, fieldnames=LOG_FIELDS)
+        if new_log:
+            log.writeheader()
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"finetune[{cfg.attention}]", unit="step",
+                   dynamic_ncols=True)
+
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    t_start = time.time()
+    last = {}
+    step = start_step
+    for step in range(start_step, end_step):
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, flow, distill (sum over this rank's clips)
+        for m in range(cfg.grad_accum):
+            batch = next(batches)
+            positions = micro_positions(step, m, rank, world, cfg.batch_size, cfg.grad_accum)
+            x0 = batch["video"].to(device)
+            te = batch["text_embeds"].to(device)
+            pairs = [draw_noise_and_sigma(tuple(x0.shape[1:]), (cfg.seed, step, p), cfg.timestep_sampling,
+                                          cfg.timestep_shift) for p in positions]
+            noise = torch.stack([a for a, _ in pairs]).to(device)
+            sigma = torch.stack([b for _, b in pairs]).to(device)
+            x_t, target = noisy_input_and_target(x0, noise, sigma)
+            sync = world == 1 or m == cfg.grad_accum - 1
+            ctx = model.no_sync() if not sync else _nullcontext()
+            with ctx:
+                with torch.autocast(**autocast):
+                    pred = predict(model, x_t, sigma, te).float()
+                flow = (pred - target).pow(2).flatten(1).mean(1)
+                if teacher is not None:
+                    with torch.no_grad(), torch.autocast(**autocast):
+                        t_pred = predict(teacher, x_t, sigma, te).float()
+                    distill = (pred - t_pred).pow(2).flatten(1).mean(1)
+                else:
+                    distill = torch.zeros_like(flow)
+                if cfg.loss == "flow":
+                    per = flow
+                elif cfg.loss == "distill":
+                    per = cfg.distill_weight * distill
+                else:
+                    per = flow + cfg.distill_weight * distill
+                (per.mean() / cfg.grad_accum).backward()
+            sums += torch.stack([per.detach().sum(), flow.detach().sum(), distill.detach().sum()]).double().cpu()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None)))
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in named_trainable:
+                    ema[n].lerp_(p.detach(), 1 - cfg.ema)
+        if world > 1:
+            dist.all_reduce(sums)
+        n_clips = cfg.batch_size * cfg.grad_accum * world
+        means = (sums / n_clips).tolist()
+        dt = time.time() - t0
+        last = dict(step=step + 1, loss=means[0], flow_loss=means[1], distill_loss=means[2],
+                    lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm), seconds=time.time() - t_start,
+                    clips_per_s=n_clips / dt)
+        if is_main:
+            if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == end_step):
+                log.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in last.items()})
+                log_f.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{last['lr']:.1e}")
+                bar.update(1)
+        done = step + 1
+        if cfg.save_every and done % cfg.save_every == 0 or done == end_step:
+            _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
+    if bar is not None:
+        bar.close()
+    if is_main:
+        log_f.close()
+    summary = dict(last, start_step=start_step, end_step=end_step, world_size=world,
+                   trainable_parameters=sum(p.numel() for p in params), output_dir=str(out))
+    if end_step == cfg.steps:
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in named_trainable:
+                    p.copy_(ema[n])
+        if is_main:
+            if cfg.trainable == "lora":
+                student.fuse_lora()
+                student.unload_lora()
+            info = dict(attention=cfg.attention, sla=sla_settings(cfg), base_model=cfg.model, steps=cfg.steps,
+                        weights="ema" if ema is not None else "final", config=cfg.to_dict())
+            export_model(student, out / "final", info)
+            summary["final"] = str(out / "final")
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def _save(cfg, out, step, named_trainable, opt, ema, world, is_main):
+    if is_main:
+        payload = dict(trainable={n: p.detach().cpu().clone() for n, p in named_trainable},
+                       optimizer=opt.state_dict(), ema=ema, rng=rng_state(), config=cfg.to_dict(), world_size=world)
+        save_checkpoint(out, step, payload, keep=cfg.keep_checkpoints)
+    if world > 1:
+        dist.barrier()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

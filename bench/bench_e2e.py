@@ -266,6 +266,8 @@ def run(args) -> dict:
                     if not _is_oom(err):
                         raise
                     row.update(ms=None, error="out of memory")
+                    for p in model.parameters():  # drop partial gradients before the next mode
+                        p.grad = None
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 result["rows"].append(row)

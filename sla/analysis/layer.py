@@ -53,7 +53,7 @@ class AnalysisConfig:
     feature_map: str = "softmax"
     linear_scope: str = "marginal"
     rank_top: float = 0.08
-    query_blocks: int | None = 16
+    query_blocks: int | None = 8
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -198,8 +198,8 @@ def analyze_attention(
     blocks = metrics.sample_query_blocks(Lq, bq, config.query_blocks, gen)
     q_sub = metrics.gather_query_blocks(q, blocks, bq)
     R = q_sub.shape[1]
-    # Alternate whole sampled query blocks between two folds for the cross-fitted projection.
-    folds = (torch.arange(R) // bq) % 2
+    # Each row's sampled query block: the cross-fitted projection splits rows by whole blocks.
+    groups = torch.arange(R) // bq
     sparsities = config.measured_sparsities()
     tn = -(-N // bk)
 
@@ -280,13 +280,13 @@ def analyze_attention(
 
     # A least-squares Proj shared by the heads: how far a trained projection could take SLA from
     # sparse-only at each sparsity on this layer, measured out of sample (two folds of query blocks).
-    lsq_available = int(folds.max()) >= 1
+    lsq_available = int(groups.max()) >= 1
     dense_stack = torch.stack(dense_all)
     for i, s in enumerate(sparsities):
         o_s = torch.stack(branches[s]["o_s"])
         o_l = torch.stack(branches[s]["o_l"])
         if lsq_available:
-            pred = metrics.fit_shared_projection(o_l, dense_stack - o_s, folds)
+            pred = metrics.fit_shared_projection(o_l, dense_stack - o_s, groups)
             for h in range(H):
                 per_head[h].setdefault("sla_lstsq_projection", []).append(
                     metrics.relative_l1(o_s[h] + pred[h], dense_stack[h]))

@@ -19,6 +19,8 @@ Functions:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Histogram of log10(N * P): from a millionth of the uniform weight to 10^4 times it. Values outside
@@ -171,35 +173,74 @@ def critical_set_recall(predicted: torch.Tensor, true_top: torch.Tensor) -> floa
     return float((hits / true_top.shape[-1]).mean())
 
 
-def fit_shared_projection(o_l: torch.Tensor, target: torch.Tensor, folds: torch.Tensor,
-                          ridge: float = 1e-6) -> torch.Tensor:
-    """Least-squares ``Proj`` (``Linear(D, D)`` with bias, shared by all heads) for SLA's linear branch,
-    cross-fitted so that every prediction is out of sample.
+RIDGE_GRID = (0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1.0, float("inf"))
+
+
+def _ridge_solutions(x: torch.Tensor, y: torch.Tensor, ridges) -> list[torch.Tensor]:
+    """Ridge solutions ``argmin ||x w - y||^2 + lam * s ||w||^2`` for every ``lam`` in ``ridges`` (``s`` = largest
+    eigenvalue of ``x^T x``; ``inf`` gives ``w = 0``), from one eigendecomposition. Directions whose regularised
+    eigenvalue is below ``1e-12 s`` are dropped (a pseudo-inverse), so a rank-deficient ``x`` is fine."""
+    normal = x.T @ x
+    evals, evecs = torch.linalg.eigh(normal)
+    top = evals.max().clamp_min(1e-300)
+    coef = evecs.T @ (x.T @ y)
+    out = []
+    for lam in ridges:
+        if math.isinf(lam):
+            out.append(torch.zeros(x.shape[1], y.shape[1], dtype=x.dtype, device=x.device))
+            continue
+        denom = evals + lam * top
+        inv = torch.where(denom > 1e-12 * top, 1.0 / denom.clamp_min(1e-300), torch.zeros_like(denom))
+        out.append(evecs @ (inv[:, None] * coef))
+    return out
+
+
+def _fit_with_chosen_ridge(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, ridges) -> torch.Tensor:
+    """Fit on rows ``x`` ``(n, p)`` -> ``y``; the ridge strength is chosen by a 2-fold split of ``groups``
+    (minimal L1 error on the held-out half), then the fit is redone on all rows."""
+    inner = (groups.unique(sorted=True)[None, :] == groups[:, None]).double().argmax(-1) % 2
+    if int(inner.min()) == int(inner.max()):
+        lam = ridges[0]
+    else:
+        errors = torch.zeros(len(ridges), dtype=torch.float64)
+        for label in (0, 1):
+            test = inner == label
+            for i, w in enumerate(_ridge_solutions(x[~test], y[~test], ridges)):
+                errors[i] += float((x[test] @ w - y[test]).abs().sum())
+        lam = ridges[int(torch.argmin(errors))]
+    return _ridge_solutions(x, y, (lam,))[0]
+
+
+def fit_shared_projection(o_l: torch.Tensor, target: torch.Tensor, groups: torch.Tensor,
+                          ridges=RIDGE_GRID) -> torch.Tensor:
+    """Least-squares ``Proj`` (``Linear(D, D)`` with bias, shared by all heads) for SLA's linear branch, scored
+    out of sample.
 
     Args:
         o_l: ``(H, R, D)`` linear-branch output before the projection.
         target: ``(H, R, D)`` what ``Proj(o_l)`` should add, i.e. ``dense - o_s``.
-        folds: ``(R,)`` int64 fold label of each row (whole query blocks share a label). For each fold the
-            projection is fitted on the other folds' rows of every head and applied to this fold's rows.
-        ridge: Tikhonov term, relative to the mean diagonal of the normal matrix, for rank-deficient o_l.
+        groups: ``(R,)`` int64 group of each row (its sampled query block). Groups alternate between two outer
+            folds; each fold's rows are predicted by a projection fitted on the other fold (all heads).
+        ridges: candidate ridge strengths (relative to the largest eigenvalue of the normal matrix; ``inf`` =
+            the zero projection, i.e. sparse-only). Within each training fold the strength is chosen by an inner
+            2-fold split, so an ill-conditioned ``o_l`` cannot make the fit worse than it needs to be.
 
     Returns:
         ``(H, R, D)`` ``Proj(o_l)`` in float64 with the out-of-fold projections.
     """
     H, R, D = o_l.shape
+    if not torch.is_tensor(groups) or groups.shape != (R,):
+        raise ValueError(f"groups must be a ({R},) tensor of row groups, got {groups!r}")
+    ranks = (groups.unique(sorted=True)[None, :] == groups[:, None].cpu()).double().argmax(-1)
+    folds = ranks % 2
+    if int(folds.max()) < 1:
+        raise ValueError("fit_shared_projection needs at least two groups of query rows to score out of sample")
     x = torch.cat([o_l.double(), torch.ones(H, R, 1, dtype=torch.float64, device=o_l.device)], dim=-1)
     y = target.double()
     out = torch.zeros_like(y)
-    labels = folds.unique()
-    if labels.numel() < 2:
-        raise ValueError("fit_shared_projection needs at least two folds of query rows to cross-fit")
-    for label in labels.tolist():
+    for label in (0, 1):
         test = (folds == label).to(o_l.device)
-        xtr, ytr = x[:, ~test].reshape(-1, D + 1), y[:, ~test].reshape(-1, D)
-        normal = xtr.T @ xtr
-        lam = ridge * float(torch.diagonal(normal).mean().clamp_min(1e-300))
-        w = torch.linalg.solve(normal + lam * torch.eye(D + 1, dtype=normal.dtype, device=normal.device),
-                               xtr.T @ ytr)
+        train_groups = groups.to(o_l.device)[~test].repeat(H)
+        w = _fit_with_chosen_ridge(x[:, ~test].reshape(-1, D + 1), y[:, ~test].reshape(-1, D), train_groups, ridges)
         out[:, test] = x[:, test] @ w
     return out
-

@@ -48,6 +48,8 @@ class BuiltinModel:
     description: str
     # Optional: conditioning (1, text_len, text_dim) for the analysis; None = seeded random vectors.
     prompt_embeds: Callable[[], torch.Tensor] | None = field(default=None)
+    # Sigma shift of the sampler the model was trained for.
+    shift: float = 3.0
 
 
 def build_tiny_random_wan(seed: int = 0) -> torch.nn.Module:
@@ -60,11 +62,30 @@ def build_tiny_random_wan(seed: int = 0) -> torch.nn.Module:
         return WanTransformer3DModel(**TINY_RANDOM_WAN_CONFIG).eval()
 
 
-# Name -> model. The project's shipped small model registers here once its checkpoint is in the package.
+def _load_small(seed: int) -> torch.nn.Module:
+    from ..models import load_small_model
+
+    return load_small_model().eval()
+
+
+def _small_prompt_embeds() -> torch.Tensor:
+    # The caption of held-out clip 0 of the synthetic set, embedded exactly as in training.
+    from ..data import SyntheticVideoDataset
+
+    return SyntheticVideoDataset("val", size=1)[0]["text_embeds"][None]
+
+
+# Name -> model. Add an entry to make a model available as `sla analyze --model NAME`.
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "small": BuiltinModel(
+        load=_load_small, latent_size=(16, 64, 64), text_len=32, prompt_embeds=_small_prompt_embeds, shift=1.0,
+        description="the shipped small Wan DiT (sla/assets/small_wan: 4 layers, 2 heads of 64, pixel space, "
+                    "pretrained with full attention on the synthetic video set), 4096 video tokens, conditioned "
+                    "on the caption of held-out synthetic clip 0"),
     "tiny-random": BuiltinModel(
         load=build_tiny_random_wan, latent_size=(4, 64, 64), text_len=16,
-        description="randomly initialised WanTransformer3DModel (2 layers, 4 heads of 32), 4096 video tokens"),
+        description="randomly initialised WanTransformer3DModel (2 layers, 4 heads of 32), 4096 video tokens; "
+                    "random weights, so its statistics describe an untrained network"),
 }
 
 

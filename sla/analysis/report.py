@@ -135,7 +135,7 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
         cols = [("top-x% renorm.", "token_topk_renormalised"), ("top-x% P*M", "token_topk_masked"),
                 ("block sparse (pooled)", "block_pooled_sparse_only"),
                 ("block sparse (oracle)", "block_oracle_sparse_only"),
-                ("SLA identity Proj", "sla_identity_projection"), ("SLA least-sq. Proj", "sla_lstsq_projection"),
+                ("SLA least-sq. Proj", "sla_lstsq_projection"),
                 ("SLA own Proj", "sla_own_projection")]
         cols = [(n, k) for n, k in cols if mean[k] is not None]
         lines.append("| sparsity | block sparsity achieved | " + " | ".join(n for n, _ in cols) + " |")
@@ -145,7 +145,8 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
                          + " | ".join(_pct(mean[k][i]) for _, k in cols) + " |")
         lines += ["", "Token-level columns keep exactly round((1 - sparsity) N) entries per row; block columns keep "
                   "max(1, floor((1 - sparsity) T_n)) key blocks per query block, so their achieved sparsity can be "
-                  "higher than the nominal one.", ""]
+                  "higher than the nominal one. `summary.json` also holds `sla_identity_projection` (o_s + o_l "
+                  "unprojected, the public code's `proj=None`-style sum).", ""]
     if plot_names:
         lines += ["## Pictures", ""]
         for name in plot_names:

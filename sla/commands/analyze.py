@@ -9,7 +9,8 @@ self-attention layers at chosen steps (hooks only), and writes to ``--out``:
 
 Examples::
 
-    sla analyze                                    # built-in tiny random Wan model, CPU, < 2 minutes
+    sla analyze                                    # the shipped small model, CPU, well under 2 minutes
+    sla analyze --model tiny-random                # a seeded random Wan transformer
     sla analyze --model ./my_wan_transformer --layers 0,14,-1 --steps 0,-1 --num-steps 10 --device cuda
     sla analyze --model ./finetuned --sla ./finetuned/sla   # a fine-tuned SLA model: its own projections
 """
@@ -37,9 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = _EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     g = p.add_argument_group("model and run")
-    g.add_argument("--model", default="tiny-random",
-                   help="built-in model name (tiny-random) or a folder: a diffusers transformer saved with "
-                        "save_pretrained, or a pipeline folder with a transformer/ subfolder (default: tiny-random)")
+    g.add_argument("--model", default="small",
+                   help="built-in model: small (the shipped pretrained small Wan DiT) or tiny-random (a seeded "
+                        "random Wan); or a folder: a diffusers transformer saved with save_pretrained, or a "
+                        "pipeline folder with a transformer/ subfolder (default: small)")
     g.add_argument("--sla", metavar="DIR", default=None,
                    help="apply SLA from a folder written by sla.save_sla (settings + trained projections); "
                         "the report then shows SLA with each layer's own projection. A --model folder holding "
@@ -53,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-embeds", metavar="FILE", default=None,
                    help="a torch.save'd tensor (1, text_len, text_dim) of real prompt embeddings; default: seeded "
                         "random vectors")
-    g.add_argument("--shift", type=float, default=3.0, help="flow-matching sigma shift (Wan 480p uses 3.0)")
+    g.add_argument("--shift", type=float, default=None,
+                   help="flow-matching sigma shift; default: the built-in model's (small: 1.0), else 3.0 (Wan 480p)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="model dtype (analysis always runs in float32)")
@@ -63,8 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", default="auto", help="auto, all, or a comma list (see below)")
     g.add_argument("--steps", default="auto", help="auto, all, or a comma list (see below)")
     g.add_argument("--heads", default="4", help="heads per layer: a count, 'all' or ids:0,3 (default: 4)")
-    g.add_argument("--query-blocks", default="16",
-                   help="query blocks (of --block-q rows) sampled per head, or 'all' (default: 16 = 1024 rows); "
+    g.add_argument("--query-blocks", default="8",
+                   help="query blocks (of --block-q rows) sampled per head, or 'all' (default: 8 = 512 rows); "
                         "memory is about rows x sequence length x 4 bytes per head")
 
     g = p.add_argument_group("what to measure")
@@ -177,11 +180,12 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--prompt-embeds {args.prompt_embeds!r} must hold one tensor (1, text_len, text_dim)")
         elif builtin is not None and builtin.prompt_embeds is not None:
             prompt_embeds = builtin.prompt_embeds()
+        shift = args.shift if args.shift is not None else (builtin.shift if builtin else 3.0)
         load_seconds = time.perf_counter() - t0
 
         def drive():
             run_flow_matching(model, num_steps=args.num_steps, latent_size=latent_size, text_len=text_len,
-                              seed=args.seed, shift=args.shift, prompt_embeds=prompt_embeds,
+                              seed=args.seed, shift=shift, prompt_embeds=prompt_embeds,
                               progress=not args.quiet)
 
         result = analyze_model(model, drive, layers=layers, steps=steps, num_steps=args.num_steps, heads=heads,
@@ -191,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result.meta.update({
         "model": args.model, "model_description": builtin.description if builtin else "",
-        "sla_applied_from": sla_dir, "tokens": tokens, "latent_size": list(latent_size), "num_steps": args.num_steps,
+        "sla_applied_from": sla_dir, "tokens": tokens, "latent_size": list(latent_size), "num_steps": args.num_steps, "shift": shift,
         "conditioning": "prompt_embeds file" if args.prompt_embeds else (
             "built-in" if prompt_embeds is not None else "seeded random vectors"),
         "load_seconds": round(load_seconds, 3), "dtype": args.dtype, "device": str(device),

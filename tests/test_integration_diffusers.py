@@ -315,6 +315,8 @@ def test_bad_configuration_raises(kwargs, match):
 def test_unrecognised_models_and_double_apply_raise():
     with pytest.raises(ValueError, match="no self-attention layer"):
         sla.apply_sla(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="pipe.transformer"):
+        sla.apply_sla(object())
     from diffusers import FluxTransformer2DModel  # joint attention through FluxAttention: not handled here
 
     flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,

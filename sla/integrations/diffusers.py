@@ -370,6 +370,8 @@ def apply_sla(
         ValueError: bad settings, a model without recognised self-attention layers, a layer with a processor this
             integration does not know (it never falls back to dense silently), or SLA already applied.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_sla takes the transformer module (e.g. pipe.transformer), got {type(model).__name__}")
     check_integration_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
     if backend not in _KNOWN_BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {_KNOWN_BACKENDS}")

@@ -427,3 +427,15 @@ def test_deepcopy_gives_an_independent_patched_model():
     assert ema._sla_controller.dense_step and not model._sla_controller.dense_step
     set_sla_enabled(ema, False)
     assert torch.equal(_run(model, inputs), expected)
+
+
+def test_wan_hands_sla_transposed_views_not_copies():
+    model = _wan()
+    sla.apply_sla(model, **SMALL_BLOCKS)
+    seen = []
+    model.blocks[0].attn1.sla.register_forward_pre_hook(lambda module, args: seen.append(args))
+    _run(model, _wan_inputs())
+    (q, k, v), = seen
+    assert q.shape == (1, 2, 192, 16)  # (B, H, L, D)
+    for t in (q, k, v):  # a (B, L, H, D) contiguous tensor seen through transpose(1, 2): no copy was made
+        assert not t.is_contiguous() and t.transpose(1, 2).is_contiguous()

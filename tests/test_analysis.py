@@ -296,6 +296,23 @@ def test_cli_analyze_tiny_random_writes_report(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_analyze_model_folder(tmp_path):
+    from sla.cli import main
+
+    # A pipeline folder: model_index.json plus the transformer saved with save_pretrained.
+    _small_wan().save_pretrained(tmp_path / "pipe" / "transformer")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    out = tmp_path / "out"
+    rc = main(["analyze", "--model", str(tmp_path / "pipe"), "--latent-size", "2", "16", "16", "--num-steps", "2",
+               "--steps", "all", "--layers", "blocks.1.attn1", "--block-q", "32", "--block-k", "32",
+               "--query-blocks", "all", "--no-plots", "--quiet", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(c["layer"], c["step"]) for c in summary["captures"]] == [("blocks.1.attn1", 0), ("blocks.1.attn1", 1)]
+    assert summary["captures"][0]["query_rows"] == 128 and summary["plots"] == []
+    assert (out / "report.md").is_file()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--layers", "5"], "out of range"),
     (["--layers", "blocks.0.attn2"], "not a self-attention layer"),

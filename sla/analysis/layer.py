@@ -207,8 +207,8 @@ def analyze_attention(
     lin_scope = sla.linear_scope if sla else config.linear_scope
     negl_cfg = sla.negligible if sla else config.negligible
 
-    klen = block_lengths(N, bk).to(dt)
-    qlen_sub = block_lengths(R, bq).to(dt)
+    klen = block_lengths(N, bk, q.device).to(dt)
+    qlen_sub = block_lengths(R, bq, q.device).to(dt)
     per_head = []
     branches = {s: {"o_s": [], "o_l": []} for s in sparsities}
     dense_all = []

@@ -35,6 +35,13 @@ def _csv(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    import textwrap
+
+    p.description = textwrap.fill(
+        "Measure SLA's premise on a model's own self-attention (paper §3): how skewed the attention weights are, "
+        "how much output error sparse-only attention and SLA make at each sparsity, the stable rank of the "
+        "large and the small weights, and whether SLA's pooled block scores find the blocks that hold the "
+        "attention mass. Writes report.md, summary.json and PNGs to --out.", width=100)
     p.epilog = _EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     g = p.add_argument_group("model and run")
@@ -72,13 +79,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("what to measure")
     g.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.92,0.95,0.97",
-                   help="comma list of sparsities for the error and recall curves (1 - critical is added)")
+                   help="comma list of sparsities for the error and recall curves; 1 - critical is added "
+                        "(default: 0.5,0.7,0.8,0.9,0.92,0.95,0.97)")
     g.add_argument("--critical", type=float, default=0.05, help="SLA critical fraction for the class map (paper: 0.05)")
     g.add_argument("--negligible", type=float, default=0.10, help="SLA negligible fraction (paper: 0.10)")
-    g.add_argument("--block-q", type=int, default=64)
-    g.add_argument("--block-k", type=int, default=64)
-    g.add_argument("--feature-map", default="softmax", choices=["softmax", "elu", "relu"])
-    g.add_argument("--linear-scope", default="marginal", choices=["marginal", "noncritical", "all"])
+    g.add_argument("--block-q", type=int, default=64, help="query block size (default: 64)")
+    g.add_argument("--block-k", type=int, default=64, help="key block size (default: 64)")
+    g.add_argument("--feature-map", default="softmax", choices=["softmax", "elu", "relu"],
+                   help="phi of SLA's linear branch (default: softmax)")
+    g.add_argument("--linear-scope", default="marginal", choices=["marginal", "noncritical", "all"],
+                   help="key blocks of SLA's linear branch (default: marginal, the paper's)")
     g.add_argument("--rank-top", type=float, default=0.08,
                    help="the top-x%% part for stable ranks, per row (paper: 0.08)")
 
@@ -146,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
         steps = _parse_selection(args.steps, "steps")
         if args.num_steps < 1:
             raise ValueError(f"--num-steps must be >= 1, got {args.num_steps}")
-        qb = None if args.query_blocks.strip() == "all" else int(args.query_blocks)
+        try:
+            qb = None if args.query_blocks.strip() == "all" else int(args.query_blocks)
+        except ValueError:
+            raise ValueError(f"--query-blocks must be a positive count or 'all', got {args.query_blocks!r}") from None
         try:
             sparsities = tuple(float(s) for s in _csv(args.sparsities))
         except ValueError:
@@ -175,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
         text_len = args.text_len or (builtin.text_len if builtin else 64)
         prompt_embeds = None
         if args.prompt_embeds:
+            if not os.path.isfile(args.prompt_embeds):
+                raise ValueError(f"--prompt-embeds {args.prompt_embeds!r} does not exist; save one with "
+                                 f"torch.save(prompt_embeds, path)")
             prompt_embeds = torch.load(args.prompt_embeds, map_location="cpu", weights_only=True)
             if not isinstance(prompt_embeds, torch.Tensor):
                 raise ValueError(f"--prompt-embeds {args.prompt_embeds!r} must hold one tensor (1, text_len, text_dim)")

@@ -240,6 +240,21 @@ def test_capture_sla_applied_layer_uses_its_projection():
     assert entry["errors"]["sla_own_projection"] is not None
 
 
+def test_capture_of_an_sdpa_wrapped_layer_reports_its_sla_module():
+    from sla.analysis import AttentionCapture
+    from sla.integrations.sdpa import wrap_sdpa_self_attention
+
+    model = _small_wan()
+    wrap_sdpa_self_attention(model.blocks[1].attn1, head_dim=16, critical=0.5, negligible=0.0, block_q=32,
+                             block_k=32, backend="torch")
+    with AttentionCapture(model, layers=[0, 1], steps=[0], heads=None) as cap:
+        _drive(model, steps=1)
+    cap.check_complete()
+    assert [(c.layer_name, c.source) for c in cap.captures] == [("blocks.0.attn1", "sdpa"), ("blocks.1.attn1", "sla")]
+    own = cap.captures[1].own_projection
+    assert own.critical == 0.5 and own.block_q == 32 and own.weight.shape == (16, 16)
+
+
 def test_bad_layer_and_step_selections():
     from sla.analysis import AttentionCapture, resolve_layers, resolve_steps
 

@@ -158,6 +158,22 @@ def _short_list(names: list[str]) -> str:
     return str(names) if len(names) <= 6 else f"{names[:3]} ... {names[-2:]} ({len(names)} in all)"
 
 
+def _sla_child(module: nn.Module):
+    """The :class:`~sla.SparseLinearAttention` that sla's integrations attach as ``module.sla``, if any."""
+    from ..layers.sla import SparseLinearAttention
+
+    sla = getattr(module, "sla", None)
+    return sla if isinstance(sla, SparseLinearAttention) else None
+
+
+def _own_projection(sla) -> OwnProjection:
+    return OwnProjection(
+        weight=sla.proj.weight.detach().float().cpu(),
+        bias=None if sla.proj.bias is None else sla.proj.bias.detach().float().cpu(),
+        critical=sla.critical, negligible=sla.negligible, block_q=sla.block_q, block_k=sla.block_k,
+        feature_map=sla.feature_map, linear_scope=sla.linear_scope)
+
+
 def _bind_sdpa(args, kwargs) -> dict:
     bound = dict(zip(_SDPA_ARGS, args))
     bound.update(kwargs)
@@ -222,7 +238,7 @@ class AttentionCapture:
         self.num_calls = 0
         self._handles = []
         self._active_modes: dict[int, _SDPARecorder] = {}
-        self._recorded_this_call: set[int] = set()
+        self._recorded_this_call: dict[int, CapturedAttention] = {}
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _step(self) -> int:
@@ -248,7 +264,14 @@ class AttentionCapture:
 
     def _record(self, index: int, name: str, q, k, v, scale, source: str, own=None) -> None:
         if index in self._recorded_this_call:
-            return  # the layer's first self-attention call of this step is the one analysed
+            # The layer's first self-attention call of this step is the one analysed, except that an SLA
+            # record replaces an SDPA record of the same call: a layer wrapped with
+            # sla.integrations.sdpa routes its SDPA call into its SLA module, and only the latter knows
+            # the projection.
+            previous = self._recorded_this_call[index]
+            if not (source == "sla" and previous.source == "sdpa"):
+                return
+            self.captures = [c for c in self.captures if c is not previous]
         if q.ndim != 4 or k.shape[:2] != q.shape[:2] or k.shape[2] != v.shape[2]:
             raise ValueError(f"layer {name}: expected (B, H, L, D) q, k, v with the same heads, got q "
                              f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -260,10 +283,11 @@ class AttentionCapture:
         def keep(x):
             return x[self.batch_index].index_select(0, idx).detach().to(self.store_device, copy=True)
 
-        self._recorded_this_call.add(index)
-        self.captures.append(CapturedAttention(
+        record = CapturedAttention(
             layer_name=name, layer_index=index, step=self._step(), q=keep(q), k=keep(k), v=keep(v), heads=heads,
-            num_heads=q.shape[1], scale=None if scale is None else float(scale), source=source, own_projection=own))
+            num_heads=q.shape[1], scale=None if scale is None else float(scale), source=source, own_projection=own)
+        self._recorded_this_call[index] = record
+        self.captures.append(record)
 
     def _attention_pre_hook(self, index: int, name: str):
         def hook(module, args):
@@ -277,7 +301,14 @@ class AttentionCapture:
                 if bound.get("attn_mask") is not None or bound.get("is_causal"):
                     raise ValueError(f"layer {name} calls attention with a mask or is_causal=True; sla.analysis "
                                      f"measures unmasked self-attention only")
-                self._record(index, name, q, k, bound["value"], bound.get("scale"), "sdpa")
+                # A module wrapped with sla.integrations.sdpa routes this very call into SLA with the
+                # parameters of its `sla` submodule: record it as an SLA call with that projection.
+                router = getattr(module, "_sla_sdpa_router", None)
+                if router is not None and getattr(router, "enabled", False) and _sla_child(module) is not None:
+                    self._record(index, name, q, k, bound["value"], bound.get("scale"), "sla",
+                                 _own_projection(_sla_child(module)))
+                else:
+                    self._record(index, name, q, k, bound["value"], bound.get("scale"), "sdpa")
 
             mode = _SDPARecorder(on_sdpa)
             mode.__enter__()
@@ -296,24 +327,17 @@ class AttentionCapture:
             if not self._wanted():
                 return
             q, k, v = (list(args) + [kwargs.get(n) for n in ("q", "k", "v")[len(args):]])[:3]
-            own = OwnProjection(
-                weight=module.proj.weight.detach().float().cpu(),
-                bias=None if module.proj.bias is None else module.proj.bias.detach().float().cpu(),
-                critical=module.critical, negligible=module.negligible, block_q=module.block_q,
-                block_k=module.block_k, feature_map=module.feature_map, linear_scope=module.linear_scope)
-            self._record(index, name, q, k, v, None, "sla", own)
+            self._record(index, name, q, k, v, None, "sla", _own_projection(module))
         return hook
 
     # -- context -------------------------------------------------------------------------------------------
     def __enter__(self) -> "AttentionCapture":
-        from ..layers.sla import SparseLinearAttention
-
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook))
         for index, name, module in self.layers:
             self._handles.append(module.register_forward_pre_hook(self._attention_pre_hook(index, name)))
             self._handles.append(module.register_forward_hook(self._attention_post_hook(index), always_call=True))
-            sla = getattr(module, "sla", None)
-            if isinstance(sla, SparseLinearAttention):
+            sla = _sla_child(module)
+            if sla is not None:
                 self._handles.append(sla.register_forward_pre_hook(self._sla_pre_hook(index, name),
                                                                    with_kwargs=True))
         return self

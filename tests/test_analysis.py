@@ -158,7 +158,8 @@ def test_own_projection_zero_and_identity():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 256, 8, generator=g) for _ in range(3))
     cfg = AnalysisConfig(sparsities=(0.5,), critical=0.5, negligible=0.0, query_blocks=None)
-    settings = dict(critical=0.5, negligible=0.0, block_q=64, block_k=64, feature_map="softmax", linear_scope="marginal")
+    settings = dict(critical=0.5, negligible=0.0, block_q=64, block_k=64, feature_map="softmax",
+                    linear_scope="marginal")
     zero, _ = analyze_attention(q, k, v, cfg, own_projection=OwnProjection(torch.zeros(8, 8), None, **settings))
     ident, _ = analyze_attention(q, k, v, cfg, own_projection=OwnProjection(torch.eye(8), torch.zeros(8), **settings))
     assert zero["errors"]["sla_own_projection"] == pytest.approx(zero["errors"]["block_pooled_sparse_only"])

@@ -282,7 +282,7 @@ def analyze_attention(
     # sparse-only at each sparsity on this layer, measured out of sample (two folds of query blocks).
     lsq_available = int(groups.max()) >= 1
     dense_stack = torch.stack(dense_all)
-    for i, s in enumerate(sparsities):
+    for s in sparsities:
         o_s = torch.stack(branches[s]["o_s"])
         o_l = torch.stack(branches[s]["o_l"])
         if lsq_available:

@@ -138,7 +138,8 @@ def token_count(model: torch.nn.Module, latent_size: tuple[int, int, int]) -> in
     pt, ph, pw = model.config["patch_size"]
     f, h, w = latent_size
     if f % pt or h % ph or w % pw:
-        raise ValueError(f"latent_size {latent_size} must be divisible by the patch size {tuple(model.config['patch_size'])}")
+        raise ValueError(f"latent_size {latent_size} must be divisible by the patch size "
+                         f"{tuple(model.config['patch_size'])}")
     return (f // pt) * (h // ph) * (w // pw)
 
 
@@ -165,7 +166,8 @@ def run_flow_matching(model: torch.nn.Module, *, num_steps: int, latent_size: tu
     if prompt_embeds is None:
         prompt_embeds = torch.randn(1, text_len, cfg["text_dim"], generator=gen)
     elif prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg["text_dim"]:
-        raise ValueError(f"prompt_embeds must be (batch, text_len, {cfg['text_dim']}), got {tuple(prompt_embeds.shape)}")
+        raise ValueError(f"prompt_embeds must be (batch, text_len, {cfg['text_dim']}), "
+                         f"got {tuple(prompt_embeds.shape)}")
     prompt_embeds = prompt_embeds[:1].to(device, dtype)
     sigmas = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)

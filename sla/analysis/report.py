@@ -114,7 +114,8 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
         "",
         "## Per capture",
         "",
-        "| layer @ step | > 1/N | < 1/(100N) | stable rank full / top / rest | recall at critical | mass pooled / oracle |",
+        "| layer @ step | > 1/N | < 1/(100N) | stable rank full / top / rest | recall at critical "
+        "| mass pooled / oracle |",
         "|---|---|---|---|---|---|",
     ]
     for e in entries:

@@ -211,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result.meta.update({
         "model": args.model, "model_description": builtin.description if builtin else "",
-        "sla_applied_from": sla_dir, "tokens": tokens, "latent_size": list(latent_size), "num_steps": args.num_steps, "shift": shift,
+        "sla_applied_from": sla_dir, "tokens": tokens, "latent_size": list(latent_size),
+        "num_steps": args.num_steps, "shift": shift,
         "conditioning": "prompt_embeds file" if args.prompt_embeds else (
             "built-in" if prompt_embeds is not None else "seeded random vectors"),
         "load_seconds": round(load_seconds, 3), "dtype": args.dtype, "device": str(device),

@@ -14,8 +14,11 @@ if ! python3 -c "import pytest" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/sla_site .whl/pytest-*.whl .whl/pluggy-*.whl \
         .whl/iniconfig-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/sla_site"
 fi
-timeout "${SLA_TEST_TIMEOUT:-240}" python3 -m pytest tests/gpu/test_triton_gpu.py -q -rfE -p no:cacheprovider \
+per_test=""
+python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout ${SLA_PER_TEST_TIMEOUT:-45}"
+timeout "${SLA_TEST_TIMEOUT:-240}" python3 -m pytest tests/gpu/test_triton_gpu.py -q -rfE -p no:cacheprovider $per_test \
     2>&1 | tee "$out/gpu_tests.log" | tail -40
 echo "gpu tests exit: ${PIPESTATUS[0]}"
+[ -n "${SLA_SKIP_BENCH:-}" ] && exit 0
 timeout "${SLA_BENCH_TIMEOUT:-360}" python3 bench/bench_kernels.py --out "$out/results_kernels.json" \
     --md "$out/results_kernels.md" "$@" 2>&1 | tee "$out/bench.log" | tail -60

@@ -3,6 +3,7 @@ the operator's reference, capture on a diffusers Wan model, clear errors, and th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -14,7 +15,8 @@ from sla.analysis.layer import AnalysisConfig, OwnProjection, analyze_attention
 from sla.ops.sla.blockmap import build_block_map
 from sla.ops.sla.naive import naive_sparse_linear_attention
 
-diffusers = pytest.importorskip("diffusers")
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
+                                     reason="needs diffusers (the test extra installs it)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,6 +206,7 @@ def _drive(model, steps=3):
     return run_flow_matching(model, num_steps=steps, latent_size=(2, 16, 16), text_len=8, seed=0, progress=False)
 
 
+@needs_diffusers
 def test_capture_records_normalised_qkv_and_leaves_the_model_unchanged():
     from sla.analysis import AttentionCapture
 
@@ -224,6 +227,7 @@ def test_capture_records_normalised_qkv_and_leaves_the_model_unchanged():
     assert not model._forward_pre_hooks and not model.blocks[0].attn1._forward_hooks
 
 
+@needs_diffusers
 def test_capture_sla_applied_layer_uses_its_projection():
     from sla.analysis import AnalysisConfig as Cfg
     from sla.analysis import analyze_model
@@ -241,6 +245,7 @@ def test_capture_sla_applied_layer_uses_its_projection():
     assert entry["errors"]["sla_own_projection"] is not None
 
 
+@needs_diffusers
 def test_capture_of_an_sdpa_wrapped_layer_reports_its_sla_module():
     from sla.analysis import AttentionCapture
     from sla.integrations.sdpa import wrap_sdpa_self_attention
@@ -256,6 +261,7 @@ def test_capture_of_an_sdpa_wrapped_layer_reports_its_sla_module():
     assert own.critical == 0.5 and own.block_q == 32 and own.weight.shape == (16, 16)
 
 
+@needs_diffusers
 def test_bad_layer_and_step_selections():
     from sla.analysis import AttentionCapture, resolve_layers, resolve_steps
 
@@ -291,6 +297,7 @@ def test_bad_layer_and_step_selections():
 # --------------------------------------------------------------------------------------------------------------
 
 
+@needs_diffusers
 def test_cli_analyze_tiny_random_writes_report(tmp_path, capsys):
     from sla.cli import main
 
@@ -312,6 +319,7 @@ def test_cli_analyze_tiny_random_writes_report(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@needs_diffusers
 def test_cli_analyze_model_folder(tmp_path):
     from sla.cli import main
 
@@ -329,6 +337,7 @@ def test_cli_analyze_model_folder(tmp_path):
     assert (out / "report.md").is_file()
 
 
+@needs_diffusers
 @pytest.mark.parametrize("argv, message", [
     (["--layers", "5"], "out of range"),
     (["--layers", "blocks.0.attn2"], "not a self-attention layer"),

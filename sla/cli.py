@@ -12,6 +12,10 @@ import sys
 COMMANDS = [
     ("demo", "sla.commands.demo", "accuracy and CPU speed of SLA against dense attention on generated inputs"),
     ("analyze", "sla.commands.analyze", "measure SLA's premise on a model's own attention: weights, errors, ranks, plots"),
+    ("quickstart", "sla.commands.quickstart", "shipped small model -> SLA -> brief fine-tune -> eval vs full attention -> report"),
+    ("finetune", "sla.commands.finetune", "fine-tune a diffusers video DiT into SLA (or an ablation) with flow matching"),
+    ("eval", "sla.commands.eval", "held-out loss, sample quality, attention error and sparsity of fine-tuned models"),
+    ("sample", "sla.commands.sample", "generate clips for held-out captions to a PNG grid and a GIF"),
 ]
 
 

@@ -1,0 +1,61 @@
+"""``sla eval``: held-out loss, sample quality, attention error and sparsity of fine-tuned models.
+
+Each ``--model`` is a folder written by ``sla finetune`` (``<output_dir>/final``; its attention mode and
+SLA weights are restored), a plain diffusers transformer folder, or ``small`` (the shipped model with
+full attention). Writes ``eval.json``, ``eval.md``, PNG grids and GIFs into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """examples:
+  sla eval --model small runs/sla/final runs/sparse_only/final --out runs/eval
+  sla eval --model runs/sla/final --samples 64 --steps 30 --device cuda --out runs/eval_big
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = __doc__
+    p.epilog = EPILOG
+    p.add_argument("--model", nargs="+", required=True, help="folders from `sla finetune` (final/), or 'small'")
+    p.add_argument("--name", nargs="*", help="names for the report rows (default: folder names)")
+    p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+    p.add_argument("--clips", type=int, default=16, help="held-out clips for the loss (default: 16)")
+    p.add_argument("--samples", type=int, default=8, help="generated clips per model (default: 8)")
+    p.add_argument("--steps", type=int, default=20, help="Euler sampling steps (default: 20)")
+    p.add_argument("--shift", type=float, default=1.0, help="sampling timestep shift (default: 1.0)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from sla.eval.evaluate import evaluate_models
+    from sla.training.checkpoint import load_finetuned
+
+    names = args.name or []
+    if names and len(names) != len(args.model):
+        raise ValueError(f"--name got {len(names)} names for {len(args.model)} models; give one per model or none")
+    entries = []
+    for i, spec in enumerate(args.model):
+        model, info = load_finetuned(spec)
+        name = names[i] if names else ("small_full" if spec == "small" else
+                                       os.path.basename(os.path.dirname(os.path.abspath(spec)))
+                                       if os.path.basename(os.path.abspath(spec)) == "final"
+                                       else os.path.basename(os.path.abspath(spec)))
+        entries.append((name, model, info))
+    evaluate_models(entries, args.out, clips=args.clips, samples=args.samples, steps=args.steps, shift=args.shift,
+                    batch_size=args.batch_size, device=resolve_device(args.device))
+    print(f"wrote {os.path.join(args.out, 'eval.md')}")
+    return 0

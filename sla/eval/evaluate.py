@@ -1,0 +1,274 @@
+"""What ``sla eval`` measures, as functions.
+
+- :func:`heldout_loss`: flow-matching loss on held-out clips at fixed sigmas with fixed noise (keys
+  ``(1234, clip index, sigma)``): the same number on every run, machine and process count.
+- :func:`generate`: Euler sampling from fixed noise (keyed by clip index) for held-out captions.
+- :func:`sample_quality`: Frechet distance to real held-out clips in the feature space of the shipped
+  feature network, caption attribute agreement, temporal change (see :mod:`sla.eval.features`).
+- :func:`attention_error`: per self-attention layer, the relative error ``||o - o_dense|| / ||o_dense||`` of
+  what the layer's attention computes against dense softmax attention on the *same* q, k, v (after QK-norm
+  and RoPE), plus the achieved sparsity of the exact branch.
+- :func:`forward_seconds`: measured time of one model forward.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..training.flow_matching import draw_noise_and_sigma, euler_sample, flow_matching_loss
+
+EVAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+EVAL_NOISE_SEED = 1234
+
+
+def _batches(dataset, indices, batch_size):
+    from ..data.synthetic import collate
+
+    for i in range(0, len(indices), batch_size):
+        yield collate([dataset[j] for j in indices[i:i + batch_size]])
+
+
+@torch.no_grad()
+def heldout_loss(model, dataset, n: int = 32, sigmas=EVAL_SIGMAS, batch_size: int = 4, device="cpu",
+                 progress: bool = False) -> dict:
+    """Mean flow-matching loss over ``n`` held-out clips x ``sigmas``; also per sigma."""
+    model.eval()
+    per_sigma = {float(s): 0.0 for s in sigmas}
+    idx = list(range(min(n, len(dataset))))
+    it = _batches(dataset, idx, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=(len(idx) + batch_size - 1) // batch_size, desc="held-out loss", leave=False)
+    for b in it:
+        x0, te = b["video"].to(device), b["text_embeds"].to(device)
+        for s in sigmas:
+            pairs = [draw_noise_and_sigma(tuple(x0.shape[1:]), (EVAL_NOISE_SEED, int(i), round(s * 1000)), sigma=s)
+                     for i in b["index"]]
+            noise = torch.stack([p[0] for p in pairs]).to(device)
+            sig = torch.stack([p[1] for p in pairs]).to(device)
+            per_sigma[float(s)] += flow_matching_loss(model, x0, noise, sig, te, reduction="none").sum().item()
+    per_sigma = {s: v / len(idx) for s, v in per_sigma.items()}
+    return {"loss": sum(per_sigma.values()) / len(per_sigma), "per_sigma": per_sigma, "clips": len(idx)}
+
+
+@torch.no_grad()
+def generate(model, dataset, indices, steps: int = 20, shift: float = 1.0, batch_size: int = 4, device="cpu",
+             progress: bool = False) -> torch.Tensor:
+    """Clips ``(N, C, F, H, W)`` for the captions of ``dataset[indices]``, from noise keyed by clip index."""
+    model.eval()
+    out = []
+    it = _batches(dataset, list(indices), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=(len(indices) + batch_size - 1) // batch_size, desc="sampling", leave=False)
+    for b in it:
+        shape = tuple(b["video"].shape[1:])
+        noise = torch.stack([draw_noise_and_sigma(shape, (EVAL_NOISE_SEED + 1, int(i)), sigma=1.0)[0]
+                             for i in b["index"]]).to(device)
+        out.append(euler_sample(model, noise, b["text_embeds"].to(device), steps=steps, shift=shift).float().cpu())
+    return torch.cat(out).clamp(-1, 1)
+
+
+def sample_quality(generated: torch.Tensor, real: torch.Tensor, labels: torch.Tensor, feature_net=None) -> dict:
+    """Frechet distance (features), attribute agreement, temporal change of generated vs real clips."""
+    from .features import attribute_agreement, extract, frechet_distance, load_feature_net, temporal_consistency
+
+    net = feature_net or load_feature_net()
+    fg, pg = extract(net, generated)
+    fr, pr = extract(net, real)
+    return {
+        "frechet_distance": frechet_distance(fg, fr),
+        "attribute_agreement": attribute_agreement(pg, labels),
+        "attribute_agreement_real": attribute_agreement(pr, labels),
+        "temporal_change": temporal_consistency(generated),
+        "temporal_change_real": temporal_consistency(real),
+        "samples": int(generated.shape[0]),
+    }
+
+
+@torch.no_grad()
+def attention_error(model, batch: dict, sigma: float = 0.5, device="cpu") -> list[dict]:
+    """Per SLA layer: relative error vs dense attention on the same inputs, and achieved sparsity.
+
+    Runs one forward at ``sigma`` with hooks on every ``attn.sla`` module. Layers without one (dense
+    attention) are not listed.
+    """
+    import torch.nn.functional as F
+
+    from ..ops.sla.blockmap import build_block_map
+
+    rows = []
+    hooks = []
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            q, k, v = inputs[:3]
+            dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            out = output[0] if isinstance(output, tuple) else output
+            err = ((out.float() - dense).norm() / dense.norm()).item()
+            row = {"layer": name, "rel_error_vs_dense": err}
+            if hasattr(module, "critical"):
+                bm = build_block_map(q, k, critical=module.critical, negligible=module.negligible,
+                                     block_q=module.block_q, block_k=module.block_k)
+                row.update(sparsity=float(bm.sparsity()), block_sparsity=float(bm.block_sparsity),
+                           n_critical=bm.n_critical, n_negligible=bm.n_negligible, n_marginal=bm.n_marginal,
+                           key_blocks=bm.num_key_blocks)
+            else:  # linear-only: no exact branch at all
+                row.update(sparsity=1.0, block_sparsity=1.0)
+            rows.append(row)
+        return hook
+
+    root = model.module if hasattr(model, "module") else model
+    for name, mod in root.named_modules():
+        if name.endswith(".sla") and isinstance(mod, torch.nn.Module):
+            hooks.append(mod.register_forward_hook(make_hook(name[:-4])))
+    try:
+        model.eval()
+        x0, te = batch["video"].to(device), batch["text_embeds"].to(device)
+        noise = torch.stack([draw_noise_and_sigma(tuple(x0.shape[1:]), (EVAL_NOISE_SEED, int(i), 0), sigma=sigma)[0]
+                             for i in batch["index"]]).to(device)
+        s = torch.full((x0.shape[0],), sigma, device=device)
+        flow_matching_loss(model, x0, noise, s, te)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+@torch.no_grad()
+def forward_seconds(model, batch: dict, repeats: int = 2, device="cpu") -> float:
+    """Median wall time of one forward on ``batch`` (after one warm-up)."""
+    model.eval()
+    x0, te = batch["video"].to(device), batch["text_embeds"].to(device)
+    t = torch.full((x0.shape[0],), 500.0, device=device)
+
+    def once():
+        model(hidden_states=x0, timestep=t, encoder_hidden_states=te, return_dict=False)
+        if x0.is_cuda:
+            torch.cuda.synchronize()
+
+    once()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def model_attention_shape(model, frames: int, height: int, width: int) -> dict:
+    cfg = model.config
+    pt, ph, pw = cfg.patch_size
+    return dict(seq_len=(frames // pt) * (height // ph) * (width // pw), head_dim=cfg.attention_head_dim,
+                heads=cfg.num_attention_heads, layers=cfg.num_layers)
+
+
+def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, steps: int = 20, shift: float = 1.0,
+                    batch_size: int = 4, device="cpu", frames: int = 16, height: int = 64, width: int = 64,
+                    progress: bool = True, title: str = "SLA evaluation", notes: str = "") -> list[dict]:
+    """Evaluate ``entries`` = [(name, model, info)] on the synthetic held-out split; write ``eval.json``,
+    ``eval.md``, PNG grids and GIFs into ``out_dir``. Returns the result rows."""
+    import json
+    import os
+    import platform
+
+    from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset, collate
+    from ..training.variants import attention_flops
+    from .features import load_feature_net
+    from .media import save_gif, save_grid_png
+
+    os.makedirs(out_dir, exist_ok=True)
+    text_dim = entries[0][1].config.text_dim
+    val = SyntheticVideoDataset("val", size=max(clips, samples, 2),
+                                config=SyntheticVideoConfig(frames=frames, height=height, width=width,
+                                                            text_dim=text_dim))
+    real_b = collate([val[i] for i in range(samples)])
+    real, labels = real_b["video"], real_b["labels"]
+    save_grid_png(real, os.path.join(out_dir, "real_samples.png"))
+    save_gif(real, os.path.join(out_dir, "real_samples.gif"))
+    net = load_feature_net(device=device)
+    probe = collate([val[i] for i in range(min(2, len(val)))])
+    one = collate([val[0]])
+    rows = []
+    for name, model, info in entries:
+        model.to(device).eval()
+        mode = info.get("attention", "full")
+        s = info.get("sla", {})
+        row = dict(name=name, attention=mode, sla=s if mode != "full" else {})
+        t0 = time.time()
+        row["heldout"] = heldout_loss(model, val, n=clips, batch_size=batch_size, device=device, progress=progress)
+        gen = generate(model, val, range(samples), steps=steps, shift=shift, batch_size=batch_size, device=device,
+                       progress=progress)
+        row["quality"] = sample_quality(gen, real, labels, net)
+        row["samples_png"] = os.path.basename(save_grid_png(gen, os.path.join(out_dir, f"{name}_samples.png")))
+        row["samples_gif"] = os.path.basename(save_gif(gen, os.path.join(out_dir, f"{name}_samples.gif")))
+        row["layers"] = attention_error(model, probe, device=device)
+        if row["layers"]:
+            row["rel_error_vs_dense"] = sum(r["rel_error_vs_dense"] for r in row["layers"]) / len(row["layers"])
+            row["sparsity"] = sum(r["sparsity"] for r in row["layers"]) / len(row["layers"])
+        else:
+            row["rel_error_vs_dense"], row["sparsity"] = 0.0, 0.0
+        shape = model_attention_shape(model, frames, height, width)
+        flop_kw = {k: s[k] for k in ("critical", "negligible", "block_k", "linear_scope") if k in s}
+        row["attention_gflops_per_clip"] = attention_flops(mode, **shape, **flop_kw) / 1e9
+        row["forward_seconds_batch1"] = forward_seconds(model, one, device=device)
+        row["eval_seconds"] = time.time() - t0
+        rows.append(row)
+        if progress:
+            print(f"[eval] {name}: held-out loss {row['heldout']['loss']:.4f}, FD {row['quality']['frechet_distance']:.2f}, "
+                  f"rel. error vs dense {row['rel_error_vs_dense']:.3f}, sparsity {row['sparsity']:.3f}", flush=True)
+    dev = (torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda")
+           else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    meta = dict(device=dev, torch=torch.__version__, clips=clips, samples=samples, sampling_steps=steps, shift=shift,
+                frames=frames, height=height, width=width, sigmas=list(EVAL_SIGMAS))
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(dict(meta=meta, results=rows), f, indent=2)
+    write_markdown(rows, meta, os.path.join(out_dir, "eval.md"), title=title, notes=notes)
+    return rows
+
+
+def write_markdown(rows, meta, path, title: str = "SLA evaluation", notes: str = "") -> None:
+    lines = [f"# {title}", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += [
+        f"Measured on {meta['device']}, torch {meta['torch']}. Held-out loss: {meta['clips']} held-out clips x sigmas "
+        f"{meta['sigmas']}, fixed noise. Samples: {meta['samples']} held-out captions, {meta['sampling_steps']} Euler "
+        f"steps, fixed noise. FD = Frechet distance to the real held-out clips in the shipped feature network's space "
+        f"(few samples: compare rows, not absolute values). Attribute agreement: how often the feature network's "
+        f"attribute predictions on a sample match its caption (real clips: see the last columns). Temporal change: "
+        f"mean |frame(t+1) - frame(t)|.",
+        "",
+        "| model | attention | held-out loss | FD | attribute agreement | temporal change | rel. error vs dense "
+        "| sparsity | attn GFLOP/clip | forward s (batch 1) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        q = r["quality"]
+        lines.append(
+            f"| {r['name']} | {r['attention']} | {r['heldout']['loss']:.4f} | {q['frechet_distance']:.2f} | "
+            f"{q['attribute_agreement']:.3f} | {q['temporal_change']:.4f} | {r['rel_error_vs_dense']:.3f} | "
+            f"{r['sparsity']:.3f} | {r['attention_gflops_per_clip']:.2f} | {r['forward_seconds_batch1']:.3f} |")
+    if rows:
+        q = rows[0]["quality"]
+        lines += ["", f"Real held-out clips: attribute agreement {q['attribute_agreement_real']:.3f}, "
+                      f"temporal change {q['temporal_change_real']:.4f}.", ""]
+    lines += ["## Samples", "", "Real held-out clips:", "", "![real](real_samples.png)", "",
+              "![real](real_samples.gif)", ""]
+    for r in rows:
+        lines += [f"**{r['name']}** ({r['attention']}):", "", f"![{r['name']}]({r['samples_png']})", "",
+                  f"![{r['name']}]({r['samples_gif']})", ""]
+    lines += ["## Per-layer attention error against dense attention (same q, k, v)", "",
+              "| model | layer | rel. error | sparsity | critical / marginal / negligible blocks |", "|---|---|---|---|---|"]
+    for r in rows:
+        for lay in r["layers"]:
+            counts = (f"{lay['n_critical']} / {lay['n_marginal']} / {lay['n_negligible']} of {lay['key_blocks']}"
+                      if "n_critical" in lay else "no exact branch")
+            lines.append(f"| {r['name']} | {lay['layer']} | {lay['rel_error_vs_dense']:.4f} | {lay['sparsity']:.3f} "
+                         f"| {counts} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")

@@ -1,0 +1,62 @@
+"""PNG grids and GIFs of clips ``(N, C, F, H, W)`` in [-1, 1] (Pillow, imported lazily)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+def _to_uint8(videos: torch.Tensor) -> np.ndarray:
+    """``(N, C, F, H, W)`` in [-1, 1] -> ``(N, F, H, W, C)`` uint8."""
+    x = ((videos.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("writing PNG/GIF needs Pillow: pip install 'sparse-linear-attention[plots]'") from e
+    return Image
+
+
+def save_grid_png(videos: torch.Tensor, path: str | os.PathLike, frames: int = 6, scale: int = 2) -> str:
+    """One row per clip, ``frames`` evenly spaced frames per row."""
+    Image = _pil()
+    v = _to_uint8(videos)
+    n, f, h, w, _ = v.shape
+    picks = np.linspace(0, f - 1, min(frames, f)).round().astype(int)
+    pad = 2
+    grid = np.full((n * (h + pad) - pad, len(picks) * (w + pad) - pad, 3), 255, np.uint8)
+    for i in range(n):
+        for j, fr in enumerate(picks):
+            grid[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = v[i, fr]
+    img = Image.fromarray(grid)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(os.fspath(path))
+    return os.fspath(path)
+
+
+def save_gif(videos: torch.Tensor, path: str | os.PathLike, columns: int = 4, scale: int = 2, fps: int = 8) -> str:
+    """All clips tiled side by side in one animated GIF."""
+    Image = _pil()
+    v = _to_uint8(videos)
+    n, f, h, w, _ = v.shape
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    pad = 2
+    frames = []
+    for t in range(f):
+        canvas = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, 3), 255, np.uint8)
+        for i in range(n):
+            r, c = divmod(i, cols)
+            canvas[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = v[i, t]
+        img = Image.fromarray(canvas)
+        if scale != 1:
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        frames.append(img)
+    frames[0].save(os.fspath(path), save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    return os.fspath(path)

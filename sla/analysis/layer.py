@@ -7,7 +7,7 @@ sampled as whole query blocks, so the cost per head is O(R * L) with R = sampled
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -55,7 +55,6 @@ class AnalysisConfig:
     rank_top: float = 0.08
     query_blocks: int | None = 8
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         check_sla_config(self.critical, self.negligible, self.block_q, self.block_k, self.feature_map,

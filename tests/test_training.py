@@ -122,6 +122,7 @@ def test_config_file_and_errors(tmp_path):
     f.write_text("critcal = 0.1\n")
     with pytest.raises(ValueError, match="unknown key"):
         make_config(str(f))
+    pytest.importorskip("yaml")
     y = tmp_path / "c.yaml"
     y.write_text("attention: sparse_only\nbatch_size: 3\n")
     assert make_config(str(y)).attention == "sparse_only"

@@ -316,7 +316,10 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
                 for n, p in named_trainable:
                     ema[n].lerp_(p.detach(), 1 - cfg.ema)
         if world > 1:
-            dist.all_reduce(sums)
+            # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+            reduced = sums.to(device) if device.type == "cuda" else sums
+            dist.all_reduce(reduced)
+            sums = reduced.cpu()
         n_clips = cfg.batch_size * cfg.grad_accum * world
         means = (sums / n_clips).tolist()
         dt = time.time() - t0

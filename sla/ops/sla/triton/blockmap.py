@@ -135,8 +135,9 @@ def build_block_map_triton(
     n_crit, n_negl = class_counts(critical, negligible, Tn)
     pq = _mean_pool(q, block_q)
     pk = _mean_pool(k, block_k)
-    lengths = torch.full((Tn,), float(block_k), device=k.device)
-    lengths[-1] = Lk - (Tn - 1) * block_k
+    # Real token count per key block, built on the device (an indexed host-scalar write would be a host-to-device
+    # copy, which CUDA-graph capture rejects).
+    lengths = torch.clamp(Lk - block_k * torch.arange(Tn, device=k.device, dtype=torch.float32), max=float(block_k))
     k_mean = (pk * lengths[:, None]).sum(dim=2, keepdim=True) / Lk
     scores = pq @ (pk - k_mean).transpose(-1, -2)
     keys = _ranking_keys(scores)

@@ -71,14 +71,19 @@ def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> di
         return {}
     if kernel in LAUNCH_CONFIG_OVERRIDES:
         return dict(LAUNCH_CONFIG_OVERRIDES[kernel])
-    big = max(block_q, block_k) >= 128 or head_dim >= 128
+    # Chosen from the launch-config sweep of bench/bench_kernels.py on an H200 (bench/RESULTS.md), shape
+    # (1, 12, 32760, 128) bf16: for 64x64 blocks (4 warps, 3 stages) forward and (4, 2) backward were best
+    # or within noise; for 128x64, (8, 3) forward (1.44 vs 1.54 ms for (8, 2)) and (4, 2) for dK/dV
+    # (4.45 vs 4.85 ms for the whole backward with (8, 2)).
     if kernel == "fwd":
-        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3 if head_dim <= 64 or block_q < 128 else 2}
+        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3}
     if kernel == "state":
         return {"num_warps": 4, "num_stages": 1}
     if kernel == "linear_q":
         return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 1}
-    return {"num_warps": 8 if big and block_q >= 128 else 4, "num_stages": 2}
+    if kernel == "dkdv":
+        return {"num_warps": 4, "num_stages": 2}
+    return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 2}
 
 
 def check_triton_inputs(q: torch.Tensor, block_q: int, block_k: int) -> None:
@@ -95,6 +100,10 @@ def check_triton_inputs(q: torch.Tensor, block_q: int, block_k: int) -> None:
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"backend='triton' supports head_dim in {SUPPORTED_HEAD_DIMS}, got {D}; use "
                          f"backend='torch' for other head dims")
+    if q.dtype == torch.float32 and D > 64 and q.device.type == "cuda":
+        # Measured on an H200: the fp32 tiles of the dQ kernel need 256-384 KB of shared memory at D = 128.
+        raise ValueError(f"backend='triton' supports float32 inputs only up to head_dim 64 on the GPU (got "
+                         f"{D}): the fp32 tiles exceed shared memory. Use bfloat16/float16 inputs, or backend='torch'")
     for name, b in (("block_q", block_q), ("block_k", block_k)):
         if b not in SUPPORTED_BLOCKS:
             raise ValueError(f"backend='triton' supports {name} in {SUPPORTED_BLOCKS} (kernel tile sizes), got {b}")

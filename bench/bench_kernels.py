@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=330.0,
                    help="seconds; shapes after the first are skipped once this is spent (default: %(default)s)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the num_warps/num_stages sweep")
     p.add_argument("--out", default="bench/results_kernels.json", help="JSON output path")
     p.add_argument("--md", default=None, help="also write the Markdown tables here")
     return p.parse_args(argv)
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
                     add("flex", {"sparsity": sparsity, "critical": crit, "block_q": attempt[0],
                                  "block_k": attempt[1], "n_critical_blocks": bm.n_critical}, *t)
                     break
-        if full:
+        if full and not args.no_sweep:
             for bq, bk in blocks:
                 key = f"launch-config sweep {(B, H, L, D)} sparsity=0.95 marginal {bq}x{bk} (ms)"
                 try:

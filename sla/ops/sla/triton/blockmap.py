@@ -7,9 +7,9 @@ to fp32 rounding, same counts, same tie rule) with a handful of launches and no 
   smooth-K pooling ``mean_pool(k - mean(k))`` equals ``mean_pool(k) - mean(k)``, and ``mean(k)`` is the
   length-weighted mean of the block means, so k is read once.
 * Selection: each score is packed with its index into one int64 key whose order is the tie rule of
-  ``blockmap.py`` (higher score first; equal scores: lower index first; NaN above every number). Then
-  ``topk`` of the keys gives the critical set and ``topk(largest=False)`` the negligible set, with no
-  stable sort.
+  ``blockmap.py`` (higher score first; equal scores: lower index first; NaN above every number).
+  ``sla_select_blocks_kernel`` sorts each row's keys in registers and writes the class row and both LUT
+  rows in one pass; rows of more than ``MAX_SORT_BLOCKS`` key blocks use ``torch.topk`` on the same keys.
 * ``sla_lut_compact_kernel`` writes each row's (ascending) LUT and each column's CSR transpose by
   compacting the class map with a prefix sum. No host synchronisation anywhere.
 """
@@ -65,6 +65,40 @@ def sla_lut_compact_kernel(
         b_pos = tl.cumsum(m_hit.to(tl.int32), axis=0) - 1 + n_done
         tl.store(p_out + b_pos, o_e.to(tl.int32), mask=m_hit)
         n_done += tl.sum(m_hit.to(tl.int32), axis=0)
+
+
+@triton.jit(do_not_specialize=["Tn", "N_CRIT", "N_NEGL"])
+def sla_select_blocks_kernel(
+    SCORES, CLASS_MAP, CRIT_LUT, NEGL_LUT, Tn, N_CRIT, N_NEGL,
+    BT: tl.constexpr,
+):
+    # One program per (batch*head, query block): rank the row's key blocks with one in-register sort of
+    # int64 keys (score in the high half, order-mapped; 2^31-1-index in the low half: equal scores rank by
+    # lower index), then write the class row and both LUT rows in ascending index order.
+    i_row = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BT)
+    m_n = o_n < Tn
+    b_s = tl.load(SCORES + i_row * Tn + o_n, mask=m_n, other=0.) + 0.  # +0.0: -0.0 ties with +0.0
+    b_bits = b_s.to(tl.int32, bitcast=True)
+    b_bits = tl.where(b_s != b_s, 0x7FC00000, b_bits)  # every NaN -> the positive quiet NaN, above +inf
+    b_ord = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.int64)
+    b_key = (b_ord << 32) | (2147483647 - o_n).to(tl.int64)
+    b_key = tl.where(m_n, b_key, -9223372036854775807 - 1)  # padding sorts last
+    b_sorted = tl.sort(b_key, descending=True)
+    t_crit = tl.sum(tl.where(o_n == N_CRIT - 1, b_sorted, 0), axis=0)
+    t_negl = tl.sum(tl.where(o_n == Tn - N_NEGL, b_sorted, 0), axis=0)
+    m_crit = (b_key >= t_crit) & m_n
+    m_negl = (b_key <= t_negl) & m_n & (N_NEGL > 0)
+    b_cls = tl.where(m_crit, 1, tl.where(m_negl, -1, 0))
+    tl.store(CLASS_MAP + i_row * Tn + o_n, b_cls.to(tl.int8), mask=m_n)
+    b_pos = tl.cumsum(m_crit.to(tl.int32), axis=0) - 1
+    tl.store(CRIT_LUT + i_row * N_CRIT + b_pos, o_n, mask=m_crit)
+    b_pos = tl.cumsum(m_negl.to(tl.int32), axis=0) - 1
+    tl.store(NEGL_LUT + i_row * N_NEGL + b_pos, o_n, mask=m_negl)
+
+
+# Rows longer than this are ranked with torch.topk instead of one in-register sort per row.
+MAX_SORT_BLOCKS = 4096
 
 
 def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -139,16 +173,23 @@ def build_block_map_triton(
     # copy, which CUDA-graph capture rejects).
     lengths = torch.clamp(Lk - block_k * torch.arange(Tn, device=k.device, dtype=torch.float32), max=float(block_k))
     k_mean = (pk * lengths[:, None]).sum(dim=2, keepdim=True) / Lk
-    scores = pq @ (pk - k_mean).transpose(-1, -2)
-    keys = _ranking_keys(scores)
-    crit = torch.topk(keys, n_crit, dim=-1, sorted=False).indices
-    class_map = torch.zeros(B, H, Tm, Tn, dtype=torch.int8, device=q.device)
-    class_map.scatter_(-1, crit, CRITICAL)
-    if n_negl:
-        negl = torch.topk(keys, n_negl, dim=-1, largest=False, sorted=False).indices
-        class_map.scatter_(-1, negl, NEGLIGIBLE)
-    crit_lut = _compact(class_map, CRITICAL, True, n_crit)
-    negl_lut = _compact(class_map, NEGLIGIBLE, True, n_negl)
+    scores = (pq @ (pk - k_mean).transpose(-1, -2)).contiguous()
+    if Tn <= MAX_SORT_BLOCKS:
+        class_map = torch.empty(B, H, Tm, Tn, dtype=torch.int8, device=q.device)
+        crit_lut = torch.empty(B, H, Tm, n_crit, dtype=torch.int32, device=q.device)
+        negl_lut = torch.empty(B, H, Tm, n_negl, dtype=torch.int32, device=q.device)
+        sla_select_blocks_kernel[(B * H * Tm,)](scores, class_map, crit_lut, negl_lut, Tn, n_crit, n_negl,
+                                               BT=triton.next_power_of_2(Tn))
+    else:
+        keys = _ranking_keys(scores)
+        crit = torch.topk(keys, n_crit, dim=-1, sorted=False).indices
+        class_map = torch.zeros(B, H, Tm, Tn, dtype=torch.int8, device=q.device)
+        class_map.scatter_(-1, crit, CRITICAL)
+        if n_negl:
+            negl = torch.topk(keys, n_negl, dim=-1, largest=False, sorted=False).indices
+            class_map.scatter_(-1, negl, NEGLIGIBLE)
+        crit_lut = _compact(class_map, CRITICAL, True, n_crit)
+        negl_lut = _compact(class_map, NEGLIGIBLE, True, n_negl)
 
     def transpose(cls, count):
         counts = (class_map == cls).sum(dim=2, dtype=torch.int32)

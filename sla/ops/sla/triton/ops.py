@@ -260,9 +260,12 @@ def sla_triton_bwd(
                                              block_q, block_k)
     D = q.shape[-1]
     if proj_weight is not None:
-        do32 = do.to(torch.float32).reshape(-1, D)
-        d_w = (do32.transpose(0, 1) @ o_l.to(torch.float32).reshape(-1, D)).to(proj_weight.dtype)
-        d_b = do32.sum(0).to(proj_bias.dtype) if proj_bias is not None else do.new_empty(0)
+        # One GEMM over all tokens in the input dtype (fp32 accumulation inside cuBLAS, one rounding of the
+        # D x D result), as autocast's Linear backward does; no fp32 copies of dO and o_l (measured 0.3 ms of
+        # copies at (1, 12, 32760, 128) on an H200).
+        do2, ol2 = do.reshape(-1, D), o_l.reshape(-1, D)
+        d_w = (do2.transpose(0, 1) @ ol2).to(proj_weight.dtype)
+        d_b = do2.sum(0, dtype=torch.float32).to(proj_bias.dtype) if proj_bias is not None else do.new_empty(0)
     else:
         d_w, d_b = do.new_empty(0), do.new_empty(0)
     return dq, dk, dv, d_phi_q, d_phi_k, d_w, d_b

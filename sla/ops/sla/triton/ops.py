@@ -54,8 +54,8 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: "tf32x3" (three tf32 tensor-core products, close to fp32 accuracy). Plain "ieee" FMA dots
-    # of 128x128 fp32 tiles made compilation stall on an H200 (the first GPU test run timed out there).
+    # fp32 inputs: "tf32x3" (three tf32 tensor-core products, close to fp32 accuracy). With plain "ieee" dots
+    # the first fp32 GPU test at head dim 128 did not finish within 200 s on an H200.
     # Half inputs use tf32 where an fp32 operand meets the tensor cores (projection, fp32 states), whose
     # rounding is below that of the half inputs themselves.
     return "tf32x3" if dtype == torch.float32 else "tf32"

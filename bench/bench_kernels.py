@@ -394,7 +394,8 @@ def to_markdown(meta, rows, breakdowns, notes) -> str:
         lines.append(
             f"| {tuple(r['shape'])} | {r['provider']} | {r.get('sparsity', '-')} | {r.get('scope', '-')} | {blocks} | "
             f"{r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
-            f"{r.get('speedup_fwd_vs_flash', float('nan')):.1f} | {r.get('speedup_fwd_bwd_vs_flash', float('nan')):.1f} | "
+            f"{r.get('speedup_fwd_vs_flash', float('nan')):.1f} | "
+            f"{r.get('speedup_fwd_bwd_vs_flash', float('nan')):.1f} | "
             f"{r['peak_mem_gb']:.2f} |")
     for key, bd in breakdowns.items():
         lines += ["", f"Breakdown, {key} (ms unless named):", ""]

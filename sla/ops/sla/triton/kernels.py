@@ -22,8 +22,6 @@ top-k count does not compile a new kernel.
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-
 
 @triton.jit(do_not_specialize=["Lk", "Tn"])
 def sla_linear_state_kernel(
@@ -40,7 +38,8 @@ def sla_linear_state_kernel(
     o_d = tl.arange(0, D)
     m_k = o_k < Lk
     # Padded key rows load as zero, so they add nothing to h_j or z_j.
-    b_pk = tl.load(PHIK + i_b * s_pk_b + i_h * s_pk_h + o_k[:, None] * s_pk_l + o_d[None, :], mask=m_k[:, None], other=0.)
+    b_pk = tl.load(PHIK + i_b * s_pk_b + i_h * s_pk_h + o_k[:, None] * s_pk_l + o_d[None, :], mask=m_k[:, None],
+                   other=0.)
     b_v = tl.load(V + i_b * s_v_b + i_h * s_v_h + o_k[:, None] * s_v_l + o_d[None, :], mask=m_k[:, None], other=0.)
     b_h = tl.dot(tl.trans(b_pk), b_v, input_precision=PREC)  # [D, D]
     b_z = tl.sum(b_pk.to(tl.float32), axis=0)  # [D]

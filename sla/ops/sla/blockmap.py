@@ -48,9 +48,10 @@ def class_counts(critical: float, negligible: float, num_key_blocks: int) -> tup
 def block_lengths(seq_len: int, block: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Real token count of every block, ``(ceil(seq_len / block),)`` int64; only the last may be short."""
     nb = num_blocks(seq_len, block)
-    lengths = torch.full((nb,), block, dtype=torch.int64, device=device)
-    lengths[-1] = seq_len - (nb - 1) * block
-    return lengths
+    # Computed on the device in one expression: writing a host int into a CUDA tensor would be a
+    # host-to-device copy, which CUDA-graph capture rejects.
+    starts = torch.arange(nb, dtype=torch.int64, device=device) * block
+    return torch.clamp(seq_len - starts, max=block)
 
 
 def mean_pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:

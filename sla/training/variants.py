@@ -34,6 +34,10 @@ class SumNoProjAttention(nn.Module):
         self.cfg = dict(critical=base.critical, negligible=base.negligible, block_q=base.block_q,
                         block_k=base.block_k, feature_map=base.feature_map, linear_scope=base.linear_scope,
                         backend=base.backend)
+        # Same attribute names as SparseLinearAttention, so tools that read the block settings (sla eval's
+        # sparsity report) treat both alike.
+        for key, value in self.cfg.items():
+            setattr(self, key, value)
 
     def forward(self, q, k, v, *, return_info: bool = False, block_map=None):
         from ..ops.sla.interface import sparse_linear_attention

@@ -133,9 +133,7 @@ def test_no_recompile_per_length_or_topk():
 
 
 @pytest.mark.parametrize("entry", [
-    pytest.param("public", marks=pytest.mark.xfail(
-        strict=True, reason="sla.ops.sla.blockmap.block_lengths writes a host scalar into a CUDA tensor "
-                            "(lengths[-1] = ...), a host-to-device copy that graph capture rejects (seen on H200)")),
+    "public",  # block_lengths is computed on the device since cf1a926, so capture works through the API
     "gpu_block_map",
 ])
 def test_cuda_graph_capture(entry):

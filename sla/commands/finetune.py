@@ -43,6 +43,7 @@ HELP = {
     "loss": "flow (rectified-flow velocity, as Wan) | distill (MSE to the frozen full-attention teacher) | "
             "flow+distill",
     "steps": "optimizer steps",
+    "proj_lr_scale": "learning-rate multiplier for the zero-initialised SLA projections (1 = same lr as the rest)",
     "batch_size": "clips per process per micro-step; global batch = batch_size * grad_accum * processes",
     "ema": "EMA decay of the weights (0 = off); the exported model then holds the EMA weights",
     "bf16": "bf16 autocast (the SLA projections stay float32)",

@@ -45,6 +45,7 @@ class FinetuneConfig:
     batch_size: int = 2  # per process, per micro-step
     grad_accum: int = 1
     lr: float = 1e-4
+    proj_lr_scale: float = 1.0  # learning-rate multiplier for the SLA projections (zero-initialised; 1 = paper)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -85,6 +86,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not self.proj_lr_scale > 0:
+            raise ValueError(f"proj_lr_scale must be > 0, got {self.proj_lr_scale!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1) (0 disables), got {self.ema!r}")
         if self.trainable == "proj" and self.attention != "sla":

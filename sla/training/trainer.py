@@ -199,7 +199,7 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     if ckpt is not None:
         saved = ckpt["config"]
         for key in ("model", "data", "attention", "trainable", "seed", "batch_size", "grad_accum", "loss", "lr",
-                    "steps", "critical", "negligible", "linear_scope", "feature_map"):
+                    "proj_lr_scale", "steps", "critical", "negligible", "linear_scope", "feature_map"):
             if key == "batch_size":
                 same = saved["batch_size"] * saved["grad_accum"] * ckpt.get("world_size", 1) == \
                     cfg.batch_size * cfg.grad_accum * world
@@ -220,7 +220,13 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     student = prepare_student(base, cfg).to(device).train()
     named_trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     params = [p for _, p in named_trainable]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    # The zero-initialised SLA projections may get their own learning-rate multiplier (proj_lr_scale).
+    proj = [p for n, p in named_trainable if ".sla." in n]
+    rest = [p for n, p in named_trainable if ".sla." not in n]
+    groups = [dict(params=rest, lr_scale=1.0)] if rest else []
+    if proj:
+        groups.append(dict(params=proj, lr_scale=cfg.proj_lr_scale))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     ema = {n: p.detach().clone() for n, p in named_trainable} if cfg.ema > 0 else None
 
     start_step = 0
@@ -275,7 +281,7 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     for step in range(start_step, end_step):
         t0 = time.time()
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, cfg)
+            g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_scale"]
         opt.zero_grad(set_to_none=True)
         sums = torch.zeros(3, dtype=torch.float64)  # loss, flow, distill (sum over this rank's clips)
         for m in range(cfg.grad_accum):
@@ -324,7 +330,7 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
         means = (sums / n_clips).tolist()
         dt = time.time() - t0
         last = dict(step=step + 1, loss=means[0], flow_loss=means[1], distill_loss=means[2],
-                    lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm), seconds=time.time() - t_start,
+                    lr=cfg.lr * lr_factor(step, cfg), grad_norm=float(grad_norm), seconds=time.time() - t_start,
                     clips_per_s=n_clips / dt)
         if is_main:
             if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == end_step):

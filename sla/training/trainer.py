@@ -206,9 +206,9 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
             elif key == "grad_accum":
                 continue
             else:
-                same = saved[key] == getattr(cfg, key)
+                same = saved.get(key) == getattr(cfg, key)
             if not same:
-                raise ValueError(f"cannot resume: checkpoint was made with {key}={saved[key]!r} (global batch kept "
+                raise ValueError(f"cannot resume: checkpoint was made with {key}={saved.get(key)!r} (global batch kept "
                                  f"equal), this run has {key}={getattr(cfg, key)!r}")
 
     torch.manual_seed(cfg.seed)

@@ -126,3 +126,18 @@ def test_block_map_needs_no_grad_and_rejects_mismatch():
     assert not bm.class_map.requires_grad
     with pytest.raises(ValueError, match="build it from these inputs"):
         bm.validate_for(torch.randn(1, 1, 65, 8), q)
+
+
+@pytest.mark.parametrize(("crit", "negl", "match"), [
+    ([[0, 0]], [[2]], "twice"),
+    ([[0, 5]], [[2]], "outside"),
+    ([[0, 1]], [[1]], "disjoint"),
+    ([[-1, 1]], [[2]], "outside"),
+])
+def test_from_luts_rejects_inconsistent_tables(crit, negl, match):
+    c = torch.tensor(crit).reshape(1, 1, 1, -1)
+    n = torch.tensor(negl).reshape(1, 1, 1, -1)
+    with pytest.raises(ValueError, match=match):
+        BlockMap.from_luts(c, n, seq_len_q=16, seq_len_k=64, block_q=16, block_k=16)
+    ok = BlockMap.from_luts(torch.tensor([[[[3, 0]]]]), torch.tensor([[[[2]]]]), 16, 64, 16, 16)
+    assert ok.class_map.flatten().tolist() == [1, 0, -1, 1]

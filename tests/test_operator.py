@@ -209,3 +209,32 @@ def test_mixed_devices_rejected():
     meta = torch.randn(1, 2, 8, 4, device="meta")
     with pytest.raises(ValueError, match="one device"):
         sla.sparse_linear_attention(torch.randn(1, 2, 8, 4), meta, meta)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_under_cpu_autocast(input_dtype):
+    # Training scripts wrap models in autocast; the PyTorch path keeps its own precision inside it.
+    q, k, v = make_qkv(1, 2, 130, 130, 32, torch.float32)
+    q, k, v = (t.to(input_dtype).requires_grad_(True) for t in (q, k, v))
+    w = torch.randn(32, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sla.sparse_linear_attention(q, k, v, block_q=32, block_k=32, proj_weight=w, backend="torch")
+        out.float().square().sum().backward()
+    ref = sla.sparse_linear_attention(q.detach(), k.detach(), v.detach(), block_q=32, block_k=32,
+                                      proj_weight=w.detach(), backend="torch")
+    assert out.dtype == input_dtype
+    torch.testing.assert_close(out, ref)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, w))
+
+
+def test_module_errors_name_the_argument():
+    with pytest.raises(ValueError, match="backend"):
+        sla.SparseLinearAttention(32, backend="trition")
+    mod = sla.SparseLinearAttention(32)
+    with pytest.raises(ValueError, match="head_dim=32"):
+        mod(*make_qkv(1, 1, 16, 16, 16, torch.float32))
+    with pytest.raises(TypeError, match="scale"):
+        sla.sparse_linear_attention(*make_qkv(1, 1, 16, 16, 16), scale=True)
+    q, k, v = make_qkv(1, 1, 64, 64, 32, torch.float32)
+    torch.testing.assert_close(mod(q, k, v, scale=0.5), sla.sparse_linear_attention(
+        q, k, v, scale=0.5, proj_weight=mod.proj.weight, proj_bias=mod.proj.bias))

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..ops.sla.interface import sparse_linear_attention
 from ._common import check_head_dim, check_integration_config, make_sla_module
 
 SLA_ATTRIBUTE = "sla"
@@ -101,10 +100,7 @@ class _SDPAToSLA(TorchFunctionMode):
             )
         sla = getattr(self.module, SLA_ATTRIBUTE)
         self.sla_calls += 1
-        return sparse_linear_attention(
-            q, k, v, critical=sla.critical, negligible=sla.negligible, block_q=sla.block_q, block_k=sla.block_k,
-            feature_map=sla.feature_map, linear_scope=sla.linear_scope, proj_weight=sla.proj.weight,
-            proj_bias=sla.proj.bias, scale=call["scale"], backend=sla.backend)
+        return sla(q, k, v, scale=call["scale"])
 
 
 class _SDPARouter:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.sla.interface import sparse_linear_attention
+from ..ops.sla.interface import BACKENDS, sparse_linear_attention
 from ..ops.sla.validation import check_sla_config
 
 
@@ -33,6 +33,8 @@ class SparseLinearAttention(nn.Module):
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
         check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is unknown; choose one of {('auto',) + tuple(BACKENDS)}")
         self.head_dim = head_dim
         self.critical = critical
         self.negligible = negligible
@@ -48,15 +50,19 @@ class SparseLinearAttention(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_info: bool = False,
-                block_map=None):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                return_info: bool = False, block_map=None):
+        """q ``(B, H, Lq, head_dim)``, k and v ``(B, H, Lk, head_dim)``; see :func:`sla.sparse_linear_attention`."""
+        if q.dim() == 4 and q.shape[-1] != self.head_dim:
+            raise ValueError(f"q has head_dim {q.shape[-1]} but this module was built with head_dim={self.head_dim}; "
+                             f"build SparseLinearAttention({q.shape[-1]}) for these inputs")
         return sparse_linear_attention(
             q, k, v, critical=self.critical, negligible=self.negligible, block_q=self.block_q,
             block_k=self.block_k, feature_map=self.feature_map, linear_scope=self.linear_scope,
-            proj_weight=self.proj.weight, proj_bias=self.proj.bias, return_info=return_info,
+            proj_weight=self.proj.weight, proj_bias=self.proj.bias, scale=scale, return_info=return_info,
             block_map=block_map, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, critical={self.critical}, negligible={self.negligible}, "
                 f"block_q={self.block_q}, block_k={self.block_k}, feature_map={self.feature_map!r}, "
-                f"linear_scope={self.linear_scope!r}")
+                f"linear_scope={self.linear_scope!r}, backend={self.backend!r}")

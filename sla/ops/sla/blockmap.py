@@ -196,12 +196,20 @@ class BlockMap:
         cls, critical_lut: torch.Tensor, negligible_lut: torch.Tensor, seq_len_q: int, seq_len_k: int,
         block_q: int, block_k: int,
     ) -> "BlockMap":
-        """Build a map from per-row index tables (each row's entries distinct, critical and negligible
-        disjoint). Rows are sorted ascending; the class map and transposes are derived."""
+        """Build a map from per-row index tables ``(B, H, T_m, n)`` of key-block indices: each row's entries
+        distinct, critical and negligible disjoint, at least one critical block per row (checked, which
+        synchronises with the device). Rows are sorted ascending; the class map and transposes are derived."""
+        return cls._from_luts(critical_lut, negligible_lut, seq_len_q, seq_len_k, block_q, block_k, check=True)
+
+    @classmethod
+    def _from_luts(cls, critical_lut, negligible_lut, seq_len_q, seq_len_k, block_q, block_k, check):
         Tn = num_blocks(seq_len_k, block_k)
-        B, H, Tm, _ = critical_lut.shape
+        Tm = num_blocks(seq_len_q, block_q)
+        B, H = critical_lut.shape[:2]
         crit = torch.sort(critical_lut.to(torch.int64), dim=-1).values
         negl = torch.sort(negligible_lut.to(torch.int64), dim=-1).values
+        if check:
+            _check_luts(crit, negl, B, H, Tm, Tn)
         class_map = torch.zeros(B, H, Tm, Tn, dtype=torch.int8, device=crit.device)
         class_map.scatter_(-1, crit, CRITICAL)
         class_map.scatter_(-1, negl, NEGLIGIBLE)
@@ -228,7 +236,25 @@ class BlockMap:
                              "same number of negligible blocks")
         # Stable argsort of the class puts a row's blocks of one class in ascending index order.
         order = torch.argsort(-class_map.to(torch.int64), dim=-1, stable=True)
-        return cls.from_luts(order[..., :n_crit], order[..., Tn - n_negl:], seq_len_q, seq_len_k, block_q, block_k)
+        return cls._from_luts(order[..., :n_crit], order[..., Tn - n_negl:], seq_len_q, seq_len_k, block_q, block_k,
+                              check=False)
+
+
+def _check_luts(crit: torch.Tensor, negl: torch.Tensor, B: int, H: int, Tm: int, Tn: int) -> None:
+    """Validate user-built look-up tables (sorted rows); a bad table would give silently wrong attention."""
+    for name, lut in (("critical_lut", crit), ("negligible_lut", negl)):
+        if lut.dim() != 4 or tuple(lut.shape[:3]) != (B, H, Tm):
+            raise ValueError(f"{name} has shape {tuple(lut.shape)}, expected ({B}, {H}, {Tm}, n) for these lengths")
+        if lut.numel() and (int(lut.min()) < 0 or int(lut.max()) >= Tn):
+            raise ValueError(f"{name} holds key-block indices outside [0, {Tn}); the keys form {Tn} blocks")
+        if lut.shape[-1] > 1 and bool((lut[..., 1:] == lut[..., :-1]).any()):
+            raise ValueError(f"{name} lists a key block twice in one row; every entry of a row must be distinct")
+    if crit.shape[-1] < 1:
+        raise ValueError("critical_lut must list at least one key block per row (the sparse branch needs one)")
+    if negl.shape[-1] and bool((crit[..., :, None] == negl[..., None, :]).any()):
+        raise ValueError("critical_lut and negligible_lut share a key block in some row; the classes must be disjoint")
+    if crit.shape[-1] + negl.shape[-1] > Tn:
+        raise ValueError(f"critical_lut and negligible_lut list more than the {Tn} key blocks of a row")
 
 
 _TENSOR_FIELDS = ("class_map", "critical_lut", "negligible_lut", "critical_lut_t_offsets", "critical_lut_t",
@@ -264,4 +290,4 @@ def build_block_map(
     Lq, Lk = q.shape[2], k.shape[2]
     n_crit, n_negl = class_counts(critical, negligible, num_blocks(Lk, block_k))
     crit, negl = select_blocks(pooled_block_scores(q, k, block_q, block_k), n_crit, n_negl)
-    return BlockMap.from_luts(crit, negl, Lq, Lk, block_q, block_k)
+    return BlockMap._from_luts(crit, negl, Lq, Lk, block_q, block_k, check=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -36,7 +37,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     never replaced by another.
     """
     if backend == "auto":
-        return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
+        if device.type != "cuda":
+            return "torch"
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError(
+                "backend='auto' chose the Triton kernels for CUDA tensors, but triton is not installed; install it "
+                "(pip install 'sparse-linear-attention[gpu]') or pass backend='torch' for the slower PyTorch path"
+            )
+        return "triton"
     if backend not in BACKENDS:
         known = ("auto",) + tuple(BACKENDS)
         raise ValueError(f"backend={backend!r} is unknown or unavailable here; choose one of {known}")
@@ -124,8 +132,8 @@ def sparse_linear_attention(
     check_attention_inputs(q, k, v)
     check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
     check_projection(proj_weight, proj_bias, q.shape[-1], q.device)
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None (None means head_dim ** -0.5), got {scale!r}")
     name = resolve_backend(backend, q.device)
     if block_map is None:
         builder = build_block_map
@@ -136,8 +144,15 @@ def sparse_linear_attention(
         block_map = builder(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     else:
         block_map.validate_for(q, k)
-    out = BACKENDS[name](q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
-                         proj_weight=proj_weight, proj_bias=proj_bias, scale=scale)
+    try:
+        out = BACKENDS[name](q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
+                             proj_weight=proj_weight, proj_bias=proj_bias, scale=scale)
+    except (ValueError, TypeError) as err:
+        if backend != "auto":
+            raise
+        # The user did not name the kernels; say that 'auto' picked them and how to run this case anyway.
+        raise type(err)(f"backend='auto' chose '{name}' for {q.device.type} tensors: {err} "
+                        f"(pass backend='torch' to run this configuration on the PyTorch path)") from err
     if not return_info:
         return out
     info = SLAInfo(block_map=block_map, class_map=block_map.class_map, sparsity=block_map.sparsity(),

@@ -107,6 +107,11 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        with torch.autocast(do.device.type, enabled=False):  # backward may run inside the caller's autocast
+            return _BlockSparseAttention._backward(ctx, do)
+
+    @staticmethod
+    def _backward(ctx, do):
         q_scaled, k_flat, v_flat, flat_lut, bias, o, lse = ctx.saved_tensors
         G, Tm, Tn = ctx.shapes
         R, bq, D = q_scaled.shape
@@ -201,6 +206,13 @@ def torch_sparse_linear_attention(
 ) -> torch.Tensor:
     """SLA for q ``(B, H, Lq, D)``, k and v ``(B, H, Lk, D)`` with a given block map; differentiable in q, k,
     v and the projection. Inputs are assumed validated (see ``sla.sparse_linear_attention``)."""
+    # The path picks its own precision (compute_dtype); an enclosing autocast would hand bf16 operands to
+    # matmuls writing into float32 buffers, so it is switched off inside.
+    with torch.autocast(q.device.type, enabled=False):
+        return _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias, scale)
+
+
+def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias, scale):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     bq, bk = block_map.block_q, block_map.block_k

@@ -219,8 +219,10 @@ def test_load_sla_rejects_mismatched_weights(tmp_path):
     tensors = load_file(tmp_path / WEIGHTS_NAME)
     tensors.pop("blocks.0.attn1.sla.proj.bias")
     save_file(tensors, tmp_path / WEIGHTS_NAME)
+    fresh = _wan()
     with pytest.raises(ValueError, match="missing"):
-        sla.load_sla(_wan(), tmp_path)
+        sla.load_sla(fresh, tmp_path)
+    assert not sla.integrations.diffusers.is_sla_applied(fresh)  # a failed load leaves no SLA behind
     with pytest.raises(ValueError, match="does not exist"):
         sla.load_sla(_wan(), tmp_path / "nowhere")
     (tmp_path / "file").write_text("x")
@@ -439,3 +441,17 @@ def test_wan_hands_sla_transposed_views_not_copies():
     assert q.shape == (1, 2, 192, 16)  # (B, H, L, D)
     for t in (q, k, v):  # a (B, L, H, D) contiguous tensor seen through transpose(1, 2): no copy was made
         assert not t.is_contiguous() and t.transpose(1, 2).is_contiguous()
+
+
+def test_load_sla_backend_is_a_runtime_choice(tmp_path):
+    model = _wan()
+    sla.apply_sla(model, **SMALL_BLOCKS)
+    _perturb_projections(model)
+    sla.save_sla(model, tmp_path)
+    inputs = _wan_inputs()
+    restored = sla.load_sla(_wan(), tmp_path, backend="reference")
+    torch.testing.assert_close(_run(restored, inputs), _run(model, inputs), atol=1e-5, rtol=1e-4)
+    again = _wan()
+    sla.apply_sla(again, **SMALL_BLOCKS, backend="torch")
+    sla.load_sla(again, tmp_path)  # saved with backend="auto": the settings still match
+    torch.testing.assert_close(_run(again, inputs), _run(model, inputs))

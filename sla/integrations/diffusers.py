@@ -522,6 +522,8 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # the bytes must be on disk before the rename makes them visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -554,8 +556,11 @@ def save_sla(model: nn.Module, path: str | os.PathLike) -> None:
         "config": controller.config.to_dict(),
     }
     _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(path, CONFIG_NAME),
-                  lambda p: open(p, "w", encoding="utf-8").write(json.dumps(meta, indent=2) + "\n"))
+    def write_config(p: str) -> None:
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+
+    _atomic_write(os.path.join(path, CONFIG_NAME), write_config)
 
 
 def read_sla_config(path: str | os.PathLike) -> dict:
@@ -570,28 +575,40 @@ def read_sla_config(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_sla(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_sla(model: nn.Module, path: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
     """Restore SLA from a directory written by :func:`save_sla`.
 
     If ``model`` has no SLA yet, :func:`apply_sla` is called with the saved settings; if it has, the settings
     must match the saved ones. Then every saved ``proj`` tensor is copied into the model (into the parameter's
     dtype and device). Missing, unexpected or mis-shaped tensors raise ``ValueError``: a partial load would
-    silently leave zero projections behind. Returns ``model``.
+    silently leave zero projections behind, and if this call applied SLA it removes it again before raising.
+    ``backend`` (default: the saved one) picks the implementation; it is a run-time choice, not part of the
+    weights, so it is not compared with an SLA already applied. Returns ``model``.
     """
-    from safetensors.torch import load_file
-
     meta = read_sla_config(path)
     saved = SLAConfig.from_dict(meta["config"])
     if is_sla_applied(model):
         current = _controller(model).config
-        if current != saved:
+        if asdict(current) | {"backend": None} != asdict(saved) | {"backend": None}:
             raise ValueError(f"model already has SLA with settings {current} but {os.fspath(path)!r} holds {saved}; "
                              f"call sla.remove_sla(model) before load_sla")
-    else:
-        apply_sla(model, saved.critical, saved.negligible, saved.block_q, saved.block_k, saved.feature_map,
-                  saved.linear_scope, dense_layers=saved.dense_layers,
-                  dense_timestep_threshold=saved.dense_timestep_threshold, keep_proj_fp32=saved.keep_proj_fp32,
-                  backend=saved.backend)
+        _load_sla_weights(model, path, meta)
+        return model
+    apply_sla(model, saved.critical, saved.negligible, saved.block_q, saved.block_k, saved.feature_map,
+              saved.linear_scope, dense_layers=saved.dense_layers,
+              dense_timestep_threshold=saved.dense_timestep_threshold, keep_proj_fp32=saved.keep_proj_fp32,
+              backend=saved.backend if backend is None else backend)
+    try:
+        _load_sla_weights(model, path, meta)
+    except BaseException:
+        remove_sla(model)  # leave the model as it came in, not patched with zero projections
+        raise
+    return model
+
+
+def _load_sla_weights(model: nn.Module, path: str | os.PathLike, meta: dict) -> None:
+    from safetensors.torch import load_file
+
     controller = _controller(model)
     if list(controller.layer_names) != list(meta["layers"]):
         raise ValueError(f"the model's SLA layers {controller.layer_names[:3]}... differ from the saved ones "
@@ -612,7 +629,6 @@ def load_sla(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if src.shape != param.shape:
                 raise ValueError(f"{name}: saved shape {tuple(src.shape)} != model shape {tuple(param.shape)}")
             param.copy_(src)
-    return model
 
 
 __all__ = [

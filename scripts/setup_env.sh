@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the package with the extras named in $1 (default "test").
-# torch is installed first and pinned to SLA_TORCH (default torch==2.13.0, which installs the CPU build on
-# machines that carry it locally); set SLA_TORCH="" to keep whatever torch the venv already has.
+# When the venv has no torch yet, SLA_TORCH (default torch==2.13.0, the CPU build on machines that carry it
+# locally) is installed first; an existing torch is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-test}"

@@ -19,12 +19,16 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", type=int, nargs=3, default=[8, 32, 32], metavar=("F", "H", "W"),
                    help="token grid (frames, height, width); L = F*H*W")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--critical", type=float, nargs="+", default=[0.05, 0.10, 0.20])
-    p.add_argument("--negligible", type=float, default=0.10)
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--head-dim", type=int, default=64, help="D of q, k, v")
+    p.add_argument("--critical", type=float, nargs="+", default=[0.05, 0.10, 0.20],
+                   help="fractions of key blocks computed exactly, one table row each")
+    p.add_argument("--negligible", type=float, default=0.10,
+                   help="fraction of key blocks skipped (must leave room: critical + negligible <= 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    p.epilog = "examples:\n  sla demo\n  sla demo --grid 16 32 32 --critical 0.03 0.05 --repeats 5"
+
     p.add_argument("--out", default="out/demo", help="folder for report.md and results.json")
 
 
@@ -77,6 +81,10 @@ def run(args) -> int:
     import sla
     from sla.ops.sla.naive import naive_sparse_linear_attention
 
+    for crit in args.critical:
+        if crit + args.negligible > 1:
+            print(f"sla demo: --critical {crit} + --negligible {args.negligible} > 1; lower --negligible")
+            return 2
     q, k, v = video_like_qkv(args.grid, args.heads, args.head_dim, args.seed)
     L, D = q.shape[2], q.shape[3]
     print(f"SLA demo: {args.heads} heads, L={L} tokens (grid {tuple(args.grid)}), D={D}, float32, "
@@ -88,7 +96,7 @@ def run(args) -> int:
         fit = (torch.arange(L) // 64) % 2 == 0  # query blocks used to fit Proj; the others are held out
         held = ~fit
         for crit in tqdm(args.critical, desc="sparsity levels", unit="level"):
-            negl = min(args.negligible, 1.0 - crit)
+            negl = args.negligible
             bm = sla.build_block_map(q, k, critical=crit, negligible=negl)
             # o_s and o_l from the PyTorch path: identity projection gives o_s + o_l, zero gives o_s.
             zeros_w, zeros_b = torch.zeros(D, D), torch.zeros(D)

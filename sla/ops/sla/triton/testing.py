@@ -22,7 +22,8 @@ from ..torch_impl import torch_sparse_linear_attention
 
 
 def ulp_floor(gold: torch.Tensor, dtype: torch.dtype) -> float:
-    """Twice the rounding noise of ``dtype`` at the magnitude of ``gold``."""
+    """Twice the rounding noise of ``dtype`` for values of magnitude ``|gold| + 0.3`` (FA4's floor: adding 0.3
+    keeps the floor meaningful where gold is near zero, so it is slightly looser than one ulp of ``gold``)."""
     g = gold.to(dtype)
     return 2.0 * float(((g + 0.3) - 0.3 - g).abs().max())
 

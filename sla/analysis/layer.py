@@ -13,11 +13,11 @@ import torch
 
 from ..ops.sla.blockmap import (
     CRITICAL,
-    MARGINAL,
     NEGLIGIBLE,
     block_lengths,
     build_block_map,
     class_counts,
+    in_linear_scope,
     pooled_block_scores,
     select_blocks,
 )
@@ -111,11 +111,7 @@ def _class_rows(crit: torch.Tensor, negl: torch.Tensor, tn: int) -> torch.Tensor
 
 
 def _scope(class_rows: torch.Tensor, linear_scope: str) -> torch.Tensor:
-    if linear_scope == "marginal":
-        return class_rows == MARGINAL
-    if linear_scope == "noncritical":
-        return class_rows != CRITICAL
-    return torch.ones_like(class_rows, dtype=torch.bool)
+    return in_linear_scope(class_rows, linear_scope)
 
 
 def _block_sparse(logits, v, critical_blocks, R, N, bq, bk):

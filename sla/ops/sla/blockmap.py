@@ -261,6 +261,18 @@ _TENSOR_FIELDS = ("class_map", "critical_lut", "negligible_lut", "critical_lut_t
                   "negligible_lut_t_offsets", "negligible_lut_t")
 
 
+def in_linear_scope(class_map: torch.Tensor, linear_scope: str) -> torch.Tensor:
+    """Boolean mask, shaped like ``class_map``, of the key blocks the linear branch sums over:
+    ``"marginal"`` (the paper), ``"noncritical"`` (public SLA-1 code) or ``"all"`` (public main branch)."""
+    if linear_scope == "marginal":
+        return class_map == MARGINAL
+    if linear_scope == "noncritical":
+        return class_map != CRITICAL
+    if linear_scope == "all":
+        return torch.ones_like(class_map, dtype=torch.bool)
+    raise ValueError(f"linear_scope={linear_scope!r} is unknown; choose 'marginal', 'noncritical' or 'all'")
+
+
 def select_blocks(scores: torch.Tensor, n_crit: int, n_negl: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``scores`` ``(..., T_n)``: the ``n_crit`` top and ``n_negl`` bottom key blocks, by the tie
     rule of this module. Returns two int64 index tensors ``(..., n_crit)`` and ``(..., n_negl)``."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .blockmap import CRITICAL, MARGINAL, BlockMap
+from .blockmap import CRITICAL, BlockMap, in_linear_scope
 from .feature_maps import apply_feature_map
 
 
@@ -31,13 +31,7 @@ def expand_block_mask(block_mask: torch.Tensor, seq_len_q: int, seq_len_k: int, 
 
 def scope_block_mask(block_map: BlockMap, linear_scope: str) -> torch.Tensor:
     """Boolean ``(B, H, T_m, T_n)``: the key blocks the linear branch sums over for each query block."""
-    if linear_scope == "marginal":
-        return block_map.class_map == MARGINAL
-    if linear_scope == "noncritical":
-        return block_map.class_map != CRITICAL
-    if linear_scope == "all":
-        return torch.ones_like(block_map.class_map, dtype=torch.bool)
-    raise ValueError(f"unknown linear_scope {linear_scope!r}")
+    return in_linear_scope(block_map.class_map, linear_scope)
 
 
 def naive_sparse_linear_attention(

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import triton
 
-from ..blockmap import CRITICAL, MARGINAL, BlockMap
+from ..blockmap import BlockMap, in_linear_scope
 from ..feature_maps import apply_feature_map
 from .kernels import (
     sla_bwd_dkdv_kernel,
@@ -304,13 +304,7 @@ sla_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def scope_mask_for(block_map: BlockMap, linear_scope: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """The 0/1 ``(B, H, T_m, T_n)`` matrix of key blocks in the linear scope, or None for ``"all"``."""
-    if linear_scope == "all":
-        return None
-    if linear_scope == "marginal":
-        return (block_map.class_map == MARGINAL).to(dtype)
-    if linear_scope == "noncritical":
-        return (block_map.class_map != CRITICAL).to(dtype)
-    raise ValueError(f"unknown linear_scope {linear_scope!r}; choose 'marginal', 'noncritical' or 'all'")
+    return None if linear_scope == "all" else in_linear_scope(block_map.class_map, linear_scope).to(dtype)
 
 
 def triton_sparse_linear_attention(
@@ -374,8 +368,8 @@ def sparse_linear_attention_triton(
 ) -> torch.Tensor:
     """SLA end to end on the GPU: block classification by :func:`build_block_map_triton` (unless ``block_map``
     is given), then the fused kernels. Same arguments and semantics as :func:`sla.sparse_linear_attention`
-    (whose ``backend="triton"`` classifies blocks with the PyTorch ``build_block_map`` instead; both give
-    the same map up to fp32 rounding of the scores)."""
+    (whose ``backend="triton"`` uses the same GPU classifier on CUDA tensors; under the CPU interpreter it
+    uses the PyTorch ``build_block_map``; both give the same map up to fp32 rounding of the scores)."""
     from ..validation import check_attention_inputs, check_projection, check_sla_config
     from .blockmap import build_block_map_triton
 

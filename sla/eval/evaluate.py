@@ -213,7 +213,7 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
         else:
             row["rel_error_vs_dense"], row["sparsity"] = 0.0, 0.0
         shape = model_attention_shape(model, frames, height, width)
-        flop_kw = {k: s[k] for k in ("critical", "negligible", "block_k", "linear_scope") if k in s}
+        flop_kw = {k: s[k] for k in ("critical", "negligible", "block_q", "block_k", "linear_scope") if k in s}
         row["attention_gflops_per_clip"] = attention_flops(mode, **shape, **flop_kw) / 1e9
         row["forward_seconds_batch1"] = forward_seconds(model, one, device=device)
         row["eval_seconds"] = time.time() - t0

@@ -84,6 +84,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        # Full unpickling: the file holds Python and NumPy RNG states besides tensors, which the
+        # weights-only loader rejects. Resume only from checkpoints you wrote yourself.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); delete it to resume "

@@ -105,7 +105,8 @@ def apply_attention_mode(model: nn.Module, mode: str, *, critical: float = 0.05,
 
 
 def attention_flops(mode: str, seq_len: int, head_dim: int, heads: int, layers: int, *, critical: float = 0.05,
-                    negligible: float = 0.10, block_k: int = 64, linear_scope: str = "marginal") -> float:
+                    negligible: float = 0.10, block_q: int = 64, block_k: int = 64,
+                    linear_scope: str = "marginal") -> float:
     """Forward self-attention FLOPs of one sample (multiply-add = 2 FLOPs), the paper's convention.
 
     Dense: ``4 L^2 D`` per head (QK^T and PV). Sparse branch: ``4 L (n_crit * block_k) D``. Linear branch:
@@ -115,10 +116,12 @@ def attention_flops(mode: str, seq_len: int, head_dim: int, heads: int, layers: 
     import math
 
     L, D = seq_len, head_dim
+    from ..ops.sla.blockmap import class_counts
+
     tn = math.ceil(L / block_k)
-    n_crit = max(1, int(critical * tn))
+    n_crit, _ = class_counts(critical, negligible, tn)  # the operator's own counting rule
     keys_crit = min(L, n_crit * block_k)
-    predict = 2 * math.ceil(L / 64) * tn * D
+    predict = 2 * math.ceil(L / block_q) * tn * D
     if mode == "full":
         per_head = 4 * L * L * D
     elif mode == "linear_only":

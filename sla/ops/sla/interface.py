@@ -137,9 +137,11 @@ def sparse_linear_attention(
     name = resolve_backend(backend, q.device)
     if block_map is None:
         builder = build_block_map
-        if name == "triton" and q.device.type == "cuda":
+        if name == "triton" and q.device.type == "cuda" and not torch.compiler.is_compiling():
             # The Triton classifier computes the same scores and tie rule in a few kernels (0.80 ms against
-            # 2.65 ms for the PyTorch builder at (1, 12, 32760, 128) on an H200, bench/RESULTS.md).
+            # 2.65 ms for the PyTorch builder at (1, 12, 32760, 128) on an H200, bench/RESULTS.md). Its raw
+            # kernel launches are not traceable, so under torch.compile the PyTorch builder (same map) is
+            # traced instead and inductor fuses it.
             from .triton import build_block_map_triton as builder
         block_map = builder(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     else:

@@ -20,7 +20,13 @@ COMMANDS = [
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default and keeps the line breaks of descriptions and examples."""
+    """Shows every option's default and keeps the line breaks of descriptions and examples. A help text that
+    already states its default is left as written."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "large and the small weights, and whether SLA's pooled block scores find the blocks that hold the "
         "attention mass. Writes report.md, summary.json and PNGs to --out.", width=100)
     p.epilog = _EPILOG
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     g = p.add_argument_group("model and run")
     g.add_argument("--model", default="small",
                    help="built-in model: small (the shipped pretrained small Wan DiT) or tiny-random (a seeded "

@@ -16,7 +16,6 @@ EPILOG = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
     p.epilog = EPILOG
     p.add_argument("--model", nargs="+", required=True, help="folders from `sla finetune` (final/), or 'small'")
@@ -26,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=8, help="generated clips per model (default: 8)")
     p.add_argument("--steps", type=int, default=20, help="Euler sampling steps (default: 20)")
     p.add_argument("--shift", type=float, default=1.0, help="sampling timestep shift (default: 1.0)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="clips per model call")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
 
 

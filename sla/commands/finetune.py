@@ -58,7 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from sla.training.config import FinetuneConfig
 
     p.epilog = EPILOG
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
     p.add_argument("--config", help="TOML/YAML/JSON file with any of the keys below (flags override it)")
     p.add_argument("--resume", help="'auto' (latest checkpoint in --output-dir) or a checkpoint file")

@@ -24,7 +24,6 @@ PRESETS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
     p.epilog = "examples:\n  sla quickstart                 # CPU: ~10 min on 2 cores\n" \
                "  sla quickstart --preset gpu --out runs/quickstart_gpu\n"

@@ -11,7 +11,6 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__
     p.epilog = "example:\n  sla sample --model runs/sla/final --count 8 --out runs/samples\n"
     p.add_argument("--model", default="small", help="fine-tuned folder, diffusers folder or 'small' (default)")
@@ -19,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first", type=int, default=0, help="first held-out caption index (default: 0)")
     p.add_argument("--steps", type=int, default=20, help="Euler steps (default: 20)")
     p.add_argument("--shift", type=float, default=1.0, help="timestep shift (default: 1.0)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=4, help="clips per model call")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
     p.add_argument("--out", default="runs/samples", help="output folder (default: runs/samples)")
 
 

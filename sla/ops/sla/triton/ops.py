@@ -366,18 +366,16 @@ def sparse_linear_attention_triton(
     scale: Optional[float] = None,
     block_map: Optional[BlockMap] = None,
 ) -> torch.Tensor:
-    """SLA end to end on the GPU: block classification by :func:`build_block_map_triton` (unless ``block_map``
-    is given), then the fused kernels. Same arguments and semantics as :func:`sla.sparse_linear_attention`
-    (whose ``backend="triton"`` uses the same GPU classifier on CUDA tensors; under the CPU interpreter it
-    uses the PyTorch ``build_block_map``; both give the same map up to fp32 rounding of the scores)."""
-    from ..validation import check_attention_inputs, check_projection, check_sla_config
+    """SLA with the block map always from :func:`build_block_map_triton` (unless ``block_map`` is given), then
+    :func:`sla.sparse_linear_attention` with ``backend="triton"``. On CUDA the public function already uses that
+    builder; this entry point also uses it under the CPU interpreter, which is how tests cover the builder."""
+    from ..interface import sparse_linear_attention
     from .blockmap import build_block_map_triton
 
-    check_attention_inputs(q, k, v)
-    check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
-    check_projection(proj_weight, proj_bias, q.shape[-1], q.device)
-    if block_map is None:
+    if block_map is None:  # the builder validates q, k and the block settings
         block_map = build_block_map_triton(q.detach(), k.detach(), critical=critical, negligible=negligible,
                                            block_q=block_q, block_k=block_k)
-    return triton_sparse_linear_attention(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
-                                          proj_weight=proj_weight, proj_bias=proj_bias, scale=scale)
+    return sparse_linear_attention(q, k, v, critical=critical, negligible=negligible, block_q=block_q,
+                                   block_k=block_k, feature_map=feature_map, linear_scope=linear_scope,
+                                   proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, block_map=block_map,
+                                   backend="triton")

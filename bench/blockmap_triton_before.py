@@ -1,0 +1,207 @@
+"""FROZEN COPY, for bench/bench_blockmap.py only: ``sla/ops/sla/triton/blockmap.py`` as of commit f5165ed
+(before the fused score-and-select rewrite), kept so the benchmark can time old against new in one process.
+Not imported by the library. Original docstring follows.
+
+SLA's block classification on the GPU: pooling, scores, per-row selection and the LUT transposes.
+
+Computes the same :class:`~sla.ops.sla.blockmap.BlockMap` as :func:`sla.build_block_map` (same scores up
+to fp32 rounding, same counts, same tie rule) with a handful of launches and no full sort:
+
+* ``sla_mean_pool_kernel`` reads q and k once in their own dtype and writes block means in fp32. The
+  smooth-K pooling ``mean_pool(k - mean(k))`` equals ``mean_pool(k) - mean(k)``, and ``mean(k)`` is the
+  length-weighted mean of the block means, so k is read once.
+* Selection: each score is packed with its index into one int64 key whose order is the tie rule of
+  ``blockmap.py`` (higher score first; equal scores: lower index first; NaN above every number).
+  ``sla_select_blocks_kernel`` sorts each row's keys in registers and writes the class row and both LUT
+  rows in one pass; rows of more than ``MAX_SORT_BLOCKS`` key blocks use ``torch.topk`` on the same keys.
+* ``sla_lut_compact_kernel`` writes each row's (ascending) LUT and each column's CSR transpose by
+  compacting the class map with a prefix sum. No host synchronisation anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sla.ops.sla.blockmap import CRITICAL, NEGLIGIBLE, BlockMap, class_counts, num_blocks
+from sla.ops.sla.validation import check_attention_inputs, check_sla_config
+from sla.ops.sla.triton.ops import check_triton_inputs
+
+
+@triton.jit(do_not_specialize=["L"])
+def sla_mean_pool_kernel(
+    X, OUT, s_x_b, s_x_h, s_x_l, L,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = tl.arange(0, D)
+    m_t = o_t < L
+    b_x = tl.load(X + i_b * s_x_b + i_h * s_x_h + o_t[:, None] * s_x_l + o_d[None, :], mask=m_t[:, None], other=0.)
+    n_real = tl.minimum(L - i_t * BT, BT).to(tl.float32)  # the last block is averaged over its real tokens
+    b_mean = tl.sum(b_x.to(tl.float32), axis=0) / n_real
+    tl.store(OUT + (i_bh * tl.num_programs(0) + i_t) * D + o_d, b_mean)
+
+
+@triton.jit(do_not_specialize=["N_LINES", "LINE_LEN", "s_line", "s_elem"])
+def sla_lut_compact_kernel(
+    CLASS_MAP, OFFSETS, OUT, N_LINES, LINE_LEN, s_line, s_elem, out_stride_bh,
+    CLASS: tl.constexpr, CHUNK: tl.constexpr, PER_LINE: tl.constexpr,
+):
+    # One program per (batch*head, line); a line is a row (query block) or a column (key block) of the class
+    # map. Writes the indices along the line whose class is CLASS, ascending, starting at the line's offset.
+    i_line = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    p_line = CLASS_MAP + i_bh * N_LINES * LINE_LEN + i_line * s_line
+    if PER_LINE:
+        i_out = i_line * tl.load(OFFSETS)  # fixed-width rows: OFFSETS holds the count per row
+    else:
+        i_out = tl.load(OFFSETS + i_bh * (N_LINES + 1) + i_line)
+    p_out = OUT + i_bh * out_stride_bh + i_out
+    n_done = tl.full([], 0, tl.int32)
+    for i_c in range(0, tl.cdiv(LINE_LEN, CHUNK)):
+        o_e = i_c * CHUNK + tl.arange(0, CHUNK)
+        b_c = tl.load(p_line + o_e * s_elem, mask=o_e < LINE_LEN, other=0)
+        m_hit = (b_c == CLASS) & (o_e < LINE_LEN)
+        b_pos = tl.cumsum(m_hit.to(tl.int32), axis=0) - 1 + n_done
+        tl.store(p_out + b_pos, o_e.to(tl.int32), mask=m_hit)
+        n_done += tl.sum(m_hit.to(tl.int32), axis=0)
+
+
+@triton.jit(do_not_specialize=["Tn", "N_CRIT", "N_NEGL"])
+def sla_select_blocks_kernel(
+    SCORES, CLASS_MAP, CRIT_LUT, NEGL_LUT, Tn, N_CRIT, N_NEGL,
+    BT: tl.constexpr,
+):
+    # One program per (batch*head, query block): rank the row's key blocks with one in-register sort of
+    # int64 keys (score in the high half, order-mapped; 2^31-1-index in the low half: equal scores rank by
+    # lower index), then write the class row and both LUT rows in ascending index order.
+    i_row = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BT)
+    m_n = o_n < Tn
+    b_s = tl.load(SCORES + i_row * Tn + o_n, mask=m_n, other=0.) + 0.  # +0.0: -0.0 ties with +0.0
+    b_bits = b_s.to(tl.int32, bitcast=True)
+    b_bits = tl.where(b_s != b_s, 0x7FC00000, b_bits)  # every NaN -> the positive quiet NaN, above +inf
+    b_ord = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.int64)
+    b_key = (b_ord << 32) | (2147483647 - o_n).to(tl.int64)
+    b_key = tl.where(m_n, b_key, -9223372036854775807 - 1)  # padding sorts last
+    b_sorted = tl.sort(b_key, descending=True)
+    t_crit = tl.sum(tl.where(o_n == N_CRIT - 1, b_sorted, 0), axis=0)
+    t_negl = tl.sum(tl.where(o_n == Tn - N_NEGL, b_sorted, 0), axis=0)
+    m_crit = (b_key >= t_crit) & m_n
+    m_negl = (b_key <= t_negl) & m_n & (N_NEGL > 0)
+    b_cls = tl.where(m_crit, 1, tl.where(m_negl, -1, 0))
+    tl.store(CLASS_MAP + i_row * Tn + o_n, b_cls.to(tl.int8), mask=m_n)
+    b_pos = tl.cumsum(m_crit.to(tl.int32), axis=0) - 1
+    tl.store(CRIT_LUT + i_row * N_CRIT + b_pos, o_n, mask=m_crit)
+    b_pos = tl.cumsum(m_negl.to(tl.int32), axis=0) - 1
+    tl.store(NEGL_LUT + i_row * N_NEGL + b_pos, o_n, mask=m_negl)
+
+
+# Rows longer than this are ranked with torch.topk instead of one in-register sort per row.
+MAX_SORT_BLOCKS = 4096
+
+
+def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    B, H, L, D = x.shape
+    nb = num_blocks(L, block)
+    out = torch.empty(B, H, nb, D, dtype=torch.float32, device=x.device)
+    sla_mean_pool_kernel[(nb, B * H)](x, out, x.stride(0), x.stride(1), x.stride(2), L, H=H, D=D, BT=block)
+    return out
+
+
+def _ranking_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose descending order is ``blockmap.py``'s ranking: score, then lower index first."""
+    Tn = scores.shape[-1]
+    # +0.0 turns -0.0 into +0.0 (they tie in the reference); every NaN becomes the positive quiet NaN, which
+    # the mapping below puts above +inf, as torch's descending sort does.
+    s = torch.where(torch.isnan(scores), torch.full_like(scores, float("nan")), scores + 0.0)
+    bits = s.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    idx = torch.arange(Tn, device=scores.device, dtype=torch.int64)
+    return (ordered << 32) | (Tn - 1 - idx)
+
+
+def _compact(class_map: torch.Tensor, cls: int, by_rows: bool, count: int, offsets=None) -> torch.Tensor:
+    B, H, Tm, Tn = class_map.shape
+    if by_rows:
+        out = torch.empty(B, H, Tm, count, dtype=torch.int32, device=class_map.device)
+        n_lines, line_len, s_line, s_elem = Tm, Tn, Tn, 1
+        offsets = torch.full((1,), count, dtype=torch.int32, device=class_map.device)
+        out_stride = Tm * count
+    else:
+        out = torch.empty(B, H, Tm * count, dtype=torch.int32, device=class_map.device)
+        n_lines, line_len, s_line, s_elem = Tn, Tm, 1, Tn
+        out_stride = Tm * count
+    if count == 0 or out.numel() == 0:
+        return out
+    chunk = min(1024, triton.next_power_of_2(line_len))
+    sla_lut_compact_kernel[(n_lines, B * H)](
+        class_map, offsets, out, n_lines if by_rows else Tn, line_len, s_line, s_elem, out_stride,
+        CLASS=cls, CHUNK=chunk, PER_LINE=by_rows)
+    return out
+
+
+@torch.no_grad()
+def build_block_map_triton_before(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    critical: float = 0.05,
+    negligible: float = 0.10,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> BlockMap:
+    """GPU version of :func:`sla.build_block_map` (same arguments, same result up to fp32 score rounding).
+
+    q ``(B, H, Lq, D)`` and k ``(B, H, Lk, D)`` with a contiguous last dim (other strides free), on CUDA or
+    on CPU under ``TRITON_INTERPRET=1``.
+    """
+    check_attention_inputs(q, k, k)
+    check_sla_config(critical, negligible, block_q, block_k, "softmax", "marginal")
+    check_triton_inputs(q, block_q, block_k)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Tm, Tn = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    n_crit, n_negl = class_counts(critical, negligible, Tn)
+    pq = _mean_pool(q, block_q)
+    pk = _mean_pool(k, block_k)
+    # Real token count per key block, built on the device (an indexed host-scalar write would be a host-to-device
+    # copy, which CUDA-graph capture rejects).
+    lengths = torch.clamp(Lk - block_k * torch.arange(Tn, device=k.device, dtype=torch.float32), max=float(block_k))
+    k_mean = (pk * lengths[:, None]).sum(dim=2, keepdim=True) / Lk
+    scores = (pq @ (pk - k_mean).transpose(-1, -2)).contiguous()
+    if Tn <= MAX_SORT_BLOCKS:
+        class_map = torch.empty(B, H, Tm, Tn, dtype=torch.int8, device=q.device)
+        crit_lut = torch.empty(B, H, Tm, n_crit, dtype=torch.int32, device=q.device)
+        negl_lut = torch.empty(B, H, Tm, n_negl, dtype=torch.int32, device=q.device)
+        sla_select_blocks_kernel[(B * H * Tm,)](scores, class_map, crit_lut, negl_lut, Tn, n_crit, n_negl,
+                                               BT=triton.next_power_of_2(Tn))
+    else:
+        keys = _ranking_keys(scores)
+        crit = torch.topk(keys, n_crit, dim=-1, sorted=False).indices
+        class_map = torch.zeros(B, H, Tm, Tn, dtype=torch.int8, device=q.device)
+        class_map.scatter_(-1, crit, CRITICAL)
+        if n_negl:
+            negl = torch.topk(keys, n_negl, dim=-1, largest=False, sorted=False).indices
+            class_map.scatter_(-1, negl, NEGLIGIBLE)
+        crit_lut = _compact(class_map, CRITICAL, True, n_crit)
+        negl_lut = _compact(class_map, NEGLIGIBLE, True, n_negl)
+
+    def transpose(cls, count):
+        counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
+        offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
+        return offsets, _compact(class_map, cls, False, count, offsets)
+
+    ct_off, ct = transpose(CRITICAL, n_crit)
+    nt_off, nt = transpose(NEGLIGIBLE, n_negl)
+    return BlockMap(class_map=class_map, critical_lut=crit_lut, negligible_lut=negl_lut,
+                    critical_lut_t_offsets=ct_off, critical_lut_t=ct, negligible_lut_t_offsets=nt_off,
+                    negligible_lut_t=nt, seq_len_q=Lq, seq_len_k=Lk, block_q=block_q, block_k=block_k)

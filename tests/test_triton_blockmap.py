@@ -149,7 +149,7 @@ def test_single_key_block():
     assert_same_map(torch.randn(1, 1, 40, 64), torch.randn(1, 1, 40, 64), 0.05, 0.1, 64, 64)
 
 
-@pytest.mark.parametrize("rows, dk", [(16, 16), (64, 32)])
+@pytest.mark.parametrize("rows, dk", [(8, 16), (16, 16), (64, 32)])
 def test_other_select_configs(rows, dk, monkeypatch):
     # Rows per program other than the default and T_m = 150 not a multiple of them; with 4 row groups of
     # partial counts per step, the transpose kernel sums them over several steps (10 groups at rows=16).
@@ -180,3 +180,39 @@ def test_topk_path_for_long_rows(monkeypatch):
     k = quantized(1, 2, 1234, 16, 64, seed=6, zero_mean=True)
     assert_same_map(q, k, 0.2, 0.3, 64, 64)
     assert_same_map(q, k, 0.2, 0.0, 128, 64)
+
+
+def test_three_launches_and_no_other_device_work(monkeypatch):
+    # On the GPU every aten op that computes is a kernel launch too: the builder may only allocate and view.
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    launches, ops = [], []
+
+    class CountLaunches:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(gpu_blockmap, name)
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches.append(self.name)
+                with _disable_current_modes():  # the interpreter's own tensor copies are not the builder's ops
+                    return launch(*args, **kwargs)
+
+            return run
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for name in ("sla_block_pool_kernel", "sla_score_select_kernel", "sla_lut_transpose_kernel"):
+        monkeypatch.setattr(gpu_blockmap, name, CountLaunches(name))
+    torch.manual_seed(5)
+    q, k = torch.randn(1, 2, 300, 32), torch.randn(1, 2, 500, 32)
+    with RecordOps():
+        build_block_map_triton(q, k, critical=0.1, negligible=0.2)
+    assert launches == ["sla_block_pool_kernel", "sla_score_select_kernel", "sla_lut_transpose_kernel"]
+    assert any(op.startswith("aten.empty") for op in ops)  # the mode sees the allocations
+    assert [op for op in ops if op.split(".")[1] not in ("empty", "view")] == [], ops

@@ -101,7 +101,7 @@ def sla_score_select_kernel(
     # Scores [R, BT] = pool(q) . (pool(k) - mean(k)), accumulated over slices of the head dim. Each slice's
     # mean(k) comes from the same (DK, BT) tile of pool(k) the dot consumes, so k is never re-read.
     b_s = tl.zeros([R, BT], dtype=tl.float32)
-    for i_d in tl.static_range(D // DK):
+    for i_d in range(0, D // DK):
         o_d = i_d * DK + tl.arange(0, DK)
         b_k = tl.load(PK + (i_bh * Tn + o_n[None, :]) * D + o_d[:, None], mask=m_n[None, :], other=0.)  # [DK, BT]
         b_mean = tl.sum(b_k * n_tok[None, :], axis=1) / Lk
@@ -152,28 +152,27 @@ def sla_score_select_kernel(
     n_eq_n = (at_lo_n - above_n)[:, None]
     need_n = (N_NEGL - (Tn - at_lo_n))[:, None]  # how many of the blocks equal to t_n are negligible
 
-    # Ties at a threshold: lowest indices are critical, highest negligible (rank among equals, one scan).
+    # Ties at a threshold: lowest indices are critical, highest negligible (rank among equals, one scan). From
+    # here on one packed tile (critical | negligible << 16) carries both classes, so at most two [R, BT] tiles are
+    # live at a time (register pressure at long rows).
     m_eq_c = b_ord == t_c
     m_eq_n = (b_ord == t_n) & m_n[None, :]
     b_rank = tl.cumsum(m_eq_c.to(tl.int32) + (m_eq_n.to(tl.int32) << 16), axis=1)
     m_crit = (b_ord > t_c) | (m_eq_c & ((b_rank & 0xFFFF) <= need_c))
     m_negl = ((b_ord < t_n) & m_n[None, :]) | (m_eq_n & ((b_rank >> 16) > n_eq_n - need_n))
-    m_negl = m_negl & (N_NEGL > 0)
+    b_both = tl.where(m_r[:, None], m_crit.to(tl.int32) + ((m_negl & (N_NEGL > 0)).to(tl.int32) << 16), 0)
 
-    m_row = m_r[:, None] & m_n[None, :]
-    b_cls = tl.where(m_crit, 1, tl.where(m_negl, -1, 0)).to(tl.int8)
-    tl.store(CLASS_MAP + (i_bh * Tm + o_r[:, None]) * Tn + o_n[None, :], b_cls, mask=m_row)
-    b_both = m_crit.to(tl.int32) + (m_negl.to(tl.int32) << 16)
-    b_pos = tl.cumsum(b_both, axis=1)
+    b_cls = tl.where((b_both & 0xFFFF) != 0, 1, tl.where(b_both != 0, -1, 0)).to(tl.int8)
+    tl.store(CLASS_MAP + (i_bh * Tm + o_r[:, None]) * Tn + o_n[None, :], b_cls, mask=m_r[:, None] & m_n[None, :])
+    b_pos = tl.cumsum(b_both, axis=1)  # LUT slot + 1 of each critical (low half) and negligible (high) block
     b_idx = tl.broadcast_to(o_n[None, :], [R, BT])
     tl.store(CRIT_LUT + (i_bh * Tm + o_r[:, None]) * N_CRIT + (b_pos & 0xFFFF) - 1, b_idx,
-             mask=m_crit & m_r[:, None])
-    tl.store(NEGL_LUT + (i_bh * Tm + o_r[:, None]) * N_NEGL + (b_pos >> 16) - 1, b_idx,
-             mask=m_negl & m_r[:, None])
+             mask=(b_both & 0xFFFF) != 0)
+    tl.store(NEGL_LUT + (i_bh * Tm + o_r[:, None]) * N_NEGL + (b_pos >> 16) - 1, b_idx, mask=(b_both >> 16) != 0)
 
     # Per key block: critical (low 16 bits) and negligible (high) entries within these R rows, and the same
     # summed over chunks of CJ key blocks; the transpose kernel turns them into CSR offsets.
-    b_col = tl.sum(tl.where(m_r[:, None], b_both, 0), axis=0)  # [BT]
+    b_col = tl.sum(b_both, axis=0)  # [BT]
     tl.store(COL_COUNTS + (i_bh * P + i_p) * Tn + o_n, b_col, mask=m_n)
     b_chunk = tl.sum(tl.reshape(b_col, [BT // CJ, CJ]), axis=1)
     o_ch = tl.arange(0, BT // CJ)
@@ -248,8 +247,8 @@ def sla_lut_transpose_kernel(
 class SelectConfig:
     """Launch shape of ``sla_score_select_kernel`` for rows padded to ``BT`` key blocks.
 
-    ``rows``: query-block rows per program (>= 16, a ``tl.dot`` minimum); ``dk``: head-dim slice per dot
-    step (the ``(dk, BT)`` fp32 tile of ``pool(k)`` is the kernel's shared-memory footprint);
+    ``rows``: query-block rows per program (a power of two, 8 to 256); ``dk``: head-dim slice per dot step
+    (the ``(dk, BT)`` fp32 tile of ``pool(k)`` is the kernel's shared-memory footprint);
     ``precision``: ``tl.dot`` input precision (``"ieee"`` = fp32 FMA, the reference's arithmetic).
     """
 
@@ -331,9 +330,9 @@ def _build_block_map(q, k, critical, negligible, block_q, block_k, config: Selec
     if Tn <= MAX_SORT_BLOCKS:
         bt = max(16, triton.next_power_of_2(Tn))
         cfg = config or select_config(bt)
-        if cfg.rows < 16 or _TRANSPOSE_ROWS % cfg.rows:
-            raise ValueError(f"SelectConfig.rows={cfg.rows}: rows per program must be >= 16 (tl.dot) and divide "
-                             f"{_TRANSPOSE_ROWS} (the transpose kernel's row group); use 16, 32, 64, 128 or 256")
+        if cfg.rows < 8 or _TRANSPOSE_ROWS % cfg.rows:
+            raise ValueError(f"SelectConfig.rows={cfg.rows}: rows per program must be a power of two >= 8 that divides "
+                             f"{_TRANSPOSE_ROWS} (the transpose kernel's row group); use 8, 16, 32, 64, 128 or 256")
         cj = min(_TRANSPOSE_COLS, bt)
         NCH = num_blocks(Tn, cj)
         PR = cfg.rows
@@ -384,8 +383,9 @@ def build_block_map_triton(
 
     q ``(B, H, Lq, D)`` and k ``(B, H, Lk, D)`` with a contiguous last dim (other strides free, e.g. a
     ``(B, L, H, D)`` tensor viewed as ``(B, H, L, D)``), on CUDA or on CPU under ``TRITON_INTERPRET=1``.
-    Three kernel launches (two more torch ops for rows of more than ``MAX_SORT_BLOCKS`` key blocks), no host
-    synchronisation, deterministic.
+    Three kernel launches, no host synchronisation, deterministic. (Rows of more than ``MAX_SORT_BLOCKS`` key
+    blocks are scored and ranked with PyTorch ops and ``torch.topk`` instead of the fused kernel: more launches,
+    same map.)
     """
     check_attention_inputs(q, k, k)
     check_sla_config(critical, negligible, block_q, block_k, "softmax", "marginal")

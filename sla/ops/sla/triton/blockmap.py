@@ -11,8 +11,8 @@ atomics (the result is bitwise reproducible and the builder can be captured in a
 
    * smooth-K scores ``pool(q) . (pool(k) - mean(k))`` in fp32. ``mean_pool(k - mean(k))`` equals
      ``pool(k) - mean(k)``, and ``mean(k)`` is the token-count-weighted mean of the block means, so every
-     program derives it from the ``(D, T_n)`` tile of ``pool(k)`` it loads for the ``tl.dot`` anyway. The
-     ``R x T_n`` scores stay in registers.
+     program derives it from the ``(DK, T_n)`` slices of ``pool(k)`` it loads for the ``tl.dot`` anyway
+     (``input_precision="ieee"``: fp32 FMA, no tf32). The ``R x T_n`` scores stay in registers.
    * selection without sorting: each score is mapped to an int32 whose order is the float order (NaN above
      +inf, -0.0 equal to +0.0), and two 32-step bisections (packed into one row sum per step) find the
      ``n_crit``-th largest and the ``n_negl``-th smallest value of each row. Blocks strictly beyond a
@@ -22,8 +22,9 @@ atomics (the result is bitwise reproducible and the builder can be captured in a
    * writes the class row, both LUT rows (ascending, by a prefix sum over the row) and, for the
      transposes, how many critical/negligible entries each key block has within these ``R`` rows.
 
-   Rows of more than ``MAX_SORT_BLOCKS`` key blocks (too long for registers) are ranked with
-   ``torch.topk`` instead, on int64 keys with the same order (score, then lower index).
+   Launch shapes per padded row length: :func:`select_config`. Rows of more than ``MAX_SORT_BLOCKS`` key
+   blocks (too long for registers) are scored in PyTorch and ranked with ``torch.topk`` instead, on int64
+   keys with the same order (score, then lower index); the transpose kernel is shared.
 3. ``sla_lut_transpose_kernel`` (one program per chunk of key blocks and group of query-block rows):
    both classes' CSR transposes. The offsets of a key block come from the per-row-group counts of step 2
    (sum over groups, prefix over key blocks); each column's entries are then placed by a prefix sum down
@@ -303,9 +304,11 @@ def _select_with_topk(pq, pk, Lk, block_k, n_crit, n_negl, Tm, Tn, NCH):
     PR = _TOPK_PARTIAL_ROWS
     P = num_blocks(Tm, PR)
     padded = torch.nn.functional.pad(class_map, (0, 0, 0, P * PR - Tm)).view(BH, P, PR, Tn)
-    col_counts = (padded == CRITICAL).sum(2, dtype=torch.int32) + ((padded == NEGLIGIBLE).sum(2, dtype=torch.int32) << 16)
+    col_counts = (padded == CRITICAL).sum(2, dtype=torch.int32) \
+        + ((padded == NEGLIGIBLE).sum(2, dtype=torch.int32) << 16)  # packed like the select kernel's counts
     cj = _TRANSPOSE_COLS
-    chunk_counts = torch.nn.functional.pad(col_counts, (0, NCH * cj - Tn)).view(BH, P, NCH, cj).sum(-1, dtype=torch.int32)
+    chunk_counts = torch.nn.functional.pad(col_counts, (0, NCH * cj - Tn)).view(BH, P, NCH, cj)
+    chunk_counts = chunk_counts.sum(-1, dtype=torch.int32)
     return class_map, crit_lut, negl_lut, col_counts, chunk_counts, PR, P
 
 
@@ -359,7 +362,8 @@ def _build_block_map(q, k, critical, negligible, block_q, block_k, config: Selec
     nt = torch.empty(BH, Tm * n_negl, dtype=torch.int32, device=dev)
     sla_lut_transpose_kernel[(NCH, num_blocks(Tm, _TRANSPOSE_ROWS), BH)](
         class_map, col_counts, chunk_counts, ct_off, ct, nt_off, nt, Tm, Tn, n_crit, n_negl, P, NCH,
-        PR=PR, CJ=cj, GR=_TRANSPOSE_ROWS, RB=_TRANSPOSE_TILE_ROWS, PB=_TRANSPOSE_COUNT_TILE, NCH_PAD=triton.next_power_of_2(NCH),
+        PR=PR, CJ=cj, GR=_TRANSPOSE_ROWS, RB=_TRANSPOSE_TILE_ROWS, PB=_TRANSPOSE_COUNT_TILE,
+        NCH_PAD=triton.next_power_of_2(NCH),
         **({} if interpreting else {"num_warps": 4}))
 
     return BlockMap(class_map=class_map.view(B, H, Tm, Tn), critical_lut=crit_lut.view(B, H, Tm, n_crit),

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run every code path at tiny shapes on CPU under TRITON_INTERPRET=1 (no timings of value)")
     p.add_argument("--no-sweep", action="store_true", help="skip the select-kernel launch-shape sweep")
-    p.add_argument("--time-budget", type=float, default=75.0,
+    p.add_argument("--time-budget", type=float, default=70.0,
                    help="seconds; timing rows and sweep entries are skipped once this is spent (default: %(default)s)")
     p.add_argument("--rep-ms", type=int, default=30, help="do_bench measuring time per timing (default: %(default)s)")
     return p.parse_args(argv)
@@ -140,9 +140,13 @@ class Bench:
             Lq, Lk = q.shape[2], k.shape[2]
             ref = build_block_map(q, k, critical=crit, negligible=negl, block_q=bq, block_k=bk)
             got = build_block_map_triton(q, k, critical=crit, negligible=negl, block_q=bq, block_k=bk)
-            old = build_block_map_triton_before(q, k, critical=crit, negligible=negl, block_q=bq, block_k=bk)
             mism = float((ref.class_map != got.class_map).float().mean())
-            mism_old = float((ref.class_map != old.class_map).float().mean())
+            try:  # the old builder's own trouble is reported, not counted against the new one
+                old = build_block_map_triton_before(q, k, critical=crit, negligible=negl, block_q=bq, block_k=bk)
+                mism_old = f"{float((ref.class_map != old.class_map).float().mean()):.2e}"
+                del old
+            except Exception as e:
+                mism_old = f"raised {type(e).__name__}: {str(e)[:200]}"
             rebuilt = BlockMap.from_class_map(got.class_map, Lq, Lk, bq, bk)  # checks equal counts per row
             bad = [f for f in FIELDS if not torch.equal(getattr(rebuilt, f), getattr(got, f))]
             counts_ok = (rebuilt.n_critical, rebuilt.n_negligible) == (ref.n_critical, ref.n_negligible)
@@ -156,7 +160,7 @@ class Bench:
             gap_n = float((torch.where(cm == -1, s, -inf).amax(-1) - torch.where(cm != -1, s, inf).amin(-1)).max())
             ok = mism < 1e-3 and not bad and counts_ok and gap_c <= tol and (got.n_negligible == 0 or gap_n <= tol)
             self.record_check(name, ok, f"class-map mismatch vs PyTorch builder {mism:.2e} (old GPU builder "
-                              f"{mism_old:.2e}); LUT/transpose fields inconsistent with class map: {bad or 'none'}; "
+                              f"{mism_old}); LUT/transpose fields inconsistent with class map: {bad or 'none'}; "
                               f"counts ok: {counts_ok}; worst rank inversion crit {gap_c:.2e} negl {gap_n:.2e} "
                               f"(tol {tol:.2e})")
         except Exception as e:
@@ -353,6 +357,28 @@ class Bench:
             del q, k, ref
 
 
+def print_summary(results):
+    """The numbers that matter, compactly, at the end of the log."""
+    print("\n== summary (ms; eager = called from Python, graph = replayed CUDA graph, gpu = sum of kernel times)")
+    print("shape               blocks  old eager/graph/gpu/launches     new eager/graph/gpu/launches")
+    for r in results["timing"]:
+        def cell(tag):
+            if f"{tag}_error" in r:
+                return "error".ljust(32)
+            vals = [r.get(f"{tag}_{m}") for m in ("eager_ms", "graph_ms", "gpu_ms_per_call", "launches_per_call")]
+            return " / ".join("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+                               for v in vals).ljust(32)
+        print(f"{str(tuple(r['shape'])):20s}{r['blocks']:8s}{cell('old')} {cell('new')} {r.get('status', '')}")
+    for p in results["profile"]:
+        if p["builder"] == "new" or p["shape"] == [1, 12, 32760, 128]:
+            top = ", ".join(f"{k[:40]} {v:.4f}" for k, v in list(p["kernels_ms"].items())[:6])
+            print(f"kernels {p['builder']} {tuple(p['shape'])} {p['blocks']}: {top}")
+    for e in results["sweep"]:
+        print(f"sweep {tuple(e['shape'])} {e['blocks']} rows={e['rows']} dk={e['dk']} warps={e['num_warps']} "
+              f"stages={e['num_stages']} {e['precision']}: {e['status']} exact={e.get('exact')} "
+              f"eager={e.get('eager_ms')} graph={e.get('graph_ms')}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:
@@ -388,6 +414,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(bench.results, f, indent=1)
+    print_summary(bench.results)
     n_fail = sum(c["status"] == "FAIL" for c in bench.results["checks"])
     n_pass = len(bench.results["checks"]) - n_fail
     print(f"checks: {n_pass} passed, {n_fail} failed; total {bench.results['elapsed_s']} s; wrote {args.out}")

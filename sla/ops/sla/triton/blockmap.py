@@ -68,10 +68,10 @@ def _pool_one_block(X, s_x_l, L, i_blk, OUT, D: tl.constexpr, BLOCK: tl.constexp
     tl.store(OUT + o_d, b_sum / n_real)
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn", "H"])
 def sla_block_pool_kernel(
-    Q, K, PQ, PK, s_q_b, s_q_h, s_q_l, s_k_b, s_k_h, s_k_l, Lq, Lk, Tm, Tn,
-    H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, TOK: tl.constexpr,
+    Q, K, PQ, PK, s_q_b, s_q_h, s_q_l, s_k_b, s_k_h, s_k_l, Lq, Lk, Tm, Tn, H,
+    D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, TOK: tl.constexpr,
 ):
     # Programs [0, Tm) pool query blocks, [Tm, Tm + Tn) key blocks: one launch for both tensors.
     i_t = tl.program_id(0)
@@ -327,8 +327,8 @@ def _build_block_map(q, k, critical, negligible, block_q, block_k, config: Selec
     pk = torch.empty(BH, Tn, D, dtype=torch.float32, device=dev)
     tok = min(64, block_q, block_k)
     sla_block_pool_kernel[(Tm + Tn, BH)](
-        q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), Lq, Lk, Tm, Tn,
-        H=H, D=D, BQ=block_q, BK=block_k, TOK=tok, **({} if interpreting else {"num_warps": 4}))
+        q, k, pq, pk, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), Lq, Lk, Tm, Tn, H,
+        D=D, BQ=block_q, BK=block_k, TOK=tok, **({} if interpreting else {"num_warps": 4}))
 
     if Tn <= MAX_SORT_BLOCKS:
         bt = max(16, triton.next_power_of_2(Tn))

@@ -169,23 +169,23 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
                                                              block_q=block_q, block_k=block_k))
     out["block_map_triton"] = bench(lambda: build_block_map_triton(q, k, critical=critical, negligible=negligible,
                                                                    block_q=block_q, block_k=block_k))
-    out["feature_map_phi_q_phi_k"] = bench(lambda: (torch.softmax(q, -1), torch.softmax(k, -1)))
-    phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)
     mask = ops.scope_mask_for(bm, scope, ops._state_dtype(q.dtype))
     out["scope_mask"] = bench(lambda: ops.scope_mask_for(bm, scope, ops._state_dtype(q.dtype)))
-    out["linear_states_kernel"] = bench(lambda: ops._linear_states(phi_k, v, block_k))
-    hs, zs = ops._linear_states(phi_k, v, block_k)
+    out["linear_states_kernel"] = bench(lambda: ops._linear_states(k, v, block_k, "softmax"))
+    hs, zs = ops._linear_states(k, v, block_k, "softmax")
     out["aggregate_M_at_h_matmul"] = bench(lambda: ops._aggregate_states(hs, zs, mask))
     w, b = r.w.detach(), r.b.detach()
-    fwd_args = (q, k, v, phi_q, phi_k, bm.critical_lut, mask, w, b, q.shape[-1] ** -0.5, block_q, block_k)
-    t_fwd_impl = bench(lambda: ops._fwd_impl(*fwd_args))
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, q.shape[-1] ** -0.5, block_q, block_k, "softmax")
+    t_fwd_impl = bench(lambda: ops._fwd_impl(*fwd_args, False))
+    out["fwd_kernel_only_inference"] = t_fwd_impl - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
+    t_fwd_impl = bench(lambda: ops._fwd_impl(*fwd_args, True))
     out["fwd_kernel_only"] = t_fwd_impl - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
-    o, o_s, o_l, lse = ops._fwd_impl(*fwd_args)
+    o, o_s, o_l, lse = ops._fwd_impl(*fwd_args, True)
     do = r.do
-    bwd_args = (do, q, k, v, phi_q, phi_k, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets,
-                bm.critical_lut_t, mask, w, q.shape[-1] ** -0.5, block_q, block_k)
+    bwd_args = (do, q, k, v, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w, b,
+                q.shape[-1] ** -0.5, block_q, block_k, "softmax")
     out["bwd_kernels_and_M_matmuls"] = bench(lambda: ops._bwd_impl(*bwd_args))
-    out["bwd_full_op_with_proj_grads"] = bench(lambda: ops.sla_triton_bwd(*bwd_args[:13], w, b, *bwd_args[14:]))
+    out["bwd_full_op_with_proj_grads"] = bench(lambda: ops.sla_triton_bwd(*bwd_args))
     out["per_kernel_ms_fwd_bwd"] = kernel_profile(sla_fn(r, critical, negligible, block_q, block_k, scope), r)
     n_crit = bm.n_critical
     B, H, L, D = r.shape
@@ -206,13 +206,12 @@ def launch_config_sweep(r, critical, negligible, block_q, block_k):
 
     q, k, v = (x.detach() for x in (r.q, r.k, r.v))
     bm = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
-    phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)
     mask = ops.scope_mask_for(bm, "marginal", ops._state_dtype(q.dtype))
     w, scale = r.w.detach(), q.shape[-1] ** -0.5
-    fwd_args = (q, k, v, phi_q, phi_k, bm.critical_lut, mask, w, r.b.detach(), scale, block_q, block_k)
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, r.b.detach(), scale, block_q, block_k, "softmax", True)
     o, o_s, o_l, lse = ops._fwd_impl(*fwd_args)
-    bwd_args = (r.do, q, k, v, phi_q, phi_k, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets,
-                bm.critical_lut_t, mask, w, scale, block_q, block_k)
+    bwd_args = (r.do, q, k, v, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask,
+                w, r.b.detach(), scale, block_q, block_k, "softmax")
     out = {}
     for name, fn, configs in (("fwd", lambda: ops._fwd_impl(*fwd_args), [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]),
                               ("dkdv", lambda: ops._bwd_impl(*bwd_args), [(4, 1), (4, 2), (4, 3), (8, 2)]),

@@ -132,27 +132,43 @@ def test_unsupported_inputs_raise():
     bm = build_block_map(q, q, critical=0.5, negligible=0.0, block_q=48, block_k=48)
     with pytest.raises(ValueError, match="block_q"):
         triton_sparse_linear_attention(q, q, q, bm)
+    q = torch.randn(1, 1, 64, 64)
+    bm = build_block_map(q, q, critical=0.5, negligible=0.0)
+    with pytest.raises(ValueError, match="scale"):
+        triton_sparse_linear_attention(q, q, q, bm, scale=-1.0)
+    with pytest.raises(ValueError, match="feature_map"):
+        triton_sparse_linear_attention(q, q, q, bm, feature_map="gelu")
 
 
-def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True):
+def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store_aux=True):
     B, H, L, D, blk = 1, 1, 48, 16, 16
     q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for _ in range(3))
     bm = build_block_map(q, k, critical=0.34, negligible=0.34, block_q=blk, block_k=blk)
-    phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)
     w, b = (torch.randn(D, D), torch.randn(D)) if with_proj else (None, None)
-    return (q, k, v, phi_q, phi_k, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
-            scope_mask_for(bm, linear_scope, torch.float32), w, b, D ** -0.5, blk, blk)
+    return (q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
+            scope_mask_for(bm, linear_scope, torch.float32), w, b, D ** -0.5, blk, blk, "softmax", store_aux)
 
 
 @pytest.mark.parametrize("linear_scope, with_proj", [("marginal", True), ("all", False)])
 def test_opcheck(linear_scope, with_proj):
     args = _op_args(linear_scope=linear_scope, with_proj=with_proj)
-    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 3, 4, 9, 10) and a is not None else a
+    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8) and a is not None else a
                  for i, a in enumerate(args)]
     torch.library.opcheck(sla_triton_fwd, grad_args)
     o, o_s, o_l, lse = sla_triton_fwd(*args)
-    bwd_args = (torch.randn_like(o), *args[:5], o_s, o_l, lse, *args[5:])
+    bwd_args = (torch.randn_like(o), *args[:3], o_s, o_l, lse, *args[3:-1])
     torch.library.opcheck(sla_triton_bwd, bwd_args)
+
+
+def test_inference_writes_output_only():
+    # Without autograd the forward keeps nothing for backward, and o is the same as with it.
+    args = _op_args(store_aux=False)
+    o, o_s, o_l, lse = sla_triton_fwd(*args)
+    assert o_s.numel() == o_l.numel() == lse.numel() == 0
+    torch.testing.assert_close(o, sla_triton_fwd(*args[:-1], True)[0], rtol=0, atol=0)
+    q, k, v = (a.clone().requires_grad_() for a in args[:3])
+    with pytest.raises(RuntimeError, match="store_aux"):
+        sla_triton_fwd(q, k, v, *args[3:])
 
 
 def test_torch_compile_fullgraph():

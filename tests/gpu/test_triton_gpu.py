@@ -188,12 +188,12 @@ def test_opcheck_gpu():
     q, k, v = (torch.randn(1, 2, 300, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     bm = build_block_map(q, k, critical=0.3, negligible=0.2)
     w, b = torch.randn(64, 64, device=DEV), torch.randn(64, device=DEV)
-    args = [q, k, v, torch.softmax(q, -1), torch.softmax(k, -1), bm.critical_lut, bm.critical_lut_t_offsets,
-            bm.critical_lut_t, scope_mask_for(bm, "marginal", torch.bfloat16), w, b, 0.125, 64, 64]
-    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 3, 4, 9, 10) else a for i, a in enumerate(args)]
+    args = [q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
+            scope_mask_for(bm, "marginal", torch.bfloat16), w, b, 0.125, 64, 64, "softmax", True]
+    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8) else a for i, a in enumerate(args)]
     torch.library.opcheck(sla_triton_fwd, grad_args)
     o, o_s, o_l, lse = sla_triton_fwd(*args)
-    torch.library.opcheck(sla_triton_bwd, [torch.randn_like(o), *args[:5], o_s, o_l, lse, *args[5:]])
+    torch.library.opcheck(sla_triton_bwd, [torch.randn_like(o), *args[:3], o_s, o_l, lse, *args[3:-1]])
 
 
 @pytest.mark.parametrize("block_q", [64, 128])

@@ -2,17 +2,18 @@
 
 What runs where, per SLA call (layout ``(B, H, L, D)``; the variant is chosen by ``linear_scope``):
 
-1. ``phi(q)``, ``phi(k)`` in PyTorch, so autograd differentiates the feature map (as the paper's code does).
-2. ``sla_linear_state_kernel``: per key block ``h_j = phi(K_j)^T V_j`` and ``z_j``.
-3. ``H = M @ h``, ``Z = M @ z`` with ``M`` the ``(T_m, T_n)`` 0/1 matrix of key blocks in scope: one
+1. ``sla_linear_state_kernel``: per key block ``h_j = phi(K_j)^T V_j`` and ``z_j`` (phi applied in the kernel).
+2. ``H = M @ h``, ``Z = M @ z`` with ``M`` the ``(T_m, T_n)`` 0/1 matrix of key blocks in scope: one
    tensor-core matmul (cuBLAS) builds every query block's state at once. ``linear_scope="all"`` needs
    no ``M``: every query block shares the total, passed with a zero stride.
-4. ``sla_fwd_kernel``: sparse branch over the critical LUT, then ``o_l = phi(Q_i) H_i / (phi(Q_i) . Z_i)``,
-   ``Proj`` and the sum, in one pass over each query block.
+3. ``sla_fwd_kernel``: sparse branch over the critical LUT, then ``o_l = phi(Q_i) H_i / (phi(Q_i) . Z_i)``,
+   ``Proj`` and the sum, in one pass over each query block. ``o_s``, ``o_l`` and the LSE are written only
+   when autograd will need them.
 
-Backward: the sparse branch in two deterministic kernels (dQ over the LUT, dK/dV over its CSR transpose;
-no atomics); the linear branch by its closed-form gradients (paper Eq. 8) as batched matmuls, recomputing
-``H_i``: nothing of size ``T_m x D x D`` is saved between forward and backward.
+Backward: ``sla_bwd_q_kernel`` (linear branch's dq, dH_i, dZ_i, then the sparse dq over the LUT), ``dh =
+M^T dH``, then ``sla_bwd_dkdv_kernel`` over the LUT's CSR transpose (deterministic, no atomics), which
+also adds the linear branch's dk and dv. ``H_i`` is recomputed: nothing of size ``T_m x D x D`` is saved
+between forward and backward, and no ``phi(q)``/``phi(k)`` tensor exists at all.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import triton
 
 from ..blockmap import BlockMap, in_linear_scope
-from ..feature_maps import apply_feature_map
+from ..feature_maps import FEATURE_MAP_FNS
 from .kernels import (
     sla_bwd_dkdv_kernel,
     sla_bwd_dq_kernel,
@@ -61,6 +62,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the forward kernel takes scale * log2(e)
+
 # kernel name -> {"num_warps": .., "num_stages": ..}; set only by the benchmark's launch-config sweep.
 LAUNCH_CONFIG_OVERRIDES: dict = {}
 
@@ -79,10 +82,10 @@ def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> di
         return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3}
     if kernel == "state":
         return {"num_warps": 4, "num_stages": 1}
-    if kernel == "linear_q":
-        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 1}
     if kernel == "dkdv":
         return {"num_warps": 4, "num_stages": 2}
+    if kernel == "linear_q":
+        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 1}
     return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 2}
 
 
@@ -119,15 +122,16 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _linear_states(phi_k: torch.Tensor, v: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_states(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: str):
     """Per key block ``h_j = phi(K_j)^T V_j`` ``(B, H, T_n, D, D)`` and ``z_j`` ``(B, H, T_n, D)`` fp32."""
-    B, H, Lk, D = phi_k.shape
+    B, H, Lk, D = k.shape
     Tn = triton.cdiv(Lk, block_k)
     hs = torch.empty(B, H, Tn, D, D, dtype=_state_dtype(v.dtype), device=v.device)
     zs = torch.empty(B, H, Tn, D, dtype=torch.float32, device=v.device)
     sla_linear_state_kernel[(Tn, B * H)](
-        phi_k, v, hs, zs, *_strides(phi_k), *_strides(v), Lk, Tn,
-        H=H, D=D, BN=block_k, PREC=_dot_precision(v.dtype), **_launch_config("state", block_k, block_k, D))
+        k, v, hs, zs, *_strides(k), *_strides(v), Lk, Tn,
+        H=H, D=D, BN=block_k, FEATURE=feature_map, PREC=_dot_precision(v.dtype),
+        **_launch_config("state", block_k, block_k, D))
     return hs, zs
 
 
@@ -142,57 +146,81 @@ def _aggregate_states(hs: torch.Tensor, zs: torch.Tensor, scope_mask: Optional[t
     return big, torch.matmul(scope_mask.to(torch.float32), zs)
 
 
-def _fwd_impl(q, k, v, phi_q, phi_k, critical_lut, scope_mask, proj_weight, proj_bias, scale, block_q, block_k):
+def _state_strides(big_h: torch.Tensor, big_z: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch*head, query block) strides of the aggregated states; a single shared total gets stride 0."""
+    D = big_h.shape[-1]
+    shared = big_h.shape[2] == 1
+    return (big_h.shape[2] * D * D, 0 if shared else big_h.stride(2),
+            big_z.shape[2] * D, 0 if shared else big_z.stride(2))
+
+
+def _aux_outputs(q: torch.Tensor, store_aux: bool):
+    """``o_s``, ``o_l`` (q's shape, dtype and memory layout) and the LSE ``(B, H, Lq)`` fp32 kept for backward;
+    size-0 placeholders when nothing will be kept."""
+    if not store_aux:
+        return q.new_empty(0, 0, 0, q.shape[-1]), q.new_empty(0, 0, 0, q.shape[-1]), q.new_empty(0, 0, 0,
+                                                                                                  dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _token_rows(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """``(tokens, D)`` views of same-shape ``(B, H, L, D)`` tensors, rows in the same token order for all, without
+    a copy when they are all contiguous or all ``(B, L, H, D)`` tensors viewed as ``(B, H, L, D)``."""
+    D = xs[0].shape[-1]
+    if not all(x.is_contiguous() for x in xs) and all(x.transpose(1, 2).is_contiguous() for x in xs):
+        return [x.transpose(1, 2).reshape(-1, D) for x in xs]
+    return [x.reshape(-1, D) for x in xs]
+
+
+def _fwd_impl(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, scale, block_q, block_k, feature_map,
+              store_aux):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm = triton.cdiv(Lq, block_q)
-    hs, zs = _linear_states(phi_k, v, block_k)
+    hs, zs = _linear_states(k, v, block_k, feature_map)
     big_h, big_z = _aggregate_states(hs, zs, scope_mask)
     o = torch.empty_like(q)
-    o_s = torch.empty_like(o)
-    o_l = torch.empty_like(o)
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    o_s, o_l, lse = _aux_outputs(q, store_aux)
     n_crit = critical_lut.shape[-1]
     w = proj_weight if proj_weight is not None else big_z  # placeholder pointer, never read
     bias = proj_bias if proj_bias is not None else big_z
     sla_fwd_kernel[(Tm, B * H)](
-        q, k, v, phi_q, critical_lut, big_h, big_z, w, bias, o, o_s, o_l, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(o),
-        big_h.shape[2] * D * D, big_h.stride(2) if big_h.shape[2] > 1 else 0,
-        big_z.shape[2] * D, big_z.stride(2) if big_z.shape[2] > 1 else 0,
-        scale, Lq, Lk, Tm, n_crit,
-        H=H, D=D, BM=block_q, BN=block_k, HAS_PROJ=proj_weight is not None, HAS_BIAS=proj_bias is not None,
-        PREC=_dot_precision(q.dtype), **_launch_config("fwd", block_q, block_k, D))
+        q, k, v, critical_lut, big_h, big_z, w, bias, o, o_s, o_l, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s), *_state_strides(big_h, big_z),
+        scale * LOG2_E, Lq, Lk, Tm, n_crit,
+        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
+        HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, PREC=_dot_precision(q.dtype),
+        **_launch_config("fwd", block_q, block_k, D))
     return o, o_s, o_l, lse
 
 
 @torch.library.custom_op("sla::triton_fwd", mutates_args=())
 def sla_triton_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     critical_lut: torch.Tensor, critical_lut_t_offsets: torch.Tensor, critical_lut_t: torch.Tensor,
     scope_mask: Optional[torch.Tensor], proj_weight: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
-    scale: float, block_q: int, block_k: int,
+    scale: float, block_q: int, block_k: int, feature_map: str, store_aux: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused SLA forward. Returns ``(o, o_s, o_l, lse)``: the output, the sparse branch, the linear branch
-    before ``Proj`` (both kept for backward, ``(B, H, Lq, D)`` in q's dtype) and the base-2 log-sum-exp
-    ``(B, H, Lq)`` fp32. The transposed LUT is an input only so that autograd can hand it to backward."""
-    return _fwd_impl(q, k, v, phi_q, phi_k, critical_lut, scope_mask, proj_weight, proj_bias, scale, block_q,
-                     block_k)
+    """Fused SLA forward. Returns ``(o, o_s, o_l, lse)``: the output (q's dtype and memory layout), the sparse
+    branch and the linear branch before ``Proj`` (``(B, H, Lq, D)`` contiguous, q's dtype) and the base-2
+    log-sum-exp ``(B, H, Lq)`` fp32. The last three are what backward needs; with ``store_aux=False``
+    (inference) they are not written and come back with a leading size of 0. The transposed LUT is an input
+    only so that autograd can hand it to backward."""
+    return _fwd_impl(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, scale, block_q, block_k,
+                     feature_map, store_aux)
 
 
 @sla_triton_fwd.register_fake
-def _(q, k, v, phi_q, phi_k, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask, proj_weight,
-      proj_bias, scale, block_q, block_k):
-    o = torch.empty_like(q)
-    B, H, Lq, _ = q.shape
-    return o, torch.empty_like(o), torch.empty_like(o), q.new_empty(B, H, Lq, dtype=torch.float32)
+def _(q, k, v, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask, proj_weight, proj_bias, scale,
+      block_q, block_k, feature_map, store_aux):
+    return (torch.empty_like(q), *_aux_outputs(q, store_aux))
 
 
-def _bwd_impl(do, q, k, v, phi_q, phi_k, o_s, o_l, lse, critical_lut, lut_t_offsets, lut_t, scope_mask, proj_weight,
-              scale, block_q, block_k):
-    """dq, dk (sparse branch), dv (both branches), dphi_q, dphi_k (linear branch). Four kernels and two matmuls:
-    dQ (+ delta), linear per query block (dphi_q, dH_i, dZ_i), ``dh = M^T dH``, then dK/dV per key block with
-    the linear dphi_k / dV folded in."""
+def _bwd_impl(do, q, k, v, o_s, o_l, lse, critical_lut, lut_t_offsets, lut_t, scope_mask, proj_weight, proj_bias,
+              scale, block_q, block_k, feature_map):
+    """dq, dk, dv through both branches and the feature map, and the bias gradient (None without a bias):
+    the sparse dQ kernel (+ delta), the linear per-query-block kernel (adds its dq, writes dH_i, dZ_i),
+    ``dh = M^T dH``, then the per-key-block dK/dV kernel."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm, Tn = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
@@ -207,19 +235,18 @@ def _bwd_impl(do, q, k, v, phi_q, phi_k, o_s, o_l, lse, critical_lut, lut_t_offs
         scale, Lq, Lk, Tm, n_crit,
         H=H, D=D, BM=block_q, BN=block_k, PREC=prec, **_launch_config("dq", block_q, block_k, D))
 
-    hs, zs = _linear_states(phi_k, v, block_k)
+    hs, zs = _linear_states(k, v, block_k, feature_map)
     big_h, big_z = _aggregate_states(hs, zs, scope_mask)
-    d_phi_q = torch.empty_like(phi_q)
     d_big_h = torch.empty(B, H, Tm, D, D, dtype=sdt, device=q.device)
     d_big_z = torch.empty(B, H, Tm, D, dtype=torch.float32, device=q.device)
+    # Per query block partial sums of dO: the bias gradient without a slow column reduction over every token.
+    db_part = torch.empty(B * H * Tm, D, dtype=torch.float32, device=q.device) if proj_bias is not None else big_z
     sla_bwd_linear_q_kernel[(Tm, B * H)](
-        do, proj_weight if proj_weight is not None else big_z, o_l, phi_q, big_h, big_z, d_phi_q, d_big_h, d_big_z,
-        *_strides(do), *_strides(o_l), *_strides(phi_q), *_strides(d_phi_q),
-        big_h.shape[2] * D * D, big_h.stride(2) if big_h.shape[2] > 1 else 0,
-        big_z.shape[2] * D, big_z.stride(2) if big_z.shape[2] > 1 else 0,
+        q, do, proj_weight if proj_weight is not None else big_z, o_l, big_h, big_z, dq, d_big_h, d_big_z, db_part,
+        *_strides(q), *_strides(do), *_strides(o_l), *_strides(dq), *_state_strides(big_h, big_z),
         Lq, Tm,
-        H=H, D=D, BM=block_q, HAS_PROJ=proj_weight is not None, PREC=prec,
-        **_launch_config("linear_q", block_q, block_k, D))
+        H=H, D=D, BM=block_q, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
+        HAS_BIAS=proj_bias is not None, PREC=prec, **_launch_config("linear_q", block_q, block_k, D))
     # Per key block: the sum of dH_i over the query blocks that have it in scope (fp32 accumulation).
     if scope_mask is None:
         d_hs = d_big_h.sum(dim=2, keepdim=True, dtype=torch.float32).to(sdt)
@@ -230,73 +257,70 @@ def _bwd_impl(do, q, k, v, phi_q, phi_k, o_s, o_l, lse, critical_lut, lut_t_offs
         d_zs = torch.matmul(m_t.to(torch.float32), d_big_z)
 
     dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    d_phi_k = torch.empty_like(phi_k)
+    dv = torch.empty_like(k)  # the kernel writes dk and dv with the same strides
     sla_bwd_dkdv_kernel[(Tn, B * H)](
-        q, k, v, do, lse, delta, lut_t_offsets, lut_t, phi_k, d_hs, d_zs, dk, dv, d_phi_k,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(phi_k), *_strides(dk),
-        *_strides(d_phi_k),
-        d_hs.shape[2] * D * D, d_hs.stride(2) if d_hs.shape[2] > 1 else 0,
-        d_zs.shape[2] * D, d_zs.stride(2) if d_zs.shape[2] > 1 else 0,
+        q, k, v, do, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_state_strides(d_hs, d_zs),
         scale, Lq, Lk, Tm, Tn, n_crit,
-        H=H, D=D, BM=block_q, BN=block_k, PREC=prec, **_launch_config("dkdv", block_q, block_k, D))
-    return dq, dk, dv, d_phi_q, d_phi_k
+        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, PREC=prec,
+        **_launch_config("dkdv", block_q, block_k, D))
+    d_bias = db_part.sum(0).to(proj_bias.dtype) if proj_bias is not None else None
+    return dq, dk, dv, d_bias
 
 
 @torch.library.custom_op("sla::triton_bwd", mutates_args=())
 def sla_triton_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o_s: torch.Tensor, o_l: torch.Tensor, lse: torch.Tensor,
     critical_lut: torch.Tensor, critical_lut_t_offsets: torch.Tensor, critical_lut_t: torch.Tensor,
     scope_mask: Optional[torch.Tensor], proj_weight: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
-    scale: float, block_q: int, block_k: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SLA backward. Returns ``(dq, dk, dv, d_phi_q, d_phi_k, d_proj_weight, d_proj_bias)``; ``dq``/``dk`` are
-    the sparse branch's (the linear branch reaches q and k through ``d_phi_q``/``d_phi_k`` and the feature
-    map's autograd), ``dv`` covers both branches. Projection grads are empty tensors when there is none."""
+    scale: float, block_q: int, block_k: int, feature_map: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLA backward. Returns ``(dq, dk, dv, d_proj_weight, d_proj_bias)``: ``dq``, ``dk``, ``dv`` through both
+    branches (the feature map's backward included); projection grads are empty tensors when there is none."""
     do = _last_dim_contiguous(do)
-    dq, dk, dv, d_phi_q, d_phi_k = _bwd_impl(do, q, k, v, phi_q, phi_k, o_s, o_l, lse, critical_lut,
-                                             critical_lut_t_offsets, critical_lut_t, scope_mask, proj_weight, scale,
-                                             block_q, block_k)
+    dq, dk, dv, d_b = _bwd_impl(do, q, k, v, o_s, o_l, lse, critical_lut, critical_lut_t_offsets, critical_lut_t,
+                                scope_mask, proj_weight, proj_bias, scale, block_q, block_k, feature_map)
     D = q.shape[-1]
     if proj_weight is not None:
         # One GEMM over all tokens in the input dtype (fp32 accumulation inside cuBLAS, one rounding of the
         # D x D result), as autocast's Linear backward does; no fp32 copies of dO and o_l (measured 0.3 ms of
         # copies at (1, 12, 32760, 128) on an H200).
-        do2, ol2 = do.reshape(-1, D), o_l.reshape(-1, D)
+        do2, ol2 = _token_rows(do, o_l)
         d_w = (do2.transpose(0, 1) @ ol2).to(proj_weight.dtype)
-        d_b = do2.sum(0, dtype=torch.float32).to(proj_bias.dtype) if proj_bias is not None else do.new_empty(0)
     else:
-        d_w, d_b = do.new_empty(0), do.new_empty(0)
-    return dq, dk, dv, d_phi_q, d_phi_k, d_w, d_b
+        d_w = do.new_empty(0)
+    if d_b is None:
+        d_b = do.new_empty(0)
+    return dq, dk, dv, d_w, d_b
 
 
 @sla_triton_bwd.register_fake
-def _(do, q, k, v, phi_q, phi_k, o_s, o_l, lse, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask,
-      proj_weight, proj_bias, scale, block_q, block_k):
+def _(do, q, k, v, o_s, o_l, lse, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask, proj_weight,
+      proj_bias, scale, block_q, block_k, feature_map):
     d_w = torch.empty_like(proj_weight) if proj_weight is not None else do.new_empty(0)
     d_b = torch.empty_like(proj_bias) if proj_bias is not None else do.new_empty(0)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(phi_q),
-            torch.empty_like(phi_k), d_w, d_b)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(k), d_w, d_b
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, phi_q, phi_k, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias, scale, block_q,
-     block_k) = inputs
+    (q, k, v, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias, scale, block_q, block_k, feature_map,
+     store_aux) = inputs
     _, o_s, o_l, lse = output
+    if not store_aux:
+        raise RuntimeError("sla::triton_fwd ran with store_aux=False but autograd needs its backward; call it "
+                           "through triton_sparse_linear_attention, which sets store_aux when gradients are needed")
     ctx.mark_non_differentiable(o_s, o_l, lse)
-    ctx.save_for_backward(q, k, v, phi_q, phi_k, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight,
-                          proj_bias)
-    ctx.args = (scale, block_q, block_k)
+    ctx.save_for_backward(q, k, v, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias)
+    ctx.args = (scale, block_q, block_k, feature_map)
 
 
 def _backward(ctx, do, _d_os, _d_ol, _d_lse):
-    q, k, v, phi_q, phi_k, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias = ctx.saved_tensors
-    dq, dk, dv, d_phi_q, d_phi_k, d_w, d_b = sla_triton_bwd(
-        do, q, k, v, phi_q, phi_k, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias,
-        *ctx.args)
-    return (dq, dk, dv, d_phi_q, d_phi_k, None, None, None, None,
-            d_w if proj_weight is not None else None, d_b if proj_bias is not None else None, None, None, None)
+    q, k, v, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias = ctx.saved_tensors
+    dq, dk, dv, d_w, d_b = sla_triton_bwd(do, q, k, v, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask,
+                                          proj_weight, proj_bias, *ctx.args)
+    return (dq, dk, dv, None, None, None, None, d_w if proj_weight is not None else None,
+            d_b if proj_bias is not None else None, None, None, None, None, None)
 
 
 sla_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -337,16 +361,22 @@ def triton_sparse_linear_attention(
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
+    if not scale > 0:  # also rejects NaN
+        # The kernels fold the scale into the running maximum (max(s) * scale), which needs scale > 0.
+        raise ValueError(f"backend='triton' needs a positive softmax scale, got scale={scale}; use backend='torch'")
     if proj_weight is not None:
         proj_weight = proj_weight.to(torch.float32)
     if proj_bias is not None:
         proj_bias = proj_bias.to(torch.float32)
-    phi_q = apply_feature_map(q, feature_map)
-    phi_k = apply_feature_map(k, feature_map)
+    if feature_map not in FEATURE_MAP_FNS:  # the kernels implement each map by name (kernels.py)
+        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAP_FNS)}, got {feature_map!r}")
     scope_mask = scope_mask_for(block_map, linear_scope, _state_dtype(q.dtype))
+    # Inference writes only o; the tensors backward needs (o_s, o_l, LSE) only when a gradient can flow.
+    store_aux = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, proj_weight, proj_bias))
     o, _, _, _ = sla_triton_fwd(
-        q, k, v, phi_q, phi_k, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t,
-        scope_mask, proj_weight, proj_bias, scale, block_map.block_q, block_map.block_k)
+        q, k, v, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t, scope_mask,
+        proj_weight, proj_bias, scale, block_map.block_q, block_map.block_k, feature_map, store_aux)
     return o
 
 

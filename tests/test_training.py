@@ -53,6 +53,25 @@ def test_stop_and_resume_equals_uninterrupted(model_dir, tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
+def test_tensorboard_events_match_csv_after_resume(model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    kw = dict(steps=4, save_every=2, tensorboard=True)
+    finetune(tiny_config(model_dir, tmp_path / "tb", stop_after=3, **kw))  # step 3 is logged, not checkpointed
+    finetune(tiny_config(model_dir, tmp_path / "tb", **kw), resume="auto")
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    rows = (tmp_path / "tb" / "train_log.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]  # the CSV too holds every step once
+    csv_loss = {int(r.split(",")[0]): float(r.split(",")[1]) for r in rows[1:]}
+    tb_loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(tb_loss) == [1, 2, 3, 4]  # the stopped run's step 3 was replaced by the resumed run's
+    for step, value in tb_loss.items():
+        assert value == pytest.approx(csv_loss[step], rel=1e-5)
+
+
 def test_refuses_to_overwrite_checkpoints_without_resume(model_dir, tmp_path):
     finetune(tiny_config(model_dir, tmp_path / "o", steps=2))
     with pytest.raises(ValueError, match="--resume auto"):

@@ -47,6 +47,8 @@ HELP = {
     "batch_size": "clips per process per micro-step; global batch = batch_size * grad_accum * processes",
     "ema": "EMA decay of the weights (0 = off); the exported model then holds the EMA weights",
     "bf16": "bf16 autocast (the SLA projections stay float32)",
+    "tensorboard": "also write the logged scalars as TensorBoard events to OUTPUT_DIR/tensorboard "
+                   "(needs the tensorboard package; train_log.csv is always written)",
     "stop_after": "stop after this many steps as if interrupted (resume later with --resume auto)",
     "device": "auto | cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)",
 }

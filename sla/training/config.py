@@ -57,6 +57,7 @@ class FinetuneConfig:
     seed: int = 0
     # --- bookkeeping ----------------------------------------------------------------------------------------
     log_every: int = 1
+    tensorboard: bool = False  # also write the logged scalars as TensorBoard events to output_dir/tensorboard
     save_every: int = 100  # 0 = only at the end
     keep_checkpoints: int = 2
     num_workers: int = 0
@@ -93,6 +94,13 @@ class FinetuneConfig:
         if self.trainable == "proj" and self.attention != "sla":
             raise ValueError(f"trainable='proj' trains only the SLA projections, which exist only with "
                              f"attention='sla' (got attention={self.attention!r}); use trainable='full'")
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard "
+                                 "(or pip install 'sparse-linear-attention[train]'), or drop --tensorboard; "
+                                 "train_log.csv is always written")
         return self
 
     def to_dict(self) -> dict:

@@ -44,6 +44,7 @@ from .flow_matching import draw_noise_and_sigma, noisy_input_and_target, predict
 from .variants import apply_attention_mode
 
 LOG_FIELDS = ["step", "loss", "flow_loss", "distill_loss", "lr", "grad_norm", "seconds", "clips_per_s"]
+TENSORBOARD_SCALARS = ("loss", "flow_loss", "distill_loss", "lr", "grad_norm", "clips_per_s")  # under train/
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -262,11 +263,23 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     log_path = out / "train_log.csv"
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        new_log = not log_path.is_file() or start_step == 0
-        log_f = open(log_path, "w" if new_log else "a", newline="")
+        # A resumed run keeps the rows up to its checkpoint; rows a stopped run logged after it are dropped (they
+        # are logged again), so every step appears once.
+        kept = []
+        if start_step and log_path.is_file():
+            with open(log_path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        log_f = open(log_path, "w", newline="")
         log = csv.DictWriter(log_f, fieldnames=LOG_FIELDS)
-        if new_log:
-            log.writeheader()
+        log.writeheader()
+        log.writerows(kept)
+    tb = None
+    if is_main and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a stopped run wrote after its last checkpoint, so a resumed run's curves hold
+        # every step once, like the CSV.
+        tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
     bar = None
     if is_main and cfg.progress:
         from tqdm.auto import tqdm
@@ -336,6 +349,9 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
             if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == end_step):
                 log.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in last.items()})
                 log_f.flush()
+                if tb is not None:
+                    for key in TENSORBOARD_SCALARS:
+                        tb.add_scalar(f"train/{key}", last[key], step + 1)
             if bar is not None:
                 bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{last['lr']:.1e}")
                 bar.update(1)
@@ -346,6 +362,8 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
         bar.close()
     if is_main:
         log_f.close()
+    if tb is not None:
+        tb.close()
     summary = dict(last, start_step=start_step, end_step=end_step, world_size=world,
                    trainable_parameters=sum(p.numel() for p in params), output_dir=str(out))
     if end_step == cfg.steps:

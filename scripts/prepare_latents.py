@@ -73,6 +73,10 @@ def encode_videos(args) -> int:
             raise FileNotFoundError(f"{pipe / sub} missing: --pipeline must be a diffusers Wan pipeline folder")
     if (args.frames - 1) % 4:
         raise ValueError(f"--frames must be 4k+1 for the Wan VAE (e.g. 81, 49, 17), got {args.frames}")
+    src = Path(args.input)
+    if not src.is_dir():
+        raise FileNotFoundError(f"--input {src} is not a folder; it must hold <name>.gif/.mp4 or <name>/ clips "
+                                "plus <name>.txt captions")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = AutoencoderKLWan.from_pretrained(pipe / "vae", torch_dtype=torch.float32).to(device).eval()
@@ -80,7 +84,13 @@ def encode_videos(args) -> int:
     enc = UMT5EncoderModel.from_pretrained(pipe / "text_encoder", torch_dtype=dtype).to(device).eval()
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
-    src = Path(args.input)
+    # The VAE's strided convolutions drop the remainder (36 rows encode like 32): a height that is not a multiple of its spatial factor
+    # would silently lose pixel rows instead of being encoded whole.
+    factor = int(vae.spatial_compression_ratio)
+    for name in ("height", "width"):
+        if getattr(args, name) % factor:
+            raise ValueError(f"--{name} must be a multiple of the VAE's spatial factor {factor} (and of "
+                             f"{2 * factor} for the Wan transformer's 2x2 patches), got {getattr(args, name)}")
     clips = sorted(p for p in src.iterdir() if (p.is_dir() or p.suffix.lower() in (".gif", ".mp4", ".webm", ".mov", ".avi"))
                    and (src / f"{p.stem}.txt").is_file())
     if not clips:
@@ -124,14 +134,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="source", required=True)
     v = sub.add_parser("videos", help="encode your videos with a Wan pipeline's VAE and text encoder")
-    v.add_argument("--pipeline", required=True)
-    v.add_argument("--input", required=True)
-    v.add_argument("--out", required=True)
-    v.add_argument("--frames", type=int, default=81)
-    v.add_argument("--height", type=int, default=480)
-    v.add_argument("--width", type=int, default=832)
-    v.add_argument("--text-len", type=int, default=512)
-    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    v.add_argument("--pipeline", required=True,
+                   help="local diffusers Wan pipeline folder with vae/, text_encoder/ and tokenizer/")
+    v.add_argument("--input", required=True,
+                   help="folder of clips (<name>.gif/.mp4 or <name>/ of frame images) with <name>.txt captions")
+    v.add_argument("--out", required=True, help="output folder, one <name>.safetensors per clip")
+    v.add_argument("--frames", type=int, default=81, help="frames kept per clip, 4k+1 (default 81, as Wan 2.1)")
+    v.add_argument("--height", type=int, default=480, help="pixel height after resize + centre crop (default 480)")
+    v.add_argument("--width", type=int, default=832, help="pixel width after resize + centre crop (default 832)")
+    v.add_argument("--text-len", type=int, default=512,
+                   help="caption tokens kept; the embedding is zero after the caption (default 512, as Wan)")
+    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for the VAE and text encoder (default: cuda if available)")
     s = sub.add_parser("synthetic", help="write the built-in synthetic set in the latents format")
     s.add_argument("--count", type=int, default=1000)
     s.add_argument("--split", choices=("train", "val"), default="train")

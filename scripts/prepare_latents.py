@@ -84,8 +84,8 @@ def encode_videos(args) -> int:
     enc = UMT5EncoderModel.from_pretrained(pipe / "text_encoder", torch_dtype=dtype).to(device).eval()
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(device)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(device)
-    # The VAE's strided convolutions drop the remainder (36 rows encode like 32): a height that is not a multiple of its spatial factor
-    # would silently lose pixel rows instead of being encoded whole.
+    # The VAE's strided convolutions drop the remainder (36 rows encode like 32): a height that is not a
+    # multiple of its spatial factor would silently lose pixel rows instead of being encoded whole.
     factor = int(vae.spatial_compression_ratio)
     for name in ("height", "width"):
         if getattr(args, name) % factor:

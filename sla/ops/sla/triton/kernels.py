@@ -79,14 +79,21 @@ def sla_linear_state_kernel(
 
 
 @triton.jit
-def _attend_block(b_q, p_k0, p_v0, i_n, b_mx, b_l, b_acc, s_k_l, s_v_l, qk_scale, Lk,
-                  D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """One online-softmax step of the sparse branch over key block ``i_n`` (exp2 domain, fp32 state)."""
+def _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D: tl.constexpr, BN: tl.constexpr):
+    """K and V tiles ``[BN, D]`` of key block ``i_n`` (zeros past Lk) and the mask of its real keys."""
     o_k = i_n * BN + tl.arange(0, BN)
     o_d = tl.arange(0, D)
     m_k = o_k < Lk
-    b_k = tl.load(p_k0 + o_k[:, None] * s_k_l + o_d[None, :], mask=m_k[:, None], other=0.)  # [BN, D]
-    b_v = tl.load(p_v0 + o_k[:, None] * s_v_l + o_d[None, :], mask=m_k[:, None], other=0.)  # [BN, D]
+    b_k = tl.load(p_k0 + o_k[:, None] * s_k_l + o_d[None, :], mask=m_k[:, None], other=0.)
+    b_v = tl.load(p_v0 + o_k[:, None] * s_v_l + o_d[None, :], mask=m_k[:, None], other=0.)
+    return b_k, b_v, m_k
+
+
+@triton.jit
+def _attend_block(b_q, p_k0, p_v0, i_n, b_mx, b_l, b_acc, s_k_l, s_v_l, qk_scale, Lk,
+                  D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step of the sparse branch over key block ``i_n`` (exp2 domain, fp32 state)."""
+    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D, BN)
     b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k), input_precision=PREC), float("-inf"))
     b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1) * qk_scale)
     b_p = tl.math.exp2(b_s * qk_scale - b_mx_new[:, None])
@@ -168,11 +175,7 @@ def sla_fwd_kernel(
 def _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, i_n, s_k_l, s_v_l, qk_scale, Lk,
               D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Adds key block ``i_n``'s ``dS K`` to the (unscaled) dQ accumulator."""
-    o_k = i_n * BN + tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    m_k = o_k < Lk
-    b_k = tl.load(p_k0 + o_k[:, None] * s_k_l + o_d[None, :], mask=m_k[:, None], other=0.)  # [BN, D]
-    b_v = tl.load(p_v0 + o_k[:, None] * s_v_l + o_d[None, :], mask=m_k[:, None], other=0.)  # [BN, D]
+    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D, BN)
     b_p = tl.math.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - b_lse[:, None])
     b_p = tl.where(m_k[None, :], b_p, 0.)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)

@@ -47,6 +47,15 @@ def test_scores_use_smoothed_keys():
     torch.testing.assert_close(pooled_block_scores(q, k, 16, 8), expected)
 
 
+def test_scores_ignore_an_enclosing_autocast():
+    q, k = torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)
+    plain = pooled_block_scores(q, k, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = pooled_block_scores(q, k, 64, 64)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=0, atol=0)
+
+
 def test_tie_rule_prefers_lower_index_for_critical_and_higher_for_negligible():
     scores = torch.tensor([[[[1.0, 3.0, 3.0, 0.0, 0.0, 3.0]]]])
     crit, negl = select_blocks(scores, 2, 1)

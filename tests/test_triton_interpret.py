@@ -222,6 +222,26 @@ def test_gpu_block_map_tie_rule():
         assert torch.equal(getattr(ref, field), getattr(got, field)), field
 
 
+def test_enclosing_autocast_changes_nothing():
+    # Under torch.autocast (bf16 fine-tuning) the kernels and the block map keep their own dtypes: the state
+    # matmuls and the block scores stay fp32, so results equal those without autocast.
+    q, k, v = (torch.randn(1, 2, 200, 64, requires_grad=True) for _ in range(3))
+    w, b = (0.2 * torch.randn(64, 64)).requires_grad_(), torch.randn(64).requires_grad_()
+    do = torch.randn(1, 2, 200, 64)
+
+    def run():
+        bm = build_block_map_triton(q.detach(), k.detach(), critical=0.3, negligible=0.2)
+        o = triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b)
+        return (bm.class_map, o, *torch.autograd.grad(o, (q, k, v, w, b), do))
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = run()
+    for x, y in zip(plain, auto):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_end_to_end_entry_point():
     q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
     o = sparse_linear_attention_triton(q, k, v, critical=0.4, negligible=0.2)

@@ -180,6 +180,28 @@ def test_torch_compile_fullgraph_inductor():
     torch.testing.assert_close(out, f(q, k, v))
 
 
+def test_bf16_autocast_training_step():
+    # Fine-tuning runs the model under torch.autocast(bfloat16) with an fp32 projection (sla finetune --bf16):
+    # the block map and the kernels must give what they give without autocast.
+    import sla
+
+    layer = sla.SparseLinearAttention(64).to(DEV)
+    torch.nn.init.normal_(layer.proj.weight, std=0.05)
+    q, k, v = (torch.randn(1, 2, 1000, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def run():
+        o = layer(q, k, v)
+        return (o, *torch.autograd.grad(o, (q, k, v, layer.proj.weight), do))
+
+    plain = run()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        auto = run()
+    for x, y in zip(plain, auto):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_opcheck_gpu():
     from sla.ops.sla.triton import sla_triton_bwd, sla_triton_fwd
     from sla.ops.sla.triton.ops import scope_mask_for

@@ -82,10 +82,12 @@ def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k:
     inputs).
     """
     dt = _score_dtype(q.dtype)
-    q = q.to(dt)
-    k = k.to(dt)
-    k_smooth = k - k.mean(dim=2, keepdim=True)  # smooth-K: removes the shared key offset that biases pooling
-    return mean_pool_blocks(q, block_q) @ mean_pool_blocks(k_smooth, block_k).transpose(-1, -2)
+    # An enclosing autocast would run the score matmul in bf16/fp16 and change which blocks are selected.
+    with torch.autocast(q.device.type, enabled=False):
+        q = q.to(dt)
+        k = k.to(dt)
+        k_smooth = k - k.mean(dim=2, keepdim=True)  # smooth-K: removes the shared key offset that biases pooling
+        return mean_pool_blocks(q, block_q) @ mean_pool_blocks(k_smooth, block_k).transpose(-1, -2)
 
 
 def _transpose_lut(lut: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,7 +173,10 @@ def build_block_map_triton(
     # copy, which CUDA-graph capture rejects).
     lengths = torch.clamp(Lk - block_k * torch.arange(Tn, device=k.device, dtype=torch.float32), max=float(block_k))
     k_mean = (pk * lengths[:, None]).sum(dim=2, keepdim=True) / Lk
-    scores = (pq @ (pk - k_mean).transpose(-1, -2)).contiguous()
+    # fp32 scores also under an enclosing autocast: a bf16 matmul would change the ranking, and the selection
+    # kernel reads fp32 bit patterns.
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (pq @ (pk - k_mean).transpose(-1, -2)).contiguous()
     if Tn <= MAX_SORT_BLOCKS:
         class_map = torch.empty(B, H, Tm, Tn, dtype=torch.int8, device=q.device)
         crit_lut = torch.empty(B, H, Tm, n_crit, dtype=torch.int32, device=q.device)

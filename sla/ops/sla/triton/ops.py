@@ -206,8 +206,10 @@ def sla_triton_fwd(
     log-sum-exp ``(B, H, Lq)`` fp32. The last three are what backward needs; with ``store_aux=False``
     (inference) they are not written and come back with a leading size of 0. The transposed LUT is an input
     only so that autograd can hand it to backward."""
-    return _fwd_impl(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, scale, block_q, block_k,
-                     feature_map, store_aux)
+    # The launchers pick every dtype themselves; an enclosing autocast would turn the fp32 state matmuls to bf16.
+    with torch.autocast(q.device.type, enabled=False):
+        return _fwd_impl(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, scale, block_q, block_k,
+                         feature_map, store_aux)
 
 
 @sla_triton_fwd.register_fake
@@ -278,6 +280,13 @@ def sla_triton_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SLA backward. Returns ``(dq, dk, dv, d_proj_weight, d_proj_bias)``: ``dq``, ``dk``, ``dv`` through both
     branches (the feature map's backward included); projection grads are empty tensors when there is none."""
+    with torch.autocast(q.device.type, enabled=False):  # as in sla_triton_fwd
+        return _bwd(do, q, k, v, o_s, o_l, lse, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask,
+                    proj_weight, proj_bias, scale, block_q, block_k, feature_map)
+
+
+def _bwd(do, q, k, v, o_s, o_l, lse, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask, proj_weight,
+         proj_bias, scale, block_q, block_k, feature_map):
     do = _last_dim_contiguous(do)
     dq, dk, dv, d_b = _bwd_impl(do, q, k, v, o_s, o_l, lse, critical_lut, critical_lut_t_offsets, critical_lut_t,
                                 scope_mask, proj_weight, proj_bias, scale, block_q, block_k, feature_map)

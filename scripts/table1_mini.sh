@@ -3,7 +3,7 @@
 # checkpoint with the same data and budget, then evaluated together.
 #   STEPS=60 BATCH=2 SEEDS="0" VARIANTS="full sla ..." OUT=runs/t1 bash scripts/table1_mini.sh
 # GPU sizes (run on an H200 in fp32, docs/results.md): STEPS=600 BATCH=8 LR=1e-4 SEEDS="0 1" SAMPLES=64 CLIPS=64 SAMPLE_STEPS=25
-# (EXTRA="--bf16" fails for the SLA-family rows until the Triton kernels accept bf16 autocast.)
+# (EXTRA="--bf16" failed for the SLA-family rows at f5165ed: bf16 autocast; fixed in e9478b9, not yet re-run on a GPU.)
 set -euo pipefail
 STEPS=${STEPS:-60}; BATCH=${BATCH:-2}; LR=${LR:-3e-4}; SEEDS=${SEEDS:-0}; OUT=${OUT:-runs/t1}; EXTRA=${EXTRA:-}
 SAMPLES=${SAMPLES:-8}; CLIPS=${CLIPS:-8}; SAMPLE_STEPS=${SAMPLE_STEPS:-12}

@@ -10,7 +10,8 @@ What runs where, per SLA call (layout ``(B, H, L, D)``; the variant is chosen by
    ``Proj`` and the sum, in one pass over each query block. ``o_s``, ``o_l`` and the LSE are written only
    when autograd will need them.
 
-Backward: ``sla_bwd_q_kernel`` (linear branch's dq, dH_i, dZ_i, then the sparse dq over the LUT), ``dh =
+Backward: ``sla_bwd_dq_kernel`` (delta and the sparse dq over the LUT), ``sla_bwd_linear_q_kernel`` (adds
+the linear branch's dq through phi's backward; dH_i, dZ_i; the bias gradient's per-block sums), ``dh =
 M^T dH``, then ``sla_bwd_dkdv_kernel`` over the LUT's CSR transpose (deterministic, no atomics), which
 also adds the linear branch's dk and dv. ``H_i`` is recomputed: nothing of size ``T_m x D x D`` is saved
 between forward and backward, and no ``phi(q)``/``phi(k)`` tensor exists at all.

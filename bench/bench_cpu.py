@@ -17,7 +17,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
 
 import torch
@@ -25,13 +25,8 @@ import torch.nn.functional as F
 
 import sla
 
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers, also when imported
+from provenance import git_commit  # noqa: E402
 
 
 def _time_once(fn) -> float:
@@ -99,7 +94,7 @@ def main(argv=None):
             print(f"{row['mode']:8s} crit={crit:.2f} sparsity={row['sparsity']:.3f}  SDPA {row['sdpa_ms']:8.1f} ms"
                   f"  SLA {row['sla_ms']:7.1f} ms  speedup {row['speedup']:5.1f}x", flush=True)
     meta = {
-        "date": datetime.date.today().isoformat(), "commit": _commit(), "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
     }
     if args.json:

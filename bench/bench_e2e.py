@@ -35,12 +35,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import types
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers, also when imported
+from provenance import git_commit  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -58,14 +60,6 @@ RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}
 DEFAULT_RESOLUTION = {"1.3b": "480p", "14b": "720p"}
 MODES = ("flash", "cudnn", "sla", "noop")
 TEXT_TOKENS = 512
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL, cwd=os.path.dirname(__file__)).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def build_model(config: dict, device: torch.device, dtype: torch.dtype):
@@ -223,7 +217,7 @@ def run(args) -> dict:
     result = {
         "benchmark": "bench_e2e",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,

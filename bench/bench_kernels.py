@@ -27,11 +27,13 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers, also when imported
+from provenance import git_commit  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -52,16 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench/results_kernels.json", help="JSON output path")
     p.add_argument("--md", default=None, help="also write the Markdown tables here")
     return p.parse_args(argv)
-
-
-def git_commit() -> str:
-    if os.environ.get("SLA_COMMIT"):
-        return os.environ["SLA_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
 
 
 def bench(fn, rep_ms=200, grad_to_none=None):

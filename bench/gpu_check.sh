@@ -2,6 +2,7 @@
 # One command for the GPU machine: the kernel tests (bf16/fp16/fp32), then the kernel benchmark.
 # Usage (repo root, CUDA machine):  bash bench/gpu_check.sh [OUTDIR]
 # Writes OUTDIR/gpu_tests.log, OUTDIR/bench.log, OUTDIR/results_kernels.json and .md (OUTDIR default: $OUT or .).
+# On a machine that received a copy of the tree (stale or no .git), name the commit: SLA_COMMIT=abc1234 bash ...
 set -o pipefail
 out="${1:-${OUT:-.}}"
 shift || true

@@ -97,8 +97,10 @@ def sla_select_blocks_kernel(
     tl.store(NEGL_LUT + i_row * N_NEGL + b_pos, o_n, mask=m_negl)
 
 
-# Rows longer than this are ranked with torch.topk instead of one in-register sort per row.
-MAX_SORT_BLOCKS = 4096
+# Rows longer than this are ranked with torch.topk instead of one in-register sort per row. Measured on an H200
+# at (1, 40, 75600, 128), 64x64 blocks (T_n = 1182, sorted as 2048 keys): 13.0 ms with the row sort, 9.7 ms with
+# topk, same map (bench/RESULTS.md). At T_n = 512 the row sort is the faster one (0.15 ms kernel).
+MAX_SORT_BLOCKS = 1024
 
 
 def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -58,7 +58,7 @@ def time_head_kernels(path, q, k, v, do, bm, mask, w, b, scale, bq, bk, o_s, lse
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
     B, H, L, D = q.shape
-    Tm = triton_cdiv(L, bq)
+    Tm = triton.cdiv(L, bq)
     hs, zs = ops._linear_states(k, v, bk, "softmax")
     big_h, big_z = ops._aggregate_states(hs, zs, mask)
     st = ops._state_strides(big_h, big_z)
@@ -98,10 +98,6 @@ def time_head_kernels(path, q, k, v, do, bm, mask, w, b, scale, bq, bk, o_s, lse
                              ("kernel only: sla_fwd_kernel, older (phi(q) loaded)", old_fwd),
                              ("kernel only: sla_bwd_dq_kernel, current", new_dq),
                              ("kernel only: sla_bwd_dq_kernel, older", old_dq))}
-
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def load_variant(replacements, tag):

@@ -145,3 +145,23 @@ def test_topk_path_for_long_rows(monkeypatch):
     k = quantized(1, 2, 1234, 16, 64, seed=6, zero_mean=True)
     assert_same_map(q, k, 0.2, 0.3, 64, 64)
     assert_same_map(q, k, 0.2, 0.0, 128, 64)
+
+
+@pytest.mark.parametrize("method", ["bisect", "topk"])
+@pytest.mark.parametrize("via_copy", [False, True], ids=["strided-columns", "transposed-copy"])
+def test_selection_methods_and_transposes_agree(monkeypatch, method, via_copy):
+    # The three row selections (in-register sort, bisection on the score bits, torch.topk) and both ways of
+    # building the key-block LUTs give the PyTorch builder's map, ties, NaN and infinities included.
+    monkeypatch.setattr(gpu_blockmap, "SELECTION_METHOD_OVERRIDE", method)
+    monkeypatch.setattr(gpu_blockmap, "TRANSPOSE_VIA_COPY", via_copy)
+    q = quantized(1, 2, 1500, 16, 64, seed=7)
+    k = quantized(1, 2, 1100, 16, 64, seed=8, zero_mean=True)
+    assert_same_map(q, k, 0.2, 0.3, 64, 64)
+    assert_same_map(q, k, 0.05, 0.0, 128, 64)
+    assert_same_map(torch.ones(1, 1, 256, 16), torch.ones(1, 1, 1000, 16), 0.25, 0.5, 64, 32)  # all tie
+    q[0, 0, 64:128, 0] = float("inf")
+    q[0, 1, 256:320, 3] = float("nan")
+    assert_same_map(q, k, 0.25, 0.25, 64, 64)
+    torch.manual_seed(9)
+    assert_same_map(torch.randn(1, 2, 700, 32), torch.randn(1, 2, 650, 32), 1.0, 0.0, 64, 64)
+    assert_same_map(torch.randn(1, 2, 700, 32), torch.randn(1, 2, 650, 32), 0.01, 0.99, 64, 64)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..blockmap import CRITICAL, NEGLIGIBLE, BlockMap, class_counts, num_blocks
 from ..validation import check_attention_inputs, check_sla_config
-from .ops import check_triton_inputs
+from .ops import _interpreting, check_triton_inputs
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -97,10 +97,95 @@ def sla_select_blocks_kernel(
     tl.store(NEGL_LUT + i_row * N_NEGL + b_pos, o_n, mask=m_negl)
 
 
+@triton.jit(do_not_specialize=["Tn", "N_CRIT", "N_NEGL"])
+def sla_select_blocks_bisect_kernel(
+    SCORES, CLASS_MAP, CRIT_LUT, NEGL_LUT, Tn, N_CRIT, N_NEGL,
+    BT: tl.constexpr,
+):
+    # Same output and tie rule as sla_select_blocks_kernel without a sort: the N_CRIT-th largest and the
+    # N_NEGL-th smallest score of the row are found by bisection on the order-mapped int32 bits (32 halvings
+    # of the row's [min, max] range, each one count over the row), then ties at a threshold are settled by
+    # index (critical: lower indices first; negligible: higher indices first). A sort of BT int64 keys costs
+    # ~log2(BT)^2 / 2 register-exchange stages, which spill at BT = 2048.
+    i_row = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BT)
+    m_n = o_n < Tn
+    b_s = tl.load(SCORES + i_row * Tn + o_n, mask=m_n, other=0.) + 0.  # +0.0: -0.0 ties with +0.0
+    b_bits = b_s.to(tl.int32, bitcast=True)
+    b_bits = tl.where(b_s != b_s, 0x7FC00000, b_bits)  # every NaN -> the positive quiet NaN, above +inf
+    b_ord = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.int64)
+    row_min = tl.min(tl.where(m_n, b_ord, 2147483647), axis=0)
+    row_max = tl.max(tl.where(m_n, b_ord, -2147483648), axis=0)
+    # Critical threshold t_c: the largest t with count(b_ord >= t) >= N_CRIT, in [lo_c, hi_c].
+    # Negligible threshold t_g: the smallest t with count(b_ord <= t) >= N_NEGL, in [lo_g, hi_g].
+    lo_c, hi_c = row_min, row_max
+    lo_g, hi_g = row_min, row_max
+    for _ in range(32):
+        mid_c = (lo_c + hi_c + 1) >> 1
+        up = tl.sum((m_n & (b_ord >= mid_c)).to(tl.int32), axis=0) >= N_CRIT
+        lo_c, hi_c = tl.where(up, mid_c, lo_c), tl.where(up, hi_c, mid_c - 1)
+        mid_g = (lo_g + hi_g) >> 1
+        down = tl.sum((m_n & (b_ord <= mid_g)).to(tl.int32), axis=0) >= N_NEGL
+        lo_g, hi_g = tl.where(down, lo_g, mid_g + 1), tl.where(down, mid_g, hi_g)
+    m_tie = m_n & (b_ord == lo_c)
+    n_tie_needed = N_CRIT - tl.sum((m_n & (b_ord > lo_c)).to(tl.int32), axis=0)
+    m_crit = m_n & ((b_ord > lo_c) | (m_tie & (tl.cumsum(m_tie.to(tl.int32), axis=0) <= n_tie_needed)))
+    m_tie = m_n & (b_ord == lo_g)
+    n_tie_needed = N_NEGL - tl.sum((m_n & (b_ord < lo_g)).to(tl.int32), axis=0)
+    # rank of a tied block counted from the highest index down
+    rank_from_top = tl.sum(m_tie.to(tl.int32), axis=0) - tl.cumsum(m_tie.to(tl.int32), axis=0) + m_tie.to(tl.int32)
+    m_negl = m_n & (N_NEGL > 0) & ((b_ord < lo_g) | (m_tie & (rank_from_top <= n_tie_needed)))
+    b_cls = tl.where(m_crit, 1, tl.where(m_negl, -1, 0))
+    tl.store(CLASS_MAP + i_row * Tn + o_n, b_cls.to(tl.int8), mask=m_n)
+    b_pos = tl.cumsum(m_crit.to(tl.int32), axis=0) - 1
+    tl.store(CRIT_LUT + i_row * N_CRIT + b_pos, o_n, mask=m_crit)
+    b_pos = tl.cumsum(m_negl.to(tl.int32), axis=0) - 1
+    tl.store(NEGL_LUT + i_row * N_NEGL + b_pos, o_n, mask=m_negl)
+
+
 # Rows longer than this are ranked with torch.topk instead of one in-register sort per row. Measured on an H200
 # at (1, 40, 75600, 128), 64x64 blocks (T_n = 1182, sorted as 2048 keys): 13.0 ms with the row sort, 9.7 ms with
 # topk, same map (bench/RESULTS.md). At T_n = 512 the row sort is the faster one (0.15 ms kernel).
 MAX_SORT_BLOCKS = 1024
+
+
+# None, or "sort" / "bisect" / "topk" for every row length: set only by bench/bench_blockmap.py's A/B.
+SELECTION_METHOD_OVERRIDE = None
+
+
+# Key-block LUTs (the CSR transposes) compacted from a contiguous transposed copy of the class map instead of
+# strided column reads; set only by bench/bench_blockmap.py's A/B until measured.
+TRANSPOSE_VIA_COPY = False
+
+
+def _selection_method(Tn: int) -> str:
+    if SELECTION_METHOD_OVERRIDE is not None:
+        return SELECTION_METHOD_OVERRIDE
+    return "sort" if Tn <= MAX_SORT_BLOCKS else "topk"
+
+
+def _select_blocks(scores: torch.Tensor, n_crit: int, n_negl: int, method: str, num_warps: int = 4):
+    """Class map ``(B, H, T_m, T_n)`` int8 and the critical / negligible LUTs (ascending) of each row.
+    ``num_warps`` applies to the "sort" and "bisect" kernels (the benchmark's sweep; 4 is Triton's default)."""
+    B, H, Tm, Tn = scores.shape
+    if method in ("sort", "bisect"):
+        class_map = torch.empty(B, H, Tm, Tn, dtype=torch.int8, device=scores.device)
+        crit_lut = torch.empty(B, H, Tm, n_crit, dtype=torch.int32, device=scores.device)
+        negl_lut = torch.empty(B, H, Tm, n_negl, dtype=torch.int32, device=scores.device)
+        kernel = sla_select_blocks_kernel if method == "sort" else sla_select_blocks_bisect_kernel
+        kernel[(B * H * Tm,)](scores, class_map, crit_lut, negl_lut, Tn, n_crit, n_negl,
+                              BT=triton.next_power_of_2(Tn), **({} if _interpreting() else {"num_warps": num_warps}))
+        return class_map, crit_lut, negl_lut
+    if method != "topk":
+        raise ValueError(f"unknown selection method {method!r}; expected 'sort', 'bisect' or 'topk'")
+    keys = _ranking_keys(scores)
+    crit = torch.topk(keys, n_crit, dim=-1, sorted=False).indices
+    class_map = torch.zeros(B, H, Tm, Tn, dtype=torch.int8, device=scores.device)
+    class_map.scatter_(-1, crit, CRITICAL)
+    if n_negl:
+        negl = torch.topk(keys, n_negl, dim=-1, largest=False, sorted=False).indices
+        class_map.scatter_(-1, negl, NEGLIGIBLE)
+    return class_map, _compact(class_map, CRITICAL, True, n_crit), _compact(class_map, NEGLIGIBLE, True, n_negl)
 
 
 def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -123,7 +208,11 @@ def _ranking_keys(scores: torch.Tensor) -> torch.Tensor:
     return (ordered << 32) | (Tn - 1 - idx)
 
 
-def _compact(class_map: torch.Tensor, cls: int, by_rows: bool, count: int, offsets=None) -> torch.Tensor:
+def _compact(class_map: torch.Tensor, cls: int, by_rows: bool, count: int, offsets=None,
+             class_map_t=None) -> torch.Tensor:
+    """Rows (``by_rows``: each query block's LUT, ``(B, H, T_m, count)``) or columns (each key block's CSR
+    segment at ``offsets``, ``(B, H, T_m * count)``) of the indices of class ``cls``. Columns are read with
+    stride T_n from ``class_map``, or contiguously from ``class_map_t`` (its contiguous transpose) if given."""
     B, H, Tm, Tn = class_map.shape
     if by_rows:
         out = torch.empty(B, H, Tm, count, dtype=torch.int32, device=class_map.device)
@@ -132,13 +221,14 @@ def _compact(class_map: torch.Tensor, cls: int, by_rows: bool, count: int, offse
         out_stride = Tm * count
     else:
         out = torch.empty(B, H, Tm * count, dtype=torch.int32, device=class_map.device)
-        n_lines, line_len, s_line, s_elem = Tn, Tm, 1, Tn
+        n_lines, line_len, s_line, s_elem = (Tn, Tm, 1, Tn) if class_map_t is None else (Tn, Tm, Tm, 1)
         out_stride = Tm * count
     if count == 0 or out.numel() == 0:
         return out
     chunk = min(1024, triton.next_power_of_2(line_len))
+    source = class_map if class_map_t is None or by_rows else class_map_t
     sla_lut_compact_kernel[(n_lines, B * H)](
-        class_map, offsets, out, n_lines if by_rows else Tn, line_len, s_line, s_elem, out_stride,
+        source, offsets, out, n_lines if by_rows else Tn, line_len, s_line, s_elem, out_stride,
         CLASS=cls, CHUNK=chunk, PER_LINE=by_rows)
     return out
 
@@ -179,27 +269,16 @@ def build_block_map_triton(
     # kernel reads fp32 bit patterns.
     with torch.autocast(q.device.type, enabled=False):
         scores = (pq @ (pk - k_mean).transpose(-1, -2)).contiguous()
-    if Tn <= MAX_SORT_BLOCKS:
-        class_map = torch.empty(B, H, Tm, Tn, dtype=torch.int8, device=q.device)
-        crit_lut = torch.empty(B, H, Tm, n_crit, dtype=torch.int32, device=q.device)
-        negl_lut = torch.empty(B, H, Tm, n_negl, dtype=torch.int32, device=q.device)
-        sla_select_blocks_kernel[(B * H * Tm,)](scores, class_map, crit_lut, negl_lut, Tn, n_crit, n_negl,
-                                               BT=triton.next_power_of_2(Tn))
-    else:
-        keys = _ranking_keys(scores)
-        crit = torch.topk(keys, n_crit, dim=-1, sorted=False).indices
-        class_map = torch.zeros(B, H, Tm, Tn, dtype=torch.int8, device=q.device)
-        class_map.scatter_(-1, crit, CRITICAL)
-        if n_negl:
-            negl = torch.topk(keys, n_negl, dim=-1, largest=False, sorted=False).indices
-            class_map.scatter_(-1, negl, NEGLIGIBLE)
-        crit_lut = _compact(class_map, CRITICAL, True, n_crit)
-        negl_lut = _compact(class_map, NEGLIGIBLE, True, n_negl)
+    class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl, _selection_method(Tn))
+    class_map_t = class_map.transpose(-1, -2).contiguous() if TRANSPOSE_VIA_COPY else None
 
     def transpose(cls, count):
-        counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
+        if class_map_t is None:
+            counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
+        else:
+            counts = (class_map_t == cls).sum(dim=3, dtype=torch.int32)
         offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
-        return offsets, _compact(class_map, cls, False, count, offsets)
+        return offsets, _compact(class_map, cls, False, count, offsets, class_map_t)
 
     ct_off, ct = transpose(CRITICAL, n_crit)
     nt_off, nt = transpose(NEGLIGIBLE, n_negl)

@@ -10,14 +10,16 @@ For each shape (B, H, L, D), bf16, 64x64 blocks, critical 0.05, negligible 0.10:
 * stages, each timed on its own: mean pooling of q and k, the fp32 score matmul, the row selection with each
   method (``sort``: one in-register sort per row; ``bisect``: bisection on the score bits; ``topk``:
   ``torch.topk`` + row compaction; the two kernels also with 2 and 8 warps instead of 4), the key-block LUTs (strided column reads vs a transposed copy);
-* the whole builder with every (method, transpose) pair; every pair's map must equal the default's, and at
+* the whole builder with every (method, transpose) pair, and the default builder with only the critical
+  transpose (training) or none (inference); every pair's map must equal the first's, and at
   the shapes where the PyTorch builder fits, the PyTorch builder's (``torch.equal`` on every field), or the
   script exits non-zero.
 
-Times are medians of ``triton.testing.do_bench`` (ms). What to expect, written before the first run: the sort
-is best at T_n = 512 (BT = 512 keys fit in registers); at T_n = 1182 (Wan2.1-14B, 720p) the bisection should
-take well under 1 ms where the sort took 13 ms and topk 9.7 ms (whole builder, H200); the transposed copy
-should save a fraction of a millisecond at T_n = 1182 and nothing measurable at 512.
+Times are medians of ``triton.testing.do_bench`` (ms). Expected before the first run (H200 numbers of the
+whole builder: sort 13 ms, topk 9.7 ms at T_n = 1182): the sort best at T_n = 512, the bisection well under
+1 ms at T_n = 1182, the transposed copy a fraction of a millisecond faster at 1182. Measured on an H100
+(bench/RESULTS.md): the first bisection took 3.1-3.8 ms at 1182 (not under 1 ms) and already beat the sort
+at 512; the copy did not help. Expected for the early-exit int32 bisection: about 3x less at 1182.
 """
 
 from __future__ import annotations
@@ -105,6 +107,11 @@ def bench_shape(shape, critical, negligible, block, reference_max_tokens):
 
                 row["builder_ms"][name] = do_bench(build)
                 maps[name] = build()
+        bm.SELECTION_METHOD_OVERRIDE, bm.TRANSPOSE_VIA_COPY = None, False
+        for transposes in ("critical", "none"):  # what training / inference through the SLA op build
+            row["builder_ms"][f"default, transposes={transposes}"] = do_bench(
+                lambda t=transposes: bm.build_block_map_triton(q, k, critical=critical, negligible=negligible,
+                                                               block_q=block, block_k=block, transposes=t))
     finally:
         bm.SELECTION_METHOD_OVERRIDE, bm.TRANSPOSE_VIA_COPY = None, False
     first = next(iter(maps.values()))

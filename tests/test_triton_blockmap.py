@@ -138,16 +138,17 @@ def test_strided_blhd_view():
     assert_same_map(q, k, 0.1, 0.1, 64, 64)
 
 
-def test_topk_path_for_long_rows(monkeypatch):
-    # Rows longer than MAX_SORT_BLOCKS go through torch.topk and the same transpose kernel.
-    monkeypatch.setattr(gpu_blockmap, "MAX_SORT_BLOCKS", 8)
+@pytest.mark.parametrize("method", ["sort", "topk"])
+def test_other_selection_methods(monkeypatch, method):
+    # The in-register sort and torch.topk (kept for bench/bench_blockmap.py's A/B) give the same map.
+    monkeypatch.setattr(gpu_blockmap, "SELECTION_METHOD_OVERRIDE", method)
     q = quantized(1, 2, 2100, 16, 64, seed=5)
     k = quantized(1, 2, 1234, 16, 64, seed=6, zero_mean=True)
     assert_same_map(q, k, 0.2, 0.3, 64, 64)
     assert_same_map(q, k, 0.2, 0.0, 128, 64)
 
 
-@pytest.mark.parametrize("method", ["bisect", "topk"])
+@pytest.mark.parametrize("method", ["bisect", "sort", "topk"])
 @pytest.mark.parametrize("via_copy", [False, True], ids=["strided-columns", "transposed-copy"])
 def test_selection_methods_and_transposes_agree(monkeypatch, method, via_copy):
     # The three row selections (in-register sort, bisection on the score bits, torch.topk) and both ways of
@@ -165,3 +166,29 @@ def test_selection_methods_and_transposes_agree(monkeypatch, method, via_copy):
     torch.manual_seed(9)
     assert_same_map(torch.randn(1, 2, 700, 32), torch.randn(1, 2, 650, 32), 1.0, 0.0, 64, 64)
     assert_same_map(torch.randn(1, 2, 700, 32), torch.randn(1, 2, 650, 32), 0.01, 0.99, 64, 64)
+
+
+def test_partial_transposes_for_the_op():
+    # "critical" builds only what backward reads, "none" only what forward reads; the rest of the map is the
+    # same, and a map without the critical transpose is refused where a gradient will flow.
+    from sla.ops.sla.triton import sparse_linear_attention_triton
+
+    torch.manual_seed(10)
+    q, k, v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 260, 16), torch.randn(1, 2, 260, 16)
+    full = build_block_map_triton(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=32)
+    for transposes, built in (("critical", ("critical_lut_t_offsets", "critical_lut_t")), ("none", ())):
+        with poisoned_allocations():
+            part = build_block_map_triton(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=32,
+                                          transposes=transposes)
+        for field in FIELDS:
+            if "_lut_t" in field and field not in built:
+                assert getattr(part, field).shape == (1, 2, 0), field
+            else:
+                assert torch.equal(getattr(part, field), getattr(full, field)), field
+    with pytest.raises(ValueError, match="transposes='none'"):
+        sparse_linear_attention_triton(q.requires_grad_(), k, v, block_map=part)
+    with torch.no_grad():
+        out = sparse_linear_attention_triton(q, k, v, block_map=part)
+    assert torch.equal(out, sparse_linear_attention_triton(q.detach(), k, v, block_map=full))
+    with pytest.raises(ValueError, match="transposes must be"):
+        build_block_map_triton(q, k, transposes="some")

@@ -136,14 +136,22 @@ def sparse_linear_attention(
         raise TypeError(f"scale must be a float or None (None means head_dim ** -0.5), got {scale!r}")
     name = resolve_backend(backend, q.device)
     if block_map is None:
-        builder = build_block_map
         if name == "triton" and q.device.type == "cuda" and not torch.compiler.is_compiling():
-            # The Triton classifier computes the same scores and tie rule in a few kernels (0.80 ms against
-            # 2.65 ms for the PyTorch builder at (1, 12, 32760, 128) on an H200, bench/RESULTS.md). Its raw
+            # The Triton classifier computes the same scores and tie rule in a few kernels (0.93 ms against
+            # 2.05 ms for the PyTorch builder at (1, 12, 32760, 128) on an H100, bench/RESULTS.md). Its raw
             # kernel launches are not traceable, so under torch.compile the PyTorch builder (same map) is
             # traced instead and inductor fuses it.
-            from .triton import build_block_map_triton as builder
-        block_map = builder(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
+            from .triton import build_block_map_triton, grad_will_flow
+
+            # Inference needs no CSR transposes and training only the critical one (they took 0.31 of those
+            # 0.93 ms); a map returned to the caller is complete.
+            transposes = "all" if return_info else (
+                "critical" if grad_will_flow(q, k, v, proj_weight, proj_bias) else "none")
+            block_map = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q,
+                                               block_k=block_k, transposes=transposes)
+        else:
+            block_map = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q,
+                                        block_k=block_k)
     else:
         block_map.validate_for(q, k)
     try:

@@ -6,10 +6,11 @@ to fp32 rounding, same counts, same tie rule) with a handful of launches and no 
 * ``sla_mean_pool_kernel`` reads q and k once in their own dtype and writes block means in fp32. The
   smooth-K pooling ``mean_pool(k - mean(k))`` equals ``mean_pool(k) - mean(k)``, and ``mean(k)`` is the
   length-weighted mean of the block means, so k is read once.
-* Selection: each score is packed with its index into one int64 key whose order is the tie rule of
-  ``blockmap.py`` (higher score first; equal scores: lower index first; NaN above every number).
-  ``sla_select_blocks_kernel`` sorts each row's keys in registers and writes the class row and both LUT
-  rows in one pass; rows of more than ``MAX_SORT_BLOCKS`` key blocks use ``torch.topk`` on the same keys.
+* Selection: ``sla_select_blocks_bisect_kernel`` finds each row's critical and negligible thresholds by
+  bisection on order-preserving integer keys of the scores and writes the class row and both LUT rows in one
+  pass, with the tie rule of ``blockmap.py`` (higher score first; equal scores: lower index first; NaN above
+  every number). An in-register sort per row (``sla_select_blocks_kernel``) and ``torch.topk`` give the same
+  map and remain for the benchmark's A/B (``SELECTION_METHOD_OVERRIDE``).
 * ``sla_lut_compact_kernel`` writes each row's (ascending) LUT and each column's CSR transpose by
   compacting the class map with a prefix sum. No host synchronisation anywhere.
 """
@@ -102,51 +103,54 @@ def sla_select_blocks_bisect_kernel(
     SCORES, CLASS_MAP, CRIT_LUT, NEGL_LUT, Tn, N_CRIT, N_NEGL,
     BT: tl.constexpr,
 ):
-    # Same output and tie rule as sla_select_blocks_kernel without a sort: the N_CRIT-th largest and the
-    # N_NEGL-th smallest score of the row are found by bisection on the order-mapped int32 bits (32 halvings
-    # of the row's [min, max] range, each one count over the row), then ties at a threshold are settled by
-    # index (critical: lower indices first; negligible: higher indices first). A sort of BT int64 keys costs
-    # ~log2(BT)^2 / 2 register-exchange stages, which spill at BT = 2048.
+    # Same output and tie rule as sla_select_blocks_kernel, without a sort. Scores become order-preserving
+    # int32 keys; a bisection over the row's [min, max] key range finds a critical threshold t_c with
+    # count(key >= t_c) = N_CRIT (or, inside a tie, the N_CRIT-th largest key) and a negligible threshold t_g
+    # with count(key <= t_g) = N_NEGL, each step one count over the row. A search stops as soon as its count is
+    # exact, which takes about log2(T_n) + a few steps for untied scores and at most 32. Ties at a threshold
+    # are settled by index afterwards (critical: lower indices first; negligible: higher indices first).
+    # Measured on an H100 at T_n = 1182 (bench/RESULTS.md): the sort of 2048 int64 keys spills.
     i_row = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BT)
     m_n = o_n < Tn
     b_s = tl.load(SCORES + i_row * Tn + o_n, mask=m_n, other=0.) + 0.  # +0.0: -0.0 ties with +0.0
     b_bits = b_s.to(tl.int32, bitcast=True)
     b_bits = tl.where(b_s != b_s, 0x7FC00000, b_bits)  # every NaN -> the positive quiet NaN, above +inf
-    b_ord = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.int64)
-    row_min = tl.min(tl.where(m_n, b_ord, 2147483647), axis=0)
-    row_max = tl.max(tl.where(m_n, b_ord, -2147483648), axis=0)
-    # Critical threshold t_c: the largest t with count(b_ord >= t) >= N_CRIT, in [lo_c, hi_c].
-    # Negligible threshold t_g: the smallest t with count(b_ord <= t) >= N_NEGL, in [lo_g, hi_g].
+    b_key = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits)  # int32, ordered as the scores
+    # Padding lanes get keys that no threshold counts: below every key for ">=", above for "<=".
+    b_key_c = tl.where(m_n, b_key, -2147483648)
+    b_key_g = tl.where(m_n, b_key, 2147483647)
+    row_min = tl.min(b_key_g, axis=0).to(tl.int64)
+    row_max = tl.max(b_key_c, axis=0).to(tl.int64)
+    # Invariants (int64 scalars, so midpoints never overflow): count(key >= lo_c) >= N_CRIT > count(key >= hi_c + 1)
+    # and count(key <= hi_g) >= N_NEGL > count(key <= lo_g - 1). No negligible blocks: nothing to search.
     lo_c, hi_c = row_min, row_max
-    lo_g, hi_g = row_min, row_max
-    for _ in range(32):
+    lo_g, hi_g = row_min, tl.where(N_NEGL > 0, row_max, row_min)
+    while (lo_c < hi_c) | (lo_g < hi_g):
         mid_c = (lo_c + hi_c + 1) >> 1
-        up = tl.sum((m_n & (b_ord >= mid_c)).to(tl.int32), axis=0) >= N_CRIT
-        lo_c, hi_c = tl.where(up, mid_c, lo_c), tl.where(up, hi_c, mid_c - 1)
+        n_c = tl.sum((b_key_c >= mid_c.to(tl.int32)).to(tl.int32), axis=0)
+        hi_c = tl.where(n_c > N_CRIT, hi_c, tl.where(n_c == N_CRIT, mid_c, mid_c - 1))
+        lo_c = tl.where(n_c >= N_CRIT, mid_c, lo_c)
         mid_g = (lo_g + hi_g) >> 1
-        down = tl.sum((m_n & (b_ord <= mid_g)).to(tl.int32), axis=0) >= N_NEGL
-        lo_g, hi_g = tl.where(down, lo_g, mid_g + 1), tl.where(down, mid_g, hi_g)
-    m_tie = m_n & (b_ord == lo_c)
-    n_tie_needed = N_CRIT - tl.sum((m_n & (b_ord > lo_c)).to(tl.int32), axis=0)
-    m_crit = m_n & ((b_ord > lo_c) | (m_tie & (tl.cumsum(m_tie.to(tl.int32), axis=0) <= n_tie_needed)))
-    m_tie = m_n & (b_ord == lo_g)
-    n_tie_needed = N_NEGL - tl.sum((m_n & (b_ord < lo_g)).to(tl.int32), axis=0)
-    # rank of a tied block counted from the highest index down
+        n_g = tl.sum((b_key_g <= mid_g.to(tl.int32)).to(tl.int32), axis=0)
+        lo_g = tl.where(n_g < N_NEGL, mid_g + 1, tl.where(n_g == N_NEGL, mid_g, lo_g))
+        hi_g = tl.where(n_g >= N_NEGL, mid_g, hi_g)
+    t_c = lo_c.to(tl.int32)
+    t_g = lo_g.to(tl.int32)
+    # count(key > t) <= N_CRIT <= count(key >= t): the keys above t, then the lowest-index ties at t.
+    m_tie = b_key_c == t_c
+    n_tie_needed = N_CRIT - tl.sum((b_key_c > t_c).to(tl.int32), axis=0)
+    m_crit = (b_key_c > t_c) | (m_tie & (tl.cumsum(m_tie.to(tl.int32), axis=0) <= n_tie_needed))
+    m_tie = b_key_g == t_g
+    n_tie_needed = N_NEGL - tl.sum((b_key_g < t_g).to(tl.int32), axis=0)
     rank_from_top = tl.sum(m_tie.to(tl.int32), axis=0) - tl.cumsum(m_tie.to(tl.int32), axis=0) + m_tie.to(tl.int32)
-    m_negl = m_n & (N_NEGL > 0) & ((b_ord < lo_g) | (m_tie & (rank_from_top <= n_tie_needed)))
+    m_negl = (N_NEGL > 0) & ((b_key_g < t_g) | (m_tie & (rank_from_top <= n_tie_needed)))
     b_cls = tl.where(m_crit, 1, tl.where(m_negl, -1, 0))
     tl.store(CLASS_MAP + i_row * Tn + o_n, b_cls.to(tl.int8), mask=m_n)
     b_pos = tl.cumsum(m_crit.to(tl.int32), axis=0) - 1
     tl.store(CRIT_LUT + i_row * N_CRIT + b_pos, o_n, mask=m_crit)
     b_pos = tl.cumsum(m_negl.to(tl.int32), axis=0) - 1
     tl.store(NEGL_LUT + i_row * N_NEGL + b_pos, o_n, mask=m_negl)
-
-
-# Rows longer than this are ranked with torch.topk instead of one in-register sort per row. Measured on an H200
-# at (1, 40, 75600, 128), 64x64 blocks (T_n = 1182, sorted as 2048 keys): 13.0 ms with the row sort, 9.7 ms with
-# topk, same map (bench/RESULTS.md). At T_n = 512 the row sort is the faster one (0.15 ms kernel).
-MAX_SORT_BLOCKS = 1024
 
 
 # None, or "sort" / "bisect" / "topk" for every row length: set only by bench/bench_blockmap.py's A/B.
@@ -159,14 +163,15 @@ TRANSPOSE_VIA_COPY = False
 
 
 def _selection_method(Tn: int) -> str:
-    if SELECTION_METHOD_OVERRIDE is not None:
-        return SELECTION_METHOD_OVERRIDE
-    return "sort" if Tn <= MAX_SORT_BLOCKS else "topk"
+    # Measured on an H100 (bench/bench_blockmap.py, bench/RESULTS.md), selection alone: at T_n = 512 the
+    # bisection (first version, 2 warps) took 0.129 ms against 0.155 for the sort and 0.78 for topk; at
+    # T_n = 1182, 3.1 ms against 10.8 (sort) and 8.7 (topk). The other two stay for the benchmark's A/B.
+    return SELECTION_METHOD_OVERRIDE or "bisect"
 
 
-def _select_blocks(scores: torch.Tensor, n_crit: int, n_negl: int, method: str, num_warps: int = 4):
+def _select_blocks(scores: torch.Tensor, n_crit: int, n_negl: int, method: str, num_warps: int = 2):
     """Class map ``(B, H, T_m, T_n)`` int8 and the critical / negligible LUTs (ascending) of each row.
-    ``num_warps`` applies to the "sort" and "bisect" kernels (the benchmark's sweep; 4 is Triton's default)."""
+    ``num_warps`` applies to the "sort" and "bisect" kernels (2: best of 2/4/8 for both on an H100)."""
     B, H, Tm, Tn = scores.shape
     if method in ("sort", "bisect"):
         class_map = torch.empty(B, H, Tm, Tn, dtype=torch.int8, device=scores.device)
@@ -242,12 +247,20 @@ def build_block_map_triton(
     negligible: float = 0.10,
     block_q: int = 64,
     block_k: int = 64,
+    transposes: str = "all",
 ) -> BlockMap:
     """GPU version of :func:`sla.build_block_map` (same arguments, same result up to fp32 score rounding).
 
     q ``(B, H, Lq, D)`` and k ``(B, H, Lk, D)`` with a contiguous last dim (other strides free), on CUDA or
     on CPU under ``TRITON_INTERPRET=1``.
+
+    ``transposes``: which CSR transposes (per key block) to build. ``"all"`` (default) gives the complete map;
+    ``"critical"`` only the critical one, all that the backward kernels read; ``"none"`` neither, all that
+    the forward kernels need (inference). Transposes not built are size-0 int32 tensors: such a map is for the
+    SLA op's own use and must not reach a backward pass (the Triton op raises if it would).
     """
+    if transposes not in ("all", "critical", "none"):
+        raise ValueError(f"transposes must be 'all', 'critical' or 'none', got {transposes!r}")
     check_attention_inputs(q, k, k)
     check_sla_config(critical, negligible, block_q, block_k, "softmax", "marginal")
     check_triton_inputs(q, block_q, block_k)
@@ -270,7 +283,7 @@ def build_block_map_triton(
     with torch.autocast(q.device.type, enabled=False):
         scores = (pq @ (pk - k_mean).transpose(-1, -2)).contiguous()
     class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl, _selection_method(Tn))
-    class_map_t = class_map.transpose(-1, -2).contiguous() if TRANSPOSE_VIA_COPY else None
+    class_map_t = class_map.transpose(-1, -2).contiguous() if TRANSPOSE_VIA_COPY and transposes != "none" else None
 
     def transpose(cls, count):
         if class_map_t is None:
@@ -280,8 +293,11 @@ def build_block_map_triton(
         offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
         return offsets, _compact(class_map, cls, False, count, offsets, class_map_t)
 
-    ct_off, ct = transpose(CRITICAL, n_crit)
-    nt_off, nt = transpose(NEGLIGIBLE, n_negl)
+    def not_built():
+        return torch.empty(B, H, 0, dtype=torch.int32, device=q.device)
+
+    ct_off, ct = transpose(CRITICAL, n_crit) if transposes != "none" else (not_built(), not_built())
+    nt_off, nt = transpose(NEGLIGIBLE, n_negl) if transposes == "all" else (not_built(), not_built())
     return BlockMap(class_map=class_map, critical_lut=crit_lut, negligible_lut=negl_lut,
                     critical_lut_t_offsets=ct_off, critical_lut_t=ct, negligible_lut_t_offsets=nt_off,
                     negligible_lut_t=nt, seq_len_q=Lq, seq_len_k=Lk, block_q=block_q, block_k=block_k)

@@ -336,6 +336,11 @@ def _backward(ctx, do, _d_os, _d_ol, _d_lse):
 sla_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def grad_will_flow(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd will record an op on these tensors (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def scope_mask_for(block_map: BlockMap, linear_scope: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """The 0/1 ``(B, H, T_m, T_n)`` matrix of key blocks in the linear scope, or None for ``"all"``."""
     return None if linear_scope == "all" else in_linear_scope(block_map.class_map, linear_scope).to(dtype)
@@ -382,8 +387,10 @@ def triton_sparse_linear_attention(
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAP_FNS)}, got {feature_map!r}")
     scope_mask = scope_mask_for(block_map, linear_scope, _state_dtype(q.dtype))
     # Inference writes only o; the tensors backward needs (o_s, o_l, LSE) only when a gradient can flow.
-    store_aux = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, proj_weight, proj_bias))
+    store_aux = grad_will_flow(q, k, v, proj_weight, proj_bias)
+    if store_aux and block_map.critical_lut_t.numel() == 0 and block_map.critical_lut.numel() > 0:
+        raise ValueError("block_map was built with transposes='none' (inference only) but a gradient will flow; "
+                         "build it with build_block_map_triton(..., transposes='critical') or 'all'")
     o, _, _, _ = sla_triton_fwd(
         q, k, v, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t, scope_mask,
         proj_weight, proj_bias, scale, block_map.block_q, block_map.block_k, feature_map, store_aux)
@@ -413,8 +420,9 @@ def sparse_linear_attention_triton(
     from .blockmap import build_block_map_triton
 
     if block_map is None:  # the builder validates q, k and the block settings
+        transposes = "critical" if grad_will_flow(q, k, v, proj_weight, proj_bias) else "none"
         block_map = build_block_map_triton(q.detach(), k.detach(), critical=critical, negligible=negligible,
-                                           block_q=block_q, block_k=block_k)
+                                           block_q=block_q, block_k=block_k, transposes=transposes)
     return sparse_linear_attention(q, k, v, critical=critical, negligible=negligible, block_q=block_q,
                                    block_k=block_k, feature_map=feature_map, linear_scope=linear_scope,
                                    proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, block_map=block_map,

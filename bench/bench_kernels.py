@@ -229,6 +229,8 @@ def kernel_profile(fn, r, iters=5):
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
+            for x in r.leaves:  # else autograd adds each step's gradients to the last (a bf16 add kernel)
+                x.grad = None
             step()
         torch.cuda.synchronize()
     for x in r.leaves:

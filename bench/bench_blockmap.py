@@ -62,11 +62,14 @@ def bench_shape(shape, critical, negligible, block, reference_max_tokens):
     row = {"shape": list(shape), "block": block, "T_n": Tn, "BT": triton.next_power_of_2(Tn),
            "n_critical": n_crit, "n_negligible": n_negl, "stages_ms": {}, "builder_ms": {}}
     st = row["stages_ms"]
-    st["pool_q_k"] = do_bench(lambda: (bm._mean_pool(q, block), bm._mean_pool(k, block)))
-    pq, pk = bm._mean_pool(q, block), bm._mean_pool(k, block)
-    k_mean = pk.mean(dim=2, keepdim=True)
-    st["scores"] = do_bench(lambda: (pq @ (pk - k_mean).transpose(-1, -2)).contiguous())
-    scores = (pq @ (pk - k_mean).transpose(-1, -2)).contiguous()
+    st["pool_q_k"] = do_bench(lambda: (bm._mean_pool(q, block), bm._mean_pool(k, block, with_sums=True)))
+    pq, (pk, k_sums) = bm._mean_pool(q, block), bm._mean_pool(k, block, with_sums=True)
+
+    def score():
+        return (pq @ torch.sub(pk, k_sums.sum(dim=2, keepdim=True), alpha=1.0 / L).transpose(-1, -2)).contiguous()
+
+    st["scores"] = do_bench(score)
+    scores = score()
     selected = {}
     for method in METHODS:
         st[f"select_{method}"] = do_bench(lambda m=method: bm._select_blocks(scores, n_crit, n_negl, m))

@@ -3,9 +3,9 @@
 Computes the same :class:`~sla.ops.sla.blockmap.BlockMap` as :func:`sla.build_block_map` (same scores up
 to fp32 rounding, same counts, same tie rule) with a handful of launches and no full sort:
 
-* ``sla_mean_pool_kernel`` reads q and k once in their own dtype and writes block means in fp32. The
-  smooth-K pooling ``mean_pool(k - mean(k))`` equals ``mean_pool(k) - mean(k)``, and ``mean(k)`` is the
-  length-weighted mean of the block means, so k is read once.
+* ``sla_mean_pool_kernel`` reads q and k once in their own dtype and writes block means in fp32 (for k also
+  the block sums). The smooth-K pooling ``mean_pool(k - mean(k))`` equals ``mean_pool(k) - mean(k)``, and
+  ``mean(k)`` is the total of the block sums over ``Lk``, so k is read once.
 * Selection: ``sla_select_blocks_bisect_kernel`` finds each row's critical and negligible thresholds by
   bisection on order-preserving integer keys of the scores and writes the class row and both LUT rows in one
   pass, with the tie rule of ``blockmap.py`` (higher score first; equal scores: lower index first; NaN above
@@ -28,8 +28,8 @@ from .ops import _interpreting, check_triton_inputs
 
 @triton.jit(do_not_specialize=["L"])
 def sla_mean_pool_kernel(
-    X, OUT, s_x_b, s_x_h, s_x_l, L,
-    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+    X, OUT, SUMS, s_x_b, s_x_h, s_x_l, L,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, STORE_SUMS: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -39,8 +39,10 @@ def sla_mean_pool_kernel(
     m_t = o_t < L
     b_x = tl.load(X + i_b * s_x_b + i_h * s_x_h + o_t[:, None] * s_x_l + o_d[None, :], mask=m_t[:, None], other=0.)
     n_real = tl.minimum(L - i_t * BT, BT).to(tl.float32)  # the last block is averaged over its real tokens
-    b_mean = tl.sum(b_x.to(tl.float32), axis=0) / n_real
-    tl.store(OUT + (i_bh * tl.num_programs(0) + i_t) * D + o_d, b_mean)
+    b_sum = tl.sum(b_x.to(tl.float32), axis=0)
+    tl.store(OUT + (i_bh * tl.num_programs(0) + i_t) * D + o_d, b_sum / n_real)
+    if STORE_SUMS:  # block sums too: their total is k's token sum, for smooth-K without another pass
+        tl.store(SUMS + (i_bh * tl.num_programs(0) + i_t) * D + o_d, b_sum)
 
 
 @triton.jit(do_not_specialize=["N_LINES", "LINE_LEN", "s_line", "s_elem"])
@@ -193,12 +195,15 @@ def _select_blocks(scores: torch.Tensor, n_crit: int, n_negl: int, method: str, 
     return class_map, _compact(class_map, CRITICAL, True, n_crit), _compact(class_map, NEGLIGIBLE, True, n_negl)
 
 
-def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+def _mean_pool(x: torch.Tensor, block: int, with_sums: bool = False):
+    """Block means ``(B, H, nb, D)`` fp32, and with ``with_sums`` the block sums as well."""
     B, H, L, D = x.shape
     nb = num_blocks(L, block)
     out = torch.empty(B, H, nb, D, dtype=torch.float32, device=x.device)
-    sla_mean_pool_kernel[(nb, B * H)](x, out, x.stride(0), x.stride(1), x.stride(2), L, H=H, D=D, BT=block)
-    return out
+    sums = torch.empty_like(out) if with_sums else out  # placeholder pointer when not stored
+    sla_mean_pool_kernel[(nb, B * H)](x, out, sums, x.stride(0), x.stride(1), x.stride(2), L, H=H, D=D, BT=block,
+                                      STORE_SUMS=with_sums)
+    return (out, sums) if with_sums else out
 
 
 def _ranking_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -273,15 +278,14 @@ def build_block_map_triton(
         k = k.contiguous()
     n_crit, n_negl = class_counts(critical, negligible, Tn)
     pq = _mean_pool(q, block_q)
-    pk = _mean_pool(k, block_k)
-    # Real token count per key block, built on the device (an indexed host-scalar write would be a host-to-device
-    # copy, which CUDA-graph capture rejects).
-    lengths = torch.clamp(Lk - block_k * torch.arange(Tn, device=k.device, dtype=torch.float32), max=float(block_k))
-    k_mean = (pk * lengths[:, None]).sum(dim=2, keepdim=True) / Lk
+    pk, k_block_sums = _mean_pool(k, block_k, with_sums=True)
+    # smooth-K: pool(k) - mean(k), with mean(k) from the block sums; few launches, as the builder is bound by
+    # launch overhead at T_n = 512 (bench/RESULTS.md).
+    k_sum = k_block_sums.sum(dim=2, keepdim=True)
     # fp32 scores also under an enclosing autocast: a bf16 matmul would change the ranking, and the selection
     # kernel reads fp32 bit patterns.
     with torch.autocast(q.device.type, enabled=False):
-        scores = (pq @ (pk - k_mean).transpose(-1, -2)).contiguous()
+        scores = (pq @ torch.sub(pk, k_sum, alpha=1.0 / Lk).transpose(-1, -2)).contiguous()
     class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl, _selection_method(Tn))
     class_map_t = class_map.transpose(-1, -2).contiguous() if TRANSPOSE_VIA_COPY and transposes != "none" else None
 

@@ -84,39 +84,32 @@ def bench_shape(shape, critical, negligible, block, reference_max_tokens):
                 raise SystemExit(f"{shape}: selection {method!r} differs from 'sort'")
     class_map = selected["sort"][0]
 
-    def transposes(via_copy):
-        class_map_t = class_map.transpose(-1, -2).contiguous() if via_copy else None
+    def build_transposes():
         for cls, count in ((1, n_crit), (-1, n_negl)):
-            if class_map_t is None:
-                counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
-            else:
-                counts = (class_map_t == cls).sum(dim=3, dtype=torch.int32)
+            counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
             offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
-            bm._compact(class_map, cls, False, count, offsets, class_map_t)
+            bm._compact(class_map, cls, False, count, offsets)
 
-    st["transposes_strided"] = do_bench(lambda: transposes(False))
-    st["transposes_via_copy"] = do_bench(lambda: transposes(True))
+    st["transposes"] = do_bench(build_transposes)
 
     maps = {}
     try:
         for method in METHODS:
-            for via_copy in (False, True):
-                bm.SELECTION_METHOD_OVERRIDE, bm.TRANSPOSE_VIA_COPY = method, via_copy
-                name = f"{method}+{'copy' if via_copy else 'strided'}"
+            bm.SELECTION_METHOD_OVERRIDE = method
 
-                def build():
-                    return bm.build_block_map_triton(q, k, critical=critical, negligible=negligible,
-                                                     block_q=block, block_k=block)
+            def build():
+                return bm.build_block_map_triton(q, k, critical=critical, negligible=negligible,
+                                                 block_q=block, block_k=block)
 
-                row["builder_ms"][name] = do_bench(build)
-                maps[name] = build()
-        bm.SELECTION_METHOD_OVERRIDE, bm.TRANSPOSE_VIA_COPY = None, False
+            row["builder_ms"][method] = do_bench(build)
+            maps[method] = build()
+        bm.SELECTION_METHOD_OVERRIDE = None
         for transposes in ("critical", "none"):  # what training / inference through the SLA op build
             row["builder_ms"][f"default, transposes={transposes}"] = do_bench(
                 lambda t=transposes: bm.build_block_map_triton(q, k, critical=critical, negligible=negligible,
                                                                block_q=block, block_k=block, transposes=t))
     finally:
-        bm.SELECTION_METHOD_OVERRIDE, bm.TRANSPOSE_VIA_COPY = None, False
+        bm.SELECTION_METHOD_OVERRIDE = None
     first = next(iter(maps.values()))
     for name, m in maps.items():
         if not same_map(m, first):

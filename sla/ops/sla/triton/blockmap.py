@@ -159,11 +159,6 @@ def sla_select_blocks_bisect_kernel(
 SELECTION_METHOD_OVERRIDE = None
 
 
-# Key-block LUTs (the CSR transposes) compacted from a contiguous transposed copy of the class map instead of
-# strided column reads; set only by bench/bench_blockmap.py's A/B until measured.
-TRANSPOSE_VIA_COPY = False
-
-
 def _selection_method(Tn: int) -> str:
     # Measured on an H100 (bench/bench_blockmap.py, bench/RESULTS.md), selection alone: at T_n = 512 the
     # bisection (first version, 2 warps) took 0.129 ms against 0.155 for the sort and 0.78 for topk; at
@@ -218,11 +213,10 @@ def _ranking_keys(scores: torch.Tensor) -> torch.Tensor:
     return (ordered << 32) | (Tn - 1 - idx)
 
 
-def _compact(class_map: torch.Tensor, cls: int, by_rows: bool, count: int, offsets=None,
-             class_map_t=None) -> torch.Tensor:
+def _compact(class_map: torch.Tensor, cls: int, by_rows: bool, count: int, offsets=None) -> torch.Tensor:
     """Rows (``by_rows``: each query block's LUT, ``(B, H, T_m, count)``) or columns (each key block's CSR
     segment at ``offsets``, ``(B, H, T_m * count)``) of the indices of class ``cls``. Columns are read with
-    stride T_n from ``class_map``, or contiguously from ``class_map_t`` (its contiguous transpose) if given."""
+    stride T_n; compacting a contiguous transposed copy instead was no faster (H100, bench/RESULTS.md)."""
     B, H, Tm, Tn = class_map.shape
     if by_rows:
         out = torch.empty(B, H, Tm, count, dtype=torch.int32, device=class_map.device)
@@ -231,14 +225,13 @@ def _compact(class_map: torch.Tensor, cls: int, by_rows: bool, count: int, offse
         out_stride = Tm * count
     else:
         out = torch.empty(B, H, Tm * count, dtype=torch.int32, device=class_map.device)
-        n_lines, line_len, s_line, s_elem = (Tn, Tm, 1, Tn) if class_map_t is None else (Tn, Tm, Tm, 1)
+        n_lines, line_len, s_line, s_elem = Tn, Tm, 1, Tn
         out_stride = Tm * count
     if count == 0 or out.numel() == 0:
         return out
     chunk = min(1024, triton.next_power_of_2(line_len))
-    source = class_map if class_map_t is None or by_rows else class_map_t
     sla_lut_compact_kernel[(n_lines, B * H)](
-        source, offsets, out, n_lines if by_rows else Tn, line_len, s_line, s_elem, out_stride,
+        class_map, offsets, out, n_lines if by_rows else Tn, line_len, s_line, s_elem, out_stride,
         CLASS=cls, CHUNK=chunk, PER_LINE=by_rows)
     return out
 
@@ -287,15 +280,10 @@ def build_block_map_triton(
     with torch.autocast(q.device.type, enabled=False):
         scores = (pq @ torch.sub(pk, k_sum, alpha=1.0 / Lk).transpose(-1, -2)).contiguous()
     class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl, _selection_method(Tn))
-    class_map_t = class_map.transpose(-1, -2).contiguous() if TRANSPOSE_VIA_COPY and transposes != "none" else None
-
     def transpose(cls, count):
-        if class_map_t is None:
-            counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
-        else:
-            counts = (class_map_t == cls).sum(dim=3, dtype=torch.int32)
+        counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
         offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
-        return offsets, _compact(class_map, cls, False, count, offsets, class_map_t)
+        return offsets, _compact(class_map, cls, False, count, offsets)
 
     def not_built():
         return torch.empty(B, H, 0, dtype=torch.int32, device=q.device)

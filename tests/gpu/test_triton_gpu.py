@@ -236,3 +236,24 @@ def test_gpu_block_map_matches_pytorch(block_q):
     for field in ("class_map", "critical_lut", "negligible_lut", "critical_lut_t_offsets", "critical_lut_t",
                   "negligible_lut_t_offsets", "negligible_lut_t"):
         assert torch.equal(getattr(rebuilt, field), getattr(got, field)), field
+
+
+def test_public_api_inference_training_and_info_maps_agree():
+    # On CUDA the public API builds no CSR transposes for inference, only the critical one for training and the
+    # complete map with return_info=True; all three must give the same output, and the returned map is complete.
+    import sla
+
+    q, k, v = (torch.randn(1, 2, 3000, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    with torch.no_grad():
+        o_inference = sla.sparse_linear_attention(q, k, v, backend="triton")
+    o_training = sla.sparse_linear_attention(q.clone().requires_grad_(), k, v, backend="triton")
+    o_training.sum().backward()
+    with torch.no_grad():
+        o_info, info = sla.sparse_linear_attention(q, k, v, backend="triton", return_info=True)
+    assert torch.equal(o_inference, o_info)  # the same kernel (no aux outputs), another block-map request
+    # Training compiles the kernel with its aux stores, which may schedule the same arithmetic differently:
+    # allow one bf16 rounding step.
+    torch.testing.assert_close(o_training.detach(), o_inference, rtol=2 ** -7, atol=1e-3)
+    bm = info.block_map
+    assert bm.critical_lut_t.numel() == bm.critical_lut.numel() > 0
+    assert bm.negligible_lut_t.numel() == bm.negligible_lut.numel() > 0

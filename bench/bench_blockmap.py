@@ -1,5 +1,5 @@
-"""GPU benchmark of SLA's block classification (``build_block_map_triton``): stage times and an A/B of the
-row-selection methods and of the two ways to build the key-block LUTs, in one process.
+"""GPU benchmark of SLA's block classification (``build_block_map_triton``): the time of each stage and of
+the whole builder, in one process.
 
 Usage (CUDA machine, repo root):
 
@@ -7,19 +7,14 @@ Usage (CUDA machine, repo root):
 
 For each shape (B, H, L, D), bf16, 64x64 blocks, critical 0.05, negligible 0.10:
 
-* stages, each timed on its own: mean pooling of q and k, the fp32 score matmul, the row selection with each
-  method (``sort``: one in-register sort per row; ``bisect``: bisection on the score bits; ``topk``:
-  ``torch.topk`` + row compaction; the two kernels also with 2 and 8 warps instead of 4), the key-block LUTs (strided column reads vs a transposed copy);
-* the whole builder with every (method, transpose) pair, and the default builder with only the critical
-  transpose (training) or none (inference); every pair's map must equal the first's, and at
-  the shapes where the PyTorch builder fits, the PyTorch builder's (``torch.equal`` on every field), or the
-  script exits non-zero.
+* stages, each timed on its own: mean pooling of q and k, the fp32 scores (with smooth-K), the row selection
+  (``sla_select_blocks_bisect_kernel`` with 2, 4 and 8 warps), the two CSR transposes;
+* the whole builder with all transposes (the complete map), only the critical one (what the SLA op builds
+  for training) and none (inference). The complete map must equal the PyTorch builder's at the shapes where
+  that fits (``torch.equal`` on every field), or the script exits non-zero.
 
-Times are medians of ``triton.testing.do_bench`` (ms). Expected before the first run (H200 numbers of the
-whole builder: sort 13 ms, topk 9.7 ms at T_n = 1182): the sort best at T_n = 512, the bisection well under
-1 ms at T_n = 1182, the transposed copy a fraction of a millisecond faster at 1182. Measured on an H100
-(bench/RESULTS.md): the first bisection took 3.1-3.8 ms at 1182 (not under 1 ms) and already beat the sort
-at 512; the copy did not help. Expected for the early-exit int32 bisection: about 3x less at 1182.
+Times are medians of ``triton.testing.do_bench`` (ms). The A/B that chose the bisection over an in-register
+sort and ``torch.topk`` (since removed) is in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -36,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from provenance import git_commit  # noqa: E402
 
-METHODS = ("sort", "bisect", "topk")
 FIELDS = ("class_map", "critical_lut", "negligible_lut", "critical_lut_t_offsets", "critical_lut_t",
           "negligible_lut_t_offsets", "negligible_lut_t")
 
@@ -70,50 +64,17 @@ def bench_shape(shape, critical, negligible, block, reference_max_tokens):
 
     st["scores"] = do_bench(score)
     scores = score()
-    selected = {}
-    for method in METHODS:
-        st[f"select_{method}"] = do_bench(lambda m=method: bm._select_blocks(scores, n_crit, n_negl, m))
-        selected[method] = bm._select_blocks(scores, n_crit, n_negl, method)
-    for method in ("sort", "bisect"):
-        for warps in (2, 8):
-            st[f"select_{method}_{warps}warps"] = do_bench(
-                lambda m=method, w=warps: bm._select_blocks(scores, n_crit, n_negl, m, num_warps=w))
-    for method in METHODS[1:]:
-        for a, b in zip(selected[method], selected["sort"]):
-            if not torch.equal(a, b):
-                raise SystemExit(f"{shape}: selection {method!r} differs from 'sort'")
-    class_map = selected["sort"][0]
+    for warps in (2, 4, 8):
+        st[f"select_{warps}warps"] = do_bench(lambda w=warps: bm._select_blocks(scores, n_crit, n_negl, num_warps=w))
+    class_map = bm._select_blocks(scores, n_crit, n_negl)[0]
+    st["transposes"] = do_bench(lambda: (bm._lut_transpose(class_map, 1, n_crit),
+                                         bm._lut_transpose(class_map, -1, n_negl)))
 
-    def build_transposes():
-        for cls, count in ((1, n_crit), (-1, n_negl)):
-            counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
-            offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
-            bm._compact(class_map, cls, False, count, offsets)
-
-    st["transposes"] = do_bench(build_transposes)
-
-    maps = {}
-    try:
-        for method in METHODS:
-            bm.SELECTION_METHOD_OVERRIDE = method
-
-            def build():
-                return bm.build_block_map_triton(q, k, critical=critical, negligible=negligible,
-                                                 block_q=block, block_k=block)
-
-            row["builder_ms"][method] = do_bench(build)
-            maps[method] = build()
-        bm.SELECTION_METHOD_OVERRIDE = None
-        for transposes in ("critical", "none"):  # what training / inference through the SLA op build
-            row["builder_ms"][f"default, transposes={transposes}"] = do_bench(
-                lambda t=transposes: bm.build_block_map_triton(q, k, critical=critical, negligible=negligible,
-                                                               block_q=block, block_k=block, transposes=t))
-    finally:
-        bm.SELECTION_METHOD_OVERRIDE = None
-    first = next(iter(maps.values()))
-    for name, m in maps.items():
-        if not same_map(m, first):
-            raise SystemExit(f"{shape}: builder {name} gives a different map")
+    for transposes in ("all", "critical", "none"):
+        row["builder_ms"][f"transposes={transposes}"] = do_bench(
+            lambda t=transposes: bm.build_block_map_triton(q, k, critical=critical, negligible=negligible,
+                                                           block_q=block, block_k=block, transposes=t))
+    first = bm.build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block, block_k=block)
     if B * H * L <= reference_max_tokens:
         ref = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block, block_k=block)
         row["matches_pytorch_builder"] = same_map(ref, first)

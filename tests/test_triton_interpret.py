@@ -196,12 +196,7 @@ BLOCKMAP_FIELDS = ("class_map", "critical_lut", "negligible_lut", "critical_lut_
     pytest.param(1, 1, 40, 40, 64, 64, 64, 0.05, 0.1, id="one-block"),
     pytest.param(1, 2, 513, 700, 64, 16, 32, 0.2, 0.5, id="small-blocks"),
 ])
-@pytest.mark.parametrize("method", ["bisect", "sort", "topk"])
-def test_gpu_block_map_equals_reference(B, H, Lq, Lk, D, block_q, block_k, critical, negligible, method,
-                                        monkeypatch):
-    from sla.ops.sla.triton import blockmap as gpu_blockmap
-
-    monkeypatch.setattr(gpu_blockmap, "SELECTION_METHOD_OVERRIDE", method)
+def test_gpu_block_map_equals_reference(B, H, Lq, Lk, D, block_q, block_k, critical, negligible):
     q = torch.randn(B, H, Lq, D) + 0.3
     k = torch.randn(B, H, Lk, D) + 0.5  # a shared key offset, which smooth-K removes
     ref = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)

@@ -9,10 +9,10 @@ to fp32 rounding, same counts, same tie rule) with a handful of launches and no 
 * Selection: ``sla_select_blocks_bisect_kernel`` finds each row's critical and negligible thresholds by
   bisection on order-preserving integer keys of the scores and writes the class row and both LUT rows in one
   pass, with the tie rule of ``blockmap.py`` (higher score first; equal scores: lower index first; NaN above
-  every number). An in-register sort per row (``sla_select_blocks_kernel``) and ``torch.topk`` give the same
-  map and remain for the benchmark's A/B (``SELECTION_METHOD_OVERRIDE``).
-* ``sla_lut_compact_kernel`` writes each row's (ascending) LUT and each column's CSR transpose by
-  compacting the class map with a prefix sum. No host synchronisation anywhere.
+  every number). It replaced an in-register sort per row and ``torch.topk``, both measured slower
+  (bench/RESULTS.md, "Block classification on the GPU").
+* ``sla_lut_transpose_kernel`` writes each column's CSR transpose by compacting the class map with a prefix
+  sum. No host synchronisation anywhere.
 """
 
 from __future__ import annotations
@@ -45,59 +45,25 @@ def sla_mean_pool_kernel(
         tl.store(SUMS + (i_bh * tl.num_programs(0) + i_t) * D + o_d, b_sum)
 
 
-@triton.jit(do_not_specialize=["N_LINES", "LINE_LEN", "s_line", "s_elem"])
-def sla_lut_compact_kernel(
-    CLASS_MAP, OFFSETS, OUT, N_LINES, LINE_LEN, s_line, s_elem, out_stride_bh,
-    CLASS: tl.constexpr, CHUNK: tl.constexpr, PER_LINE: tl.constexpr,
+@triton.jit(do_not_specialize=["Tm", "Tn", "out_stride_bh"])
+def sla_lut_transpose_kernel(
+    CLASS_MAP, OFFSETS, OUT, Tm, Tn, out_stride_bh,
+    CLASS: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    # One program per (batch*head, line); a line is a row (query block) or a column (key block) of the class
-    # map. Writes the indices along the line whose class is CLASS, ascending, starting at the line's offset.
-    i_line = tl.program_id(0)
+    # One program per (batch*head, key block): the query blocks whose class for this key block is CLASS,
+    # ascending, written from the column's CSR offset (a prefix-sum compaction of the class-map column).
+    i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    p_line = CLASS_MAP + i_bh * N_LINES * LINE_LEN + i_line * s_line
-    if PER_LINE:
-        i_out = i_line * tl.load(OFFSETS)  # fixed-width rows: OFFSETS holds the count per row
-    else:
-        i_out = tl.load(OFFSETS + i_bh * (N_LINES + 1) + i_line)
-    p_out = OUT + i_bh * out_stride_bh + i_out
+    p_col = CLASS_MAP + i_bh * Tm * Tn + i_n
+    p_out = OUT + i_bh * out_stride_bh + tl.load(OFFSETS + i_bh * (Tn + 1) + i_n)
     n_done = tl.full([], 0, tl.int32)
-    for i_c in range(0, tl.cdiv(LINE_LEN, CHUNK)):
-        o_e = i_c * CHUNK + tl.arange(0, CHUNK)
-        b_c = tl.load(p_line + o_e * s_elem, mask=o_e < LINE_LEN, other=0)
-        m_hit = (b_c == CLASS) & (o_e < LINE_LEN)
+    for i_c in range(0, tl.cdiv(Tm, CHUNK)):
+        o_m = i_c * CHUNK + tl.arange(0, CHUNK)
+        b_c = tl.load(p_col + o_m * Tn, mask=o_m < Tm, other=0)
+        m_hit = (b_c == CLASS) & (o_m < Tm)
         b_pos = tl.cumsum(m_hit.to(tl.int32), axis=0) - 1 + n_done
-        tl.store(p_out + b_pos, o_e.to(tl.int32), mask=m_hit)
+        tl.store(p_out + b_pos, o_m.to(tl.int32), mask=m_hit)
         n_done += tl.sum(m_hit.to(tl.int32), axis=0)
-
-
-@triton.jit(do_not_specialize=["Tn", "N_CRIT", "N_NEGL"])
-def sla_select_blocks_kernel(
-    SCORES, CLASS_MAP, CRIT_LUT, NEGL_LUT, Tn, N_CRIT, N_NEGL,
-    BT: tl.constexpr,
-):
-    # One program per (batch*head, query block): rank the row's key blocks with one in-register sort of
-    # int64 keys (score in the high half, order-mapped; 2^31-1-index in the low half: equal scores rank by
-    # lower index), then write the class row and both LUT rows in ascending index order.
-    i_row = tl.program_id(0).to(tl.int64)
-    o_n = tl.arange(0, BT)
-    m_n = o_n < Tn
-    b_s = tl.load(SCORES + i_row * Tn + o_n, mask=m_n, other=0.) + 0.  # +0.0: -0.0 ties with +0.0
-    b_bits = b_s.to(tl.int32, bitcast=True)
-    b_bits = tl.where(b_s != b_s, 0x7FC00000, b_bits)  # every NaN -> the positive quiet NaN, above +inf
-    b_ord = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.int64)
-    b_key = (b_ord << 32) | (2147483647 - o_n).to(tl.int64)
-    b_key = tl.where(m_n, b_key, -9223372036854775807 - 1)  # padding sorts last
-    b_sorted = tl.sort(b_key, descending=True)
-    t_crit = tl.sum(tl.where(o_n == N_CRIT - 1, b_sorted, 0), axis=0)
-    t_negl = tl.sum(tl.where(o_n == Tn - N_NEGL, b_sorted, 0), axis=0)
-    m_crit = (b_key >= t_crit) & m_n
-    m_negl = (b_key <= t_negl) & m_n & (N_NEGL > 0)
-    b_cls = tl.where(m_crit, 1, tl.where(m_negl, -1, 0))
-    tl.store(CLASS_MAP + i_row * Tn + o_n, b_cls.to(tl.int8), mask=m_n)
-    b_pos = tl.cumsum(m_crit.to(tl.int32), axis=0) - 1
-    tl.store(CRIT_LUT + i_row * N_CRIT + b_pos, o_n, mask=m_crit)
-    b_pos = tl.cumsum(m_negl.to(tl.int32), axis=0) - 1
-    tl.store(NEGL_LUT + i_row * N_NEGL + b_pos, o_n, mask=m_negl)
 
 
 @triton.jit(do_not_specialize=["Tn", "N_CRIT", "N_NEGL"])
@@ -105,13 +71,14 @@ def sla_select_blocks_bisect_kernel(
     SCORES, CLASS_MAP, CRIT_LUT, NEGL_LUT, Tn, N_CRIT, N_NEGL,
     BT: tl.constexpr,
 ):
-    # Same output and tie rule as sla_select_blocks_kernel, without a sort. Scores become order-preserving
+    # One program per (batch*head, query block); the tie rule of blockmap.py. Scores become order-preserving
     # int32 keys; a bisection over the row's [min, max] key range finds a critical threshold t_c with
     # count(key >= t_c) = N_CRIT (or, inside a tie, the N_CRIT-th largest key) and a negligible threshold t_g
     # with count(key <= t_g) = N_NEGL, each step one count over the row. A search stops as soon as its count is
     # exact, which takes about log2(T_n) + a few steps for untied scores and at most 32. Ties at a threshold
     # are settled by index afterwards (critical: lower indices first; negligible: higher indices first).
-    # Measured on an H100 at T_n = 1182 (bench/RESULTS.md): the sort of 2048 int64 keys spills.
+    # It replaced an in-register sort of int64 (score, index) keys, which spills at T_n = 1182 (2048 keys):
+    # 2.27 vs 8.6 ms there, 0.061 vs 0.169 ms at T_n = 512, on an H100 (bench/RESULTS.md).
     i_row = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BT)
     m_n = o_n < Tn
@@ -155,39 +122,17 @@ def sla_select_blocks_bisect_kernel(
     tl.store(NEGL_LUT + i_row * N_NEGL + b_pos, o_n, mask=m_negl)
 
 
-# None, or "sort" / "bisect" / "topk" for every row length: set only by bench/bench_blockmap.py's A/B.
-SELECTION_METHOD_OVERRIDE = None
-
-
-def _selection_method(Tn: int) -> str:
-    # Measured on an H100 (bench/bench_blockmap.py, bench/RESULTS.md), selection alone: at T_n = 512 the
-    # bisection (first version, 2 warps) took 0.129 ms against 0.155 for the sort and 0.78 for topk; at
-    # T_n = 1182, 3.1 ms against 10.8 (sort) and 8.7 (topk). The other two stay for the benchmark's A/B.
-    return SELECTION_METHOD_OVERRIDE or "bisect"
-
-
-def _select_blocks(scores: torch.Tensor, n_crit: int, n_negl: int, method: str, num_warps: int = 2):
+def _select_blocks(scores: torch.Tensor, n_crit: int, n_negl: int, num_warps: int = 2):
     """Class map ``(B, H, T_m, T_n)`` int8 and the critical / negligible LUTs (ascending) of each row.
-    ``num_warps`` applies to the "sort" and "bisect" kernels (2: best of 2/4/8 for both on an H100)."""
+    ``num_warps``: 2 was the best of 2/4/8 on an H100 at T_n = 512 and close to the best at 1182."""
     B, H, Tm, Tn = scores.shape
-    if method in ("sort", "bisect"):
-        class_map = torch.empty(B, H, Tm, Tn, dtype=torch.int8, device=scores.device)
-        crit_lut = torch.empty(B, H, Tm, n_crit, dtype=torch.int32, device=scores.device)
-        negl_lut = torch.empty(B, H, Tm, n_negl, dtype=torch.int32, device=scores.device)
-        kernel = sla_select_blocks_kernel if method == "sort" else sla_select_blocks_bisect_kernel
-        kernel[(B * H * Tm,)](scores, class_map, crit_lut, negl_lut, Tn, n_crit, n_negl,
-                              BT=triton.next_power_of_2(Tn), **({} if _interpreting() else {"num_warps": num_warps}))
-        return class_map, crit_lut, negl_lut
-    if method != "topk":
-        raise ValueError(f"unknown selection method {method!r}; expected 'sort', 'bisect' or 'topk'")
-    keys = _ranking_keys(scores)
-    crit = torch.topk(keys, n_crit, dim=-1, sorted=False).indices
-    class_map = torch.zeros(B, H, Tm, Tn, dtype=torch.int8, device=scores.device)
-    class_map.scatter_(-1, crit, CRITICAL)
-    if n_negl:
-        negl = torch.topk(keys, n_negl, dim=-1, largest=False, sorted=False).indices
-        class_map.scatter_(-1, negl, NEGLIGIBLE)
-    return class_map, _compact(class_map, CRITICAL, True, n_crit), _compact(class_map, NEGLIGIBLE, True, n_negl)
+    class_map = torch.empty(B, H, Tm, Tn, dtype=torch.int8, device=scores.device)
+    crit_lut = torch.empty(B, H, Tm, n_crit, dtype=torch.int32, device=scores.device)
+    negl_lut = torch.empty(B, H, Tm, n_negl, dtype=torch.int32, device=scores.device)
+    sla_select_blocks_bisect_kernel[(B * H * Tm,)](
+        scores, class_map, crit_lut, negl_lut, Tn, n_crit, n_negl, BT=triton.next_power_of_2(Tn),
+        **({} if _interpreting() else {"num_warps": num_warps}))
+    return class_map, crit_lut, negl_lut
 
 
 def _mean_pool(x: torch.Tensor, block: int, with_sums: bool = False):
@@ -201,39 +146,18 @@ def _mean_pool(x: torch.Tensor, block: int, with_sums: bool = False):
     return (out, sums) if with_sums else out
 
 
-def _ranking_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose descending order is ``blockmap.py``'s ranking: score, then lower index first."""
-    Tn = scores.shape[-1]
-    # +0.0 turns -0.0 into +0.0 (they tie in the reference); every NaN becomes the positive quiet NaN, which
-    # the mapping below puts above +inf, as torch's descending sort does.
-    s = torch.where(torch.isnan(scores), torch.full_like(scores, float("nan")), scores + 0.0)
-    bits = s.view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    idx = torch.arange(Tn, device=scores.device, dtype=torch.int64)
-    return (ordered << 32) | (Tn - 1 - idx)
-
-
-def _compact(class_map: torch.Tensor, cls: int, by_rows: bool, count: int, offsets=None) -> torch.Tensor:
-    """Rows (``by_rows``: each query block's LUT, ``(B, H, T_m, count)``) or columns (each key block's CSR
-    segment at ``offsets``, ``(B, H, T_m * count)``) of the indices of class ``cls``. Columns are read with
-    stride T_n; compacting a contiguous transposed copy instead was no faster (H100, bench/RESULTS.md)."""
+def _lut_transpose(class_map: torch.Tensor, cls: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR transpose of the class-``cls`` LUT: offsets ``(B, H, T_n + 1)`` and query-block indices
+    ``(B, H, T_m * count)``, int32. Columns are read with stride T_n; compacting a contiguous transposed copy
+    instead was no faster on an H100 (bench/RESULTS.md)."""
     B, H, Tm, Tn = class_map.shape
-    if by_rows:
-        out = torch.empty(B, H, Tm, count, dtype=torch.int32, device=class_map.device)
-        n_lines, line_len, s_line, s_elem = Tm, Tn, Tn, 1
-        offsets = torch.full((1,), count, dtype=torch.int32, device=class_map.device)
-        out_stride = Tm * count
-    else:
-        out = torch.empty(B, H, Tm * count, dtype=torch.int32, device=class_map.device)
-        n_lines, line_len, s_line, s_elem = Tn, Tm, 1, Tn
-        out_stride = Tm * count
-    if count == 0 or out.numel() == 0:
-        return out
-    chunk = min(1024, triton.next_power_of_2(line_len))
-    sla_lut_compact_kernel[(n_lines, B * H)](
-        class_map, offsets, out, n_lines if by_rows else Tn, line_len, s_line, s_elem, out_stride,
-        CLASS=cls, CHUNK=chunk, PER_LINE=by_rows)
-    return out
+    counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
+    offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
+    out = torch.empty(B, H, Tm * count, dtype=torch.int32, device=class_map.device)
+    if out.numel():
+        sla_lut_transpose_kernel[(Tn, B * H)](class_map, offsets, out, Tm, Tn, Tm * count, CLASS=cls,
+                                              CHUNK=min(1024, triton.next_power_of_2(Tm)))
+    return offsets, out
 
 
 @torch.no_grad()
@@ -264,7 +188,7 @@ def build_block_map_triton(
     check_triton_inputs(q, block_q, block_k)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    Tm, Tn = num_blocks(Lq, block_q), num_blocks(Lk, block_k)
+    Tn = num_blocks(Lk, block_k)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -279,17 +203,10 @@ def build_block_map_triton(
     # kernel reads fp32 bit patterns.
     with torch.autocast(q.device.type, enabled=False):
         scores = (pq @ torch.sub(pk, k_sum, alpha=1.0 / Lk).transpose(-1, -2)).contiguous()
-    class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl, _selection_method(Tn))
-    def transpose(cls, count):
-        counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
-        offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
-        return offsets, _compact(class_map, cls, False, count, offsets)
-
-    def not_built():
-        return torch.empty(B, H, 0, dtype=torch.int32, device=q.device)
-
-    ct_off, ct = transpose(CRITICAL, n_crit) if transposes != "none" else (not_built(), not_built())
-    nt_off, nt = transpose(NEGLIGIBLE, n_negl) if transposes == "all" else (not_built(), not_built())
+    class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl)
+    not_built = (torch.empty(B, H, 0, dtype=torch.int32, device=q.device),) * 2
+    ct_off, ct = _lut_transpose(class_map, CRITICAL, n_crit) if transposes != "none" else not_built
+    nt_off, nt = _lut_transpose(class_map, NEGLIGIBLE, n_negl) if transposes == "all" else not_built
     return BlockMap(class_map=class_map, critical_lut=crit_lut, negligible_lut=negl_lut,
                     critical_lut_t_offsets=ct_off, critical_lut_t=ct, negligible_lut_t_offsets=nt_off,
                     negligible_lut_t=nt, seq_len_q=Lq, seq_len_k=Lk, block_q=block_q, block_k=block_k)

@@ -31,12 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from provenance import git_commit  # noqa: E402
 
-FIELDS = ("class_map", "critical_lut", "negligible_lut", "critical_lut_t_offsets", "critical_lut_t",
-          "negligible_lut_t_offsets", "negligible_lut_t")
-
 
 def same_map(a, b) -> bool:
-    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in FIELDS)
+    from sla.ops.sla.blockmap import _TENSOR_FIELDS
+
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in _TENSOR_FIELDS)
 
 
 def bench_shape(shape, critical, negligible, block, reference_max_tokens):
@@ -58,12 +57,8 @@ def bench_shape(shape, critical, negligible, block, reference_max_tokens):
     st = row["stages_ms"]
     st["pool_q_k"] = do_bench(lambda: (bm._mean_pool(q, block), bm._mean_pool(k, block, with_sums=True)))
     pq, (pk, k_sums) = bm._mean_pool(q, block), bm._mean_pool(k, block, with_sums=True)
-
-    def score():
-        return (pq @ torch.sub(pk, k_sums.sum(dim=2, keepdim=True), alpha=1.0 / L).transpose(-1, -2)).contiguous()
-
-    st["scores"] = do_bench(score)
-    scores = score()
+    st["scores"] = do_bench(lambda: bm._block_scores(pq, pk, k_sums, L))
+    scores = bm._block_scores(pq, pk, k_sums, L)
     for warps in (2, 4, 8):
         st[f"select_{warps}warps"] = do_bench(lambda w=warps: bm._select_blocks(scores, n_crit, n_negl, num_warps=w))
     class_map = bm._select_blocks(scores, n_crit, n_negl)[0]

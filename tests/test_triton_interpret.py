@@ -31,6 +31,7 @@ from sla.ops.sla.triton import (  # noqa: E402
 )
 from sla.ops.sla.triton.ops import scope_mask_for  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
+    assert_unchanged_under_autocast,
     assert_within_rule,
     guarded_bhld,
     nan_poisoned_allocations,
@@ -229,12 +230,7 @@ def test_enclosing_autocast_changes_nothing():
         o = triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b)
         return (bm.class_map, o, *torch.autograd.grad(o, (q, k, v, w, b), do))
 
-    plain = run()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = run()
-    for x, y in zip(plain, auto):
-        assert x.dtype == y.dtype
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert_unchanged_under_autocast(run, "cpu")
 
 
 def test_end_to_end_entry_point():

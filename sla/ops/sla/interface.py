@@ -141,14 +141,11 @@ def sparse_linear_attention(
             # 2.05 ms for the PyTorch builder at (1, 12, 32760, 128) on an H100, bench/RESULTS.md). Its raw
             # kernel launches are not traceable, so under torch.compile the PyTorch builder (same map) is
             # traced instead and inductor fuses it.
-            from .triton import build_block_map_triton, grad_will_flow
+            from .triton import build_block_map_triton, transposes_needed
 
-            # Inference needs no CSR transposes and training only the critical one (they took 0.31 of those
-            # 0.93 ms); a map returned to the caller is complete.
-            transposes = "all" if return_info else (
-                "critical" if grad_will_flow(q, k, v, proj_weight, proj_bias) else "none")
-            block_map = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q,
-                                               block_k=block_k, transposes=transposes)
+            block_map = build_block_map_triton(
+                q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
+                transposes=transposes_needed(q, k, v, proj_weight, proj_bias, complete=return_info))
         else:
             block_map = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q,
                                         block_k=block_k)

@@ -7,19 +7,19 @@ first use). Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, wh
 from .blockmap import build_block_map_triton
 from .ops import (
     check_triton_inputs,
-    grad_will_flow,
     sla_triton_bwd,
     sla_triton_fwd,
     sparse_linear_attention_triton,
+    transposes_needed,
     triton_sparse_linear_attention,
 )
 
 __all__ = [
     "build_block_map_triton",
     "check_triton_inputs",
-    "grad_will_flow",
     "sla_triton_bwd",
     "sla_triton_fwd",
     "sparse_linear_attention_triton",
+    "transposes_needed",
     "triton_sparse_linear_attention",
 ]

@@ -146,6 +146,17 @@ def _mean_pool(x: torch.Tensor, block: int, with_sums: bool = False):
     return (out, sums) if with_sums else out
 
 
+def _block_scores(pq: torch.Tensor, pk: torch.Tensor, k_block_sums: torch.Tensor, Lk: int) -> torch.Tensor:
+    """fp32 scores ``pool(q) @ (pool(k) - mean(k))^T`` ``(B, H, T_m, T_n)``, contiguous, with smooth-K's mean(k)
+    from k's block sums: two launches besides the matmul, as the builder is bound by launch overhead at
+    T_n = 512 (bench/RESULTS.md)."""
+    k_sum = k_block_sums.sum(dim=2, keepdim=True)
+    # fp32 also under an enclosing autocast: a bf16 matmul would change the ranking, and the selection kernel
+    # reads fp32 bit patterns.
+    with torch.autocast(pq.device.type, enabled=False):
+        return (pq @ torch.sub(pk, k_sum, alpha=1.0 / Lk).transpose(-1, -2)).contiguous()
+
+
 def _lut_transpose(class_map: torch.Tensor, cls: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR transpose of the class-``cls`` LUT: offsets ``(B, H, T_n + 1)`` and query-block indices
     ``(B, H, T_m * count)``, int32. Columns are read with stride T_n; compacting a contiguous transposed copy
@@ -194,15 +205,7 @@ def build_block_map_triton(
     if k.stride(-1) != 1:
         k = k.contiguous()
     n_crit, n_negl = class_counts(critical, negligible, Tn)
-    pq = _mean_pool(q, block_q)
-    pk, k_block_sums = _mean_pool(k, block_k, with_sums=True)
-    # smooth-K: pool(k) - mean(k), with mean(k) from the block sums; few launches, as the builder is bound by
-    # launch overhead at T_n = 512 (bench/RESULTS.md).
-    k_sum = k_block_sums.sum(dim=2, keepdim=True)
-    # fp32 scores also under an enclosing autocast: a bf16 matmul would change the ranking, and the selection
-    # kernel reads fp32 bit patterns.
-    with torch.autocast(q.device.type, enabled=False):
-        scores = (pq @ torch.sub(pk, k_sum, alpha=1.0 / Lk).transpose(-1, -2)).contiguous()
+    scores = _block_scores(_mean_pool(q, block_q), *_mean_pool(k, block_k, with_sums=True), Lk)
     class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl)
     not_built = (torch.empty(B, H, 0, dtype=torch.int32, device=q.device),) * 2
     ct_off, ct = _lut_transpose(class_map, CRITICAL, n_crit) if transposes != "none" else not_built

@@ -291,7 +291,6 @@ def _bwd(do, q, k, v, o_s, o_l, lse, critical_lut, critical_lut_t_offsets, criti
     do = _last_dim_contiguous(do)
     dq, dk, dv, d_b = _bwd_impl(do, q, k, v, o_s, o_l, lse, critical_lut, critical_lut_t_offsets, critical_lut_t,
                                 scope_mask, proj_weight, proj_bias, scale, block_q, block_k, feature_map)
-    D = q.shape[-1]
     if proj_weight is not None:
         # One GEMM over all tokens in the input dtype (fp32 accumulation inside cuBLAS, one rounding of the
         # D x D result), as autocast's Linear backward does; no fp32 copies of dO and o_l (measured 0.3 ms of
@@ -339,6 +338,16 @@ sla_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 def grad_will_flow(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd will record an op on these tensors (grad mode on and one of them requires grad)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def transposes_needed(*tensors: Optional[torch.Tensor], complete: bool = False) -> str:
+    """``build_block_map_triton``'s ``transposes`` for an SLA call on these inputs: ``"all"`` when the map goes
+    back to the caller (``complete``), else only what the kernels read: the critical transpose when a gradient
+    will flow (backward's dK/dV), none for inference. (The transposes took 0.31 of the builder's 0.93 ms at
+    (1, 12, 32760, 128) on an H100, bench/RESULTS.md.)"""
+    if complete:
+        return "all"
+    return "critical" if grad_will_flow(*tensors) else "none"
 
 
 def scope_mask_for(block_map: BlockMap, linear_scope: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -420,9 +429,9 @@ def sparse_linear_attention_triton(
     from .blockmap import build_block_map_triton
 
     if block_map is None:  # the builder validates q, k and the block settings
-        transposes = "critical" if grad_will_flow(q, k, v, proj_weight, proj_bias) else "none"
         block_map = build_block_map_triton(q.detach(), k.detach(), critical=critical, negligible=negligible,
-                                           block_q=block_q, block_k=block_k, transposes=transposes)
+                                           block_q=block_q, block_k=block_k,
+                                           transposes=transposes_needed(q, k, v, proj_weight, proj_bias))
     return sparse_linear_attention(q, k, v, critical=critical, negligible=negligible, block_q=block_q,
                                    block_k=block_k, feature_map=feature_map, linear_scope=linear_scope,
                                    proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, block_map=block_map,

@@ -71,6 +71,17 @@ def nan_poisoned_allocations():
         torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_empty_like, real_new_empty
 
 
+def assert_unchanged_under_autocast(run, device_type: str) -> None:
+    """``run()`` returns a tuple of tensors; under bf16 autocast it must return the same dtypes and values
+    (the SLA ops disable autocast inside: block scores in fp32, kernels in the inputs' dtype)."""
+    plain = run()
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        auto = run()
+    for x, y in zip(plain, auto):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def guarded_bhld(values: torch.Tensor, guard: int = 3) -> torch.Tensor:
     """Copy ``values`` ``(B, H, L, D)`` into a NaN-filled ``(B, L + 2*guard, H + 2, D)`` buffer and return the
     ``(B, H, L, D)`` strided view of it (the diffusers layout, no copy), as a leaf requiring grad if

@@ -3,7 +3,8 @@
 Each variant is a list of text replacements applied to ``sla/ops/sla/triton/kernels.py``; the edited source
 is written to a temporary module, imported, swapped into ``ops`` and timed on the same inputs as the
 unchanged kernels (medians of ``triton.testing.do_bench``). Every variant's output is checked against the
-unchanged kernels' before its time is reported. This is how a kernel change is tried before it is made:
+unchanged kernels' before its time is reported. This is how a kernel-only change is tried before it is made
+(for a change that spans kernels and launchers, bench/ab_ops.py times the whole op against another commit's):
 
     python bench/explore_variants.py --out variants.json
 
@@ -47,59 +48,6 @@ VARIANTS = [
 ]
 
 
-def time_head_kernels(path, q, k, v, do, bm, mask, w, b, scale, bq, bk, o_s, lse):
-    """Kernel-only times of an older kernels.py (the commit before the feature map moved into the kernels: it
-    takes phi(q) as a tensor) against the current kernels, same inputs, direct launches."""
-    import triton.testing
-
-    from sla.ops.sla.triton import ops
-
-    spec = importlib.util.spec_from_file_location("sla_head_kernels", path)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
-    B, H, L, D = q.shape
-    Tm = triton.cdiv(L, bq)
-    hs, zs = ops._linear_states(k, v, bk, "softmax")
-    big_h, big_z = ops._aggregate_states(hs, zs, mask)
-    st = ops._state_strides(big_h, big_z)
-    phi_q = torch.softmax(q, -1)
-    o, os_, ol = (torch.empty_like(q) for _ in range(3))
-    lse2 = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    n = bm.critical_lut.shape[-1]
-    cfg = ops._launch_config("fwd", bq, bk, D)
-    S = ops._strides
-
-    def new_fwd():
-        ops.sla_fwd_kernel[(Tm, B * H)](
-            q, k, v, bm.critical_lut, big_h, big_z, w, b, o, os_, ol, lse2, *S(q), *S(k), *S(v), *S(o), *S(os_), *st,
-            scale * ops.LOG2_E, L, L, Tm, n, H=H, D=D, BM=bq, BN=bk, FEATURE="softmax", HAS_PROJ=True,
-            HAS_BIAS=True, STORE_AUX=True, PREC="tf32", **cfg)
-
-    def old_fwd():
-        old.sla_fwd_kernel[(Tm, B * H)](
-            q, k, v, phi_q, bm.critical_lut, big_h, big_z, w, b, o, os_, ol, lse2, *S(q), *S(k), *S(v), *S(phi_q),
-            *S(o), *st, scale, L, L, Tm, n, H=H, D=D, BM=bq, BN=bk, HAS_PROJ=True, HAS_BIAS=True, PREC="tf32", **cfg)
-
-    dq, delta = torch.empty_like(q), torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    cfg = ops._launch_config("dq", bq, bk, D)
-
-    def new_dq():
-        ops.sla_bwd_dq_kernel[(Tm, B * H)](
-            q, k, v, do, o_s, lse, bm.critical_lut, delta, dq, *S(q), *S(k), *S(v), *S(do), *S(o_s), *S(dq),
-            scale, L, L, Tm, n, H=H, D=D, BM=bq, BN=bk, PREC="tf32", **cfg)
-
-    def old_dq():
-        old.sla_bwd_dq_kernel[(Tm, B * H)](
-            q, k, v, do, o_s, lse, bm.critical_lut, delta, dq, *S(q), *S(k), *S(v), *S(do), *S(o_s), *S(dq),
-            scale, L, L, Tm, n, H=H, D=D, BM=bq, BN=bk, PREC="tf32", **cfg)
-
-    return {name: triton.testing.do_bench(fn, warmup=50, rep=300)
-            for name, fn in (("kernel only: sla_fwd_kernel, current", new_fwd),
-                             ("kernel only: sla_fwd_kernel, older (phi(q) loaded)", old_fwd),
-                             ("kernel only: sla_bwd_dq_kernel, current", new_dq),
-                             ("kernel only: sla_bwd_dq_kernel, older", old_dq))}
-
-
 def load_variant(replacements, tag):
     src = open(KERNELS).read()
     for old, new in replacements:
@@ -120,8 +68,6 @@ def main(argv=None):
     p.add_argument("--shape", default="1,12,32760,128")
     p.add_argument("--blocks", default="64x64")
     p.add_argument("--out", default=None, help="JSON output path")
-    p.add_argument("--head-kernels", default=None,
-                   help="path of an older kernels.py (git show REV:sla/ops/sla/triton/kernels.py) to time against")
     args = p.parse_args(argv)
 
     import triton.testing
@@ -147,17 +93,7 @@ def main(argv=None):
     for op in ("fwd", "bwd"):
         results[f"baseline {op} op ms"] = triton.testing.do_bench(runs[op], warmup=50, rep=300)
         print(f"baseline {op}: {results[f'baseline {op} op ms']:.3f} ms", flush=True)
-    if args.head_kernels:
-        try:
-            for name, ms in time_head_kernels(args.head_kernels, q, k, v, do, bm, mask, w, b, scale, bq, bk, o_s,
-                                              lse).items():
-                results[name] = ms
-                print(f"{name}: {ms:.3f} ms", flush=True)
-        except Exception as exc:
-            results["head kernels"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-            print(results["head kernels"], flush=True)
-    names = ("sla_linear_state_kernel", "sla_fwd_kernel", "sla_bwd_dq_kernel", "sla_bwd_linear_q_kernel",
-             "sla_bwd_dkdv_kernel")
+    names = ("sla_linear_state_kernel", "sla_fwd_kernel", "sla_bwd_dq_kernel", "sla_bwd_dkdv_kernel")
     originals = {n: getattr(ops, n) for n in names}
     for tag, op, replacements in VARIANTS:
         try:

@@ -1,0 +1,160 @@
+"""A/B of the whole SLA Triton op against another commit's, in one process on one GPU.
+
+    git archive REV sla/ops/sla | tar -x -C .ab     # the other commit's operator package (.ab is git-ignored)
+    python bench/ab_ops.py --base .ab/sla/ops/sla --out ab.json
+
+The base package is imported under another name (its ``torch.library`` namespace renamed so both can be
+registered), and both run ``sparse_linear_attention_triton`` (GPU block map, both branches, projection) on the
+same inputs: the forward (inference and training) and the forward+backward through autograd. Rounds alternate
+A and B and the medians over rounds are reported, so drifting clocks hit both alike. The outputs and
+gradients of A and B are compared, and each kernel's device time per forward+backward comes from
+torch.profiler for both. This is how a change that spans kernels and launchers is measured before it stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
+from bench_kernels import Runner, bench, kernel_profile, peak_memory_gb  # noqa: E402
+from provenance import git_commit  # noqa: E402
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def patched(module, name, value):
+    """A context-manager factory that swaps ``module.name`` for ``value`` while it is entered."""
+    return lambda: _patched(module, name, value)
+
+
+def load_base_ops(src: str):
+    """Import a copy of an ``sla/ops/sla`` package directory as ``sla_base_ops`` (custom ops as ``sla_base::``)."""
+    root = tempfile.mkdtemp(prefix="sla_ab_")
+    pkg = os.path.join(root, "sla_base_ops")
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in glob.glob(os.path.join(pkg, "**", "*.py"), recursive=True):
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace('"sla::', '"sla_base::'))
+    sys.path.insert(0, root)
+    from sla_base_ops.triton import ops as base_ops  # noqa: PLC0415 (the copy exists only now)
+
+    return base_ops
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="directory of the other commit's sla/ops/sla package")
+    p.add_argument("--shapes", default="1,12,32760,128", help="B,H,L,D;B,H,L,D;... (bf16)")
+    p.add_argument("--blocks", default="64x64", help="block_qxblock_k, comma separated")
+    p.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON output path")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("ab_ops.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    from sla.ops.sla.triton import ops as new_ops
+
+    base_ops = load_base_ops(args.base)
+    natural_order = patched(new_ops, "_longest_columns_first",
+                            lambda off: torch.arange(off[..., 1:].numel(), dtype=torch.int32, device=off.device))
+    # name -> (the op, a context manager around every call of it)
+    impls = {"new": (new_ops.sparse_linear_attention_triton, contextlib.nullcontext),
+             "base": (base_ops.sparse_linear_attention_triton, contextlib.nullcontext),
+             "new, dK/dV programs in natural order": (new_ops.sparse_linear_attention_triton, natural_order)}
+    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "commit": git_commit(), "base": os.path.abspath(args.base), "runs": []}
+    for shape in args.shapes.split(";"):
+        B, H, L, D = (int(x) for x in shape.split(","))
+        r = Runner(B, H, L, D)
+        for blocks in args.blocks.split(","):
+            bq, bk = (int(x) for x in blocks.split("x"))
+
+            def call(name):
+                op, ctx = impls[name]
+
+                def run():
+                    with ctx():
+                        return op(r.q, r.k, r.v, critical=0.05, negligible=0.10, block_q=bq, block_k=bk,
+                                  linear_scope="marginal", proj_weight=r.w, proj_bias=r.b)
+                return run
+
+            def step(name):  # forward + backward, the backward inside the variant's context too
+                op_call, ctx = call(name), impls[name][1]
+
+                def run():
+                    with ctx():
+                        op_call().backward(r.do)
+                return run
+
+            row = {"shape": [B, H, L, D], "blocks": blocks}
+            grads = {}
+            for name in impls:  # warm-up (compiles) and the outputs / gradients to compare
+                for x in r.leaves:
+                    x.grad = None
+                with impls[name][1]():
+                    o = call(name)()
+                    o.backward(r.do)
+                grads[name] = [o.detach()] + [x.grad.detach().clone() for x in r.leaves]
+                for x in r.leaves:
+                    x.grad = None
+            labels = ["o", "dq", "dk", "dv", "dw", "db"]
+            row["max_abs_diff_vs_new"] = {
+                name: {lab: float((a.float() - b.float()).abs().max()) for lab, a, b in zip(labels, grads["new"], g)}
+                for name, g in grads.items() if name != "new"}
+            times = {f"{name} {what}": [] for name in impls for what in ("fwd_inference", "fwd_train", "fwd_bwd")}
+            for _ in range(args.rounds):
+                for name in impls:
+                    fn = call(name)
+                    with torch.no_grad():
+                        times[f"{name} fwd_inference"].append(bench(fn))
+                    times[f"{name} fwd_train"].append(bench(fn))
+                    times[f"{name} fwd_bwd"].append(bench(step(name), 300, grad_to_none=r.leaves))
+                    for x in r.leaves:
+                        x.grad = None
+            row["median_ms"] = {key: statistics.median(v) for key, v in times.items()}
+            row["all_ms"] = times
+            for name in impls:
+                with impls[name][1]():
+                    row[f"{name} peak_memory_gb"] = peak_memory_gb(r.fwd_bwd(call(name)))
+                    for x in r.leaves:
+                        x.grad = None
+                    row[f"{name} per_kernel_ms_fwd_bwd"] = kernel_profile(call(name), r)
+            results["runs"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if "per_kernel" not in k and k != "all_ms"}, indent=1),
+                  flush=True)
+            for name in impls:
+                print(name, json.dumps(row[f"{name} per_kernel_ms_fwd_bwd"], indent=1), flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=1)
+        del r
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

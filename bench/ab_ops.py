@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--base", required=True, help="directory of the other commit's sla/ops/sla package")
     p.add_argument("--shapes", default="1,12,32760,128", help="B,H,L,D;B,H,L,D;... (bf16)")
     p.add_argument("--blocks", default="64x64", help="block_qxblock_k, comma separated")
+    p.add_argument("--launch-configs", nargs="*", default=[],
+                   help="more variants of the new op with other launch configs, e.g. 'dq:4,3' or "
+                        "'dq:4,3+dkdv:4,3' (kernel:num_warps,num_stages; kernel names as in ops._launch_config)")
     p.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
@@ -79,12 +82,17 @@ def main(argv=None) -> int:
     from sla.ops.sla.triton import ops as new_ops
 
     base_ops = load_base_ops(args.base)
-    natural_order = patched(new_ops, "_longest_columns_first",
-                            lambda off: torch.arange(off[..., 1:].numel(), dtype=torch.int32, device=off.device))
     # name -> (the op, a context manager around every call of it)
     impls = {"new": (new_ops.sparse_linear_attention_triton, contextlib.nullcontext),
-             "base": (base_ops.sparse_linear_attention_triton, contextlib.nullcontext),
-             "new, dK/dV programs in natural order": (new_ops.sparse_linear_attention_triton, natural_order)}
+             "base": (base_ops.sparse_linear_attention_triton, contextlib.nullcontext)}
+    for spec in args.launch_configs:
+        overrides = {}
+        for item in spec.split("+"):
+            kernel, config = item.split(":")
+            warps, stages = (int(x) for x in config.split(","))
+            overrides[kernel] = {"num_warps": warps, "num_stages": stages}
+        impls[f"new, {spec}"] = (new_ops.sparse_linear_attention_triton,
+                                 patched(new_ops, "LAUNCH_CONFIG_OVERRIDES", overrides))
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "commit": git_commit(), "base": os.path.abspath(args.base), "runs": []}
     for shape in args.shapes.split(";"):

@@ -197,42 +197,27 @@ def sla_bwd_dq_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Everything of backward that is per query block, reading q and dO once: delta, the sparse branch's dQ over
-    # the critical LUT, then the linear branch (paper Eq. 8) with dO_l = dO W (through Proj) and
-    # D^l = rowsum(dO_l * O_l), from recomputed (not saved) H_i, Z_i:
-    # dphi(Q_i) = (dO_l H_i^T - D^l Z_i^T) / den, dH_i = (phi(Q_i) / den)^T dO_l, dZ_i = -(phi(Q_i) / den)^T D^l.
-    # dphi(Q_i) goes through phi's backward into the same dq, stored once. Also this block's share of the bias
-    # gradient, sum(dO). (Was two kernels; the second re-read q and dO and read-modify-wrote dq.)
+    # Everything of backward that is per query block, reading q and dO once. First the linear branch (paper
+    # Eq. 8) with dO_l = dO W (through Proj) and D^l = rowsum(dO_l * O_l), from recomputed (not saved) H_i, Z_i:
+    # dphi(Q_i) = (dO_l H_i^T - D^l Z_i^T) / den, dH_i = (phi(Q_i) / den)^T dO_l, dZ_i = -(phi(Q_i) / den)^T D^l;
+    # dphi(Q_i) through phi's backward starts the dq accumulator. Then delta and the sparse branch's dQ over the
+    # critical LUT into the same accumulator; dq is stored once. Also this block's share of the bias gradient.
+    # The linear part comes first so that none of its tiles is live during the loop: placed after the loop it
+    # kept fp32 copies of q and dO live across it and the kernel took 1.98 ms against 0.93 + 0.81 ms for the
+    # two separate kernels it replaced (H200, bench/RESULTS.md).
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_q = o_m < Lq
-
-    b_q = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
-    b_do = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
-                   other=0.)
+    i_row = i_bh * Tm + i_m
+    p_q = Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :]
+    p_do = DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :]
     p_aux = i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :]
-    b_os = tl.load(OS + p_aux, mask=m_q[:, None], other=0.)
-    # D^s of Algorithm 2, computed here once per query block and reused by the dK/dV kernel.
-    b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1)
-    tl.store(DELTA + i_bh * Lq + o_m, b_delta, mask=m_q)
-    b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
-
-    p_k0 = K + i_b * s_k_b + i_h * s_k_h
-    p_v0 = V + i_b * s_v_b + i_h * s_v_h
-    p_lut = LUT + (i_bh * Tm + i_m) * N_CRIT
-    qk_scale = scale * 1.4426950408889634
-    b_dq = tl.zeros([BM, D], dtype=tl.float32)
-    for i_c in range(N_CRIT):  # one loop, masked every iteration (see sla_fwd_kernel)
-        b_dq = _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, tl.load(p_lut + i_c), s_k_l, s_v_l, qk_scale,
-                         Lk, D, BN, PREC)
-    b_dq = b_dq * scale
 
     # Linear branch.
-    b_do = b_do.to(tl.float32)
-    i_row = i_bh * Tm + i_m
+    b_do = tl.load(p_do, mask=m_q[:, None], other=0.).to(tl.float32)
     if HAS_BIAS:
         tl.store(DB_PART + i_row * D + o_d, tl.sum(b_do, axis=0))
     if HAS_PROJ:
@@ -242,28 +227,45 @@ def sla_bwd_dq_kernel(
         b_dol = b_do
     b_ol = tl.load(OL + p_aux, mask=m_q[:, None], other=0.).to(tl.float32)
     b_dl = tl.sum(b_dol * b_ol, axis=1)
-    b_x = b_q.to(tl.float32)
-    b_phi = _feature_map(b_x, FEATURE)
-    b_pq = b_phi.to(b_q.dtype).to(tl.float32)  # the forward's rounding of phi(q)
+    b_x = tl.load(p_q, mask=m_q[:, None], other=0.)
+    b_phi = _feature_map(b_x.to(tl.float32), FEATURE)
+    b_pq = b_phi.to(b_x.dtype).to(tl.float32)  # the forward's rounding of phi(q)
     b_hs = tl.load(HS + i_bh * s_hs_bh + i_m * s_hs_m + o_d[:, None] * D + o_d[None, :])  # [D, D]
     b_zs = tl.load(ZS + i_bh * s_zs_bh + i_m * s_zs_m + o_d)
     b_den = tl.sum(b_pq * b_zs[None, :], axis=1)
     b_den = tl.where(b_den == 0., 1., b_den)  # rows whose o_l is 0 (see sla_fwd_kernel)
     b_dpq = tl.dot(b_dol.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC) - b_dl[:, None] * b_zs[None, :]
     b_dpq = b_dpq / b_den[:, None]
-    b_dq += _feature_map_grad(b_x, b_phi, b_dpq, FEATURE)
-    p_dq = DQ + i_b * s_dq_b + i_h * s_dq_h + o_m[:, None] * s_dq_l + o_d[None, :]
-    tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_q[:, None])
+    # In units of the loop's unscaled dS K sum, which is multiplied by the softmax scale at the end.
+    b_dq = _feature_map_grad(b_x.to(tl.float32), b_phi, b_dpq, FEATURE) / scale
     b_qn = b_pq / b_den[:, None]
     b_dhs = tl.dot(tl.trans(b_qn.to(b_hs.dtype)), b_dol.to(b_hs.dtype), input_precision=PREC)  # [D, D]
     b_dzs = -tl.sum(b_qn * b_dl[:, None], axis=0)
     tl.store(DHS + i_row * D * D + o_d[:, None] * D + o_d[None, :], b_dhs.to(DHS.dtype.element_ty))
     tl.store(DZS + i_row * D + o_d, b_dzs)
 
+    # Sparse branch (tiles reloaded in the input dtype: L1/L2 hits).
+    b_q = tl.load(p_q, mask=m_q[:, None], other=0.)
+    b_do = tl.load(p_do, mask=m_q[:, None], other=0.)
+    b_os = tl.load(OS + p_aux, mask=m_q[:, None], other=0.)
+    # D^s of Algorithm 2, computed here once per query block and reused by the dK/dV kernel.
+    b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1)
+    tl.store(DELTA + i_bh * Lq + o_m, b_delta, mask=m_q)
+    b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
+    p_k0 = K + i_b * s_k_b + i_h * s_k_h
+    p_v0 = V + i_b * s_v_b + i_h * s_v_h
+    p_lut = LUT + (i_bh * Tm + i_m) * N_CRIT
+    qk_scale = scale * 1.4426950408889634
+    for i_c in range(N_CRIT):  # one loop, masked every iteration (see sla_fwd_kernel)
+        b_dq = _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, tl.load(p_lut + i_c), s_k_l, s_v_l, qk_scale,
+                         Lk, D, BN, PREC)
+    p_dq = DQ + i_b * s_dq_b + i_h * s_dq_h + o_m[:, None] * s_dq_l + o_d[None, :]
+    tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
+
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn", "N_CRIT", "s_dhs_n", "s_dzs_n"])
 def sla_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, ORDER, DHS, DZS, DK, DV,
+    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, DHS, DZS, DK, DV,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -274,12 +276,10 @@ def sla_bwd_dkdv_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # A 1-D grid over (batch*head, key block) in ORDER: longest query-block lists first, so that the last wave
-    # is not one long column behind many short ones (key blocks are critical for very different numbers of
-    # query blocks).
-    i_prog = tl.load(ORDER + tl.program_id(0)).to(tl.int64)
-    i_bh = i_prog // Tn
-    i_n = (i_prog % Tn).to(tl.int32)
+    # Programs in natural order (key blocks of one head together, sharing q and dO in L2); launching the
+    # longest columns first was measured slower (bench/RESULTS.md).
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = i_n * BN + tl.arange(0, BN)
     o_mb = tl.arange(0, BM)

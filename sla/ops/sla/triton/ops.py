@@ -12,8 +12,8 @@ What runs where, per SLA call (layout ``(B, H, L, D)``; the variant is chosen by
 
 Backward: ``h``, ``H`` recomputed as in 1-2, ``sla_bwd_dq_kernel`` (delta, the sparse dq over the LUT and
 the linear branch's dq through phi's backward; dH_i, dZ_i; the bias gradient's per-block sums), ``dh =
-M^T dH``, then ``sla_bwd_dkdv_kernel`` over the LUT's CSR transpose (deterministic, no atomics; key blocks
-with the longest lists launched first), which also adds the linear branch's dk and dv. Nothing of size
+M^T dH``, then ``sla_bwd_dkdv_kernel`` over the LUT's CSR transpose (deterministic, no atomics), which also adds the
+linear branch's dk and dv. Nothing of size
 ``T_m x D x D`` is saved between forward and backward, and no ``phi(q)``/``phi(k)`` tensor exists at all.
 """
 
@@ -216,14 +216,6 @@ def _(q, k, v, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask,
     return (torch.empty_like(q), *_aux_outputs(q, store_aux))
 
 
-def _longest_columns_first(lut_t_offsets: torch.Tensor) -> torch.Tensor:
-    """Launch order of the dK/dV programs: flat ``(batch*head) * T_n + key block`` indices (int32), key blocks
-    with the most query blocks first (longest-processing-time-first scheduling; ties in index order). It only
-    changes which program runs when, never what one computes."""
-    counts = (lut_t_offsets[..., 1:] - lut_t_offsets[..., :-1]).reshape(-1)
-    return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
-
-
 def _bwd_impl(do, q, k, v, o_s, o_l, lse, critical_lut, lut_t_offsets, lut_t, scope_mask, proj_weight, proj_bias,
               scale, block_q, block_k, feature_map):
     """dq, dk, dv through both branches and the feature map, and the bias gradient (None without a bias):
@@ -262,8 +254,8 @@ def _bwd_impl(do, q, k, v, o_s, o_l, lse, critical_lut, lut_t_offsets, lut_t, sc
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(k)  # the kernel writes dk and dv with the same strides
-    sla_bwd_dkdv_kernel[(Tn * B * H,)](
-        q, k, v, do, lse, delta, lut_t_offsets, lut_t, _longest_columns_first(lut_t_offsets), d_hs, d_zs, dk, dv,
+    sla_bwd_dkdv_kernel[(Tn, B * H)](
+        q, k, v, do, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_state_strides(d_hs, d_zs),
         scale, Lq, Lk, Tm, Tn, n_crit,
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, PREC=prec,

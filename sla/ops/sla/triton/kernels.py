@@ -14,9 +14,9 @@ Kernels:
 * ``sla_fwd_kernel``: per query block, online-softmax attention over its critical key blocks (exp2 with
   ``log2(e)`` folded into the scale, fp32 accumulators, base-2 log-sum-exp), then the linear branch
   ``phi(Q_i) H_i / (phi(Q_i) . Z_i)`` from the block's aggregated state, then ``Proj`` and the sum.
-* ``sla_bwd_dq_kernel``: per query block, ``delta = rowsum(dO * O_s)``, dQ of the sparse branch over the
-  critical LUT, then the linear branch's backward (paper Eq. 8): its share of dq (through dphi(Q_i)), dH_i,
-  dZ_i, and the block's partial sum of dO for the bias gradient.
+* ``sla_bwd_dq_kernel``: ``delta = rowsum(dO * O_s)`` and dQ of the sparse branch over the critical LUT.
+* ``sla_bwd_linear_q_kernel``: the linear branch's backward per query block (paper Eq. 8): its share of dq
+  (through dphi(Q_i)), dH_i, dZ_i, and the block's partial sum of dO for the bias gradient.
 * ``sla_bwd_dkdv_kernel``: dK and dV of the sparse branch per key block over the transposed (CSR) LUT,
   plus the linear branch's share of dV_j and dK_j (through dphi(K_j)).
 
@@ -183,41 +183,72 @@ def _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, i_n, s_k_l, s_v_l, qk
     return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PREC)
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT", "s_hs_m", "s_zs_m"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT"])
 def sla_bwd_dq_kernel(
-    Q, K, V, DO, OS, OL, LSE, LUT, W, HS, ZS, DELTA, DQ, DHS, DZS, DB_PART,
+    Q, K, V, DO, OS, LSE, LUT, DELTA, DQ,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
     s_do_b, s_do_h, s_do_l,
     s_aux_b, s_aux_h, s_aux_l,
     s_dq_b, s_dq_h, s_dq_l,
-    s_hs_bh, s_hs_m, s_zs_bh, s_zs_m,
     scale, Lq, Lk, Tm, N_CRIT,
-    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Everything of backward that is per query block, reading q and dO once. First the linear branch (paper
-    # Eq. 8) with dO_l = dO W (through Proj) and D^l = rowsum(dO_l * O_l), from recomputed (not saved) H_i, Z_i:
-    # dphi(Q_i) = (dO_l H_i^T - D^l Z_i^T) / den, dH_i = (phi(Q_i) / den)^T dO_l, dZ_i = -(phi(Q_i) / den)^T D^l;
-    # dphi(Q_i) through phi's backward starts the dq accumulator. Then delta and the sparse branch's dQ over the
-    # critical LUT into the same accumulator; dq is stored once. Also this block's share of the bias gradient.
-    # The linear part comes first so that none of its tiles is live during the loop: placed after the loop it
-    # kept fp32 copies of q and dO live across it and the kernel took 1.98 ms against 0.93 + 0.81 ms for the
-    # two separate kernels it replaced (H200, bench/RESULTS.md).
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_q = o_m < Lq
-    i_row = i_bh * Tm + i_m
-    p_q = Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :]
-    p_do = DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :]
-    p_aux = i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :]
 
-    # Linear branch.
-    b_do = tl.load(p_do, mask=m_q[:, None], other=0.).to(tl.float32)
+    b_q = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
+    b_do = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
+                   other=0.)
+    b_os = tl.load(OS + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
+                   other=0.)
+    # D^s of Algorithm 2, computed here once per query block and reused by the dK/dV kernel.
+    b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1)
+    tl.store(DELTA + i_bh * Lq + o_m, b_delta, mask=m_q)
+    b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
+
+    p_k0 = K + i_b * s_k_b + i_h * s_k_h
+    p_v0 = V + i_b * s_v_b + i_h * s_v_h
+    p_lut = LUT + (i_bh * Tm + i_m) * N_CRIT
+    qk_scale = scale * 1.4426950408889634
+    b_dq = tl.zeros([BM, D], dtype=tl.float32)
+    for i_c in range(N_CRIT):  # one loop, masked every iteration (see sla_fwd_kernel)
+        b_dq = _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, tl.load(p_lut + i_c), s_k_l, s_v_l, qk_scale,
+                         Lk, D, BN, PREC)
+    p_dq = DQ + i_b * s_dq_b + i_h * s_dq_h + o_m[:, None] * s_dq_l + o_d[None, :]
+    tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
+
+
+@triton.jit(do_not_specialize=["Lq", "Tm", "s_hs_m", "s_zs_m"])
+def sla_bwd_linear_q_kernel(
+    Q, DO, W, OL, HS, ZS, DQ, DHS, DZS, DB_PART,
+    s_q_b, s_q_h, s_q_l,
+    s_do_b, s_do_h, s_do_l,
+    s_aux_b, s_aux_h, s_aux_l,
+    s_dq_b, s_dq_h, s_dq_l,
+    s_hs_bh, s_hs_m, s_zs_bh, s_zs_m,
+    Lq, Tm,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, FEATURE: tl.constexpr, HAS_PROJ: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+):
+    # Linear branch backward per query block (paper Eq. 8) with dO_l = dO W (through Proj) and
+    # D^l = rowsum(dO_l * O_l), from recomputed (not saved) H_i, Z_i: dphi(Q_i) = (dO_l H_i^T - D^l Z_i^T) / den,
+    # dH_i = (phi(Q_i) / den)^T dO_l, dZ_i = -(phi(Q_i) / den)^T D^l. dphi(Q_i) goes through phi's backward and
+    # is added to the sparse branch's dq already in DQ. Also this block's share of the bias gradient, sum(dO).
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_q = o_m < Lq
+    b_do = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
+                   other=0.).to(tl.float32)
+    i_row = i_bh * Tm + i_m
     if HAS_BIAS:
         tl.store(DB_PART + i_row * D + o_d, tl.sum(b_do, axis=0))
     if HAS_PROJ:
@@ -225,9 +256,10 @@ def sla_bwd_dq_kernel(
         b_dol = tl.dot(b_do, b_w, input_precision=PREC)
     else:
         b_dol = b_do
-    b_ol = tl.load(OL + p_aux, mask=m_q[:, None], other=0.).to(tl.float32)
+    b_ol = tl.load(OL + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
+                   other=0.).to(tl.float32)
     b_dl = tl.sum(b_dol * b_ol, axis=1)
-    b_x = tl.load(p_q, mask=m_q[:, None], other=0.)
+    b_x = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
     b_phi = _feature_map(b_x.to(tl.float32), FEATURE)
     b_pq = b_phi.to(b_x.dtype).to(tl.float32)  # the forward's rounding of phi(q)
     b_hs = tl.load(HS + i_bh * s_hs_bh + i_m * s_hs_m + o_d[:, None] * D + o_d[None, :])  # [D, D]
@@ -236,31 +268,15 @@ def sla_bwd_dq_kernel(
     b_den = tl.where(b_den == 0., 1., b_den)  # rows whose o_l is 0 (see sla_fwd_kernel)
     b_dpq = tl.dot(b_dol.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC) - b_dl[:, None] * b_zs[None, :]
     b_dpq = b_dpq / b_den[:, None]
-    # In units of the loop's unscaled dS K sum, which is multiplied by the softmax scale at the end.
-    b_dq = _feature_map_grad(b_x.to(tl.float32), b_phi, b_dpq, FEATURE) / scale
+    p_dq = DQ + i_b * s_dq_b + i_h * s_dq_h + o_m[:, None] * s_dq_l + o_d[None, :]
+    b_dq = tl.load(p_dq, mask=m_q[:, None], other=0.).to(tl.float32)
+    b_dq += _feature_map_grad(b_x.to(tl.float32), b_phi, b_dpq, FEATURE)
+    tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_q[:, None])
     b_qn = b_pq / b_den[:, None]
     b_dhs = tl.dot(tl.trans(b_qn.to(b_hs.dtype)), b_dol.to(b_hs.dtype), input_precision=PREC)  # [D, D]
     b_dzs = -tl.sum(b_qn * b_dl[:, None], axis=0)
     tl.store(DHS + i_row * D * D + o_d[:, None] * D + o_d[None, :], b_dhs.to(DHS.dtype.element_ty))
     tl.store(DZS + i_row * D + o_d, b_dzs)
-
-    # Sparse branch (tiles reloaded in the input dtype: L1/L2 hits).
-    b_q = tl.load(p_q, mask=m_q[:, None], other=0.)
-    b_do = tl.load(p_do, mask=m_q[:, None], other=0.)
-    b_os = tl.load(OS + p_aux, mask=m_q[:, None], other=0.)
-    # D^s of Algorithm 2, computed here once per query block and reused by the dK/dV kernel.
-    b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1)
-    tl.store(DELTA + i_bh * Lq + o_m, b_delta, mask=m_q)
-    b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
-    p_k0 = K + i_b * s_k_b + i_h * s_k_h
-    p_v0 = V + i_b * s_v_b + i_h * s_v_h
-    p_lut = LUT + (i_bh * Tm + i_m) * N_CRIT
-    qk_scale = scale * 1.4426950408889634
-    for i_c in range(N_CRIT):  # one loop, masked every iteration (see sla_fwd_kernel)
-        b_dq = _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, tl.load(p_lut + i_c), s_k_l, s_v_l, qk_scale,
-                         Lk, D, BN, PREC)
-    p_dq = DQ + i_b * s_dq_b + i_h * s_dq_h + o_m[:, None] * s_dq_l + o_d[None, :]
-    tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn", "N_CRIT", "s_dhs_n", "s_dzs_n"])
@@ -276,8 +292,6 @@ def sla_bwd_dkdv_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # Programs in natural order (key blocks of one head together, sharing q and dO in L2); launching the
-    # longest columns first was measured slower (bench/RESULTS.md).
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H

@@ -10,11 +10,11 @@ What runs where, per SLA call (layout ``(B, H, L, D)``; the variant is chosen by
    ``Proj`` and the sum, in one pass over each query block. ``o_s``, ``o_l`` and the LSE are written only
    when autograd will need them.
 
-Backward: ``h``, ``H`` recomputed as in 1-2, ``sla_bwd_dq_kernel`` (delta, the sparse dq over the LUT and
+Backward: ``sla_bwd_dq_kernel`` (delta and the sparse dq over the LUT), ``sla_bwd_linear_q_kernel`` (adds
 the linear branch's dq through phi's backward; dH_i, dZ_i; the bias gradient's per-block sums), ``dh =
-M^T dH``, then ``sla_bwd_dkdv_kernel`` over the LUT's CSR transpose (deterministic, no atomics), which also adds the
-linear branch's dk and dv. Nothing of size
-``T_m x D x D`` is saved between forward and backward, and no ``phi(q)``/``phi(k)`` tensor exists at all.
+M^T dH``, then ``sla_bwd_dkdv_kernel`` over the LUT's CSR transpose (deterministic, no atomics), which
+also adds the linear branch's dk and dv. ``H_i`` is recomputed: nothing of size ``T_m x D x D`` is saved
+between forward and backward, and no ``phi(q)``/``phi(k)`` tensor exists at all.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..feature_maps import FEATURE_MAP_FNS
 from .kernels import (
     sla_bwd_dkdv_kernel,
     sla_bwd_dq_kernel,
+    sla_bwd_linear_q_kernel,
     sla_fwd_kernel,
     sla_linear_state_kernel,
 )
@@ -80,10 +81,12 @@ def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> di
     # (4.45 vs 4.85 ms for the whole backward with (8, 2)).
     if kernel == "fwd":
         return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3}
-    if kernel == "state":
-        return {"num_warps": 4, "num_stages": 1}
+    if kernel == "state":  # 8 warps: 0.366 vs 0.423 ms for its two launches per step (H200, bench/RESULTS.md)
+        return {"num_warps": 8, "num_stages": 1}
     if kernel == "dkdv":
         return {"num_warps": 4, "num_stages": 2}
+    if kernel == "linear_q":
+        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 1}
     return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 2}
 
 
@@ -219,30 +222,34 @@ def _(q, k, v, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask,
 def _bwd_impl(do, q, k, v, o_s, o_l, lse, critical_lut, lut_t_offsets, lut_t, scope_mask, proj_weight, proj_bias,
               scale, block_q, block_k, feature_map):
     """dq, dk, dv through both branches and the feature map, and the bias gradient (None without a bias):
-    the recomputed linear states, the per-query-block kernel (delta, the sparse and the linear dq, dH_i,
-    dZ_i), ``dh = M^T dH``, then the per-key-block dK/dV kernel."""
+    the sparse dQ kernel (+ delta), the linear per-query-block kernel (adds its dq, writes dH_i, dZ_i),
+    ``dh = M^T dH``, then the per-key-block dK/dV kernel."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm, Tn = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
     n_crit = critical_lut.shape[-1]
     prec = _dot_precision(q.dtype)
     sdt = _state_dtype(v.dtype)
-    hs, zs = _linear_states(k, v, block_k, feature_map)
-    big_h, big_z = _aggregate_states(hs, zs, scope_mask)
     dq = torch.empty_like(q)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    sla_bwd_dq_kernel[(Tm, B * H)](
+        q, k, v, do, o_s, lse, critical_lut, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(o_s), *_strides(dq),
+        scale, Lq, Lk, Tm, n_crit,
+        H=H, D=D, BM=block_q, BN=block_k, PREC=prec, **_launch_config("dq", block_q, block_k, D))
+
+    hs, zs = _linear_states(k, v, block_k, feature_map)
+    big_h, big_z = _aggregate_states(hs, zs, scope_mask)
     d_big_h = torch.empty(B, H, Tm, D, D, dtype=sdt, device=q.device)
     d_big_z = torch.empty(B, H, Tm, D, dtype=torch.float32, device=q.device)
     # Per query block partial sums of dO: the bias gradient without a slow column reduction over every token.
     db_part = torch.empty(B * H * Tm, D, dtype=torch.float32, device=q.device) if proj_bias is not None else big_z
-    sla_bwd_dq_kernel[(Tm, B * H)](
-        q, k, v, do, o_s, o_l, lse, critical_lut, proj_weight if proj_weight is not None else big_z, big_h, big_z,
-        delta, dq, d_big_h, d_big_z, db_part,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(o_s), *_strides(dq),
-        *_state_strides(big_h, big_z),
-        scale, Lq, Lk, Tm, n_crit,
-        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
-        HAS_BIAS=proj_bias is not None, PREC=prec, **_launch_config("dq", block_q, block_k, D))
+    sla_bwd_linear_q_kernel[(Tm, B * H)](
+        q, do, proj_weight if proj_weight is not None else big_z, o_l, big_h, big_z, dq, d_big_h, d_big_z, db_part,
+        *_strides(q), *_strides(do), *_strides(o_l), *_strides(dq), *_state_strides(big_h, big_z),
+        Lq, Tm,
+        H=H, D=D, BM=block_q, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
+        HAS_BIAS=proj_bias is not None, PREC=prec, **_launch_config("linear_q", block_q, block_k, D))
     # Per key block: the sum of dH_i over the query blocks that have it in scope (fp32 accumulation).
     if scope_mask is None:
         d_hs = d_big_h.sum(dim=2, keepdim=True, dtype=torch.float32).to(sdt)
@@ -313,11 +320,16 @@ def _setup_context(ctx, inputs, output):
         raise RuntimeError("sla::triton_fwd ran with store_aux=False but autograd needs its backward; call it "
                            "through triton_sparse_linear_attention, which sets store_aux when gradients are needed")
     ctx.mark_non_differentiable(o_s, o_l, lse)
+    # Backward reads only dO: without this autograd would fill zero gradients for o_s, o_l and the LSE first
+    # (a 0.06 ms bf16 fill per step at (1, 12, 32760, 128) on an H200, bench/RESULTS.md).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias)
     ctx.args = (scale, block_q, block_k, feature_map)
 
 
 def _backward(ctx, do, _d_os, _d_ol, _d_lse):
+    if do is None:  # grads are not materialised (see _setup_context); o is the only differentiable output
+        return (None,) * 14
     q, k, v, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias = ctx.saved_tensors
     dq, dk, dv, d_w, d_b = sla_triton_bwd(do, q, k, v, o_s, o_l, lse, lut, lut_t_off, lut_t, scope_mask,
                                           proj_weight, proj_bias, *ctx.args)

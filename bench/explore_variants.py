@@ -8,7 +8,9 @@ unchanged kernels' before its time is reported. This is how a kernel-only change
 
     python bench/explore_variants.py --out variants.json
 
-Shape (1, 12, 32760, 128) bf16, critical 0.05, negligible 0.10, marginal scope, 64x64 blocks by default.
+Shape (1, 12, 32760, 128) bf16, critical 0.05, negligible 0.10, marginal scope, 64x64 blocks by default. Without
+a GPU, ``TRITON_INTERPRET=1 python bench/explore_variants.py --check-only --shape 1,2,300,64`` checks that every
+variant computes what the unchanged kernels compute (fp32, no timing).
 """
 
 from __future__ import annotations
@@ -27,24 +29,95 @@ sys.path.insert(0, ROOT)
 KERNELS = os.path.join(ROOT, "sla", "ops", "sla", "triton", "kernels.py")
 
 # (name, op that the variant changes: "fwd" times the forward launcher, "bwd" the backward one, replacements)
+# (name, op that the variant changes: "fwd" times the forward launcher, "bwd" the backward one, replacements).
+# Earlier candidates (q kept in registers for phi(q), the rescale outside the dot, scores scaled before the max,
+# dK/dV accumulated outside the dots, the last key block peeled off the loops) were measured and are in
+# bench/RESULTS.md and git history.
+_DKDV_LOOP = """    for i_t in range(i_start, i_end):
+        i_m = tl.load(p_lut_t + i_t)
+        o_m = i_m * BM + o_mb
+        m_q = o_m < Lq
+        b_q = tl.load(p_q0 + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
+        b_do = tl.load(p_do0 + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
+        b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
+        b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]
+        b_pt = tl.math.exp2(b_st * qk_scale - b_lse[None, :])
+        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PREC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PREC)
+"""
+_DQ_BODY = """    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D, BN)
+    b_p = tl.math.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - b_lse[:, None])
+    b_p = tl.where(m_k[None, :], b_p, 0.)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PREC)
+"""
+_FWD_BODY = """    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D, BN)
+    b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k), input_precision=PREC), float("-inf"))
+    b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1) * qk_scale)
+    b_p = tl.math.exp2(b_s * qk_scale - b_mx_new[:, None])
+    b_alpha = tl.math.exp2(b_mx - b_mx_new)
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    # Accumulate into the rescaled accumulator inside the dot (no separate [BM, D] add).
+    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PREC)
+    return b_mx_new, b_l, b_acc
+"""
 VARIANTS = [
-    ("fwd: keep q in registers for phi(q) (no second load)", "fwd", [(
-        "    b_x = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], "
-        "other=0.)\n    b_pq = _feature_map(b_x.to(tl.float32), FEATURE).to(b_x.dtype)",
-        "    b_x = b_q\n    b_pq = _feature_map(b_x.to(tl.float32), FEATURE).to(b_x.dtype)")]),
-    ("fwd: rescale-and-add outside the dot", "fwd", [(
-        "    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PREC)",
-        "    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)")]),
-    ("fwd: scores scaled before the max", "fwd", [(
-        "    b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1) * qk_scale)\n"
-        "    b_p = tl.math.exp2(b_s * qk_scale - b_mx_new[:, None])",
-        "    b_s = b_s * qk_scale\n    b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1))\n"
-        "    b_p = tl.math.exp2(b_s - b_mx_new[:, None])")]),
-    ("bwd: dK/dV accumulate outside the dots", "bwd", [
-        ("        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PREC)",
-         "        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)"),
-        ("        b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PREC)",
-         "        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)")]),
+    ("bwd: dK/dV in steps of half a query block (BM/2 rows: smaller S^T, dP^T tiles)", "bwd", [(_DKDV_LOOP, """    for i_t in range(i_start, i_end):
+        i_m = tl.load(p_lut_t + i_t)
+        for i_half in tl.static_range(2):
+            o_m = i_m * BM + i_half * (BM // 2) + tl.arange(0, BM // 2)
+            m_q = o_m < Lq
+            b_q = tl.load(p_q0 + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
+            b_do = tl.load(p_do0 + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None], other=0.)
+            b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
+            b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+            b_pt = tl.math.exp2(b_st * qk_scale - b_lse[None, :])
+            b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PREC)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PREC)
+""")]),
+    ("bwd: dK/dV with q loaded transposed ([D, BM] tile, as Triton's attention tutorial)", "bwd",
+     [(_DKDV_LOOP, """    for i_t in range(i_start, i_end):
+        i_m = tl.load(p_lut_t + i_t)
+        o_m = i_m * BM + o_mb
+        m_q = o_m < Lq
+        b_qt = tl.load(p_q0 + o_m[None, :] * s_q_l + o_d[:, None], mask=m_q[None, :], other=0.)  # [D, BM]
+        b_do = tl.load(p_do0 + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
+        b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
+        b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
+        b_st = tl.dot(b_k, b_qt, input_precision=PREC)  # [BN, BM]
+        b_pt = tl.math.exp2(b_st * qk_scale - b_lse[None, :])
+        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PREC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=PREC)
+""")]),
+    ("bwd: dQ over each key block in two halves (BN/2 keys per step)", "bwd", [(_DQ_BODY, """    for i_half in tl.static_range(2):
+        b_k, b_v, m_k = _load_key_block(p_k0, p_v0, 2 * i_n + i_half, s_k_l, s_v_l, Lk, D, BN // 2)
+        b_p = tl.math.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - b_lse[:, None])
+        b_p = tl.where(m_k[None, :], b_p, 0.)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PREC)
+    return b_dq
+""")]),
+    ("fwd: each key block in two halves (BN/2 keys per online-softmax step)", "fwd", [(_FWD_BODY, """    for i_half in tl.static_range(2):
+        b_k, b_v, m_k = _load_key_block(p_k0, p_v0, 2 * i_n + i_half, s_k_l, s_v_l, Lk, D, BN // 2)
+        b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k), input_precision=PREC), float("-inf"))
+        b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1) * qk_scale)
+        b_p = tl.math.exp2(b_s * qk_scale - b_mx_new[:, None])
+        b_alpha = tl.math.exp2(b_mx - b_mx_new)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PREC)
+        b_mx = b_mx_new
+    return b_mx, b_l, b_acc
+""")]),
 ]
 
 
@@ -67,18 +140,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1,12,32760,128")
     p.add_argument("--blocks", default="64x64")
+    p.add_argument("--check-only", action="store_true",
+                   help="compare each variant's outputs with the unchanged kernels' and time nothing: runs on a CPU "
+                        "under TRITON_INTERPRET=1 (fp32; use a small --shape such as 1,2,300,64)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
 
+    import triton
     import triton.testing
 
     from sla.ops.sla.triton import build_block_map_triton, ops
 
     B, H, L, D = (int(x) for x in args.shape.split(","))
     bq, bk = (int(x) for x in args.blocks.split("x"))
+    device, dtype = ("cpu", torch.float32) if args.check_only else ("cuda", torch.bfloat16)
     torch.manual_seed(0)
-    q, k, v, do = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    w, b = 0.05 * torch.randn(D, D, device="cuda"), 0.05 * torch.randn(D, device="cuda")
+    q, k, v, do = (torch.randn(B, H, L, D, device=device, dtype=dtype) for _ in range(4))
+    w, b = 0.05 * torch.randn(D, D, device=device), 0.05 * torch.randn(D, device=device)
     bm = build_block_map_triton(q, k, critical=0.05, negligible=0.10, block_q=bq, block_k=bk)
     mask = ops.scope_mask_for(bm, "marginal", ops._state_dtype(q.dtype))
     scale = D ** -0.5
@@ -88,26 +166,29 @@ def main(argv=None):
                 b, scale, bq, bk, "softmax")
     runs = {"fwd": lambda: ops._fwd_impl(*fwd_args), "bwd": lambda: ops._bwd_impl(*bwd_args)}
     ref = {"fwd": ops._fwd_impl(*fwd_args)[0], "bwd": ops._bwd_impl(*bwd_args)[:3]}
-    results = {"shape": [B, H, L, D], "blocks": args.blocks, "card": torch.cuda.get_device_name(),
-               "torch": torch.__version__, "triton": triton.__version__}
-    for op in ("fwd", "bwd"):
-        results[f"baseline {op} op ms"] = triton.testing.do_bench(runs[op], warmup=50, rep=300)
-        print(f"baseline {op}: {results[f'baseline {op} op ms']:.3f} ms", flush=True)
-    names = ("sla_linear_state_kernel", "sla_fwd_kernel", "sla_bwd_dq_kernel", "sla_bwd_dkdv_kernel")
+    results = {"shape": [B, H, L, D], "blocks": args.blocks, "torch": torch.__version__, "triton": triton.__version__,
+               "card": "CPU (interpreter)" if args.check_only else torch.cuda.get_device_name()}
+
+    def timed(op):
+        return None if args.check_only else triton.testing.do_bench(runs[op], warmup=50, rep=300)
+
+    names = ("sla_linear_state_kernel", "sla_fwd_kernel", "sla_bwd_dq_kernel", "sla_bwd_linear_q_kernel",
+             "sla_bwd_dkdv_kernel")
     originals = {n: getattr(ops, n) for n in names}
     for tag, op, replacements in VARIANTS:
         try:
             mod = load_variant(replacements, tag)
+            base_ms = timed(op)  # the unchanged kernels, timed right before each variant: drift hits both alike
             for n in names:
                 setattr(ops, n, getattr(mod, n))
             got = runs[op]()
             got = (got[0],) if op == "fwd" else got[:3]
             want = (ref[op],) if op == "fwd" else ref[op]
             err = max(float((g.float() - r.float()).abs().max()) for g, r in zip(got, want))
-            ms = triton.testing.do_bench(runs[op], warmup=50, rep=300)
-            results[tag] = {"op_ms": ms, "max_abs_diff_vs_baseline": err}
-            print(f"{tag}: {ms:.3f} ms (baseline {results[f'baseline {op} op ms']:.3f}), max diff {err:.2e}",
-                  flush=True)
+            ms = timed(op)
+            results[tag] = {"op_ms": ms, "baseline_op_ms": base_ms, "max_abs_diff_vs_baseline": err}
+            timing = "not timed" if ms is None else f"{ms:.3f} ms (unchanged kernels {base_ms:.3f} ms)"
+            print(f"{tag}: {timing}, max diff {err:.2e}", flush=True)
         except Exception as exc:  # a variant that does not compile is a result too
             results[tag] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             print(f"{tag}: FAILED {results[tag]['error']}", flush=True)

@@ -16,6 +16,7 @@ variant computes what the unchanged kernels compute (fp32, no timing).
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -28,45 +29,38 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 KERNELS = os.path.join(ROOT, "sla", "ops", "sla", "triton", "kernels.py")
 
-# (name, op that the variant changes: "fwd" times the forward launcher, "bwd" the backward one, replacements)
-# (name, op that the variant changes: "fwd" times the forward launcher, "bwd" the backward one, replacements).
+def _kernel_source_lines():
+    with open(KERNELS) as f:
+        return f.read().splitlines(keepends=True)
+
+
+def _kernel_function(name: str) -> ast.FunctionDef:
+    tree = ast.parse("".join(_kernel_source_lines()))
+    return next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def function_body(name: str) -> str:
+    """The current text of a kernels.py function's body, docstring excluded: what a variant replaces."""
+    body = _kernel_function(name).body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return "".join(_kernel_source_lines()[body[0].lineno - 1:body[-1].end_lineno])
+
+
+def first_loop(name: str) -> str:
+    """The current text of the first ``for`` loop in a kernels.py function."""
+    loop = next(n for n in ast.walk(_kernel_function(name)) if isinstance(n, ast.For))
+    return "".join(_kernel_source_lines()[loop.lineno - 1:loop.end_lineno])
+
+
+# (name, op that the variant changes: "fwd" times the forward launcher, "bwd" the backward one, replacements
+# (old text, new text)). The old texts are read from kernels.py, so a variant always edits the current code.
 # Earlier candidates (q kept in registers for phi(q), the rescale outside the dot, scores scaled before the max,
-# dK/dV accumulated outside the dots, the last key block peeled off the loops) were measured and are in
-# bench/RESULTS.md and git history.
-_DKDV_LOOP = """    for i_t in range(i_start, i_end):
-        i_m = tl.load(p_lut_t + i_t)
-        o_m = i_m * BM + o_mb
-        m_q = o_m < Lq
-        b_q = tl.load(p_q0 + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
-        b_do = tl.load(p_do0 + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
-        b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
-        b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]
-        b_pt = tl.math.exp2(b_st * qk_scale - b_lse[None, :])
-        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PREC)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PREC)
-"""
-_DQ_BODY = """    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D, BN)
-    b_p = tl.math.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - b_lse[:, None])
-    b_p = tl.where(m_k[None, :], b_p, 0.)
-    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-    b_ds = b_p * (b_dp - b_delta[:, None])
-    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PREC)
-"""
-_FWD_BODY = """    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D, BN)
-    b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k), input_precision=PREC), float("-inf"))
-    b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1) * qk_scale)
-    b_p = tl.math.exp2(b_s * qk_scale - b_mx_new[:, None])
-    b_alpha = tl.math.exp2(b_mx - b_mx_new)
-    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-    # Accumulate into the rescaled accumulator inside the dot (no separate [BM, D] add).
-    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PREC)
-    return b_mx_new, b_l, b_acc
-"""
+# dK/dV accumulated outside the dots, the last key block peeled off the loops, and the four below) were measured
+# and are in bench/RESULTS.md; the list keeps the last batch, all slower or equal, as examples of the format.
 VARIANTS = [
-    ("bwd: dK/dV in steps of half a query block (BM/2 rows: smaller S^T, dP^T tiles)", "bwd", [(_DKDV_LOOP, """    for i_t in range(i_start, i_end):
+    ("bwd: dK/dV in steps of half a query block (BM/2 rows: smaller S^T, dP^T tiles)", "bwd",
+     [(first_loop("sla_bwd_dkdv_kernel"), """    for i_t in range(i_start, i_end):
         i_m = tl.load(p_lut_t + i_t)
         for i_half in tl.static_range(2):
             o_m = i_m * BM + i_half * (BM // 2) + tl.arange(0, BM // 2)
@@ -83,7 +77,7 @@ VARIANTS = [
             b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PREC)
 """)]),
     ("bwd: dK/dV with q loaded transposed ([D, BM] tile, as Triton's attention tutorial)", "bwd",
-     [(_DKDV_LOOP, """    for i_t in range(i_start, i_end):
+     [(first_loop("sla_bwd_dkdv_kernel"), """    for i_t in range(i_start, i_end):
         i_m = tl.load(p_lut_t + i_t)
         o_m = i_m * BM + o_mb
         m_q = o_m < Lq
@@ -98,7 +92,8 @@ VARIANTS = [
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=PREC)
 """)]),
-    ("bwd: dQ over each key block in two halves (BN/2 keys per step)", "bwd", [(_DQ_BODY, """    for i_half in tl.static_range(2):
+    ("bwd: dQ over each key block in two halves (BN/2 keys per step)", "bwd",
+     [(function_body("_dq_block"), """    for i_half in tl.static_range(2):
         b_k, b_v, m_k = _load_key_block(p_k0, p_v0, 2 * i_n + i_half, s_k_l, s_v_l, Lk, D, BN // 2)
         b_p = tl.math.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - b_lse[:, None])
         b_p = tl.where(m_k[None, :], b_p, 0.)
@@ -107,7 +102,8 @@ VARIANTS = [
         b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PREC)
     return b_dq
 """)]),
-    ("fwd: each key block in two halves (BN/2 keys per online-softmax step)", "fwd", [(_FWD_BODY, """    for i_half in tl.static_range(2):
+    ("fwd: each key block in two halves (BN/2 keys per online-softmax step)", "fwd",
+     [(function_body("_attend_block"), """    for i_half in tl.static_range(2):
         b_k, b_v, m_k = _load_key_block(p_k0, p_v0, 2 * i_n + i_half, s_k_l, s_v_l, Lk, D, BN // 2)
         b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k), input_precision=PREC), float("-inf"))
         b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1) * qk_scale)

@@ -207,7 +207,8 @@ def launch_config_sweep(r, critical, negligible, block_q, block_k):
     out = {}
     for name, fn, configs in (("fwd", lambda: ops._fwd_impl(*fwd_args), [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]),
                               ("dkdv", lambda: ops._bwd_impl(*bwd_args), [(4, 1), (4, 2), (4, 3), (8, 2)]),
-                              ("dq", lambda: ops._bwd_impl(*bwd_args), [(4, 1), (4, 3), (8, 1), (8, 2)]),
+                              ("dq", lambda: ops._bwd_impl(*bwd_args), [(4, 1), (4, 3), (8, 2)]),
+                              ("linear_q", lambda: ops._bwd_impl(*bwd_args), [(2, 1), (4, 1), (4, 2), (8, 1)]),
                               ("state", lambda: ops._fwd_impl(*fwd_args), [(2, 1), (4, 1), (4, 2), (8, 1)])):
         for warps, stages in configs:
             ops.LAUNCH_CONFIG_OVERRIDES[name] = {"num_warps": warps, "num_stages": stages}

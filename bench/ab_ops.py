@@ -33,18 +33,13 @@ from provenance import git_commit  # noqa: E402
 
 
 @contextlib.contextmanager
-def _patched(module, name, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
+def launch_overrides(ops, overrides: dict):
+    """``ops.LAUNCH_CONFIG_OVERRIDES`` set to ``overrides`` while entered (read by every launch)."""
+    ops.LAUNCH_CONFIG_OVERRIDES.update(overrides)
     try:
         yield
     finally:
-        setattr(module, name, saved)
-
-
-def patched(module, name, value):
-    """A context-manager factory that swaps ``module.name`` for ``value`` while it is entered."""
-    return lambda: _patched(module, name, value)
+        ops.LAUNCH_CONFIG_OVERRIDES.clear()
 
 
 def load_base_ops(src: str):
@@ -82,17 +77,20 @@ def main(argv=None) -> int:
     from sla.ops.sla.triton import ops as new_ops
 
     base_ops = load_base_ops(args.base)
-    # name -> (the op, a context manager around every call of it)
-    impls = {"new": (new_ops.sparse_linear_attention_triton, contextlib.nullcontext),
-             "base": (base_ops.sparse_linear_attention_triton, contextlib.nullcontext)}
+    # name -> (the op, launch-config overrides of the new op's kernels while it runs)
+    impls = {"new": (new_ops.sparse_linear_attention_triton, {}),
+             "base": (base_ops.sparse_linear_attention_triton, {})}
     for spec in args.launch_configs:
         overrides = {}
         for item in spec.split("+"):
             kernel, config = item.split(":")
             warps, stages = (int(x) for x in config.split(","))
             overrides[kernel] = {"num_warps": warps, "num_stages": stages}
-        impls[f"new, {spec}"] = (new_ops.sparse_linear_attention_triton,
-                                 patched(new_ops, "LAUNCH_CONFIG_OVERRIDES", overrides))
+        impls[f"new, {spec}"] = (new_ops.sparse_linear_attention_triton, overrides)
+
+    def variant(name):
+        return launch_overrides(new_ops, impls[name][1])
+
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "commit": git_commit(), "base": os.path.abspath(args.base), "runs": []}
     for shape in args.shapes.split(";"):
@@ -102,28 +100,16 @@ def main(argv=None) -> int:
             bq, bk = (int(x) for x in blocks.split("x"))
 
             def call(name):
-                op, ctx = impls[name]
-
-                def run():
-                    with ctx():
-                        return op(r.q, r.k, r.v, critical=0.05, negligible=0.10, block_q=bq, block_k=bk,
+                op = impls[name][0]
+                return lambda: op(r.q, r.k, r.v, critical=0.05, negligible=0.10, block_q=bq, block_k=bk,
                                   linear_scope="marginal", proj_weight=r.w, proj_bias=r.b)
-                return run
-
-            def step(name):  # forward + backward, the backward inside the variant's context too
-                op_call, ctx = call(name), impls[name][1]
-
-                def run():
-                    with ctx():
-                        op_call().backward(r.do)
-                return run
 
             row = {"shape": [B, H, L, D], "blocks": blocks}
             grads = {}
             for name in impls:  # warm-up (compiles) and the outputs / gradients to compare
                 for x in r.leaves:
                     x.grad = None
-                with impls[name][1]():
+                with variant(name):
                     o = call(name)()
                     o.backward(r.do)
                 grads[name] = [o.detach()] + [x.grad.detach().clone() for x in r.leaves]
@@ -137,16 +123,17 @@ def main(argv=None) -> int:
             for _ in range(args.rounds):
                 for name in impls:
                     fn = call(name)
-                    with torch.no_grad():
-                        times[f"{name} fwd_inference"].append(bench(fn))
-                    times[f"{name} fwd_train"].append(bench(fn))
-                    times[f"{name} fwd_bwd"].append(bench(step(name), 300, grad_to_none=r.leaves))
+                    with variant(name):
+                        with torch.no_grad():
+                            times[f"{name} fwd_inference"].append(bench(fn))
+                        times[f"{name} fwd_train"].append(bench(fn))
+                        times[f"{name} fwd_bwd"].append(bench(r.fwd_bwd(fn), 300, grad_to_none=r.leaves))
                     for x in r.leaves:
                         x.grad = None
             row["median_ms"] = {key: statistics.median(v) for key, v in times.items()}
             row["all_ms"] = times
             for name in impls:
-                with impls[name][1]():
+                with variant(name):
                     row[f"{name} peak_memory_gb"] = peak_memory_gb(r.fwd_bwd(call(name)))
                     for x in r.leaves:
                         x.grad = None
@@ -159,7 +146,7 @@ def main(argv=None) -> int:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(results, f, indent=1)
-        del r
+        r = None  # frees this shape's tensors before the next one is allocated
         torch.cuda.empty_cache()
     return 0
 

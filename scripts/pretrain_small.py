@@ -1,4 +1,10 @@
-"""Pretrain the built-in small Wan transformer with FULL attention on the synthetic video set.
+"""Pretrain a built-in Wan transformer with FULL attention on the synthetic video set.
+
+``--preset wan8k`` (default) builds the 8,192-token testbed (sla/assets/wan8k), ``--preset small`` the first
+4,096-token one (sla/assets/small_wan); ``--model-overrides`` / ``--data-overrides`` (JSON) vary either for
+experiments. ``--gate`` then measures the premise SLA needs on the trained model (``sla analyze``'s gate: the
+pooled critical blocks at critical=0.05 hold >= 60% of the attention mass in >= 75% of the captured
+(layer, step) pairs, with <= 15% of weights above 1/N) and writes it to ``OUT_analysis``.
 
 Rectified-flow (flow-matching) objective as Wan: ``x_t = (1 - s) x0 + s noise``, predict ``noise - x0``.
 AdamW, linear warm-up then cosine decay over a wall-clock budget, bf16 autocast on CUDA, EMA of the
@@ -6,10 +12,13 @@ weights (the EMA is what gets shipped). Writes, into ``--out`` (a ``save_pretrai
 ``config.json``, ``diffusion_pytorch_model.safetensors`` (EMA weights, float32), ``training_log.csv`` and
 ``pretrain_info.json`` (settings, steps, clips seen, held-out loss, device, wall time).
 
-The shipped checkpoint (sla/assets/small_wan) came from this command on one NVIDIA H200 (270 s, 4,644
-steps of 32 clips, bf16 autocast; its training_log.csv and pretrain_info.json are beside it):
+The first testbed (sla/assets/small_wan) came from this command on one NVIDIA H200 (270 s, 4,644 steps of 32
+clips, bf16 autocast; its training_log.csv and pretrain_info.json are beside it):
 
-    python scripts/pretrain_small.py --seconds 270 --batch-size 32 --lr 8e-4 --workers 11 --out sla/assets/small_wan
+    python scripts/pretrain_small.py --preset small --seconds 270 --batch-size 32 --lr 8e-4 --workers 11 \
+        --out sla/assets/small_wan
+
+The wan8k testbed's command is in its pretrain_info.json.
 
 On a CPU pass ``--device cpu`` and a smaller ``--batch-size`` (much slower; not how the shipped one was made).
 """
@@ -34,11 +43,12 @@ def lr_at(progress: float, step: int, base_lr: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def heldout_loss(model, device, n: int = 64, sigmas=(0.1, 0.3, 0.5, 0.7, 0.9), autocast: bool = False) -> float:
+def heldout_loss(model, device, data_config, n: int = 64, sigmas=(0.1, 0.3, 0.5, 0.7, 0.9),
+                 autocast: bool = False) -> float:
     from sla.data.synthetic import SyntheticVideoDataset, collate
     from sla.training.flow_matching import draw_noise_and_sigma, flow_matching_loss
 
-    val = SyntheticVideoDataset("val", size=n)
+    val = SyntheticVideoDataset("val", size=n, config=data_config)
     total = 0.0
     for start in range(0, n, 16):
         b = collate([val[i] for i in range(start, min(n, start + 16))])
@@ -66,24 +76,39 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--eval-clips", type=int, default=64)
-    ap.add_argument("--out", default="sla/assets/small_wan")
+    ap.add_argument("--preset", default="wan8k", choices=["wan8k", "small"],
+                    help="architecture and data of a built-in model (sla/models/small_wan.py)")
+    ap.add_argument("--model-overrides", default="{}", help="JSON dict of model config entries to change")
+    ap.add_argument("--data-overrides", default="{}", help="JSON dict of SyntheticVideoConfig fields to change")
+    ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the saved weights (bfloat16 halves the file; loading casts to float32)")
+    ap.add_argument("--gate", action="store_true", help="measure the premise gate on the trained model")
+    ap.add_argument("--gate-steps", type=int, default=10, help="denoising steps of the gate's analysis")
+    ap.add_argument("--out", default="sla/assets/wan8k")
     args = ap.parse_args()
 
-    from sla.data.synthetic import SyntheticVideoDataset, collate
-    from sla.models.small_wan import SMALL_WAN_CONFIG, build_small_model
+    from dataclasses import replace
+
+    from sla.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset, collate
+    from sla.models.small_wan import build_small_model, embedded_model, write_data_config
     from sla.training.flow_matching import noisy_input_and_target, predict, sample_sigmas
 
+    preset = embedded_model(args.preset)
+    model_config = {**preset.config, **json.loads(args.model_overrides)}
+    data_config = SyntheticVideoConfig(**{**preset.data, **json.loads(args.data_overrides),
+                                          "text_dim": model_config["text_dim"]})
     device = torch.device(args.device)
     autocast = device.type == "cuda" and not args.no_bf16
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = build_small_model(seed=args.seed).to(device).train()
+    model = build_small_model(seed=args.seed, base=model_config).to(device).train()
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data {data_config}", flush=True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
 
-    train = SyntheticVideoDataset("train", size=100_000_000)
+    train = SyntheticVideoDataset("train", size=100_000_000, config=data_config)
     sampler = torch.utils.data.RandomSampler(train, replacement=True, num_samples=10_000_000,
                                              generator=torch.Generator().manual_seed(args.seed))
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, sampler=sampler,
@@ -131,24 +156,61 @@ def main() -> int:
             window_t, window_steps = time.time(), 0
     train_seconds = time.time() - t0
     log_f.close()
-    ema_loss = heldout_loss(ema, device, n=args.eval_clips, autocast=False)
-    raw_loss = heldout_loss(model.eval(), device, n=args.eval_clips, autocast=False)
+    ema_loss = heldout_loss(ema, device, data_config, n=args.eval_clips, autocast=False)
+    raw_loss = heldout_loss(model.eval(), device, data_config, n=args.eval_clips, autocast=False)
     print(f"held-out flow-matching loss: ema {ema_loss:.5f} raw {raw_loss:.5f}", flush=True)
     ship = ema if ema_loss <= raw_loss else model
-    ship.to("cpu", torch.float32).save_pretrained(args.out, safe_serialization=True)
+    ship.to("cpu", getattr(torch, args.save_dtype)).save_pretrained(args.out, safe_serialization=True)
+    write_data_config(args.out, data_config)
+    saved_loss = None
+    if args.save_dtype != "float32":  # the shipped (rounded) weights are what users get: measure them too
+        from sla.models.small_wan import load_small_model
+
+        saved_loss = heldout_loss(load_small_model(args.out).to(device).eval(), device, data_config,
+                                  n=args.eval_clips, autocast=False)
+        print(f"held-out loss of the saved {args.save_dtype} weights: {saved_loss:.5f}", flush=True)
     info = dict(
         script="scripts/pretrain_small.py", args=vars(args), steps=step, clips_seen=step * args.batch_size,
         train_seconds=round(train_seconds, 1), shipped="ema" if ship is ema else "raw",
-        heldout_loss_ema=ema_loss, heldout_loss_raw=raw_loss, heldout_sigmas=[0.1, 0.3, 0.5, 0.7, 0.9],
+        heldout_loss_ema=ema_loss, heldout_loss_raw=raw_loss, heldout_loss_saved=saved_loss,
+        save_dtype=args.save_dtype, heldout_sigmas=[0.1, 0.3, 0.5, 0.7, 0.9],
         heldout_clips=args.eval_clips, model_config={k: list(v) if isinstance(v, tuple) else v
-                                                     for k, v in SMALL_WAN_CONFIG.items()},
+                                                     for k, v in model_config.items()},
+        data_config=data_config.to_dict(),
         device=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, bf16_autocast=autocast,
     )
+    if args.gate:
+        info["premise_gate"] = run_gate(args.out, device, data_config, args.gate_steps)
     with open(os.path.join(args.out, "pretrain_info.json"), "w") as f:
         json.dump(info, f, indent=2)
-    print(json.dumps(info, indent=2), flush=True)
+    print(json.dumps({k: v for k, v in info.items() if k != "premise_gate"}, indent=2), flush=True)
     return 0
+
+
+def run_gate(folder: str, device: torch.device, data_config, num_steps: int) -> dict:
+    """``sla analyze`` on the saved model: every layer, every step of a ``num_steps`` Euler run, all heads."""
+    from sla.analysis import AnalysisConfig, analyze_model, write_outputs
+    from sla.analysis.gate import gate_summary_line, premise_gate
+    from sla.analysis.models import run_flow_matching
+    from sla.data.synthetic import SyntheticVideoDataset
+    from sla.models.small_wan import load_small_model
+
+    model = load_small_model(folder).to(device).eval()
+    prompt = SyntheticVideoDataset("val", size=1, config=data_config)[0]["text_embeds"][None]
+    size = (data_config.frames, data_config.height, data_config.width)
+
+    def drive():
+        run_flow_matching(model, num_steps=num_steps, latent_size=size, text_len=prompt.shape[1], seed=0,
+                          shift=1.0, prompt_embeds=prompt, progress=False)
+
+    result = analyze_model(model, drive, layers="all", steps="all", num_steps=num_steps, heads=None,
+                           config=AnalysisConfig(), device=device, progress=False)
+    result.meta.update({"model": folder, "num_steps": num_steps, "shift": 1.0})
+    write_outputs(result, folder.rstrip("/") + "_analysis", plots=False)  # beside, not inside, the model folder
+    gate = premise_gate(result.entries)
+    print(gate_summary_line(gate), flush=True)
+    return {k: v for k, v in gate.items() if k != "captures"}
 
 
 if __name__ == "__main__":

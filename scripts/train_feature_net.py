@@ -6,7 +6,10 @@ clip; the 64-wide penultimate layer becomes the feature space of ``sla eval``'s 
     python scripts/train_feature_net.py --seconds 190 --steps 1200 --batch-size 64 --workers 4 \
         --out sla/assets/feature_net.safetensors
 
-The shipped weights came from that command on one NVIDIA H200 (1,200 steps, 95 s; held-out attribute
+For the wan8k testbed's clips (8 x 64 x 64, textured backgrounds) add ``--data wan8k`` and write
+``sla/assets/feature_net_wan8k.safetensors``.
+
+The first weights (feature_net.safetensors) came from that command on one NVIDIA H200 (1,200 steps, 95 s; held-out attribute
 accuracy 0.7965, see sla/assets/feature_net_training.log).
 """
 
@@ -29,17 +32,21 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default="small", choices=["small", "wan8k"],
+                    help="train on the clips of this built-in model (sla/models/small_wan.py)")
     ap.add_argument("--out", default="sla/assets/feature_net.safetensors")
     args = ap.parse_args()
 
     from safetensors.torch import save_file
 
-    from sla.data.synthetic import ATTRIBUTE_NAMES, SyntheticVideoDataset, collate
+    from sla.data.synthetic import ATTRIBUTE_NAMES, SyntheticVideoConfig, SyntheticVideoDataset, collate
     from sla.eval.features import VideoFeatureNet
+    from sla.models.small_wan import embedded_model
 
     torch.manual_seed(args.seed)
-    train = SyntheticVideoDataset("train", size=10_000_000)
-    val = SyntheticVideoDataset("val", size=256)
+    data = SyntheticVideoConfig(**embedded_model(args.data).data)
+    train = SyntheticVideoDataset("train", size=10_000_000, config=data)
+    val = SyntheticVideoDataset("val", size=256, config=data)
     sampler = torch.utils.data.RandomSampler(train, replacement=True, num_samples=args.steps * args.batch_size,
                                              generator=torch.Generator().manual_seed(args.seed + 1))
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, sampler=sampler,
@@ -70,7 +77,7 @@ def main() -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, tmp,
-              metadata={"steps": str(step), "val_attribute_accuracy": f"{acc:.4f}",
+              metadata={"steps": str(step), "val_attribute_accuracy": f"{acc:.4f}", "data": json.dumps(data.to_dict()),
                         "attributes": json.dumps(ATTRIBUTE_NAMES)})
     os.replace(tmp, args.out)
     return 0

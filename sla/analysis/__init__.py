@@ -10,6 +10,7 @@ Heavy dependencies (diffusers, matplotlib) are imported only when used.
 """
 
 from .capture import AttentionCapture, CapturedAttention, find_self_attention_layers, resolve_layers, resolve_steps
+from .gate import PremiseGate, premise_gate
 from .layer import AnalysisConfig, OwnProjection, analyze_attention
 from .metrics import attention_distribution, block_attention_mass, critical_set_recall, relative_l1, stable_rank
 from .report import write_outputs
@@ -21,12 +22,14 @@ __all__ = [
     "AttentionCapture",
     "CapturedAttention",
     "OwnProjection",
+    "PremiseGate",
     "analyze_attention",
     "analyze_model",
     "attention_distribution",
     "block_attention_mass",
     "critical_set_recall",
     "find_self_attention_layers",
+    "premise_gate",
     "relative_l1",
     "resolve_layers",
     "resolve_steps",

@@ -62,26 +62,38 @@ def build_tiny_random_wan(seed: int = 0) -> torch.nn.Module:
         return WanTransformer3DModel(**TINY_RANDOM_WAN_CONFIG).eval()
 
 
-def _load_small(seed: int) -> torch.nn.Module:
-    from ..models import load_small_model
+def _embedded(name: str) -> BuiltinModel:
+    """A shipped model (sla/models/small_wan.py), driven at the clip size it was trained on and conditioned on
+    the caption of held-out synthetic clip 0, embedded exactly as in training."""
+    from ..models.small_wan import data_config_for, embedded_model
 
-    return load_small_model().eval()
+    entry = embedded_model(name)
 
+    def load(seed: int) -> torch.nn.Module:
+        from ..models import load_small_model
 
-def _small_prompt_embeds() -> torch.Tensor:
-    # The caption of held-out clip 0 of the synthetic set, embedded exactly as in training.
-    from ..data import SyntheticVideoDataset
+        return load_small_model(name).eval()
 
-    return SyntheticVideoDataset("val", size=1)[0]["text_embeds"][None]
+    def prompt_embeds() -> torch.Tensor:
+        from dataclasses import replace
+
+        from ..data import SyntheticVideoDataset
+
+        data = replace(data_config_for(entry.path), text_dim=entry.config["text_dim"])
+        return SyntheticVideoDataset("val", size=1, config=data)[0]["text_embeds"][None]
+
+    d = entry.data
+    return BuiltinModel(load=load, latent_size=(d["frames"], d["height"], d["width"]), text_len=32,
+                        prompt_embeds=prompt_embeds, shift=1.0,
+                        description=f"the shipped Wan DiT `{name}` ({entry.description}; pixel space, pretrained "
+                                    f"with full attention on the synthetic video set), conditioned on the caption "
+                                    f"of held-out synthetic clip 0")
 
 
 # Name -> model. Add an entry to make a model available as `sla analyze --model NAME`.
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "small": BuiltinModel(
-        load=_load_small, latent_size=(16, 64, 64), text_len=32, prompt_embeds=_small_prompt_embeds, shift=1.0,
-        description="the shipped small Wan DiT (sla/assets/small_wan: 4 layers, 2 heads of 64, pixel space, "
-                    "pretrained with full attention on the synthetic video set), 4096 video tokens, conditioned "
-                    "on the caption of held-out synthetic clip 0"),
+    "wan8k": _embedded("wan8k"),
+    "small": _embedded("small"),
     "tiny-random": BuiltinModel(
         load=build_tiny_random_wan, latent_size=(4, 64, 64), text_len=16,
         description="randomly initialised WanTransformer3DModel (2 layers, 4 heads of 32), 4096 video tokens; "

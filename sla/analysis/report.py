@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .gate import gate_summary_line, premise_gate
 from .runner import AnalysisResult
 
 # The paper's measurements on Wan2.1 (arXiv 2509.24006, §3, Figures 1 and 3), for comparison.
@@ -59,6 +60,7 @@ def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, *, plots: 
         "meta": result.meta,
         "config": result.config.to_dict(),
         "paper_reference_wan2.1": PAPER_REFERENCE,
+        "premise_gate": premise_gate(result.entries),
         "captures": result.entries,
         "plots": [p.name for p in written_plots],
     }
@@ -89,6 +91,14 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
             f"on {meta.get('analysis_device', 'cpu')}.",
             "",
         ]
+    if entries:
+        gate = premise_gate(entries)
+        lines += ["## Premise gate", "", gate_summary_line(gate) + ".", "",
+                  "| layer | step | critical-block mass (pooled) | (oracle) | weights > 1/N | passes |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['step']} | {r['critical_mass']:.3f} | {r['oracle_critical_mass']:.3f} | "
+                  f"{_pct(r['frac_above_mean'])} | {'yes' if r['passes'] else 'no'} |" for r in gate["captures"]]
+        lines.append("")
     lines += [
         "## What is measured",
         "",

@@ -225,5 +225,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {e['layer']} @ step {e['step']}: >1/N {100 * d['frac_above_mean']:.1f}%, "
               f"<1/(100N) {100 * d['frac_below_mean_over_100']:.1f}%, stable rank full/top/rest "
               f"{sr['full']:.1f}/{sr['top']:.1f}/{sr['rest']:.1f}, recall@critical {100 * rc['recall']:.0f}%")
+    from ..analysis.gate import gate_summary_line, premise_gate
+
+    print(gate_summary_line(premise_gate(result.entries)))
     print(f"wrote {paths['report']}, {paths['summary']} and {len(paths['plots'])} PNG(s)")
     return 0

@@ -55,6 +55,10 @@ _WORDS = (["<pad>", ";", "to", "clockwise", "counterclockwise", "from"] + list(S
 VOCAB = {w: i for i, w in enumerate(_WORDS)}
 
 _SPLIT_STREAM = {"train": 0, "val": 1}
+BACKGROUNDS = ("gradient", "texture")
+# Value-noise grid spacings (pixels) of the "texture" background's two octaves and their weights.
+_TEXTURE_CELLS = (9.0, 3.5)
+_TEXTURE_WEIGHTS = (0.65, 0.35)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,12 @@ class SyntheticVideoConfig:
         min_objects, max_objects: objects per clip (1 <= min <= max <= 4).
         text_dim: width of the conditioning embedding (the model's ``text_dim``).
         seed: base seed; changing it gives a different but equally deterministic dataset.
+        background: ``"gradient"`` (a dark, softly graded backdrop: most tokens are smooth and carry little
+            information) or ``"texture"`` (a coloured value-noise texture at two scales that persists from
+            frame to frame, so every token holds detail that only the same place in other frames and its
+            neighbours can tell; this is what gives a trained model local, concentrated attention).
+        pan_speed: largest camera pan of a ``"texture"`` background, in pixels per frame (each clip draws its
+            own speed in ``[0, pan_speed]`` and a direction); 0 keeps the background still.
     """
 
     frames: int = 16
@@ -77,6 +87,8 @@ class SyntheticVideoConfig:
     max_objects: int = 4
     text_dim: int = 64
     seed: int = 0
+    background: str = "gradient"
+    pan_speed: float = 0.0
 
     def __post_init__(self):
         for name in ("frames", "height", "width", "text_dim"):
@@ -87,6 +99,14 @@ class SyntheticVideoConfig:
             raise ValueError(f"SyntheticVideoConfig height/width must be >= 16, got {self.height}x{self.width}")
         if self.channels != 3:
             raise ValueError(f"SyntheticVideoConfig.channels must be 3 (RGB), got {self.channels!r}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"SyntheticVideoConfig.background must be one of {BACKGROUNDS}, got {self.background!r}")
+        if isinstance(self.pan_speed, bool) or not isinstance(self.pan_speed, (int, float)) or \
+                not 0.0 <= self.pan_speed <= 8.0:
+            raise ValueError(f"SyntheticVideoConfig.pan_speed must be in [0, 8] pixels per frame, got {self.pan_speed!r}")
+        if self.pan_speed and self.background != "texture":
+            raise ValueError("SyntheticVideoConfig.pan_speed moves a textured background; set background='texture' "
+                             "or pan_speed=0")
         if not (1 <= self.min_objects <= self.max_objects <= MAX_OBJECTS):
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got "
                              f"{self.min_objects}, {self.max_objects}")
@@ -199,6 +219,19 @@ def sample_scene(config: SyntheticVideoConfig, split: str, index: int) -> list[d
         ))
     background = dict(angle=float(rng.uniform(0, 2 * math.pi)), level=float(rng.uniform(0.05, 0.15)),
                       tint=rng.uniform(0.0, 0.06, size=3).astype(np.float32))
+    if config.background == "texture":
+        # Drawn after everything above, so the "gradient" stream of a clip is the same as before this option.
+        speed = float(rng.uniform(0.0, config.pan_speed)) if config.pan_speed else 0.0
+        heading = float(rng.uniform(0, 2 * math.pi))
+        margin = int(math.ceil(speed * (F - 1))) + 2
+        grids = []
+        for cell in _TEXTURE_CELLS:
+            gh, gw = int(math.ceil((H + 2 * margin) / cell)) + 2, int(math.ceil((W + 2 * margin) / cell)) + 2
+            grids.append(rng.uniform(0.0, 1.0, size=(gh, gw)).astype(np.float32))
+        background.update(
+            texture=True, grids=grids, margin=margin, pan=(speed * math.cos(heading), speed * math.sin(heading)),
+            # One dark and one mid colour, so the texture has contrast but stays darker than most objects.
+            colours=np.stack([rng.uniform(0.02, 0.25, size=3), rng.uniform(0.3, 0.6, size=3)]).astype(np.float32))
     return [background] + objects
 
 
@@ -254,15 +287,49 @@ def _texture(texture: str, u: torch.Tensor, v: torch.Tensor, period: float, angl
     raise ValueError(f"unknown texture {texture!r}")
 
 
+def _value_noise(grid: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cell: float) -> torch.Tensor:
+    """Smoothly interpolated lattice values (value noise) of ``grid`` ``(gh, gw)`` at pixel coordinates ``x``,
+    ``y`` (broadcastable, >= 0) with lattice spacing ``cell`` pixels."""
+    gx, gy = x / cell, y / cell
+    x0, y0 = gx.floor(), gy.floor()
+    fx, fy = gx - x0, gy - y0
+    fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)  # smoothstep: no visible lattice creases
+    x0, y0 = x0.long(), y0.long()
+
+    def at(dy, dx):
+        return grid[y0 + dy, x0 + dx]
+
+    top = at(0, 0) * (1 - fx) + at(0, 1) * fx
+    bottom = at(1, 0) * (1 - fx) + at(1, 1) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _texture_background(bg: dict, F: int, H: int, W: int) -> torch.Tensor:
+    """The ``"texture"`` backdrop ``(3, F, H, W)``: two octaves of value noise in world coordinates, seen
+    through a camera that pans ``bg["pan"]`` pixels per frame, coloured between two random colours."""
+    t = torch.arange(F, dtype=torch.float32).view(F, 1, 1)
+    px, py = bg["pan"]
+    x = torch.arange(W, dtype=torch.float32).view(1, 1, W) + 0.5 + bg["margin"] + px * t
+    y = torch.arange(H, dtype=torch.float32).view(1, H, 1) + 0.5 + bg["margin"] + py * t
+    x, y = x.expand(F, H, W), y.expand(F, H, W)
+    value = sum(w * _value_noise(torch.from_numpy(g), x, y, cell)
+                for g, cell, w in zip(bg["grids"], _TEXTURE_CELLS, _TEXTURE_WEIGHTS))
+    c0, c1 = (torch.from_numpy(c).view(3, 1, 1, 1) for c in bg["colours"])
+    return c0 + (c1 - c0) * value.unsqueeze(0)
+
+
 def render_scene(scene: list[dict], config: SyntheticVideoConfig) -> torch.Tensor:
     """Render to ``(C, F, H, W)`` float32 in ``[-1, 1]``."""
     F, H, W = config.frames, config.height, config.width
     yy = torch.arange(H, dtype=torch.float32).view(1, H, 1) + 0.5
     xx = torch.arange(W, dtype=torch.float32).view(1, 1, W) + 0.5
     bg = scene[0]
-    grad = (xx * math.cos(bg["angle"]) + yy * math.sin(bg["angle"])) / max(H, W)
-    base = bg["level"] + 0.08 * grad  # (1, H, W)
-    img = (base.unsqueeze(0) + torch.from_numpy(bg["tint"]).view(3, 1, 1, 1)).expand(3, F, H, W).clone()
+    if bg.get("texture"):
+        img = _texture_background(bg, F, H, W)
+    else:
+        grad = (xx * math.cos(bg["angle"]) + yy * math.sin(bg["angle"])) / max(H, W)
+        base = bg["level"] + 0.08 * grad  # (1, H, W)
+        img = (base.unsqueeze(0) + torch.from_numpy(bg["tint"]).view(3, 1, 1, 1)).expand(3, F, H, W).clone()
     for o in scene[1:]:
         u = xx - torch.from_numpy(o["cx"]).view(F, 1, 1)
         v = yy - torch.from_numpy(o["cy"]).view(F, 1, 1)

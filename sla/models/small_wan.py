@@ -1,21 +1,29 @@
-"""The built-in small video DiT: a small diffusers ``WanTransformer3DModel`` for the synthetic set.
+"""The built-in video DiTs: small diffusers ``WanTransformer3DModel`` checkpoints for the synthetic video set.
 
-Same architecture as Wan2.1 (patch embedding, 3D RoPE, QK-RMSNorm self-attention, dense cross-attention to
-text, AdaLN-style modulation), scaled down so it trains on a CPU: 4 layers, width 128, 2 heads of 64. It
-works in pixel space (no VAE): input and output are ``(B, 3, F, H, W)``; at the synthetic defaults
-(16 x 64 x 64) and patch ``(1, 4, 4)`` one clip is 4096 tokens (64 blocks of 64 per attention row).
+Both have Wan2.1's architecture (patch embedding, 3D RoPE, QK-RMSNorm self-attention, dense cross-attention
+to text, AdaLN-style modulation), scaled down, and work in pixel space (no VAE): input and output are
+``(B, 3, F, H, W)``. Each lives in a ``save_pretrained`` folder under ``sla/assets/`` together with
+``synthetic_data.json`` (the :class:`~sla.data.synthetic.SyntheticVideoConfig` it was trained on, so every
+command feeds it clips of the right size), ``training_log.csv`` and ``pretrain_info.json``.
 
-The checkpoint in ``sla/assets/small_wan/`` (``save_pretrained`` layout: ``config.json`` +
-``diffusion_pytorch_model.safetensors``) was pretrained with full attention by ``scripts/pretrain_small.py``;
-``training_log.csv`` and ``pretrain_info.json`` beside it say how.
+* ``"wan8k"`` (the default of every command): 8,192 tokens per clip (8 frames of 64x64 pixels, patch
+  (1, 2, 2), i.e. 8 x 32 x 32 tokens: 128 key blocks of 64 per attention row), trained on clips whose
+  textured, slowly panning backgrounds make its attention local and concentrated, as in real video DiTs.
+  ``scripts/pretrain_small.py --preset wan8k`` made it.
+* ``"small"``: the first testbed, 4,096 tokens (16 frames of 64x64, patch (1, 4, 4)) on plain backgrounds.
+  Its attention is flat (docs/results.md), so sparse attention cannot work well on it; kept as a named option.
 
 diffusers is imported lazily (it is an optional extra).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+DATA_CONFIG_NAME = "synthetic_data.json"
 
 SMALL_WAN_CONFIG = dict(
     patch_size=(1, 4, 4),
@@ -33,32 +41,113 @@ SMALL_WAN_CONFIG = dict(
     rope_max_seq_len=64,
 )
 
+WAN8K_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=3,
+    attention_head_dim=64,
+    in_channels=3,
+    out_channels=3,
+    text_dim=64,
+    freq_dim=64,
+    ffn_dim=768,
+    num_layers=6,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=64,
+)
 
-def small_model_path() -> Path:
-    """Folder of the shipped checkpoint (inside the installed package)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "small_wan"
+# What each model is trained on (keyword arguments of SyntheticVideoConfig).
+SMALL_DATA = dict(frames=16, height=64, width=64)
+WAN8K_DATA = dict(frames=8, height=64, width=64, background="texture", pan_speed=1.5)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A built-in model: its asset folder (under ``sla/assets``), architecture and training data."""
+
+    name: str
+    folder: str
+    config: dict
+    data: dict
+    description: str = field(default="", compare=False)
+
+    @property
+    def path(self) -> Path:
+        return Path(__file__).resolve().parent.parent / "assets" / self.folder
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "wan8k": EmbeddedModel(
+        "wan8k", "wan8k", WAN8K_CONFIG, WAN8K_DATA,
+        "the 8,192-token testbed (6 layers, 3 heads of 64; 8x64x64 textured clips, 128 key blocks per row)"),
+    "small": EmbeddedModel(
+        "small", "small_wan", SMALL_WAN_CONFIG, SMALL_DATA,
+        "the first 4,096-token testbed (4 layers, 2 heads of 64; 16x64x64 plain clips, flat attention)"),
+}
+DEFAULT_MODEL = "wan8k"
+
+
+def embedded_model(name: str) -> EmbeddedModel:
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; the built-in models are {sorted(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[name]
+
+
+def small_model_path(name: str = "small") -> Path:
+    """Folder of a shipped checkpoint (inside the installed package)."""
+    return embedded_model(name).path
+
+
+def data_config_for(folder: str | os.PathLike | None):
+    """The :class:`~sla.data.synthetic.SyntheticVideoConfig` a model folder was trained on: its
+    ``synthetic_data.json`` if present (written by the pretraining script and copied by ``sla finetune``),
+    otherwise the first testbed's clips (16 x 64 x 64, plain backgrounds)."""
+    from ..data.synthetic import SyntheticVideoConfig
+
+    if folder is not None:
+        path = Path(folder) / DATA_CONFIG_NAME
+        if path.is_file():
+            try:
+                values = json.loads(path.read_text())
+                return SyntheticVideoConfig(**values)
+            except (json.JSONDecodeError, TypeError, ValueError) as e:
+                raise ValueError(f"{path} is not a valid synthetic data description ({e}); it should hold "
+                                 f"SyntheticVideoConfig fields such as frames, height, width") from e
+    return SyntheticVideoConfig(**SMALL_DATA)
+
+
+def write_data_config(folder: str | os.PathLike, config) -> Path:
+    """Write ``config`` (a SyntheticVideoConfig) as ``folder/synthetic_data.json``."""
+    path = Path(folder) / DATA_CONFIG_NAME
+    data = config.to_dict()
+    data.pop("text_dim", None)  # follows the model's text_dim
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 def _require_diffusers():
     try:
         import diffusers  # noqa: F401
     except ImportError as e:
-        raise ImportError("the small model is a diffusers WanTransformer3DModel; install the extra: "
+        raise ImportError("the built-in models are diffusers WanTransformer3DModel checkpoints; install the extra: "
                           "pip install 'sparse-linear-attention[diffusers]'") from e
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel
 
 
-def build_small_model(seed: int | None = 0, **overrides):
-    """A randomly initialised small Wan transformer (float32). ``overrides`` change config entries."""
+def build_small_model(seed: int | None = 0, base: str | dict = "small", **overrides):
+    """A randomly initialised Wan transformer (float32) with a built-in model's architecture (``base``: a name
+    or a config dict); ``overrides`` change config entries."""
     import torch
 
     Wan = _require_diffusers()
-    unknown = set(overrides) - set(SMALL_WAN_CONFIG)
+    cfg = dict(embedded_model(base).config if isinstance(base, str) else base)
+    unknown = set(overrides) - set(cfg)
     if unknown:
-        raise ValueError(f"unknown small-model config key(s) {sorted(unknown)}; known: {sorted(SMALL_WAN_CONFIG)}")
-    cfg = {**SMALL_WAN_CONFIG, **overrides}
+        raise ValueError(f"unknown model config key(s) {sorted(unknown)}; known: {sorted(cfg)}")
+    cfg.update(overrides)
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -67,13 +156,21 @@ def build_small_model(seed: int | None = 0, **overrides):
 
 
 def load_small_model(path: str | os.PathLike | None = None, *, device=None, dtype=None):
-    """Load the shipped pretrained small model (or a ``save_pretrained`` folder at ``path``).
+    """Load a shipped model (``path`` None = ``"small"``; or a built-in name) or any ``save_pretrained`` folder
+    of a Wan transformer, as float32 unless ``dtype`` says otherwise (checkpoints may be stored in bfloat16).
 
     Raises ``FileNotFoundError`` with a hint when the folder or its weights are missing, ``ValueError``
     when the weights file is unreadable.
     """
+    import torch
+
     Wan = _require_diffusers()
-    folder = Path(path) if path is not None else small_model_path()
+    if path is None:
+        folder = small_model_path("small")
+    elif isinstance(path, str) and path in EMBEDDED_MODELS:
+        folder = small_model_path(path)
+    else:
+        folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model at {folder} (config.json missing); pass the folder written by "
                                 "save_pretrained, or reinstall the package to get the shipped checkpoint")
@@ -81,9 +178,10 @@ def load_small_model(path: str | os.PathLike | None = None, *, device=None, dtyp
         raise FileNotFoundError(f"no *.safetensors weights in {folder}; re-run scripts/pretrain_small.py "
                                 "or pass another folder")
     try:
-        model = Wan.from_pretrained(str(folder))
+        model = Wan.from_pretrained(str(folder), torch_dtype=torch.float32)
     except (OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"could not load the model in {folder}: {e}") from e
+    model = model.to(dtype=torch.float32)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model

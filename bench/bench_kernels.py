@@ -167,16 +167,16 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
     hs, zs = ops._linear_states(k, v, block_k, "softmax")
     out["aggregate_M_at_h_matmul"] = bench(lambda: ops._aggregate_states(hs, zs, mask))
     w, b = r.w.detach(), r.b.detach()
-    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, q.shape[-1] ** -0.5, block_q, block_k, "softmax")
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, q.shape[-1] ** -0.5, block_q, block_k, "softmax", "paper")
     t_fwd_impl = bench(lambda: ops._fwd_impl(*fwd_args, False))
     out["fwd_kernel_only_inference"] = t_fwd_impl - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
     t_fwd_impl = bench(lambda: ops._fwd_impl(*fwd_args, True))
     out["fwd_kernel_only"] = t_fwd_impl - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
-    o, o_s, o_l, lse = ops._fwd_impl(*fwd_args, True)
+    o, o_s, o_l, lse, a = ops._fwd_impl(*fwd_args, True)
     do = r.do
-    bwd_args = (do, q, k, v, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w, b,
-                q.shape[-1] ** -0.5, block_q, block_k, "softmax")
-    out["bwd_kernels_and_M_matmuls"] = bench(lambda: ops._bwd_impl(*bwd_args))
+    bwd_args = (do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w,
+                b, None, q.shape[-1] ** -0.5, block_q, block_k, "softmax", "paper")
+    out["bwd_kernels_and_M_matmuls"] = bench(lambda: ops._bwd_impl(*(bwd_args[:14] + bwd_args[15:])))
     out["bwd_full_op_with_proj_grads"] = bench(lambda: ops.sla_triton_bwd(*bwd_args))
     out["per_kernel_ms_fwd_bwd"] = kernel_profile(sla_fn(r, critical, negligible, block_q, block_k, scope), r)
     n_crit = bm.n_critical
@@ -200,10 +200,11 @@ def launch_config_sweep(r, critical, negligible, block_q, block_k):
     bm = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     mask = ops.scope_mask_for(bm, "marginal", ops._state_dtype(q.dtype))
     w, scale = r.w.detach(), q.shape[-1] ** -0.5
-    fwd_args = (q, k, v, bm.critical_lut, mask, w, r.b.detach(), scale, block_q, block_k, "softmax", True)
-    o, o_s, o_l, lse = ops._fwd_impl(*fwd_args)
-    bwd_args = (r.do, q, k, v, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask,
-                w, r.b.detach(), scale, block_q, block_k, "softmax")
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, r.b.detach(), None, scale, block_q, block_k, "softmax", "paper",
+                True)
+    o, o_s, o_l, lse, a = ops._fwd_impl(*fwd_args)
+    bwd_args = (r.do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask,
+                w, r.b.detach(), scale, block_q, block_k, "softmax", "paper")
     out = {}
     for name, fn, configs in (("fwd", lambda: ops._fwd_impl(*fwd_args), [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]),
                               ("dkdv", lambda: ops._bwd_impl(*bwd_args), [(4, 1), (4, 2), (4, 3), (8, 2)]),

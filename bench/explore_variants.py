@@ -156,10 +156,10 @@ def main(argv=None):
     bm = build_block_map_triton(q, k, critical=0.05, negligible=0.10, block_q=bq, block_k=bk)
     mask = ops.scope_mask_for(bm, "marginal", ops._state_dtype(q.dtype))
     scale = D ** -0.5
-    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, scale, bq, bk, "softmax", True)
-    o, o_s, o_l, lse = ops._fwd_impl(*fwd_args)
-    bwd_args = (do, q, k, v, o_s, o_l, lse, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w,
-                b, scale, bq, bk, "softmax")
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, scale, bq, bk, "softmax", "paper", True)
+    o, o_s, o_l, lse, a = ops._fwd_impl(*fwd_args)
+    bwd_args = (do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w,
+                b, scale, bq, bk, "softmax", "paper")
     runs = {"fwd": lambda: ops._fwd_impl(*fwd_args), "bwd": lambda: ops._bwd_impl(*bwd_args)}
     ref = {"fwd": ops._fwd_impl(*fwd_args)[0], "bwd": ops._bwd_impl(*bwd_args)[:3]}
     results = {"shape": [B, H, L, D], "blocks": args.blocks, "torch": torch.__version__, "triton": triton.__version__,

@@ -455,3 +455,43 @@ def test_load_sla_backend_is_a_runtime_choice(tmp_path):
     sla.apply_sla(again, **SMALL_BLOCKS, backend="torch")
     sla.load_sla(again, tmp_path)  # saved with backend="auto": the settings still match
     torch.testing.assert_close(_run(again, inputs), _run(model, inputs))
+
+
+def test_wan_mass_combine_apply_gradients_and_round_trip(tmp_path):
+    model = sla.apply_sla(_wan(), critical=0.25, negligible=0.25, combine="mass", **SMALL_BLOCKS)
+    for module in sla_modules(model).values():
+        assert module.combine == "mass" and module.mass_offset.shape == (2,)
+        assert module.mass_offset.dtype == torch.float32 and not module.mass_offset.any()
+        torch.testing.assert_close(module.proj.weight, torch.eye(16), rtol=0, atol=0)  # identity start
+    names = [n for n, _ in model.named_parameters() if n.endswith(".sla.mass_offset")]
+    assert len(names) == 3
+    out = model(**_wan_inputs(), return_dict=False)[0]
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        if ".sla." in name:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        for module in sla_modules(model).values():
+            module.mass_offset.normal_()
+    sla.save_sla(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["config"]["combine"] == "mass"
+    restored = sla.load_sla(_wan(), tmp_path)
+    for (na, a), (nb, b) in zip(sla_modules(model).items(), sla_modules(restored).items()):
+        assert na == nb and b.combine == "mass"
+        torch.testing.assert_close(a.mass_offset, b.mass_offset, rtol=0, atol=0)
+
+
+def test_configs_saved_before_combine_load_as_paper(tmp_path):
+    model = sla.apply_sla(_wan(), critical=0.25, negligible=0.25, **SMALL_BLOCKS)
+    sla.save_sla(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del meta["config"]["combine"]  # what files written before the option look like
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    restored = sla.load_sla(_wan(), tmp_path)
+    assert all(m.combine == "paper" and m.mass_offset is None for m in sla_modules(restored).values())
+
+
+def test_bad_combine_is_rejected():
+    with pytest.raises(ValueError, match="combine='sum' is unknown"):
+        sla.apply_sla(_wan(), combine="sum", **SMALL_BLOCKS)

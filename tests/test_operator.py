@@ -98,7 +98,7 @@ def test_all_blocks_critical_equals_dense_sdpa(Lq, Lk):
 def test_zero_projection_equals_sparse_only_branch():
     q, k, v = make_qkv(1, 2, 300, 300, 32)
     bm = sla.build_block_map(q, k, block_q=32, block_k=32, critical=0.2)
-    _, (o_s, _) = naive_sparse_linear_attention(q, k, v, bm, return_branches=True)
+    _, (o_s, _, _) = naive_sparse_linear_attention(q, k, v, bm, return_branches=True)
     mod = sla.SparseLinearAttention(32, critical=0.2, block_q=32, block_k=32).double()
     torch.testing.assert_close(mod(q, k, v, block_map=bm), o_s, atol=1e-12, rtol=1e-10)
 
@@ -109,7 +109,7 @@ def test_empty_scope_rows_get_zero_linear_output():
     q, k, v = make_qkv(1, 1, 128, 128, 16)
     w, b = make_proj(16)
     bm = sla.build_block_map(q, k, critical=0.5, negligible=0.5, block_q=32, block_k=32)
-    _, (o_s, o_l) = naive_sparse_linear_attention(q, k, v, bm, return_branches=True)
+    _, (o_s, o_l, _) = naive_sparse_linear_attention(q, k, v, bm, return_branches=True)
     assert torch.count_nonzero(o_l) == 0
     out = torch_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b)
     torch.testing.assert_close(out, o_s + b, atol=1e-12, rtol=1e-10)
@@ -238,3 +238,99 @@ def test_module_errors_name_the_argument():
     q, k, v = make_qkv(1, 1, 64, 64, 32, torch.float32)
     torch.testing.assert_close(mod(q, k, v, scale=0.5), sla.sparse_linear_attention(
         q, k, v, scale=0.5, proj_weight=mod.proj.weight, proj_bias=mod.proj.bias))
+
+
+# --- combine="mass" ------------------------------------------------------------------------------------------
+
+def _mass_inputs(seed=0, B=2, H=3, Lq=150, Lk=131, D=16):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk))
+    return q, k, v
+
+
+@pytest.mark.parametrize("linear_scope", ["marginal", "noncritical", "all"])
+def test_mass_combine_torch_path_matches_reference_with_gradients(linear_scope):
+    q, k, v = (x.requires_grad_() for x in _mass_inputs())
+    bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 16, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(16, generator=g, dtype=torch.float64).requires_grad_()
+    mo = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    kw = dict(linear_scope=linear_scope, proj_weight=w, proj_bias=b, combine="mass", mass_offset=mo)
+    ref = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="reference", **kw)
+    got = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="torch", **kw)
+    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    g_ref = torch.autograd.grad(ref, (q, k, v, w, b, mo), do)
+    g_got = torch.autograd.grad(got, (q, k, v, w, b, mo), do)
+    # Same fp64 arithmetic in a different order: agreement to a few hundred ulps of the values' scale.
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for name, x, y in zip(("dq", "dk", "dv", "dW", "db", "d_mass_offset"), g_got, g_ref):
+        torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-11, msg=name)
+
+
+def test_mass_combine_reference_gradcheck():
+    # The specification itself: autograd of the dense fp64 reference against finite differences.
+    q, k, v = (x.requires_grad_() for x in _mass_inputs(B=1, H=2, Lq=24, Lk=20, D=4))
+    bm = sla.build_block_map(q, k, critical=0.4, negligible=0.2, block_q=8, block_k=4)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64).requires_grad_()
+    mo = torch.randn(2, generator=g, dtype=torch.float64).requires_grad_()
+
+    def f(q, k, v, w, mo):
+        return naive_sparse_linear_attention(q, k, v, bm, proj_weight=w, combine="mass", mass_offset=mo)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, w, mo))
+
+
+def test_mass_combine_is_a_convex_mix_and_exact_at_critical_one():
+    q, k, v = _mass_inputs(B=1, H=2)
+    bm = sla.build_block_map(q, k, critical=0.2, negligible=0.1, block_q=32, block_k=16)
+    out, (o_s, o_l, a) = naive_sparse_linear_attention(q, k, v, bm, combine="mass", return_branches=True)
+    assert (a > 0).all() and (a < 1).all()
+    torch.testing.assert_close(out, a * o_s + (1 - a) * o_l, rtol=0, atol=0)
+    # Nothing in the linear scope: a = 1 and SLA is dense attention, whatever Proj and the offsets are.
+    full = sla.build_block_map(q, k, critical=1.0, negligible=0.0, block_q=32, block_k=16)
+    dense = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
+    for backend in ("reference", "torch"):
+        o = sla.sparse_linear_attention(q, k, v, block_map=full, combine="mass", mass_offset=torch.randn(2).double(),
+                                        proj_weight=torch.randn(16, 16).double(), backend=backend)
+        torch.testing.assert_close(o, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_combine_paper_is_unchanged_by_the_option():
+    q, k, v = _mass_inputs()
+    bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
+    w = torch.randn(16, 16, dtype=torch.float64)
+    for backend in ("reference", "torch"):
+        plain = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w, backend=backend)
+        named = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w, combine="paper", backend=backend)
+        torch.testing.assert_close(named, plain, rtol=0, atol=0)  # same code path, same machine
+
+
+def test_mass_module_initialisation_and_forward():
+    with pytest.raises(ValueError, match="num_heads"):
+        sla.SparseLinearAttention(16, combine="mass")
+    m = sla.SparseLinearAttention(16, critical=0.2, negligible=0.2, block_q=32, block_k=16, combine="mass",
+                                  num_heads=3).double()
+    torch.testing.assert_close(m.proj.weight, torch.eye(16, dtype=torch.float64), rtol=0, atol=0)
+    assert not m.proj.bias.any() and not m.mass_offset.any() and m.mass_offset.shape == (3,)
+    q, k, v = _mass_inputs()
+    out = m(q, k, v)
+    bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
+    ref = naive_sparse_linear_attention(q, k, v, bm, proj_weight=m.proj.weight, proj_bias=m.proj.bias,
+                                        combine="mass", mass_offset=m.mass_offset)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="num_heads=3"):
+        m(q[:, :2], k[:, :2], v[:, :2])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(combine="sum"), ValueError, "combine='sum' is unknown"),
+    (dict(mass_offset=torch.zeros(2)), ValueError, "mass_offset was given with combine='paper'"),
+    (dict(combine="mass", mass_offset=torch.zeros(3)), ValueError, r"expected \(2,\)"),
+    (dict(combine="mass", mass_offset=torch.zeros(2, dtype=torch.int64)), TypeError, "float tensor"),
+])
+def test_bad_combine_arguments_raise(kwargs, error, match):
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(error, match=match):
+        sla.sparse_linear_attention(q, q, q, **kwargs)

@@ -45,7 +45,7 @@ def _seed():
 
 
 def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, critical=0.4,
-              negligible=0.3, guard=True):
+              negligible=0.3, guard=True, combine="paper"):
     # critical=0.4 keeps >= 2 critical blocks per row: with a single one-token critical block the softmax is
     # exactly 1, the fp64 dK is exactly 0 and the fp32 kernel's ~1e-6 cancellation residue would be judged
     # against an ulp floor taken at the (much smaller) output magnitude.
@@ -58,18 +58,21 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
         q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
     w = (0.2 * torch.randn(D, D)).requires_grad_() if with_proj else None
     b = torch.randn(D).requires_grad_() if with_proj else None
+    # Offsets around the values a trained layer reaches (docs/semantics.md): a in (0, 1), neither saturated.
+    mo = torch.randn(H).requires_grad_() if combine == "mass" else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     do = torch.randn(B, H, Lq, D, dtype=dtype)
     with nan_poisoned_allocations():
         o = triton_sparse_linear_attention(q, k, v, bm, feature_map=feature_map, linear_scope=linear_scope,
-                                           proj_weight=w, proj_bias=b)
-        wrt = [q, k, v] + ([w, b] if with_proj else [])
+                                           proj_weight=w, proj_bias=b, combine=combine, mass_offset=mo)
+        wrt = [q, k, v] + ([w, b] if with_proj else []) + ([mo] if mo is not None else [])
         grads = torch.autograd.grad(o, wrt, do)
     ref = reference_outputs(q0, k0, v0, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w,
-                            proj_bias=b, scale=None, do=do)
+                            proj_bias=b, scale=None, do=do, combine=combine, mass_offset=mo)
     assert o.dtype == dtype and o.shape == (B, H, Lq, D)
     assert_within_rule("o", o, ref["gold"][0], ref["pt"][0], 2.0)
-    for name, g, gg, gp in zip(("dq", "dk", "dv", "dW", "db"), grads, ref["gold"][1], ref["pt"][1]):
+    names = ["dq", "dk", "dv"] + (["dW", "db"] if with_proj else []) + (["d_mass_offset"] if mo is not None else [])
+    for name, g, gg, gp in zip(names, grads, ref["gold"][1], ref["pt"][1]):
         assert_within_rule(name, g, gg, gp, 3.0)
 
 
@@ -85,6 +88,29 @@ CASES = [
 @pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj", CASES)
 def test_kernels_match_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, dtype):
     _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj)
+
+
+MASS_CASES = [
+    pytest.param(1, 2, 200, 200, 64, 64, 64, "marginal", "softmax", True, id="mass-marginal-softmax-64x64-proj"),
+    pytest.param(2, 1, 130, 257, 32, 32, 64, "all", "elu", False, id="mass-all-elu-32x64-Lq130-Lk257-noproj"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj", MASS_CASES)
+def test_mass_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj,
+                                        dtype):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine="mass")
+
+
+def test_mass_combine_all_critical_equals_dense_attention():
+    # Nothing in the linear scope: the mixing weight is exactly 1 and SLA is dense attention, whatever Proj is.
+    q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
+    bm = build_block_map(q, k, critical=1.0, negligible=0.0, block_q=64, block_k=64)
+    o = triton_sparse_linear_attention(q, k, v, bm, proj_weight=torch.randn(64, 64), combine="mass",
+                                       mass_offset=torch.randn(2))
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(o.double(), dense, atol=2e-5, rtol=1e-5)
 
 
 def test_head_dim_128_fp16():
@@ -141,31 +167,34 @@ def test_unsupported_inputs_raise():
         triton_sparse_linear_attention(q, q, q, bm, feature_map="gelu")
 
 
-def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store_aux=True):
-    B, H, L, D, blk = 1, 1, 48, 16, 16
+def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store_aux=True, combine="paper"):
+    B, H, L, D, blk = 1, 2, 48, 16, 16
     q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for _ in range(3))
     bm = build_block_map(q, k, critical=0.34, negligible=0.34, block_q=blk, block_k=blk)
     w, b = (torch.randn(D, D), torch.randn(D)) if with_proj else (None, None)
+    mo = torch.randn(H) if combine == "mass" else None
     return (q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
-            scope_mask_for(bm, linear_scope, torch.float32), w, b, D ** -0.5, blk, blk, "softmax", store_aux)
+            scope_mask_for(bm, linear_scope, torch.float32), w, b, mo, D ** -0.5, blk, blk, "softmax", combine,
+            store_aux)
 
 
-@pytest.mark.parametrize("linear_scope, with_proj", [("marginal", True), ("all", False)])
-def test_opcheck(linear_scope, with_proj):
-    args = _op_args(linear_scope=linear_scope, with_proj=with_proj)
-    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8) and a is not None else a
+@pytest.mark.parametrize("linear_scope, with_proj, combine",
+                         [("marginal", True, "paper"), ("all", False, "paper"), ("marginal", True, "mass")])
+def test_opcheck(linear_scope, with_proj, combine):
+    args = _op_args(linear_scope=linear_scope, with_proj=with_proj, combine=combine)
+    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9) and a is not None else a
                  for i, a in enumerate(args)]
     torch.library.opcheck(sla_triton_fwd, grad_args)
-    o, o_s, o_l, lse = sla_triton_fwd(*args)
-    bwd_args = (torch.randn_like(o), *args[:3], o_s, o_l, lse, *args[3:-1])
+    o, o_s, o_l, lse, a = sla_triton_fwd(*args)
+    bwd_args = (torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:-1])
     torch.library.opcheck(sla_triton_bwd, bwd_args)
 
 
 def test_inference_writes_output_only():
     # Without autograd the forward keeps nothing for backward, and o is the same as with it.
     args = _op_args(store_aux=False)
-    o, o_s, o_l, lse = sla_triton_fwd(*args)
-    assert o_s.numel() == o_l.numel() == lse.numel() == 0
+    o, o_s, o_l, lse, a = sla_triton_fwd(*args)
+    assert o_s.numel() == o_l.numel() == lse.numel() == a.numel() == 0
     torch.testing.assert_close(o, sla_triton_fwd(*args[:-1], True)[0], rtol=0, atol=0)
     q, k, v = (a.clone().requires_grad_() for a in args[:3])
     with pytest.raises(RuntimeError, match="store_aux"):

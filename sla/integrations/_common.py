@@ -62,11 +62,14 @@ class SparseLinearAttentionFP32Proj(SparseLinearAttention):
 
 
 def make_sla_module(head_dim: int, *, critical, negligible, block_q, block_k, feature_map, linear_scope, backend,
-                    keep_proj_fp32: bool, device=None) -> SparseLinearAttention:
-    """One SLA module with its fp32 zero-initialised ``proj``, placed on ``device``."""
+                    keep_proj_fp32: bool, device=None, combine: str = "paper",
+                    num_heads: int | None = None) -> SparseLinearAttention:
+    """One SLA module with its fp32 ``proj`` (zero for ``combine="paper"``, identity for ``"mass"``, which also
+    gets its ``mass_offset``), placed on ``device``."""
     cls = SparseLinearAttentionFP32Proj if keep_proj_fp32 else SparseLinearAttention
     module = cls(head_dim, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-                 feature_map=feature_map, linear_scope=linear_scope, backend=backend)
+                 feature_map=feature_map, linear_scope=linear_scope, backend=backend, combine=combine,
+                 num_heads=num_heads)
     if device is not None:
         module.to(device)
     return module

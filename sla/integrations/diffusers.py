@@ -72,6 +72,7 @@ class SLAConfig:
     feature_map: str = "softmax"
     linear_scope: str = "marginal"
     backend: str = "auto"
+    combine: str = "paper"
     keep_proj_fp32: bool = True
     dense_layers: tuple = ()
     dense_timestep_threshold: float | None = None
@@ -89,6 +90,8 @@ class SLAConfig:
             raise ValueError(f"unknown SLA config keys {sorted(unknown)}; this file was written by a newer version")
         d = dict(d)
         d["dense_layers"] = tuple(d.get("dense_layers", ()))
+        # Files written before the combine option existed hold the paper's rule, whatever today's default is.
+        d.setdefault("combine", "paper")
         return cls(**d)
 
 
@@ -339,6 +342,7 @@ def apply_sla(
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
     *,
+    combine: str = "paper",
     dense_layers=(),
     dense_timestep_threshold: float | None = None,
     keep_proj_fp32: bool = True,
@@ -352,6 +356,9 @@ def apply_sla(
         critical, negligible, block_q, block_k, feature_map, linear_scope: the SLA operator's settings, see
             :func:`sla.sparse_linear_attention`. Defaults are the paper's. Block sizes must be one of 16, 32, 64,
             128 (what the GPU kernels run).
+        combine: ``"paper"`` (``o_s + Proj(o_l)``, zero-initialised Proj) or ``"mass"`` (``a o_s + (1 - a)
+            Proj(o_l)``, identity-initialised Proj and a per-head ``mass_offset``), see
+            :class:`~sla.SparseLinearAttention`.
         dense_layers: indices (into the list of self-attention layers, i.e. the block index; negative counts from
             the end) of layers that keep their original dense processor and get no SLA module.
         dense_timestep_threshold: if set, a forward whose ``timestep`` (max over the batch) is ``>=`` this value
@@ -375,6 +382,10 @@ def apply_sla(
     check_integration_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
     if backend not in _KNOWN_BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {_KNOWN_BACKENDS}")
+    from ..ops.sla.validation import COMBINE_RULES
+
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine={combine!r} is unknown; choose one of {COMBINE_RULES}")
     if dense_timestep_threshold is not None and (
             isinstance(dense_timestep_threshold, bool) or not isinstance(dense_timestep_threshold, (int, float))):
         raise TypeError(f"dense_timestep_threshold must be a number or None, got {dense_timestep_threshold!r}")
@@ -420,7 +431,7 @@ def apply_sla(
         check_head_dim(_head_dim(attn), backend, f"layer {name!r}")
 
     config = SLAConfig(critical=float(critical), negligible=float(negligible), block_q=block_q, block_k=block_k,
-                       feature_map=feature_map, linear_scope=linear_scope, backend=backend,
+                       feature_map=feature_map, linear_scope=linear_scope, backend=backend, combine=combine,
                        keep_proj_fp32=bool(keep_proj_fp32), dense_layers=tuple(sorted(dense)),
                        dense_timestep_threshold=None if dense_timestep_threshold is None
                        else float(dense_timestep_threshold))
@@ -431,7 +442,8 @@ def apply_sla(
         ref = attn.to_q.weight
         sla_module = make_sla_module(
             _head_dim(attn), critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-            feature_map=feature_map, linear_scope=linear_scope, backend=backend, keep_proj_fp32=keep_proj_fp32)
+            feature_map=feature_map, linear_scope=linear_scope, backend=backend, keep_proj_fp32=keep_proj_fp32,
+            combine=combine, num_heads=attn.heads)
         sla_module.to(device=ref.device, dtype=None if keep_proj_fp32 or not ref.is_floating_point() else ref.dtype)
         attn.add_module(SLA_ATTRIBUTE, sla_module)
         attn.set_processor(sla_cls(attn.processor, controller, i))
@@ -595,7 +607,7 @@ def load_sla(model: nn.Module, path: str | os.PathLike, *, backend: str | None =
         _load_sla_weights(model, path, meta)
         return model
     apply_sla(model, saved.critical, saved.negligible, saved.block_q, saved.block_k, saved.feature_map,
-              saved.linear_scope, dense_layers=saved.dense_layers,
+              saved.linear_scope, combine=saved.combine, dense_layers=saved.dense_layers,
               dense_timestep_threshold=saved.dense_timestep_threshold, keep_proj_fp32=saved.keep_proj_fp32,
               backend=saved.backend if backend is None else backend)
     try:

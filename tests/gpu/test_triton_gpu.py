@@ -34,7 +34,7 @@ def _imports():
 
 
 def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj=True, critical=0.2,
-              negligible=0.2, guard=True, gold_impl="naive"):
+              negligible=0.2, guard=True, gold_impl="naive", combine="paper"):
     build_block_map, sla_triton, t = _imports()
     q0, k0, v0 = (torch.randn(B, H, L, D, dtype=dtype, device=DEV) for L in (Lq, Lk, Lk))
     if guard:
@@ -43,16 +43,19 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
         q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
     w = (0.2 * torch.randn(D, D, device=DEV)).requires_grad_() if with_proj else None
     b = torch.randn(D, device=DEV).requires_grad_() if with_proj else None
+    mo = torch.randn(H, device=DEV).requires_grad_() if combine == "mass" else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     do = torch.randn(B, H, Lq, D, dtype=dtype, device=DEV)
     with t.nan_poisoned_allocations():
-        o = sla_triton(q, k, v, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w, proj_bias=b)
-        wrt = [q, k, v] + ([w, b] if with_proj else [])
+        o = sla_triton(q, k, v, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w, proj_bias=b,
+                       combine=combine, mass_offset=mo)
+        wrt = [q, k, v] + ([w, b] if with_proj else []) + ([mo] if mo is not None else [])
         grads = torch.autograd.grad(o, wrt, do)
     ref = t.reference_outputs(q0, k0, v0, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w,
-                              proj_bias=b, scale=None, do=do, gold_impl=gold_impl)
+                              proj_bias=b, scale=None, do=do, gold_impl=gold_impl, combine=combine, mass_offset=mo)
     t.assert_within_rule("o", o, ref["gold"][0], ref["pt"][0], 2.0)
-    for name, g, gg, gp in zip(("dq", "dk", "dv", "dW", "db"), grads, ref["gold"][1], ref["pt"][1]):
+    names = ["dq", "dk", "dv"] + (["dW", "db"] if with_proj else []) + (["d_mass_offset"] if mo is not None else [])
+    for name, g, gg, gp in zip(names, grads, ref["gold"][1], ref["pt"][1]):
         t.assert_within_rule(name, g, gg, gp, 3.0)
 
 
@@ -66,6 +69,12 @@ CASES = [
     pytest.param(1, 3, 555, 1200, 64, 64, 64, "noncritical", "elu", id="noncritical-elu-D64-64x64"),
     pytest.param(1, 2, 1031, 1031, 64, 128, 64, "all", "relu", id="all-relu-D64-128x64-L1031"),
 ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map", CASES[:2] + CASES[3:])
+def test_mass_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, dtype):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, combine="mass")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -206,12 +215,15 @@ def test_opcheck_gpu():
     q, k, v = (torch.randn(1, 2, 300, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     bm = build_block_map(q, k, critical=0.3, negligible=0.2)
     w, b = torch.randn(64, 64, device=DEV), torch.randn(64, device=DEV)
-    args = [q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
-            scope_mask_for(bm, "marginal", torch.bfloat16), w, b, 0.125, 64, 64, "softmax", True]
-    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8) else a for i, a in enumerate(args)]
-    torch.library.opcheck(sla_triton_fwd, grad_args)
-    o, o_s, o_l, lse = sla_triton_fwd(*args)
-    torch.library.opcheck(sla_triton_bwd, [torch.randn_like(o), *args[:3], o_s, o_l, lse, *args[3:-1]])
+    for combine in ("paper", "mass"):
+        mo = torch.randn(2, device=DEV) if combine == "mass" else None
+        args = [q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
+                scope_mask_for(bm, "marginal", torch.bfloat16), w, b, mo, 0.125, 64, 64, "softmax", combine, True]
+        grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9) and a is not None else a
+                     for i, a in enumerate(args)]
+        torch.library.opcheck(sla_triton_fwd, grad_args)
+        o, o_s, o_l, lse, a = sla_triton_fwd(*args)
+        torch.library.opcheck(sla_triton_bwd, [torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:-1]])
 
 
 @pytest.mark.parametrize("block_q", [64, 128])

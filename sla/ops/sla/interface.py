@@ -11,7 +11,7 @@ import torch
 from .blockmap import BlockMap, build_block_map
 from .naive import naive_sparse_linear_attention
 from .torch_impl import torch_sparse_linear_attention
-from .validation import check_attention_inputs, check_projection, check_sla_config
+from .validation import check_attention_inputs, check_combine, check_projection, check_sla_config
 
 def _triton_backend(q, k, v, block_map, **kwargs):
     """The fused Triton kernels (``sla/ops/sla/triton``), imported on first use so that ``import sla``
@@ -21,7 +21,8 @@ def _triton_backend(q, k, v, block_map, **kwargs):
     return triton_sparse_linear_attention(q, k, v, block_map, **kwargs)
 
 
-# backend name -> callable(q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale).
+# backend name -> callable(q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale,
+# combine, mass_offset).
 BACKENDS = {
     "torch": torch_sparse_linear_attention,
     "reference": naive_sparse_linear_attention,
@@ -93,11 +94,14 @@ def sparse_linear_attention(
     proj_weight: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
     scale: float | None = None,
+    combine: str = "paper",
+    mass_offset: torch.Tensor | None = None,
     return_info: bool = False,
     block_map: BlockMap | None = None,
     backend: str = "auto",
 ):
-    """Sparse-Linear Attention (SLA, arXiv 2509.24006): ``o = o_s + Proj(o_l)``.
+    """Sparse-Linear Attention (SLA, arXiv 2509.24006): ``o = o_s + Proj(o_l)``, or the mass-consistent
+    ``o = a * o_s + (1 - a) * Proj(o_l)`` with ``combine="mass"``.
 
     Args:
         q (torch.Tensor): ``(B, H, Lq, D)``, float16, bfloat16, float32 or float64.
@@ -118,6 +122,14 @@ def sparse_linear_attention(
             no projection: the branches are summed as they are (``o_s + o_l``). Pass zeros for sparse-only.
         proj_bias (torch.Tensor, optional): ``(D,)`` bias of ``Proj``.
         scale (float, optional): softmax scale of the sparse branch. Default: ``D ** -0.5``.
+        combine (str): how the branches are combined. ``"paper"``: ``o_s + Proj(o_l)`` (Eq. 6 of the paper).
+            ``"mass"``: ``a * o_s + (1 - a) * Proj(o_l)``, where ``a`` estimates, per query row, the share of
+            the attention mass inside the critical blocks: ``o_s`` is normalised over the critical blocks only,
+            so the true output is ``a * o_s + (1 - a) * o_rest``, which ``o_s + Proj(o_l)`` cannot express.
+            ``a = sigmoid(lse - log(den) - log(D) - mass_offset[h])`` from the sparse branch's log-sum-exp and
+            the linear branch's normaliser ``den`` (docs/semantics.md). Default: ``"paper"``.
+        mass_offset (torch.Tensor, optional): ``(H,)`` float, the learned per-head log-scale of the linear
+            branch's mass estimate (``combine="mass"`` only). Default: zeros.
         return_info (bool): also return an :class:`SLAInfo` (class map, sparsity, ...).
         block_map (BlockMap, optional): use this classification instead of predicting one; ``critical``,
             ``negligible``, ``block_q`` and ``block_k`` are then taken from it.
@@ -132,6 +144,7 @@ def sparse_linear_attention(
     check_attention_inputs(q, k, v)
     check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
     check_projection(proj_weight, proj_bias, q.shape[-1], q.device)
+    check_combine(combine, mass_offset, q.shape[1], q.device)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None (None means head_dim ** -0.5), got {scale!r}")
     name = resolve_backend(backend, q.device)
@@ -145,7 +158,7 @@ def sparse_linear_attention(
 
             block_map = build_block_map_triton(
                 q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-                transposes=transposes_needed(q, k, v, proj_weight, proj_bias, complete=return_info))
+                transposes=transposes_needed(q, k, v, proj_weight, proj_bias, mass_offset, complete=return_info))
         else:
             block_map = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q,
                                         block_k=block_k)
@@ -153,7 +166,8 @@ def sparse_linear_attention(
         block_map.validate_for(q, k)
     try:
         out = BACKENDS[name](q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
-                             proj_weight=proj_weight, proj_bias=proj_bias, scale=scale)
+                             proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, combine=combine,
+                             mass_offset=mass_offset)
     except (ValueError, TypeError) as err:
         if backend != "auto":
             raise

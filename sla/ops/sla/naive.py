@@ -11,10 +11,19 @@ What it computes, per (batch, head), for a :class:`~sla.ops.sla.blockmap.BlockMa
 * ``o_l = (phi(q) phi(k)^T * S) v / rowsum(phi(q) phi(k)^T * S)``, where ``S`` is the 0/1 token mask of
   the key blocks in the linear scope. This equals the paper's ``phi(q) H / (phi(q) . Z)``. A row with
   nothing in scope, or whose normaliser is exactly zero, gets ``o_l = 0``.
-* ``o = o_s + o_l W^T + b`` (identity projection when ``proj_weight`` is None).
+* ``combine="paper"`` (the paper's Eq. 6): ``o = o_s + o_l W^T + b`` (identity projection when
+  ``proj_weight`` is None).
+* ``combine="mass"``: ``o = a * o_s + (1 - a) * (o_l W^T + b)`` with, per query row and head ``h``,
+  ``a = S / (S + R)``: ``S = sum over critical keys of exp(scale * q.k)`` (the sparse branch's own
+  normaliser, ``exp(lse)``) and ``R = D * exp(mass_offset[h]) * sum over keys in scope of phi(q).phi(k)`` (the
+  linear branch's normaliser, rescaled: for flat attention and a softmax feature map, ``phi(q).phi(k) ~ 1/D``
+  while ``exp(q.k) ~ 1``). Written as ``a = sigmoid(lse - log(den) - log(D) - mass_offset[h])``. With nothing
+  in the linear scope (``den = 0``) ``a = 1``, so ``critical=1`` gives dense attention.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -45,6 +54,8 @@ def naive_sparse_linear_attention(
     proj_weight: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
     scale: float | None = None,
+    combine: str = "paper",
+    mass_offset: torch.Tensor | None = None,
     upcast: bool = True,
     return_branches: bool = False,
 ):
@@ -54,10 +65,13 @@ def naive_sparse_linear_attention(
         block_map: the classification to use (see :func:`sla.build_block_map`).
         upcast: compute in float32 (float64 stays float64). With ``upcast=False`` every operation runs in
             the input dtype, which is how tests measure the rounding error of a low precision.
-        return_branches: also return ``(o_s, o_l)`` before projection, in the compute dtype.
+        combine, mass_offset: the branch combination (see the module docstring); ``mass_offset`` ``(H,)``
+            defaults to zeros.
+        return_branches: also return ``(o_s, o_l, a)`` in the compute dtype: the branches before projection and
+            the mixing weight ``a`` ``(B, H, Lq, 1)`` (ones for ``combine="paper"``, where nothing is mixed).
 
     Returns:
-        ``o`` with the shape and dtype of q (and ``(o_s, o_l)`` if asked).
+        ``o`` with the shape and dtype of q (and ``(o_s, o_l, a)`` if asked).
     """
     out_dtype = q.dtype
     if upcast and q.dtype in (torch.float16, torch.bfloat16):
@@ -70,6 +84,7 @@ def naive_sparse_linear_attention(
     scores = (q @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~critical, float("-inf"))
     o_s = torch.softmax(scores, dim=-1) @ v
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # every row has >= 1 critical block: finite
 
     in_scope = expand_block_mask(scope_block_mask(block_map, linear_scope), Lq, Lk, bq, bk)
     phi_q = apply_feature_map(q, feature_map)
@@ -83,7 +98,29 @@ def naive_sparse_linear_attention(
     else:
         projected = torch.nn.functional.linear(o_l, proj_weight.to(o_l.dtype),
                                                None if proj_bias is None else proj_bias.to(o_l.dtype))
-    out = (o_s + projected).to(out_dtype)
+    if combine == "mass":
+        a = mass_weight(lse, normaliser, D, mass_offset)
+        out = a * o_s + (1 - a) * projected
+    elif combine == "paper":
+        a = torch.ones_like(lse)
+        out = o_s + projected
+    else:
+        raise ValueError(f"combine={combine!r} is unknown; choose 'paper' or 'mass'")
+    out = out.to(out_dtype)
     if return_branches:
-        return out, (o_s, o_l)
+        return out, (o_s, o_l, a)
     return out
+
+
+def mass_weight(lse: torch.Tensor, den: torch.Tensor, head_dim: int, mass_offset: torch.Tensor | None) -> torch.Tensor:
+    """``a = sigmoid(lse - log(den) - log(head_dim) - mass_offset[h])`` for ``(B, H, L, 1)`` ``lse`` (natural log of
+    the sparse branch's normaliser) and ``den`` (the linear branch's normaliser); ``a = 1`` where ``den = 0``.
+    Shared by the reference and the PyTorch path so both state the rule once."""
+    positive = den > 0
+    # log of a substituted 1 where den = 0: no inf * 0 = NaN in the gradient of the unused branch.
+    log_den = torch.where(positive, torch.log(torch.where(positive, den, torch.ones_like(den))),
+                          torch.full_like(den, float("-inf")))
+    x = lse - log_den - math.log(head_dim)
+    if mass_offset is not None:
+        x = x - mass_offset.to(x.dtype).view(1, -1, 1, 1)
+    return torch.sigmoid(x)

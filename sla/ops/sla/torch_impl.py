@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .blockmap import MARGINAL, BlockMap, block_lengths
 from .feature_maps import apply_feature_map
+from .naive import mass_weight
 
 # Upper bound on the elements of one chunk's gathered K/V and score tensors. On CPU the chunk should
 # stay cache-resident: on a 2-core machine 2**20 (4 MB in float32) ran the sparse branch of
@@ -79,7 +80,9 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     Inputs are blocked: ``q (G, T_m, bq, D)``, ``k, v (G, T_n, bk, D)``, ``lut (G, T_m, n)`` int64,
     ``bias (T_n, bk)`` marking padded keys (None when the last key block is full). Returns
-    ``o (G, T_m, bq, D)``. Backward recomputes the probabilities from the saved log-sum-exp.
+    ``o (G, T_m, bq, D)`` and the natural log-sum-exp of the scaled scores ``(G, T_m, bq, 1)``; both are
+    differentiable (``combine="mass"`` mixes the branches by a weight computed from the LSE). Backward
+    recomputes the probabilities from the saved log-sum-exp.
     """
 
     @staticmethod
@@ -101,23 +104,32 @@ class _BlockSparseAttention(torch.autograd.Function):
             torch.bmm(p, _gather_rows(v_flat, idx), out=o[s:e]).div_(denom)
             lse[s:e] = m + denom.log()
         ctx.save_for_backward(q_scaled, k_flat, v_flat, flat_lut, bias, o, lse)
+        ctx.set_materialize_grads(False)  # the LSE is used only by combine="mass": no zero gradient for it
         ctx.scale = scale
         ctx.shapes = (G, Tm, Tn)
-        return o.reshape(G, Tm, bq, D)
+        return o.reshape(G, Tm, bq, D), lse.reshape(G, Tm, bq, 1)
 
     @staticmethod
-    def backward(ctx, do):
-        with torch.autocast(do.device.type, enabled=False):  # backward may run inside the caller's autocast
-            return _BlockSparseAttention._backward(ctx, do)
+    def backward(ctx, do, dlse):
+        if do is None and dlse is None:
+            return None, None, None, None, None, None
+        device = (do if do is not None else dlse).device
+        with torch.autocast(device.type, enabled=False):  # backward may run inside the caller's autocast
+            return _BlockSparseAttention._backward(ctx, do, dlse)
 
     @staticmethod
-    def _backward(ctx, do):
+    def _backward(ctx, do, dlse):
         q_scaled, k_flat, v_flat, flat_lut, bias, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
         G, Tm, Tn = ctx.shapes
         R, bq, D = q_scaled.shape
         bk, n = k_flat.shape[1], flat_lut.shape[1]
         do = do.reshape(R, bq, D)
         delta = (do * o).sum(-1, keepdim=True)  # D^s of Algorithm 2: rowsum(dO * O)
+        if dlse is not None:
+            # d lse / d s_j = p_j, so an LSE gradient enters dS = p * (dP - delta) as delta - dlse.
+            delta = delta - dlse.reshape(R, bq, 1)
         dq = torch.empty_like(q_scaled)
         dk = torch.zeros_like(k_flat)
         dv = torch.zeros_like(v_flat)
@@ -150,8 +162,8 @@ def _marginal_lut(block_map: BlockMap) -> torch.Tensor:
 
 
 def _linear_branch(phi_q, phi_k, v, block_map: BlockMap, linear_scope: str):
-    """``o_l`` ``(G, T_m, bq, D)`` from blocked ``phi_q (G, T_m, bq, D)``, ``phi_k, v (G, T_n, bk, D)``
-    (padded keys already zero in ``phi_k``)."""
+    """``o_l`` ``(G, T_m, bq, D)`` and its normaliser ``phi(q) . Z_i`` ``(G, T_m, bq, 1)`` from blocked
+    ``phi_q (G, T_m, bq, D)``, ``phi_k, v (G, T_n, bk, D)`` (padded keys already zero in ``phi_k``)."""
     G, Tm, bq, D = phi_q.shape
     Tn = phi_k.shape[1]
     if linear_scope == "all":
@@ -167,7 +179,7 @@ def _linear_branch(phi_q, phi_k, v, block_map: BlockMap, linear_scope: str):
             excluded = torch.cat([block_map.critical_lut, block_map.negligible_lut], dim=-1)
             n_scope = Tn - n_crit - n_negl
         if n_scope == 0:
-            return phi_q.new_zeros(phi_q.shape)
+            return phi_q.new_zeros(phi_q.shape), phi_q.new_zeros(phi_q.shape[:-1] + (1,))
         h = torch.einsum("gnkd,gnke->gnde", phi_k, v).reshape(G * Tn, D * D)
         z = phi_k.sum(dim=2).reshape(G * Tn, D)
         states = torch.cat([h, z], dim=1)
@@ -189,7 +201,7 @@ def _linear_branch(phi_q, phi_k, v, block_map: BlockMap, linear_scope: str):
         num = torch.einsum("gmqd,gmde->gmqe", phi_q, h_rows)
         den = torch.einsum("gmqd,gmd->gmq", phi_q, z_rows)
     # A zero normaliser (possible with relu) means phi(q) is zero on every key in scope: o_l is 0 there.
-    return num / torch.where(den == 0, torch.ones_like(den), den)[..., None]
+    return num / torch.where(den == 0, torch.ones_like(den), den)[..., None], den[..., None]
 
 
 def torch_sparse_linear_attention(
@@ -203,16 +215,19 @@ def torch_sparse_linear_attention(
     proj_weight: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
     scale: float | None = None,
+    combine: str = "paper",
+    mass_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SLA for q ``(B, H, Lq, D)``, k and v ``(B, H, Lk, D)`` with a given block map; differentiable in q, k,
-    v and the projection. Inputs are assumed validated (see ``sla.sparse_linear_attention``)."""
+    v, the projection and ``mass_offset``. Inputs are assumed validated (see ``sla.sparse_linear_attention``)."""
     # The path picks its own precision (compute_dtype); an enclosing autocast would hand bf16 operands to
     # matmuls writing into float32 buffers, so it is switched off inside.
     with torch.autocast(q.device.type, enabled=False):
-        return _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias, scale)
+        return _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias, scale, combine,
+                          mass_offset)
 
 
-def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias, scale):
+def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias, scale, combine, mass_offset):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     bq, bk = block_map.block_q, block_map.block_k
@@ -224,14 +239,20 @@ def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_
     Tm = q_b.shape[1]
     lut = block_map.critical_lut.reshape(B * H, Tm, -1).to(torch.int64)
     bias = _key_bias(Lk, bk, cdt, q.device)
-    o_s = _BlockSparseAttention.apply(q_b, k_b, v_b, lut, None if Lk % bk == 0 else bias, scale)
+    o_s, lse = _BlockSparseAttention.apply(q_b, k_b, v_b, lut, None if Lk % bk == 0 else bias, scale)
 
     phi_q = _to_blocks(apply_feature_map(qc, feature_map), bq)
     phi_k = _to_blocks(apply_feature_map(kc, feature_map), bk)
     phi_k = phi_k * torch.isfinite(bias).to(cdt)[None, :, :, None]  # padded keys carry no weight
-    o_l = _linear_branch(phi_q, phi_k, v_b, block_map, linear_scope)
+    o_l, den = _linear_branch(phi_q, phi_k, v_b, block_map, linear_scope)
     if proj_weight is not None:
         o_l = F.linear(o_l, proj_weight.to(cdt), None if proj_bias is None else proj_bias.to(cdt))
 
-    out = (o_s + o_l).reshape(B, H, Tm * bq, D)[:, :, :Lq]
-    return out.to(q.dtype)
+    if combine == "mass":
+        # (G, T_m, bq, 1) -> (B, H, T_m * bq, 1): the rule is stated once, in naive.mass_weight.
+        a = mass_weight(lse.reshape(B, H, Tm * bq, 1), den.reshape(B, H, Tm * bq, 1), D,
+                        None if mass_offset is None else mass_offset.to(cdt))
+        out = a * o_s.reshape(B, H, Tm * bq, D) + (1 - a) * o_l.reshape(B, H, Tm * bq, D)
+    else:
+        out = (o_s + o_l).reshape(B, H, Tm * bq, D)
+    return out[:, :, :Lq].to(q.dtype)

@@ -11,6 +11,10 @@ import torch
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 LINEAR_SCOPES = ("marginal", "noncritical", "all")
+# How the two branches are combined: "paper" = o_s + Proj(o_l) (arXiv 2509.24006, Eq. 6); "mass" =
+# a * o_s + (1 - a) * Proj(o_l) with a the estimated share of the attention mass in the critical blocks
+# (docs/semantics.md).
+COMBINE_RULES = ("paper", "mass")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -79,6 +83,26 @@ def check_sla_config(
             f"linear_scope={linear_scope!r} is unknown; choose one of {LINEAR_SCOPES} "
             f"('marginal' is the paper, 'noncritical' the public SLA-1 code, 'all' the public main branch)"
         )
+
+
+def check_combine(combine: str, mass_offset: torch.Tensor | None, num_heads: int, device: torch.device) -> None:
+    """Check the branch-combination rule and its per-head offset ``mass_offset`` (``(H,)``, ``"mass"`` only)."""
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine={combine!r} is unknown; choose one of {COMBINE_RULES} ('paper' = o_s + Proj(o_l) "
+                         f"as in the paper, 'mass' = a * o_s + (1 - a) * Proj(o_l) with a the critical blocks' "
+                         f"estimated attention mass)")
+    if mass_offset is None:
+        return
+    if combine != "mass":
+        raise ValueError("mass_offset was given with combine='paper'; it is the per-head offset of combine='mass' "
+                         "only: pass combine='mass' or drop mass_offset")
+    if not isinstance(mass_offset, torch.Tensor) or not mass_offset.is_floating_point():
+        raise TypeError(f"mass_offset must be a float tensor of shape (num_heads,) = ({num_heads},)")
+    if tuple(mass_offset.shape) != (num_heads,):
+        raise ValueError(f"mass_offset has shape {tuple(mass_offset.shape)}, expected ({num_heads},): one offset per "
+                         f"head of q")
+    if mass_offset.device != device:
+        raise ValueError(f"mass_offset is on {mass_offset.device} but q is on {device}; move it with .to()")
 
 
 def check_projection(

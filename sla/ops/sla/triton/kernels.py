@@ -13,7 +13,9 @@ Kernels:
 * ``sla_linear_state_kernel``: per key block ``h_j = phi(K_j)^T V_j`` (``D x D``) and ``z_j = sum phi(K_j)``.
 * ``sla_fwd_kernel``: per query block, online-softmax attention over its critical key blocks (exp2 with
   ``log2(e)`` folded into the scale, fp32 accumulators, base-2 log-sum-exp), then the linear branch
-  ``phi(Q_i) H_i / (phi(Q_i) . Z_i)`` from the block's aggregated state, then ``Proj`` and the sum.
+  ``phi(Q_i) H_i / (phi(Q_i) . Z_i)`` from the block's aggregated state, then ``Proj`` and the combination:
+  the sum (``combine="paper"``) or the mass-weighted mix ``a o_s + (1 - a) Proj(o_l)`` (``MASS``), with
+  ``a = sigmoid(lse - log(den) - log(D) - mass_offset[h])`` from the two normalisers the kernel already has.
 * ``sla_bwd_dq_kernel``: ``delta = rowsum(dO * O_s)`` and dQ of the sparse branch over the critical LUT.
 * ``sla_bwd_linear_q_kernel``: the linear branch's backward per query block (paper Eq. 8): its share of dq
   (through dphi(Q_i)), dH_i, dZ_i, and the block's partial sum of dO for the bias gradient.
@@ -104,19 +106,30 @@ def _attend_block(b_q, p_k0, p_v0, i_n, b_mx, b_l, b_acc, s_k_l, s_v_l, qk_scale
     return b_mx_new, b_l, b_acc
 
 
+@triton.jit
+def _mass_weight(b_lse2, b_den, beta, log_d):
+    """``a = sigmoid(lse - log(den) - log(D) - beta)`` per row from the base-2 LSE of the sparse branch and the
+    linear branch's normaliser; ``den = 0`` gives ``log = -inf`` and ``a = 1`` (sla/ops/sla/naive.py is the spec)."""
+    pos = b_den > 0.
+    log_den = tl.where(pos, tl.log(tl.where(pos, b_den, 1.)), float("-inf"))
+    x = b_lse2 * 0.6931471805599453 - log_den - log_d - beta
+    return 1. / (1. + tl.exp(-x))
+
+
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT", "s_hs_m", "s_zs_m"])
 def sla_fwd_kernel(
-    Q, K, V, LUT, HS, ZS, W, BIAS,
-    O, OS, OL, LSE,
+    Q, K, V, LUT, HS, ZS, W, BIAS, MASS_OFF,
+    O, OS, OL, LSE, A,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
     s_o_b, s_o_h, s_o_l,
     s_aux_b, s_aux_h, s_aux_l,
     s_hs_bh, s_hs_m, s_zs_bh, s_zs_m,
-    qk_scale, Lq, Lk, Tm, N_CRIT,
+    qk_scale, log_d, Lq, Lk, Tm, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
-    HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, PREC: tl.constexpr,
+    HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, MASS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # qk_scale = softmax scale * log2(e) (> 0): exp(x) = exp2(x * log2(e)), folded into one multiply-add.
     i_m = tl.program_id(0)
@@ -160,7 +173,12 @@ def sla_fwd_kernel(
             b_proj += tl.load(BIAS + o_d)[None, :]
     else:
         b_proj = b_ol
-    b_o = b_os + b_proj
+    b_lse2 = b_mx + tl.math.log2(b_l)
+    if MASS:
+        b_a = _mass_weight(b_lse2, b_den, tl.load(MASS_OFF + i_h), log_d)
+        b_o = b_a[:, None] * b_os + (1. - b_a[:, None]) * b_proj
+    else:
+        b_o = b_os + b_proj
 
     tl.store(O + i_b * s_o_b + i_h * s_o_h + o_m[:, None] * s_o_l + o_d[None, :], b_o.to(O.dtype.element_ty),
              mask=m_q[:, None])
@@ -168,7 +186,9 @@ def sla_fwd_kernel(
         p_aux = i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :]
         tl.store(OS + p_aux, b_os.to(OS.dtype.element_ty), mask=m_q[:, None])
         tl.store(OL + p_aux, b_ol.to(OL.dtype.element_ty), mask=m_q[:, None])
-        tl.store(LSE + i_bh * Lq + o_m, b_mx + tl.math.log2(b_l), mask=m_q)
+        tl.store(LSE + i_bh * Lq + o_m, b_lse2, mask=m_q)
+        if MASS:
+            tl.store(A + i_bh * Lq + o_m, b_a, mask=m_q)
 
 
 @triton.jit
@@ -185,7 +205,7 @@ def _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, i_n, s_k_l, s_v_l, qk
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT"])
 def sla_bwd_dq_kernel(
-    Q, K, V, DO, OS, LSE, LUT, DELTA, DQ,
+    Q, K, V, DO, OS, OL, W, BIAS, A, LSE, LUT, DELTA, G, DQ,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -193,7 +213,8 @@ def sla_bwd_dq_kernel(
     s_aux_b, s_aux_h, s_aux_l,
     s_dq_b, s_dq_h, s_dq_l,
     scale, Lq, Lk, Tm, N_CRIT,
-    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_PROJ: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MASS: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -207,8 +228,29 @@ def sla_bwd_dq_kernel(
                    other=0.)
     b_os = tl.load(OS + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
                    other=0.)
-    # D^s of Algorithm 2, computed here once per query block and reused by the dK/dV kernel.
-    b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1)
+    if MASS:
+        # o = a o_s + (1 - a) p with p = Proj(o_l): the sparse branch sees dO_s = a dO, and a = sigmoid(x) with
+        # x = lse - log(den) - ... passes g = dO.(o_s - p) a (1 - a) on to lse (here: delta - g, as d lse / d s
+        # = P) and, with the opposite sign, to log(den) (the linear kernel reads g) and to mass_offset.
+        b_a = tl.load(A + i_bh * Lq + o_m, mask=m_q, other=0.)
+        b_ol = tl.load(OL + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
+                       other=0.).to(tl.float32)
+        if HAS_PROJ:
+            b_p = tl.dot(b_ol, tl.trans(tl.load(W + o_d[:, None] * D + o_d[None, :])), input_precision=PREC)
+            if HAS_BIAS:
+                b_p += tl.load(BIAS + o_d)[None, :]
+        else:
+            b_p = b_ol
+        b_dof = b_do.to(tl.float32)
+        b_g = tl.sum(b_dof * (b_os.to(tl.float32) - b_p), axis=1) * b_a * (1. - b_a)
+        tl.store(G + i_bh * Lq + o_m, b_g, mask=m_q)
+        # dO_s rounded to the input dtype once, here and in the dK/dV kernel, and delta taken from the rounded
+        # values, so that delta and the dP = dO_s V^T of the loop stay consistent.
+        b_do = (b_dof * b_a[:, None]).to(b_do.dtype)
+        b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1) - b_g
+    else:
+        # D^s of Algorithm 2, computed here once per query block and reused by the dK/dV kernel.
+        b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1)
     tl.store(DELTA + i_bh * Lq + o_m, b_delta, mask=m_q)
     b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
 
@@ -226,7 +268,7 @@ def sla_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "s_hs_m", "s_zs_m"])
 def sla_bwd_linear_q_kernel(
-    Q, DO, W, OL, HS, ZS, DQ, DHS, DZS, DB_PART,
+    Q, DO, W, OL, A, G, HS, ZS, DQ, DHS, DZS, DB_PART,
     s_q_b, s_q_h, s_q_l,
     s_do_b, s_do_h, s_do_l,
     s_aux_b, s_aux_h, s_aux_l,
@@ -234,7 +276,7 @@ def sla_bwd_linear_q_kernel(
     s_hs_bh, s_hs_m, s_zs_bh, s_zs_m,
     Lq, Tm,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, FEATURE: tl.constexpr, HAS_PROJ: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MASS: tl.constexpr, PREC: tl.constexpr,
 ):
     # Linear branch backward per query block (paper Eq. 8) with dO_l = dO W (through Proj) and
     # D^l = rowsum(dO_l * O_l), from recomputed (not saved) H_i, Z_i: dphi(Q_i) = (dO_l H_i^T - D^l Z_i^T) / den,
@@ -248,6 +290,8 @@ def sla_bwd_linear_q_kernel(
     m_q = o_m < Lq
     b_do = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
                    other=0.).to(tl.float32)
+    if MASS:  # the projected linear branch enters o as (1 - a) Proj(o_l)
+        b_do = b_do * (1. - tl.load(A + i_bh * Lq + o_m, mask=m_q, other=1.))[:, None]
     i_row = i_bh * Tm + i_m
     if HAS_BIAS:
         tl.store(DB_PART + i_row * D + o_d, tl.sum(b_do, axis=0))
@@ -259,6 +303,8 @@ def sla_bwd_linear_q_kernel(
     b_ol = tl.load(OL + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
                    other=0.).to(tl.float32)
     b_dl = tl.sum(b_dol * b_ol, axis=1)
+    if MASS:  # log(den) gets -g from the mixing weight (see sla_bwd_dq_kernel): D^l - d log(den) = D^l + g
+        b_dl += tl.load(G + i_bh * Lq + o_m, mask=m_q, other=0.)
     b_x = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
     b_phi = _feature_map(b_x.to(tl.float32), FEATURE)
     b_pq = b_phi.to(b_x.dtype).to(tl.float32)  # the forward's rounding of phi(q)
@@ -281,7 +327,7 @@ def sla_bwd_linear_q_kernel(
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn", "N_CRIT", "s_dhs_n", "s_dzs_n"])
 def sla_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, DHS, DZS, DK, DV,
+    Q, K, V, DO, A, LSE, DELTA, LUT_T_OFF, LUT_T, DHS, DZS, DK, DV,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -290,7 +336,7 @@ def sla_bwd_dkdv_kernel(
     s_dhs_bh, s_dhs_n, s_dzs_bh, s_dzs_n,
     scale, Lq, Lk, Tm, Tn, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
-    PREC: tl.constexpr,
+    MASS: tl.constexpr, PREC: tl.constexpr,
 ):
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -317,6 +363,8 @@ def sla_bwd_dkdv_kernel(
         m_q = o_m < Lq
         b_q = tl.load(p_q0 + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
         b_do = tl.load(p_do0 + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
+        if MASS:  # the sparse branch's share of dO (see sla_bwd_dq_kernel)
+            b_do = (b_do.to(tl.float32) * tl.load(A + i_bh * Lq + o_m, mask=m_q, other=0.)[:, None]).to(b_do.dtype)
         b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
         b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]

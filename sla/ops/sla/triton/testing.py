@@ -95,17 +95,18 @@ def guarded_bhld(values: torch.Tensor, guard: int = 3) -> torch.Tensor:
 
 
 def reference_outputs(q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale, do,
-                      gold_impl="naive"):
-    """``{"gold": (o, grads), "pt": (o, grads)}``; grads in the order q, k, v, proj_weight, proj_bias (those
-    that are not None). ``gold_impl="torch"`` computes the fp64 gold with the memory-efficient PyTorch path
-    (itself tested against the dense reference) where the dense fp64 maps would not fit in memory."""
+                      gold_impl="naive", combine="paper", mass_offset=None):
+    """``{"gold": (o, grads), "pt": (o, grads)}``; grads in the order q, k, v, proj_weight, proj_bias,
+    mass_offset (those that are not None). ``gold_impl="torch"`` computes the fp64 gold with the
+    memory-efficient PyTorch path (itself tested against the dense reference) where the dense fp64 maps would
+    not fit in memory."""
     result = {}
     for tag, dtype, upcast in (("gold", torch.float64, True), ("pt", q.dtype, False)):
         leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
         params = [None if p is None else p.detach().to(torch.float64 if tag == "gold" else p.dtype).requires_grad_()
-                  for p in (proj_weight, proj_bias)]
+                  for p in (proj_weight, proj_bias, mass_offset)]
         kwargs = dict(feature_map=feature_map, linear_scope=linear_scope, proj_weight=params[0],
-                      proj_bias=params[1], scale=scale)
+                      proj_bias=params[1], scale=scale, combine=combine, mass_offset=params[2])
         if tag == "gold" and gold_impl == "torch":
             o = torch_sparse_linear_attention(*leaves, block_map, **kwargs)
         else:

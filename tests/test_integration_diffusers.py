@@ -13,6 +13,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _tolerances import assert_close_to_rounding  # noqa: E402
+
 import sla  # noqa: E402
 from sla.integrations.diffusers import (  # noqa: E402
     CONFIG_NAME,
@@ -191,7 +194,10 @@ def test_wan_save_pretrained_and_sla_round_trip(tmp_path):
     loaded = WanTransformer3DModel.from_pretrained(tmp_path).eval()  # a local folder, loaded the standard way
     assert not is_sla_applied(loaded)
     sla.load_sla(loaded, tmp_path)  # applies the saved settings, then the weights
-    assert torch.equal(_run(loaded, inputs), expected)
+    # Parameters come back bit for bit; outputs to rounding, since the loaded tensors may take other CPU kernels.
+    assert_close_to_rounding(_run(loaded, inputs), expected)
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, model.get_parameter(name)), name
     for name, module in sla_modules(loaded).items():
         ref = sla_modules(model)[name]
         assert torch.equal(module.proj.weight, ref.proj.weight) and torch.equal(module.proj.bias, ref.proj.bias)
@@ -381,7 +387,9 @@ def test_cogvideox_equivalence_layers_gradients_and_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     sla.save_sla(model, tmp_path)
     loaded = sla.load_sla(CogVideoXTransformer3DModel.from_pretrained(tmp_path).eval(), tmp_path)
-    assert torch.equal(_run(loaded, inputs), expected)
+    for name, param in loaded.named_parameters():  # the weights come back bit for bit ...
+        assert torch.equal(param, model.get_parameter(name)), name
+    assert_close_to_rounding(_run(loaded, inputs), expected)  # ... the outputs to rounding (other allocations)
 
 
 # ------------------------------------------------------------------------------------------ compile and LoRA
@@ -422,7 +430,8 @@ def test_deepcopy_gives_an_independent_patched_model():
     _perturb_projections(model)
     expected = _run(model, inputs)
     ema = copy.deepcopy(model)  # e.g. an EMA copy during fine-tuning
-    assert torch.equal(_run(ema, inputs), expected)
+    # New allocations may take other CPU kernels: outputs agree to rounding (the model itself, below, exactly).
+    assert_close_to_rounding(_run(ema, inputs), expected)
     assert ema.blocks[0].attn1.sla.proj.weight is not model.blocks[0].attn1.sla.proj.weight
     assert ema.blocks[0].attn1.processor.controller is ema._sla_controller
     _run(ema, dict(inputs, timestep=torch.tensor([950])))  # the copy's hook sets the copy's state only

@@ -1,6 +1,7 @@
 """The ``sla`` command line. Each subcommand lives in ``sla/commands/<name>.py`` and exposes
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs,
-so ``sla --help`` stays fast and never touches a GPU."""
+``add_arguments(parser)`` and ``run(args) -> int``. Command modules import nothing heavy at their top level
+and ``import sla`` is lazy, so building the parser (``sla --help``, ``sla finetune --help``) never imports
+torch or touches a GPU (tested); torch is imported inside ``run``."""
 
 from __future__ import annotations
 

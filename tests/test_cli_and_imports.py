@@ -16,6 +16,36 @@ def test_import_touches_no_gpu_or_optional_dependency():
     assert out.stdout.strip() == "", f"import sla pulled in: {out.stdout.strip()}"
 
 
+def test_import_sla_is_lazy_and_keeps_the_public_names():
+    # `import sla` must not import torch (it costs seconds; `sla --help` should not pay it); the public names
+    # still resolve on first use, and `from sla import *` gives all of them.
+    code = ("import sys, sla; assert 'torch' not in sys.modules, 'import sla imported torch'; "
+            "names = {}; exec('from sla import *', names); "
+            "missing = [n for n in sla.__all__ if n not in names]; assert not missing, missing; "
+            "assert callable(sla.sparse_linear_attention) and callable(sla.load_sla); "
+            "assert sla.integrations.diffusers.load_sla is sla.load_sla; "
+            "assert 'diffusers' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["finetune", "--help"], ["demo", "--help"], ["analyze", "--help"]])
+def test_cli_help_does_not_import_torch(argv):
+    # Runs `python -m sla.cli ARGV` in a fresh interpreter and reports which heavy modules it imported.
+    code = ("import runpy, sys\n"
+            "sys.argv = ['sla', *sys.argv[1:]]\n"
+            "try:\n"
+            "    runpy.run_module('sla.cli', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "heavy = [m for m in ('torch', 'numpy', 'diffusers', 'triton') if m in sys.modules]\n"
+            "sys.stderr.write('HEAVY=' + ','.join(heavy))\n")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "usage: sla" in out.stdout
+    assert out.stderr.strip().endswith("HEAVY="), out.stderr[-3000:]
+
+
 def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

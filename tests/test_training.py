@@ -91,6 +91,74 @@ def test_corrupt_checkpoint_and_missing_data_errors(model_dir, tmp_path):
         finetune(tiny_config(tmp_path / "no_model", tmp_path / "q"))
 
 
+class _Payload:
+    """Unpickling this with full pickle runs os.mkdir(marker): what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_checkpoints_hold_only_tensors_and_plain_data(model_dir, tmp_path):
+    finetune(tiny_config(model_dir, tmp_path / "o", steps=2, stop_after=1, save_every=1))
+    path = tmp_path / "o" / "checkpoints" / "step-0000001.pt"
+    # The strict loader with no extra allowed globals reads it: nothing in it can run code.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "sla-finetune-checkpoint-v2"
+    assert isinstance(ckpt["rng"]["numpy"]["keys"], torch.Tensor)
+    assert isinstance(ckpt["rng"]["python"]["words"], torch.Tensor)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the raw pickle is not torch.save's protocol
+@pytest.mark.parametrize("kind", ["torch_save", "raw_pickle"])
+def test_crafted_checkpoint_is_refused_without_running_its_payload(model_dir, tmp_path, kind):
+    import pickle
+
+    out = tmp_path / "o"
+    marker = tmp_path / "payload_ran"
+    crafted = out / "checkpoints" / "step-0000009.pt"
+    crafted.parent.mkdir(parents=True)
+    if kind == "torch_save":  # the zip layout torch.save writes, with the right format tag
+        torch.save({"format": "sla-finetune-checkpoint-v2", "step": 9, "x": _Payload(marker)}, crafted)
+    else:
+        with open(crafted, "wb") as f:
+            pickle.dump({"format": "sla-finetune-checkpoint-v2", "x": _Payload(marker)}, f)
+    with pytest.raises(ValueError, match="was not opened"):
+        load_checkpoint(crafted)
+    with pytest.raises(ValueError, match="was not opened"):
+        finetune(tiny_config(model_dir, out, steps=2), resume="auto")
+    with pytest.raises(ValueError, match="was not opened"):
+        finetune(tiny_config(model_dir, tmp_path / "p", steps=2), resume=str(crafted))
+    assert not marker.exists(), "the crafted checkpoint's payload ran"
+
+
+def test_v1_checkpoint_with_numpy_rng_state_still_resumes_exactly(model_dir, tmp_path):
+    # v1 checkpoints stored Python's and NumPy's RNG states as their native tuples (an ndarray inside); they
+    # load through the weights-only unpickler with NumPy arrays allowed, and resume exactly.
+    import random
+
+    import numpy as np
+
+    kw = dict(steps=3, save_every=1)
+    finetune(tiny_config(model_dir, tmp_path / "a", **kw))
+    finetune(tiny_config(model_dir, tmp_path / "b", stop_after=2, **kw))
+    path = tmp_path / "b" / "checkpoints" / "step-0000002.pt"
+    ckpt = torch.load(path, weights_only=True)
+    from sla.training.checkpoint import set_rng_state
+
+    set_rng_state(ckpt["rng"])  # the v1 file gets the very same states, in v1's layout
+    ckpt["rng"]["python"], ckpt["rng"]["numpy"] = random.getstate(), np.random.get_state()
+    ckpt["format"] = "sla-finetune-checkpoint-v1"
+    torch.save(ckpt, path)
+    assert load_checkpoint(path)["format"] == "sla-finetune-checkpoint-v1"
+    assert finetune(tiny_config(model_dir, tmp_path / "b", **kw), resume="auto")["start_step"] == 2
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # exact resume, as in test_stop_and_resume_equals_uninterrupted
+
+
 def test_trainable_modes(model_dir, tmp_path):
     base = load_finetuned(model_dir)[0].state_dict()
     # projection-only: only ...sla.proj changes

@@ -64,3 +64,55 @@ def test_demo_writes_report(tmp_path, capsys):
     for r in res["rows"]:
         assert 0 <= r["sparse_only_rel_l1"] < 2 and r["sla_ms"] > 0
     assert (tmp_path / "report.md").read_text().startswith("# SLA demo")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--critical", "2"], "argument --critical: must be a fraction of key blocks in [0, 1]"),
+    (["--critical", "0.95", "--negligible", "0.1"], "--critical 0.95 + --negligible 0.1 = 1.05 > 1; lower "
+                                                    "--critical or --negligible"),
+    (["--heads", "0"], "argument --heads: must be an integer >= 1, got 0"),
+    (["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+    (["--grid", "4", "0", "4"], "argument --grid: must be an integer >= 1, got 0"),
+    (["--head-dim", "x"], "argument --head-dim: must be an integer >= 1, got 'x'"),
+])
+def test_demo_bad_flags_give_a_short_error_naming_the_flag(tmp_path, capsys, argv, message):
+    try:
+        rc = main(["demo", "--out", str(tmp_path), *argv])
+    except SystemExit as exc:  # argparse refuses at parse time
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    argv = ["eval", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sla eval: error: model ") and len(err.strip().splitlines()) == 1
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        main(argv + ["--debug"])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        main(["--debug"] + argv)
+    monkeypatch.setenv("SLA_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        main(argv)
+
+
+def test_unexpected_errors_say_how_to_get_the_traceback():
+    from sla.cli import format_error
+
+    text = format_error("demo", RuntimeError("shape mismatch\nlong torch details"))
+    assert text.splitlines() == ["sla demo: unexpected RuntimeError: shape mismatch",
+                                 "(run again with --debug, or SLA_DEBUG=1, for the traceback)"]
+    assert format_error("eval", KeyError("config")).startswith("sla eval: unexpected KeyError: missing key 'config'")
+
+
+def test_cli_error_in_a_real_process_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sla.cli", "finetune", "--model", str(tmp_path / "none"),
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("sla finetune: error: model ") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -72,8 +72,12 @@ def test_cli_finetune_then_eval_and_sample(model_dir, tmp_path):
         assert (tmp_path / "eval" / f).stat().st_size > 0
 
 
-def test_finetune_cli_rejects_bad_values(model_dir, tmp_path):
-    with pytest.raises(ValueError, match="attention must be one of"):
-        main(["finetune", "--model", str(model_dir), "--attention", "dense", "--output-dir", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="steps must be a positive int"):
-        main(["finetune", "--model", str(model_dir), "--steps", "0", "--output-dir", str(tmp_path / "x")])
+def test_finetune_cli_rejects_bad_values(model_dir, tmp_path, capsys):
+    # One line naming the flag, exit status 2, no traceback; --debug re-raises with the traceback.
+    assert main(["finetune", "--model", str(model_dir), "--attention", "dense", "--output-dir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == ("sla finetune: error: --attention must be one of ('full', 'sla', "
+                                               "'sparse_only', 'sum_no_proj', 'linear_only'), got 'dense'")
+    assert main(["finetune", "--model", str(model_dir), "--steps", "0", "--output-dir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == "sla finetune: error: --steps must be a positive int, got 0"
+    with pytest.raises(ValueError, match="--steps must be a positive int"):
+        main(["finetune", "--model", str(model_dir), "--steps", "0", "--output-dir", str(tmp_path / "x"), "--debug"])

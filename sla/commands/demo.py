@@ -17,15 +17,17 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grid", type=int, nargs=3, default=[8, 32, 32], metavar=("F", "H", "W"),
+    from ._argtypes import fraction, positive_int
+
+    p.add_argument("--grid", type=positive_int, nargs=3, default=[8, 32, 32], metavar=("F", "H", "W"),
                    help="token grid (frames, height, width); L = F*H*W")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--head-dim", type=int, default=64, help="D of q, k, v")
-    p.add_argument("--critical", type=float, nargs="+", default=[0.05, 0.10, 0.20],
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="D of q, k, v")
+    p.add_argument("--critical", type=fraction, nargs="+", default=[0.05, 0.10, 0.20],
                    help="fractions of key blocks computed exactly, one table row each")
-    p.add_argument("--negligible", type=float, default=0.10,
+    p.add_argument("--negligible", type=fraction, default=0.10,
                    help="fraction of key blocks skipped (must leave room: critical + negligible <= 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     p.epilog = "examples:\n  sla demo\n  sla demo --grid 16 32 32 --critical 0.03 0.05 --repeats 5"
 
@@ -83,8 +85,8 @@ def run(args) -> int:
 
     for crit in args.critical:
         if crit + args.negligible > 1:
-            print(f"sla demo: --critical {crit} + --negligible {args.negligible} > 1; lower --negligible")
-            return 2
+            raise ValueError(f"--critical {crit} + --negligible {args.negligible} = {crit + args.negligible:g} > 1; "
+                             f"lower --critical or --negligible so that each pair sums to at most 1")
     q, k, v = video_like_qkv(args.grid, args.heads, args.head_dim, args.seed)
     L, D = q.shape[2], q.shape[3]
     print(f"SLA demo: {args.heads} heads, L={L} tokens (grid {tuple(args.grid)}), D={D}, float32, "

@@ -73,6 +73,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, type=type(default), default=None, help=text)
 
 
+def _as_flag(message: str, keys: list[str]) -> str:
+    """Config errors name the key ("steps must be ..."); on the command line, name the flag ("--steps must be
+    ..."), which is what the user typed (keys and flags correspond one to one)."""
+    head, sep, rest = message.partition(" must ")
+    if sep and head in keys:
+        return f"--{head.replace('_', '-')} must {rest}"
+    return message
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from dataclasses import fields
@@ -81,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
     from sla.training.trainer import finetune
 
     overrides = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}
-    cfg = make_config(args.config, **overrides)
+    try:
+        cfg = make_config(args.config, **overrides)
+    except (ValueError, TypeError) as err:
+        raise type(err)(_as_flag(str(err), [f.name for f in fields(FinetuneConfig)])) from err
     summary = finetune(cfg, resume=args.resume)
     if int(summary.get("world_size", 1)) == 1 or __import__("os").environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))

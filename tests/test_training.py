@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def test_corrupt_checkpoint_and_missing_data_errors(model_dir, tmp_path):
     finetune(tiny_config(model_dir, out, steps=2, stop_after=1, save_every=1))
     ckpt = out / "checkpoints" / "step-0000001.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="no usable checkpoint .* is corrupt or truncated .* To start over, delete"):
         finetune(tiny_config(model_dir, out, steps=2), resume="auto")
     with pytest.raises(FileNotFoundError, match="latents folder"):
         finetune(tiny_config(model_dir, tmp_path / "p", data=str(tmp_path / "nowhere")))
@@ -157,6 +158,107 @@ def test_v1_checkpoint_with_numpy_rng_state_still_resumes_exactly(model_dir, tmp
     a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
     for k in a:
         assert torch.equal(a[k], b[k]), k  # exact resume, as in test_stop_and_resume_equals_uninterrupted
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(model_dir, tmp_path, capsys):
+    kw = dict(steps=4, save_every=1)
+    finetune(tiny_config(model_dir, tmp_path / "a", **kw))
+    finetune(tiny_config(model_dir, tmp_path / "b", stop_after=3, **kw))  # keeps step 2 and step 3
+    newest = tmp_path / "b" / "checkpoints" / "step-0000003.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a kill in the middle of a copy, a full disk, ...
+    capsys.readouterr()
+    assert finetune(tiny_config(model_dir, tmp_path / "b", **kw), resume="auto")["start_step"] == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if "step-0000003.pt" in line]
+    assert len(said) == 1 and "corrupt or truncated" in said[0] and "resuming from step-0000002.pt instead" in said[0]
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # exact resume, as in test_stop_and_resume_equals_uninterrupted
+
+
+def test_second_signal_stops_at_once_and_handlers_are_restored(tmp_path):
+    import signal
+
+    from sla.training.config import make_config
+    from sla.training.trainer import TrainingInterrupted, _StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    cfg = make_config(steps=10, output_dir=str(tmp_path), progress=False)
+    with _StopOnSignal(cfg, tmp_path, announce=False) as stop:
+        stop.step = 3
+        signal.raise_signal(signal.SIGINT)  # the first one only asks the loop to stop after the step
+        assert stop.requested == signal.SIGINT
+        with pytest.raises(TrainingInterrupted, match="stopped at once by a second SIGTERM during step 4 of 10; "
+                                                      "nothing saved since the start") as info:
+            signal.raise_signal(signal.SIGTERM)
+        assert info.value.checkpoint is None and info.value.exit_code == 143
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def _wait_for_log_rows(log: Path, rows: int, proc, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if log.is_file() and len(log.read_text().splitlines()) > rows:  # header + rows
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"{log} did not reach {rows} rows in {timeout} s")
+
+
+def test_sigint_and_sigterm_save_a_checkpoint_and_the_printed_command_resumes_exactly(model_dir, tmp_path):
+    import re
+    import shlex
+    import signal
+
+    args = ["--model", str(model_dir), "--frames", "2", "--height", "16", "--width", "16", "--block-q", "16",
+            "--block-k", "16", "--critical", "0.5", "--negligible", "0.0", "--data-size", "64", "--steps", "1000",
+            "--batch-size", "2", "--lr", "1e-3", "--save-every", "0", "--no-progress"]
+    cli = [sys.executable, "-m", "sla.cli", "finetune"]
+    # One thread in every process: the three runs then take the same kernels, and their weights compare exactly.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    log = out / "train_log.csv"
+
+    first = subprocess.Popen(cli + args + ["--output-dir", str(out)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_log_rows(log, 3, first)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=180)
+    assert first.returncode == 130 and "Traceback" not in err, err[-3000:]
+    m = re.fullmatch(r"sla finetune: stopped by SIGINT after step (\d+) of 1000; saved (\S+)\. Resume with: (.+)",
+                     err.strip().splitlines()[-1])
+    assert m, err[-3000:]
+    k1 = int(m[1])
+    assert Path(m[2]) == out / "checkpoints" / f"step-{k1:07d}.pt" and Path(m[2]).is_file()
+    resume = shlex.split(m[3])
+    assert resume[:2] == ["sla", "finetune"] and resume[-2:] == ["--resume", "auto"]
+
+    # A save killed half-way leaves a temp file; the next start removes it (and says so).
+    junk = out / "checkpoints" / ".tmp-4242-step-0000999.pt"
+    junk.write_bytes(b"half a checkpoint")
+    second = subprocess.Popen([sys.executable, "-m", "sla.cli", *resume[1:]], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_log_rows(log, k1 + 2, second)
+    second.send_signal(signal.SIGTERM)
+    _, err = second.communicate(timeout=180)
+    assert second.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert "removed 1 temp file(s) of an interrupted save: .tmp-4242-step-0000999.pt" in err and not junk.exists()
+    m = re.search(r"stopped by SIGTERM after step (\d+) of 1000; saved ", err)
+    k2 = int(m[1])
+    assert k2 > k1
+    rows = [r.split(",")[0] for r in log.read_text().strip().splitlines()[1:]]
+    assert rows == [str(i) for i in range(1, k2 + 1)]  # every step logged once across the three processes
+
+    ref = subprocess.run(cli + args + ["--output-dir", str(tmp_path / "ref"), "--stop-after", str(k2)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got = torch.load(out / "checkpoints" / f"step-{k2:07d}.pt", weights_only=True)
+    want = torch.load(tmp_path / "ref" / "checkpoints" / f"step-{k2:07d}.pt", weights_only=True)
+    for name, value in want["trainable"].items():
+        assert torch.equal(got["trainable"][name], value), name
+    for key, state in want["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(got["optimizer"]["state"][key][field], value), (key, field)
 
 
 def test_trainable_modes(model_dir, tmp_path):

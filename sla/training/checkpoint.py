@@ -99,12 +99,62 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(output_dir, step: int, payload: dict, keep: int = 2) -> Path:
+    """Write ``checkpoints/step-XXXXXXX.pt`` atomically, then delete all but the newest ``keep`` (0 = keep all)
+    checkpoints up to ``step``.
+
+    Checkpoints of later steps (left when a run resumed from an earlier one because its newest was unreadable,
+    see :func:`load_latest_checkpoint`) are neither counted nor deleted: counted, an unreadable one could push
+    out the good checkpoints this run writes; this run overwrites them when it gets there.
+    """
     path = Path(output_dir) / "checkpoints" / f"step-{step:07d}.pt"
     atomic_torch_save({"format": _CKPT_FORMAT, "step": step, **payload}, path)
     if keep > 0:
-        for _, old in list_checkpoints(output_dir)[:-keep]:
+        for _, old in [c for c in list_checkpoints(output_dir) if c[0] <= step][:-keep]:
             old.unlink(missing_ok=True)
     return path
+
+
+def remove_orphan_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.tmp-*`` files that a process killed during an atomic write left in ``folder``.
+
+    Only this library writes them there, each under a name that :func:`list_checkpoints` never picks up, and a
+    finished write renames its temp file away: one still present is garbage (a run is single-writer per output
+    folder). Returns the deleted paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        if p.name.startswith(TMP_PREFIX) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def load_latest_checkpoint(output_dir: str | os.PathLike, report=None) -> tuple[dict, Path] | None:
+    """The newest checkpoint of ``output_dir`` that loads, with its path; ``None`` if there is none at all.
+
+    An unreadable one (truncated by a kill, corrupt, or refused as unsafe) is skipped for the one before it,
+    and ``report`` (e.g. ``print``) gets one line saying so. If every checkpoint is unreadable, ``ValueError``
+    lists why and how to start over.
+    """
+    found = list_checkpoints(output_dir)
+    problems = []
+    for i in range(len(found) - 1, -1, -1):
+        path = found[i][1]
+        try:
+            return load_checkpoint(path), path
+        except ValueError as e:
+            problems.append(str(e))
+            if report is not None:
+                report(f"sla finetune: {e}; " + (f"resuming from {found[i - 1][1].name} instead" if i else
+                                                  "and no earlier checkpoint is left"))
+    if not found:
+        return None
+    folder = Path(output_dir) / "checkpoints"
+    raise ValueError(f"no usable checkpoint in {folder}: {' | '.join(problems)}. To start over, delete {folder} "
+                     "(or pass another --output-dir)")
 
 
 def _numpy_array_globals() -> list:

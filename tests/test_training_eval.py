@@ -81,3 +81,48 @@ def test_finetune_cli_rejects_bad_values(model_dir, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "sla finetune: error: --steps must be a positive int, got 0"
     with pytest.raises(ValueError, match="--steps must be a positive int"):
         main(["finetune", "--model", str(model_dir), "--steps", "0", "--output-dir", str(tmp_path / "x"), "--debug"])
+
+
+def test_safe_filenames():
+    from sla._paths import safe_filename, unique_filenames
+
+    assert safe_filename("../escaped") == "escaped"
+    assert safe_filename("..") == "model" and safe_filename("") == "model"
+    assert safe_filename("a/b\\c\nd") == "a_b_c_d"
+    assert safe_filename(".hidden") == "hidden"
+    assert safe_filename("SLA (95%)") == "SLA_95"
+    assert len(safe_filename("x" * 500)) == 100
+    assert unique_filenames(["a/b", "a_b", "real", "A_B"], reserved=("real",)) == ["a_b", "a_b_2", "real_2", "A_B_3"]
+
+
+def test_eval_names_cannot_write_outside_out(model_dir, tmp_path):
+    # `sla eval --name ../escaped --out DIR` used to write DIR/../escaped_samples.png.
+    out = tmp_path / "box" / "out"
+    rc = main(["eval", "--model", str(model_dir), str(model_dir), "--name", "../escaped", "real", "--out", str(out),
+               "--clips", "1", "--samples", "2", "--steps", "1", "--batch-size", "2", "--device", "cpu"])
+    assert rc == 0
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents]
+    assert outside == []
+    files = sorted(p.name for p in out.iterdir())
+    assert {"escaped_samples.png", "escaped_samples.gif", "real_2_samples.png", "real_samples.png"} <= set(files)
+    md = (out / "eval.md").read_text()
+    assert "| ../escaped |" in md and "(escaped_samples.png)" in md  # the report shows the name as given
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "MISSING", "--out", "FILE"],
+    ["sample", "--model", "MISSING", "--out", "FILE"],
+    ["finetune", "--model", "MISSING", "--output-dir", "FILE"],
+    ["demo", "--out", "FILE/sub"],
+    ["analyze", "--model", "MISSING", "--out", "FILE"],
+])
+def test_output_folders_are_checked_before_the_work(tmp_path, capsys, argv):
+    # The model does not exist either: the error must be about the output folder, found first.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = [a.replace("FILE", str(blocker)).replace("MISSING", str(tmp_path / "no_model")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    flag = "output_dir (--output-dir)" if argv[0] == "finetune" else "--out"
+    assert err.startswith(f"sla {argv[0]}: error: {flag} "), err
+    assert ("is a file, not a folder" in err) or ("cannot be created" in err)

@@ -143,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     import os
     import time
 
+    from .._paths import prepare_output_dir
+
+    prepare_output_dir(args.out, "--out")  # before loading the model and capturing
+
     import torch
 
     from ..analysis import AnalysisConfig, analyze_model, write_outputs

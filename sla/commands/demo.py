@@ -76,6 +76,10 @@ def run(args) -> int:
     import json
     import os
 
+    from sla._paths import prepare_output_dir
+
+    prepare_output_dir(args.out, "--out")  # before the timings
+
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -136,7 +140,6 @@ def run(args) -> int:
     print(table)
     if agree is not None:
         print(f"\nPyTorch path vs dense reference (last row), max abs difference: {agree:.2e}")
-    os.makedirs(args.out, exist_ok=True)
     meta = {"heads": args.heads, "seq_len": L, "head_dim": D, "grid": list(args.grid), "seed": args.seed,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "reference_max_abs_diff": agree}
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.epilog = EPILOG
     p.add_argument("--model", nargs="+", required=True, help="folders from `sla finetune` (final/), or 'small'")
-    p.add_argument("--name", nargs="*", help="names for the report rows (default: folder names)")
+    p.add_argument("--name", nargs="*", help="names for the report rows (default: folder names); file names use "
+                                             "them made safe (letters, digits, . _ -)")
     p.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     p.add_argument("--clips", type=positive_int, default=16, help="held-out clips for the loss (default: 16)")
     p.add_argument("--samples", type=positive_int, default=8, help="generated clips per model (default: 8)")
@@ -49,12 +50,16 @@ def resolve_device(name: str):
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from sla.eval.evaluate import evaluate_models
-    from sla.training.checkpoint import load_finetuned
+    from sla._paths import prepare_output_dir
 
     names = args.name or []
     if names and len(names) != len(args.model):
         raise ValueError(f"--name got {len(names)} names for {len(args.model)} models; give one per model or none")
+    prepare_output_dir(args.out, "--out")  # before loading any model
+
+    from sla.eval.evaluate import evaluate_models
+    from sla.training.checkpoint import load_finetuned
+
     entries = []
     for i, spec in enumerate(args.model):
         model, info = load_finetuned(spec)

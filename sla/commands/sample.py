@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from sla._paths import prepare_output_dir
+
+    prepare_output_dir(args.out, "--out")  # before loading the model and sampling
+
     from sla.commands.eval import resolve_device
     from sla.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
     from sla.eval.evaluate import generate
@@ -42,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
     idx = range(args.first, args.first + args.count)
     clips = generate(model, val, idx, steps=args.steps, shift=args.shift, batch_size=args.batch_size, device=device,
                      progress=True)
-    os.makedirs(args.out, exist_ok=True)
     png = save_grid_png(clips, os.path.join(args.out, "samples.png"))
     gif = save_gif(clips, os.path.join(args.out, "samples.gif"))
     with open(os.path.join(args.out, "captions.txt"), "w") as f:

@@ -171,17 +171,24 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
                     batch_size: int = 4, device="cpu", frames: int = 16, height: int = 64, width: int = 64,
                     progress: bool = True, title: str = "SLA evaluation", notes: str = "") -> list[dict]:
     """Evaluate ``entries`` = [(name, model, info)] on the synthetic held-out split; write ``eval.json``,
-    ``eval.md``, PNG grids and GIFs into ``out_dir``. Returns the result rows."""
+    ``eval.md``, PNG grids and GIFs into ``out_dir``. Returns the result rows.
+
+    A row's files are named after its name made safe (:func:`sla._paths.safe_filename`: ``"../x"`` gives
+    ``x_samples.png`` inside ``out_dir``, never a path outside it) and distinct from the other rows' and from
+    ``real_samples.*``; the report shows the names as given."""
     import json
     import os
     import platform
+
+    from .._paths import prepare_output_dir, unique_filenames
 
     from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset, collate
     from ..training.variants import attention_flops
     from .features import load_feature_net
     from .media import save_gif, save_grid_png
 
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_output_dir(out_dir, "out_dir")
+    stems = unique_filenames([name for name, _, _ in entries], reserved=("real",))
     text_dim = entries[0][1].config.text_dim
     val = SyntheticVideoDataset("val", size=max(clips, samples, 2),
                                 config=SyntheticVideoConfig(frames=frames, height=height, width=width,
@@ -194,7 +201,7 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
     probe = collate([val[i] for i in range(min(2, len(val)))])
     one = collate([val[0]])
     rows = []
-    for name, model, info in entries:
+    for (name, model, info), stem in zip(entries, stems):
         model.to(device).eval()
         mode = info.get("attention", "full")
         s = info.get("sla", {})
@@ -204,8 +211,8 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
         gen = generate(model, val, range(samples), steps=steps, shift=shift, batch_size=batch_size, device=device,
                        progress=progress)
         row["quality"] = sample_quality(gen, real, labels, net)
-        row["samples_png"] = os.path.basename(save_grid_png(gen, os.path.join(out_dir, f"{name}_samples.png")))
-        row["samples_gif"] = os.path.basename(save_gif(gen, os.path.join(out_dir, f"{name}_samples.gif")))
+        row["samples_png"] = os.path.basename(save_grid_png(gen, os.path.join(out_dir, f"{stem}_samples.png")))
+        row["samples_gif"] = os.path.basename(save_gif(gen, os.path.join(out_dir, f"{stem}_samples.gif")))
         row["layers"] = attention_error(model, probe, device=device)
         if row["layers"]:
             row["rel_error_vs_dense"] = sum(r["rel_error_vs_dense"] for r in row["layers"]) / len(row["layers"])

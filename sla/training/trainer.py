@@ -242,6 +242,10 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict:
     """
     cfg.validate()
     world, rank, local = _dist_info()
+    if rank == 0:  # only rank 0 writes there; checked before any model is loaded
+        from .._paths import prepare_output_dir
+
+        prepare_output_dir(cfg.output_dir, "output_dir (--output-dir)")
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     elif cfg.device == "cuda":

@@ -63,7 +63,14 @@ def test_demo_writes_report(tmp_path, capsys):
     assert res["meta"]["reference_max_abs_diff"] < 1e-4  # the PyTorch path agrees with the dense reference
     for r in res["rows"]:
         assert 0 <= r["sparse_only_rel_l1"] < 2 and r["sla_ms"] > 0
-    assert (tmp_path / "report.md").read_text().startswith("# SLA demo")
+        assert r["speedup"] == pytest.approx(r["sdpa_ms"] / r["sla_ms"])
+    timing = res["meta"]["timing"]  # one interleaved timing of SDPA and every level, with the machine's state
+    assert timing["interleaved"] and sorted(timing["seconds"]) == ["SDPA", "SLA critical=0.1", "SLA critical=0.5"]
+    assert all(len(ts) == 1 for ts in timing["seconds"].values())
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# SLA demo")
+    # Whether this machine is busy right now is not up to the test; the report must say so exactly when it was.
+    assert ("timings are not trustworthy" in report) == bool(timing["warnings"]) == bool(timing["warning"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -116,3 +123,48 @@ def test_cli_error_in_a_real_process_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("sla finetune: error: model ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_interleaved_timing_rotates_the_order_and_warms_up():
+    from sla._timing import time_interleaved
+
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    timing = time_interleaved(fns, repeats=4, warmup=1)
+    # warm-up a b c; then each repeat starts one further along: abc, bca, cab, abc
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"
+    assert {k: len(v) for k, v in timing.seconds.items()} == {"a": 4, "b": 4, "c": 4}
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        time_interleaved(fns, repeats=0)
+
+
+def test_timing_warns_about_a_spread_of_the_repeats():
+    import time
+
+    from sla._timing import time_interleaved
+
+    durations = iter([0.0, 0.01, 0.01, 0.08])  # warm-up, then three runs: the last one eight times longer
+    timing = time_interleaved({"jumpy": lambda: time.sleep(next(durations))}, repeats=3, check_cpu=False)
+    assert timing.spread["jumpy"] > 3
+    assert any("the 3 runs of jumpy spread by" in w for w in timing.warnings)
+    assert "not trustworthy" in timing.warning_text() and not timing.trustworthy
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures other processes through /proc/stat")
+def test_timing_warns_when_another_process_takes_the_cpus():
+    # A real busy process next to the timed work: the warning must name it. The timed work sleeps, so nearly
+    # all the busy CPU time seen in the window belongs to the other process.
+    import time
+
+    from sla._timing import time_interleaved, usable_cpus
+
+    cpus = len(usable_cpus())
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        timing = time_interleaved({"sleep": lambda: time.sleep(0.1)}, repeats=5, warmup=0, threads=cpus)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert timing.other_cpus is not None and timing.other_cpus > 0.5
+    assert any(w.startswith("other processes kept") for w in timing.warnings), timing.warnings

@@ -68,6 +68,11 @@ def test_cli_finetune_then_eval_and_sample(model_dir, tmp_path):
     assert data["results"][1]["rel_error_vs_dense"] == 0.0
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert "| tuned | sla |" in md and "tuned_samples.gif" in md
+    # Forward times come from one interleaved timing of both models, which records whether the machine was busy.
+    timing = data["meta"]["forward_timing"]
+    assert timing["interleaved"] and sorted(timing["seconds"]) == ["0", "1"]
+    assert all(r["forward_seconds_batch1"] > 0 for r in data["results"])
+    assert ("**Warning (forward s column):**" in md) == bool(timing["warnings"])
     for f in ("tuned_samples.png", "tuned_samples.gif", "real_samples.png"):
         assert (tmp_path / "eval" / f).stat().st_size > 0
 

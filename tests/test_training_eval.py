@@ -131,3 +131,45 @@ def test_output_folders_are_checked_before_the_work(tmp_path, capsys, argv):
     flag = "output_dir (--output-dir)" if argv[0] == "finetune" else "--out"
     assert err.startswith(f"sla {argv[0]}: error: {flag} "), err
     assert ("is a file, not a folder" in err) or ("cannot be created" in err)
+
+
+def test_sample_grid_is_labelled_inside_the_image(tmp_path):
+    # Row = caption, column = frame: the PNG says so itself, without the report around it.
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from sla.eval.media import save_grid_png
+
+    clips = torch.zeros(2, 3, 8, 16, 16)  # mid-grey clips: text is the only black on the canvas
+    captions = ["large red ring bounces ; small blue square drifts left", "x " * 200]
+    save_grid_png(clips, tmp_path / "g.png", frames=4, scale=2, row_labels=captions, label_width=120)
+    img = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
+    cell = (16 + 2) * 2
+    header = img.shape[0] - (2 * cell - 2 * 2)
+    assert img.shape[1] == 120 + 4 * cell - 2 * 2 and header > 0  # a label column and a header row were added
+    assert (img[:header, :120] < 100).any()  # the corner says what rows and columns are
+    for j in range(4):  # a frame number over every column
+        x0 = 120 + j * cell
+        assert (img[:header, x0:x0 + 32] < 100).any(), j
+    for i in range(2):  # a caption next to every row, the long one cut to the row's height
+        y0 = header + i * cell
+        assert (img[y0:y0 + 32, :120] < 100).any(), i
+    assert not (img[header:, 120:] < 100).any()  # the clips themselves are untouched
+    with pytest.raises(ValueError, match="one per clip"):
+        save_grid_png(clips, tmp_path / "h.png", row_labels=["only one"])
+
+
+def test_training_curve_shows_raw_points_and_a_moving_average(tmp_path):
+    from sla.commands.quickstart import _curve_series, _moving_average, _plot_curves
+
+    assert _moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert _moving_average([2.0, 4.0], 5) == [2.0, 3.0]
+    log = tmp_path / "train_log.csv"
+    losses = [1.0, 0.5] * 30  # alternating noise around 0.75
+    log.write_text("step,loss\n" + "".join(f"{i + 1},{v}\n" for i, v in enumerate(losses)))
+    steps, raw, smooth, window = _curve_series(str(log))
+    assert steps == list(range(1, 61)) and raw == losses and window == 5
+    assert all(abs(s - 0.75) <= 0.051 for s in smooth[window:])  # 0.7 or 0.8 (odd window) where raw is 0.5 or 1
+    pytest.importorskip("matplotlib")
+    assert _plot_curves({"sla": str(log)}, str(tmp_path / "curve.png")) == str(tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0

@@ -46,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
     idx = range(args.first, args.first + args.count)
     clips = generate(model, val, idx, steps=args.steps, shift=args.shift, batch_size=args.batch_size, device=device,
                      progress=True)
-    png = save_grid_png(clips, os.path.join(args.out, "samples.png"))
+    captions = [val[i]["caption"] for i in idx]
+    png = save_grid_png(clips, os.path.join(args.out, "samples.png"), row_labels=captions)
     gif = save_gif(clips, os.path.join(args.out, "samples.gif"))
     with open(os.path.join(args.out, "captions.txt"), "w") as f:
-        for i in idx:
-            f.write(f"{i}\t{val[i]['caption']}\n")
+        for i, caption in zip(idx, captions):
+            f.write(f"{i}\t{caption}\n")
     print(f"attention: {info.get('attention')}; wrote {png}, {gif} and captions.txt")
     return 0

@@ -203,7 +203,8 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
                                                             text_dim=text_dim))
     real_b = collate([val[i] for i in range(samples)])
     real, labels = real_b["video"], real_b["labels"]
-    save_grid_png(real, os.path.join(out_dir, "real_samples.png"))
+    captions = list(real_b["caption"])  # generated clip i is for held-out caption i, like real clip i
+    save_grid_png(real, os.path.join(out_dir, "real_samples.png"), row_labels=captions)
     save_gif(real, os.path.join(out_dir, "real_samples.gif"))
     net = load_feature_net(device=device)
     probe = collate([val[i] for i in range(min(2, len(val)))])
@@ -219,7 +220,8 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
         gen = generate(model, val, range(samples), steps=steps, shift=shift, batch_size=batch_size, device=device,
                        progress=progress)
         row["quality"] = sample_quality(gen, real, labels, net)
-        row["samples_png"] = os.path.basename(save_grid_png(gen, os.path.join(out_dir, f"{stem}_samples.png")))
+        row["samples_png"] = os.path.basename(save_grid_png(gen, os.path.join(out_dir, f"{stem}_samples.png"),
+                                                            row_labels=captions))
         row["samples_gif"] = os.path.basename(save_gif(gen, os.path.join(out_dir, f"{stem}_samples.gif")))
         row["layers"] = attention_error(model, probe, device=device)
         if row["layers"]:

@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that describe a problem with the user's input or environment: the message is the whole story.
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError, NotImplementedError)
+# Errors that describe a problem with the user's input or environment: the message is the whole story. (The
+# commands raise ValueError for bad values; a TypeError reaching here is more likely a bug, so it gets the
+# "unexpected" report with the --debug hint.)
+USER_ERRORS = (ValueError, OSError, ImportError, NotImplementedError)
 
 
 def _debug_requested(args) -> bool:

@@ -330,6 +330,44 @@ _DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+_DDP_STOP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {tests!r})
+    from _training_utils import tiny_config
+    from sla.training.trainer import TrainingInterrupted, finetune
+    rank = os.environ["RANK"]
+    open(os.path.join({out!r}, "pid" + rank), "w").write(str(os.getpid()))
+    try:
+        finetune(tiny_config({model!r}, {run!r}, steps=100000, batch_size=1, save_every=0))
+    except TrainingInterrupted as stop:
+        json.dump(dict(step=stop.step, signum=stop.signum), open(os.path.join({out!r}, "stopped" + rank), "w"))
+""")
+
+
+def test_ddp_a_signal_to_one_rank_stops_all_after_the_same_step(model_dir, tmp_path):
+    # Ctrl-C reaches every process of the group, SIGTERM may reach one: either way all ranks must stop after the
+    # same step (the request rides on the loss all-reduce), and rank 0 must have saved that step.
+    import json
+    import signal
+
+    script = tmp_path / "ddp_stop.py"
+    run = tmp_path / "run"
+    script.write_text(_DDP_STOP_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), model=str(model_dir),
+                                              out=str(tmp_path), run=str(run)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_log_rows(run / "train_log.csv", 2, proc)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)  # rank 1 only
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-4000:]
+    stopped = [json.loads((tmp_path / f"stopped{r}").read_text()) for r in (0, 1)]
+    assert stopped[0]["step"] == stopped[1]["step"] >= 2
+    assert stopped[1]["signum"] == signal.SIGTERM
+    step = stopped[0]["step"]
+    assert load_checkpoint(run / "checkpoints" / f"step-{step:07d}.pt")["step"] == step
+
+
 def test_ddp_gloo_two_processes_equals_one(model_dir, tmp_path):
     # One process with batch 2 vs two processes (gloo) with batch 1 each: same global batch, same clips,
     # same noise; only the float summation order of the gradient average differs.

@@ -397,15 +397,17 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
                         bar.update(1)
                 done = step + 1
                 stop.step = done
-                saved = None
-                if cfg.save_every and done % cfg.save_every == 0 or done == end_step:
-                    saved = _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
+                # A bool, not the returned path: _save returns None on ranks other than 0, and every rank must
+                # take the same branch below (the save ends in a barrier).
+                saved = bool(cfg.save_every and done % cfg.save_every == 0 or done == end_step)
+                if saved:
+                    _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
                 if last["stop_signal"] and done < end_step:
                     # Every rank saw the same summed flag, so all of them stop after this step.
-                    if saved is None:
-                        saved = _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
+                    if not saved:
+                        _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
                     raise TrainingInterrupted(last["stop_signal"], done, cfg.steps,
-                                              saved or out / "checkpoints" / f"step-{done:07d}.pt", str(out))
+                                              out / "checkpoints" / f"step-{done:07d}.pt", str(out))
     finally:
         if bar is not None:
             bar.close()
@@ -499,16 +501,14 @@ def _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, ba
                 clips_per_s=n_clips / dt, stop_signal=stop_signal)
 
 
-def _save(cfg, out, step, named_trainable, opt, ema, world, is_main) -> Path | None:
-    """Checkpoint ``step`` (rank 0 writes); returns its path on rank 0, ``None`` elsewhere."""
-    path = None
+def _save(cfg, out, step, named_trainable, opt, ema, world, is_main) -> None:
+    """Checkpoint ``step``: rank 0 writes, every rank waits for it (call it on every rank)."""
     if is_main:
         payload = dict(trainable={n: p.detach().cpu().clone() for n, p in named_trainable},
                        optimizer=opt.state_dict(), ema=ema, rng=rng_state(), config=cfg.to_dict(), world_size=world)
-        path = save_checkpoint(out, step, payload, keep=cfg.keep_checkpoints)
+        save_checkpoint(out, step, payload, keep=cfg.keep_checkpoints)
     if world > 1:
         dist.barrier()
-    return path
 
 
 class _nullcontext:

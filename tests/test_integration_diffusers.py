@@ -311,7 +311,8 @@ def test_load_sla_config_errors_name_the_file(tmp_path):
     _assert_refused_and_untouched(tmp_path, "invalid SLA settings: critical=2.0 is outside")
     (tmp_path / CONFIG_NAME).write_text(good)
     _edit_config(tmp_path, lambda m: m.update(family="cogvideox"))
-    _assert_refused_and_untouched(tmp_path, "saved from a 'cogvideox' model, but WanTransformer3DModel is a 'wan' model")
+    _assert_refused_and_untouched(tmp_path,
+                                  "saved from a 'cogvideox' model, but WanTransformer3DModel is a 'wan' model")
     (tmp_path / CONFIG_NAME).write_text(good)
     (tmp_path / WEIGHTS_NAME).write_bytes(b"not safetensors")
     _assert_refused_and_untouched(tmp_path, "is not a readable safetensors file")

@@ -79,7 +79,8 @@ def test_cli_finetune_then_eval_and_sample(model_dir, tmp_path):
 
 def test_finetune_cli_rejects_bad_values(model_dir, tmp_path, capsys):
     # One line naming the flag, exit status 2, no traceback; --debug re-raises with the traceback.
-    assert main(["finetune", "--model", str(model_dir), "--attention", "dense", "--output-dir", str(tmp_path / "x")]) == 2
+    out = str(tmp_path / "x")
+    assert main(["finetune", "--model", str(model_dir), "--attention", "dense", "--output-dir", out]) == 2
     assert capsys.readouterr().err.strip() == ("sla finetune: error: --attention must be one of ('full', 'sla', "
                                                "'sparse_only', 'sum_no_proj', 'linear_only'), got 'dense'")
     assert main(["finetune", "--model", str(model_dir), "--steps", "0", "--output-dir", str(tmp_path / "x")]) == 2

@@ -587,8 +587,8 @@ def read_sla_config(path: str | os.PathLike) -> dict:
         if key not in meta:
             raise ValueError(f"{cfg_path!r} lacks {key!r}; it is incomplete: write it again with sla.save_sla")
         if not isinstance(meta[key], kind) or (key == "layers" and not all(isinstance(n, str) for n in meta[key])):
-            raise ValueError(f"{cfg_path!r}: {key!r} must be a JSON {'list of strings' if key == 'layers' else kind.__name__}"
-                             f", got {meta[key]!r}")
+            what = "list of strings" if key == "layers" else kind.__name__
+            raise ValueError(f"{cfg_path!r}: {key!r} must be a JSON {what}, got {meta[key]!r}")
     return meta
 
 

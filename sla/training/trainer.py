@@ -171,7 +171,8 @@ class TrainingInterrupted(KeyboardInterrupt):
     """
 
     def __init__(self, signum: int, step: int, steps: int, checkpoint: Path | None, output_dir: str):
-        self.signum, self.step, self.steps, self.checkpoint, self.output_dir = signum, step, steps, checkpoint, output_dir
+        self.signum, self.step, self.steps = signum, step, steps
+        self.checkpoint, self.output_dir = checkpoint, output_dir
         name = signal.Signals(signum).name
         if checkpoint is not None:
             text = f"stopped by {name} after step {step} of {steps}; saved {checkpoint}"

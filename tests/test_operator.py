@@ -193,6 +193,16 @@ BAD_INPUTS = [
     (dict(proj_bias=torch.zeros(4)), ValueError, "without proj_weight"),
     (dict(backend="cuda-magic"), ValueError, "backend"),
     (dict(q="not a tensor"), TypeError, "q must be a torch.Tensor"),
+    (dict(q=torch.randn(0, 2, 8, 4), k=torch.randn(0, 2, 8, 4), v=torch.randn(0, 2, 8, 4)), ValueError,
+     "batch size 0"),
+    (dict(q=torch.randn(1, 0, 8, 4), k=torch.randn(1, 0, 8, 4), v=torch.randn(1, 0, 8, 4)), ValueError, "0 heads"),
+    (dict(q=torch.randn(1, 2, 8, 4, device="meta"), k=torch.randn(1, 2, 8, 4, device="meta"),
+          v=torch.randn(1, 2, 8, 4, device="meta")), ValueError, "meta device"),
+    (dict(scale=float("nan")), ValueError, "scale=nan is not a finite number > 0"),
+    (dict(scale=float("inf")), ValueError, "scale=inf"),
+    (dict(scale=0.0), ValueError, "scale=0.0"),
+    (dict(scale=-0.5), ValueError, "scale=-0.5"),
+    (dict(scale="0.5"), TypeError, "scale must be a float"),
 ]
 
 
@@ -203,6 +213,32 @@ def test_bad_input_gives_clear_error(override, exc, match):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(exc, match=match):
         sla.sparse_linear_attention(q, k, v, **args)
+
+
+def test_block_map_builder_refuses_empty_and_meta_inputs():
+    with pytest.raises(ValueError, match="batch size 0"):
+        sla.build_block_map(torch.randn(0, 2, 8, 4), torch.randn(0, 2, 8, 4))
+    meta = torch.randn(1, 2, 8, 4, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        sla.SparseLinearAttention(4)(meta, meta, meta)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_blocks_longer_than_the_sequence_act_as_one_block_without_their_memory(backend):
+    # block_q=block_k=10**6 used to pad every block to 10**6 tokens (terabytes of scores). A block longer than
+    # its sequence is one block of the whole sequence: same output as block sizes equal to the lengths.
+    q, k, v = make_qkv(1, 2, 100, 90, 16, torch.float32)
+    w, b = make_proj(16, torch.float32)
+    kw = dict(proj_weight=w, proj_bias=b, linear_scope="all", backend=backend)
+    huge, info = sla.sparse_linear_attention(q, k, v, block_q=10**6, block_k=10**6, return_info=True, **kw)
+    exact = sla.sparse_linear_attention(q, k, v, block_q=100, block_k=90, **kw)
+    assert tuple(info.class_map.shape) == (1, 2, 1, 1) and info.block_map.block_q == 10**6
+    # Same shapes through the same kernels; the default float32 tolerance only guards against reordering.
+    torch.testing.assert_close(huge, exact)
+    # One oversized side only: the query side is one block, the key side keeps its 6 blocks of 16.
+    huge_q = sla.sparse_linear_attention(q, k, v, block_q=10**6, block_k=16, critical=0.5, **kw)
+    torch.testing.assert_close(huge_q, sla.sparse_linear_attention(q, k, v, block_q=100, block_k=16, critical=0.5,
+                                                                   **kw))
 
 
 def test_mixed_devices_rejected():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -83,12 +84,181 @@ def test_corrupt_checkpoint_and_missing_data_errors(model_dir, tmp_path):
     finetune(tiny_config(model_dir, out, steps=2, stop_after=1, save_every=1))
     ckpt = out / "checkpoints" / "step-0000001.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="no usable checkpoint .* is corrupt or truncated .* To start over, delete"):
         finetune(tiny_config(model_dir, out, steps=2), resume="auto")
     with pytest.raises(FileNotFoundError, match="latents folder"):
         finetune(tiny_config(model_dir, tmp_path / "p", data=str(tmp_path / "nowhere")))
     with pytest.raises(FileNotFoundError, match="config.json"):
         finetune(tiny_config(tmp_path / "no_model", tmp_path / "q"))
+
+
+class _Payload:
+    """Unpickling this with full pickle runs os.mkdir(marker): what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_checkpoints_hold_only_tensors_and_plain_data(model_dir, tmp_path):
+    finetune(tiny_config(model_dir, tmp_path / "o", steps=2, stop_after=1, save_every=1))
+    path = tmp_path / "o" / "checkpoints" / "step-0000001.pt"
+    # The strict loader with no extra allowed globals reads it: nothing in it can run code.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "sla-finetune-checkpoint-v2"
+    assert isinstance(ckpt["rng"]["numpy"]["keys"], torch.Tensor)
+    assert isinstance(ckpt["rng"]["python"]["words"], torch.Tensor)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the raw pickle is not torch.save's protocol
+@pytest.mark.parametrize("kind", ["torch_save", "raw_pickle"])
+def test_crafted_checkpoint_is_refused_without_running_its_payload(model_dir, tmp_path, kind):
+    import pickle
+
+    out = tmp_path / "o"
+    marker = tmp_path / "payload_ran"
+    crafted = out / "checkpoints" / "step-0000009.pt"
+    crafted.parent.mkdir(parents=True)
+    if kind == "torch_save":  # the zip layout torch.save writes, with the right format tag
+        torch.save({"format": "sla-finetune-checkpoint-v2", "step": 9, "x": _Payload(marker)}, crafted)
+    else:
+        with open(crafted, "wb") as f:
+            pickle.dump({"format": "sla-finetune-checkpoint-v2", "x": _Payload(marker)}, f)
+    with pytest.raises(ValueError, match="was not opened"):
+        load_checkpoint(crafted)
+    with pytest.raises(ValueError, match="was not opened"):
+        finetune(tiny_config(model_dir, out, steps=2), resume="auto")
+    with pytest.raises(ValueError, match="was not opened"):
+        finetune(tiny_config(model_dir, tmp_path / "p", steps=2), resume=str(crafted))
+    assert not marker.exists(), "the crafted checkpoint's payload ran"
+
+
+def test_v1_checkpoint_with_numpy_rng_state_still_resumes_exactly(model_dir, tmp_path):
+    # v1 checkpoints stored Python's and NumPy's RNG states as their native tuples (an ndarray inside); they
+    # load through the weights-only unpickler with NumPy arrays allowed, and resume exactly.
+    import random
+
+    import numpy as np
+
+    kw = dict(steps=3, save_every=1)
+    finetune(tiny_config(model_dir, tmp_path / "a", **kw))
+    finetune(tiny_config(model_dir, tmp_path / "b", stop_after=2, **kw))
+    path = tmp_path / "b" / "checkpoints" / "step-0000002.pt"
+    ckpt = torch.load(path, weights_only=True)
+    from sla.training.checkpoint import set_rng_state
+
+    set_rng_state(ckpt["rng"])  # the v1 file gets the very same states, in v1's layout
+    ckpt["rng"]["python"], ckpt["rng"]["numpy"] = random.getstate(), np.random.get_state()
+    ckpt["format"] = "sla-finetune-checkpoint-v1"
+    torch.save(ckpt, path)
+    assert load_checkpoint(path)["format"] == "sla-finetune-checkpoint-v1"
+    assert finetune(tiny_config(model_dir, tmp_path / "b", **kw), resume="auto")["start_step"] == 2
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # exact resume, as in test_stop_and_resume_equals_uninterrupted
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(model_dir, tmp_path, capsys):
+    kw = dict(steps=4, save_every=1)
+    finetune(tiny_config(model_dir, tmp_path / "a", **kw))
+    finetune(tiny_config(model_dir, tmp_path / "b", stop_after=3, **kw))  # keeps step 2 and step 3
+    newest = tmp_path / "b" / "checkpoints" / "step-0000003.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a kill in the middle of a copy, a full disk, ...
+    capsys.readouterr()
+    assert finetune(tiny_config(model_dir, tmp_path / "b", **kw), resume="auto")["start_step"] == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if "step-0000003.pt" in line]
+    assert len(said) == 1 and "corrupt or truncated" in said[0] and "resuming from step-0000002.pt instead" in said[0]
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # exact resume, as in test_stop_and_resume_equals_uninterrupted
+
+
+def test_second_signal_stops_at_once_and_handlers_are_restored(tmp_path):
+    import signal
+
+    from sla.training.config import make_config
+    from sla.training.trainer import TrainingInterrupted, _StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    cfg = make_config(steps=10, output_dir=str(tmp_path), progress=False)
+    with _StopOnSignal(cfg, tmp_path, announce=False) as stop:
+        stop.step = 3
+        signal.raise_signal(signal.SIGINT)  # the first one only asks the loop to stop after the step
+        assert stop.requested == signal.SIGINT
+        with pytest.raises(TrainingInterrupted, match="stopped at once by a second SIGTERM during step 4 of 10; "
+                                                      "nothing saved since the start") as info:
+            signal.raise_signal(signal.SIGTERM)
+        assert info.value.checkpoint is None and info.value.exit_code == 143
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def _wait_for_log_rows(log: Path, rows: int, proc, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if log.is_file() and len(log.read_text().splitlines()) > rows:  # header + rows
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"{log} did not reach {rows} rows in {timeout} s")
+
+
+def test_sigint_and_sigterm_save_a_checkpoint_and_the_printed_command_resumes_exactly(model_dir, tmp_path):
+    import re
+    import shlex
+    import signal
+
+    args = ["--model", str(model_dir), "--frames", "2", "--height", "16", "--width", "16", "--block-q", "16",
+            "--block-k", "16", "--critical", "0.5", "--negligible", "0.0", "--data-size", "64", "--steps", "1000",
+            "--batch-size", "2", "--lr", "1e-3", "--save-every", "0", "--no-progress"]
+    cli = [sys.executable, "-m", "sla.cli", "finetune"]
+    # One thread in every process: the three runs then take the same kernels, and their weights compare exactly.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    log = out / "train_log.csv"
+
+    first = subprocess.Popen(cli + args + ["--output-dir", str(out)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_log_rows(log, 3, first)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=180)
+    assert first.returncode == 130 and "Traceback" not in err, err[-3000:]
+    m = re.fullmatch(r"sla finetune: stopped by SIGINT after step (\d+) of 1000; saved (\S+)\. Resume with: (.+)",
+                     err.strip().splitlines()[-1])
+    assert m, err[-3000:]
+    k1 = int(m[1])
+    assert Path(m[2]) == out / "checkpoints" / f"step-{k1:07d}.pt" and Path(m[2]).is_file()
+    resume = shlex.split(m[3])
+    assert resume[:2] == ["sla", "finetune"] and resume[-2:] == ["--resume", "auto"]
+
+    # A save killed half-way leaves a temp file; the next start removes it (and says so).
+    junk = out / "checkpoints" / ".tmp-4242-step-0000999.pt"
+    junk.write_bytes(b"half a checkpoint")
+    second = subprocess.Popen([sys.executable, "-m", "sla.cli", *resume[1:]], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_log_rows(log, k1 + 2, second)
+    second.send_signal(signal.SIGTERM)
+    _, err = second.communicate(timeout=180)
+    assert second.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert "removed 1 temp file(s) of an interrupted save: .tmp-4242-step-0000999.pt" in err and not junk.exists()
+    m = re.search(r"stopped by SIGTERM after step (\d+) of 1000; saved ", err)
+    k2 = int(m[1])
+    assert k2 > k1
+    rows = [r.split(",")[0] for r in log.read_text().strip().splitlines()[1:]]
+    assert rows == [str(i) for i in range(1, k2 + 1)]  # every step logged once across the three processes
+
+    ref = subprocess.run(cli + args + ["--output-dir", str(tmp_path / "ref"), "--stop-after", str(k2)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got = torch.load(out / "checkpoints" / f"step-{k2:07d}.pt", weights_only=True)
+    want = torch.load(tmp_path / "ref" / "checkpoints" / f"step-{k2:07d}.pt", weights_only=True)
+    for name, value in want["trainable"].items():
+        assert torch.equal(got["trainable"][name], value), name
+    for key, state in want["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(got["optimizer"]["state"][key][field], value), (key, field)
 
 
 def test_trainable_modes(model_dir, tmp_path):
@@ -158,6 +328,44 @@ _DDP_SCRIPT = textwrap.dedent("""
     from sla.training.trainer import finetune
     finetune(tiny_config({model!r}, {out!r}, steps=3, batch_size=1, grad_accum=1, save_every=0))
 """)
+
+
+_DDP_STOP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {tests!r})
+    from _training_utils import tiny_config
+    from sla.training.trainer import TrainingInterrupted, finetune
+    rank = os.environ["RANK"]
+    open(os.path.join({out!r}, "pid" + rank), "w").write(str(os.getpid()))
+    try:
+        finetune(tiny_config({model!r}, {run!r}, steps=100000, batch_size=1, save_every=0))
+    except TrainingInterrupted as stop:
+        json.dump(dict(step=stop.step, signum=stop.signum), open(os.path.join({out!r}, "stopped" + rank), "w"))
+""")
+
+
+def test_ddp_a_signal_to_one_rank_stops_all_after_the_same_step(model_dir, tmp_path):
+    # Ctrl-C reaches every process of the group, SIGTERM may reach one: either way all ranks must stop after the
+    # same step (the request rides on the loss all-reduce), and rank 0 must have saved that step.
+    import json
+    import signal
+
+    script = tmp_path / "ddp_stop.py"
+    run = tmp_path / "run"
+    script.write_text(_DDP_STOP_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), model=str(model_dir),
+                                              out=str(tmp_path), run=str(run)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_log_rows(run / "train_log.csv", 2, proc)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)  # rank 1 only
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-4000:]
+    stopped = [json.loads((tmp_path / f"stopped{r}").read_text()) for r in (0, 1)]
+    assert stopped[0]["step"] == stopped[1]["step"] >= 2
+    assert stopped[1]["signum"] == signal.SIGTERM
+    step = stopped[0]["step"]
+    assert load_checkpoint(run / "checkpoints" / f"step-{step:07d}.pt")["step"] == step
 
 
 def test_ddp_gloo_two_processes_equals_one(model_dir, tmp_path):

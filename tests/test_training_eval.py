@@ -68,12 +68,109 @@ def test_cli_finetune_then_eval_and_sample(model_dir, tmp_path):
     assert data["results"][1]["rel_error_vs_dense"] == 0.0
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert "| tuned | sla |" in md and "tuned_samples.gif" in md
+    # Forward times come from one interleaved timing of both models, which records whether the machine was busy.
+    timing = data["meta"]["forward_timing"]
+    assert timing["interleaved"] and sorted(timing["seconds"]) == ["0", "1"]
+    assert all(r["forward_seconds_batch1"] > 0 for r in data["results"])
+    assert ("**Warning (forward s column):**" in md) == bool(timing["warnings"])
     for f in ("tuned_samples.png", "tuned_samples.gif", "real_samples.png"):
         assert (tmp_path / "eval" / f).stat().st_size > 0
 
 
-def test_finetune_cli_rejects_bad_values(model_dir, tmp_path):
-    with pytest.raises(ValueError, match="attention must be one of"):
-        main(["finetune", "--model", str(model_dir), "--attention", "dense", "--output-dir", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="steps must be a positive int"):
-        main(["finetune", "--model", str(model_dir), "--steps", "0", "--output-dir", str(tmp_path / "x")])
+def test_finetune_cli_rejects_bad_values(model_dir, tmp_path, capsys):
+    # One line naming the flag, exit status 2, no traceback; --debug re-raises with the traceback.
+    out = str(tmp_path / "x")
+    assert main(["finetune", "--model", str(model_dir), "--attention", "dense", "--output-dir", out]) == 2
+    assert capsys.readouterr().err.strip() == ("sla finetune: error: --attention must be one of ('full', 'sla', "
+                                               "'sparse_only', 'sum_no_proj', 'linear_only'), got 'dense'")
+    assert main(["finetune", "--model", str(model_dir), "--steps", "0", "--output-dir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == "sla finetune: error: --steps must be a positive int, got 0"
+    with pytest.raises(ValueError, match="--steps must be a positive int"):
+        main(["finetune", "--model", str(model_dir), "--steps", "0", "--output-dir", str(tmp_path / "x"), "--debug"])
+
+
+def test_safe_filenames():
+    from sla._paths import safe_filename, unique_filenames
+
+    assert safe_filename("../escaped") == "escaped"
+    assert safe_filename("..") == "model" and safe_filename("") == "model"
+    assert safe_filename("a/b\\c\nd") == "a_b_c_d"
+    assert safe_filename(".hidden") == "hidden"
+    assert safe_filename("SLA (95%)") == "SLA_95"
+    assert len(safe_filename("x" * 500)) == 100
+    assert unique_filenames(["a/b", "a_b", "real", "A_B"], reserved=("real",)) == ["a_b", "a_b_2", "real_2", "A_B_3"]
+
+
+def test_eval_names_cannot_write_outside_out(model_dir, tmp_path):
+    # `sla eval --name ../escaped --out DIR` used to write DIR/../escaped_samples.png.
+    out = tmp_path / "box" / "out"
+    rc = main(["eval", "--model", str(model_dir), str(model_dir), "--name", "../escaped", "real", "--out", str(out),
+               "--clips", "1", "--samples", "2", "--steps", "1", "--batch-size", "2", "--device", "cpu"])
+    assert rc == 0
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents]
+    assert outside == []
+    files = sorted(p.name for p in out.iterdir())
+    assert {"escaped_samples.png", "escaped_samples.gif", "real_2_samples.png", "real_samples.png"} <= set(files)
+    md = (out / "eval.md").read_text()
+    assert "| ../escaped |" in md and "(escaped_samples.png)" in md  # the report shows the name as given
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "MISSING", "--out", "FILE"],
+    ["sample", "--model", "MISSING", "--out", "FILE"],
+    ["finetune", "--model", "MISSING", "--output-dir", "FILE"],
+    ["demo", "--out", "FILE/sub"],
+    ["analyze", "--model", "MISSING", "--out", "FILE"],
+])
+def test_output_folders_are_checked_before_the_work(tmp_path, capsys, argv):
+    # The model does not exist either: the error must be about the output folder, found first.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = [a.replace("FILE", str(blocker)).replace("MISSING", str(tmp_path / "no_model")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    flag = "output_dir (--output-dir)" if argv[0] == "finetune" else "--out"
+    assert err.startswith(f"sla {argv[0]}: error: {flag} "), err
+    assert ("is a file, not a folder" in err) or ("cannot be created" in err)
+
+
+def test_sample_grid_is_labelled_inside_the_image(tmp_path):
+    # Row = caption, column = frame: the PNG says so itself, without the report around it.
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from sla.eval.media import save_grid_png
+
+    clips = torch.zeros(2, 3, 8, 16, 16)  # mid-grey clips: text is the only black on the canvas
+    captions = ["large red ring bounces ; small blue square drifts left", "x " * 200]
+    save_grid_png(clips, tmp_path / "g.png", frames=4, scale=2, row_labels=captions, label_width=120)
+    img = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
+    cell = (16 + 2) * 2
+    header = img.shape[0] - (2 * cell - 2 * 2)
+    assert img.shape[1] == 120 + 4 * cell - 2 * 2 and header > 0  # a label column and a header row were added
+    assert (img[:header, :120] < 100).any()  # the corner says what rows and columns are
+    for j in range(4):  # a frame number over every column
+        x0 = 120 + j * cell
+        assert (img[:header, x0:x0 + 32] < 100).any(), j
+    for i in range(2):  # a caption next to every row, the long one cut to the row's height
+        y0 = header + i * cell
+        assert (img[y0:y0 + 32, :120] < 100).any(), i
+    assert not (img[header:, 120:] < 100).any()  # the clips themselves are untouched
+    with pytest.raises(ValueError, match="one per clip"):
+        save_grid_png(clips, tmp_path / "h.png", row_labels=["only one"])
+
+
+def test_training_curve_shows_raw_points_and_a_moving_average(tmp_path):
+    from sla.commands.quickstart import _curve_series, _moving_average, _plot_curves
+
+    assert _moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert _moving_average([2.0, 4.0], 5) == [2.0, 3.0]
+    log = tmp_path / "train_log.csv"
+    losses = [1.0, 0.5] * 30  # alternating noise around 0.75
+    log.write_text("step,loss\n" + "".join(f"{i + 1},{v}\n" for i, v in enumerate(losses)))
+    steps, raw, smooth, window = _curve_series(str(log))
+    assert steps == list(range(1, 61)) and raw == losses and window == 5
+    assert all(abs(s - 0.75) <= 0.051 for s in smooth[window:])  # 0.7 or 0.8 (odd window) where raw is 0.5 or 1
+    pytest.importorskip("matplotlib")
+    assert _plot_curves({"sla": str(log)}, str(tmp_path / "curve.png")) == str(tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0

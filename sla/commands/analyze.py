@@ -141,73 +141,73 @@ def _resolve_device(name: str):
 
 def run(args: argparse.Namespace) -> int:
     import os
-    import sys
     import time
+
+    from .._paths import prepare_output_dir
+
+    prepare_output_dir(args.out, "--out")  # before loading the model and capturing
 
     import torch
 
     from ..analysis import AnalysisConfig, analyze_model, write_outputs
     from ..analysis.models import check_drivable, load_transformer, run_flow_matching, token_count
 
+    # Errors reach sla.cli.main, which prints them in one line (with --debug: the traceback).
+    heads = _parse_heads(args.heads)
+    layers = _parse_selection(args.layers, "layers")
+    steps = _parse_selection(args.steps, "steps")
+    if args.num_steps < 1:
+        raise ValueError(f"--num-steps must be >= 1, got {args.num_steps}")
     try:
-        heads = _parse_heads(args.heads)
-        layers = _parse_selection(args.layers, "layers")
-        steps = _parse_selection(args.steps, "steps")
-        if args.num_steps < 1:
-            raise ValueError(f"--num-steps must be >= 1, got {args.num_steps}")
-        try:
-            qb = None if args.query_blocks.strip() == "all" else int(args.query_blocks)
-        except ValueError:
-            raise ValueError(f"--query-blocks must be a positive count or 'all', got {args.query_blocks!r}") from None
-        try:
-            sparsities = tuple(float(s) for s in _csv(args.sparsities))
-        except ValueError:
-            raise ValueError(f"--sparsities must be a comma list of numbers, got {args.sparsities!r}") from None
-        config = AnalysisConfig(sparsities=sparsities, critical=args.critical, negligible=args.negligible,
-                                block_q=args.block_q, block_k=args.block_k, feature_map=args.feature_map,
-                                linear_scope=args.linear_scope, rank_top=args.rank_top, query_blocks=qb,
-                                seed=args.seed)
-        config.validate()
-        device = _resolve_device(args.device)
-        dtype = getattr(torch, args.dtype)
-        t0 = time.perf_counter()
-        model, builtin = load_transformer(args.model, seed=args.seed, dtype=dtype, device=device)
-        check_drivable(model)
-        sla_dir = args.sla
-        if sla_dir is None and builtin is None and os.path.isfile(os.path.join(args.model, "sla_config.json")):
-            sla_dir = args.model
-        if sla_dir is not None:
-            from ..integrations.diffusers import load_sla
+        qb = None if args.query_blocks.strip() == "all" else int(args.query_blocks)
+    except ValueError:
+        raise ValueError(f"--query-blocks must be a positive count or 'all', got {args.query_blocks!r}") from None
+    try:
+        sparsities = tuple(float(s) for s in _csv(args.sparsities))
+    except ValueError:
+        raise ValueError(f"--sparsities must be a comma list of numbers, got {args.sparsities!r}") from None
+    config = AnalysisConfig(sparsities=sparsities, critical=args.critical, negligible=args.negligible,
+                            block_q=args.block_q, block_k=args.block_k, feature_map=args.feature_map,
+                            linear_scope=args.linear_scope, rank_top=args.rank_top, query_blocks=qb,
+                            seed=args.seed)
+    config.validate()
+    device = _resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    model, builtin = load_transformer(args.model, seed=args.seed, dtype=dtype, device=device)
+    check_drivable(model)
+    sla_dir = args.sla
+    if sla_dir is None and builtin is None and os.path.isfile(os.path.join(args.model, "sla_config.json")):
+        sla_dir = args.model
+    if sla_dir is not None:
+        from ..integrations.diffusers import load_sla
 
-            load_sla(model, sla_dir)
-        latent_size = tuple(args.latent_size) if args.latent_size else (
-            builtin.latent_size if builtin else tuple(4 * p if i == 0 else 32 * p
-                                                      for i, p in enumerate(model.config["patch_size"])))
-        tokens = token_count(model, latent_size)
-        text_len = args.text_len or (builtin.text_len if builtin else 64)
-        prompt_embeds = None
-        if args.prompt_embeds:
-            if not os.path.isfile(args.prompt_embeds):
-                raise ValueError(f"--prompt-embeds {args.prompt_embeds!r} does not exist; save one with "
-                                 f"torch.save(prompt_embeds, path)")
-            prompt_embeds = torch.load(args.prompt_embeds, map_location="cpu", weights_only=True)
-            if not isinstance(prompt_embeds, torch.Tensor):
-                raise ValueError(f"--prompt-embeds {args.prompt_embeds!r} must hold one tensor (1, text_len, text_dim)")
-        elif builtin is not None and builtin.prompt_embeds is not None:
-            prompt_embeds = builtin.prompt_embeds()
-        shift = args.shift if args.shift is not None else (builtin.shift if builtin else 3.0)
-        load_seconds = time.perf_counter() - t0
+        load_sla(model, sla_dir)
+    latent_size = tuple(args.latent_size) if args.latent_size else (
+        builtin.latent_size if builtin else tuple(4 * p if i == 0 else 32 * p
+                                                  for i, p in enumerate(model.config["patch_size"])))
+    tokens = token_count(model, latent_size)
+    text_len = args.text_len or (builtin.text_len if builtin else 64)
+    prompt_embeds = None
+    if args.prompt_embeds:
+        if not os.path.isfile(args.prompt_embeds):
+            raise ValueError(f"--prompt-embeds {args.prompt_embeds!r} does not exist; save one with "
+                             f"torch.save(prompt_embeds, path)")
+        prompt_embeds = torch.load(args.prompt_embeds, map_location="cpu", weights_only=True)
+        if not isinstance(prompt_embeds, torch.Tensor):
+            raise ValueError(f"--prompt-embeds {args.prompt_embeds!r} must hold one tensor (1, text_len, text_dim)")
+    elif builtin is not None and builtin.prompt_embeds is not None:
+        prompt_embeds = builtin.prompt_embeds()
+    shift = args.shift if args.shift is not None else (builtin.shift if builtin else 3.0)
+    load_seconds = time.perf_counter() - t0
 
-        def drive():
-            run_flow_matching(model, num_steps=args.num_steps, latent_size=latent_size, text_len=text_len,
-                              seed=args.seed, shift=shift, prompt_embeds=prompt_embeds,
-                              progress=not args.quiet)
+    def drive():
+        run_flow_matching(model, num_steps=args.num_steps, latent_size=latent_size, text_len=text_len,
+                          seed=args.seed, shift=shift, prompt_embeds=prompt_embeds,
+                          progress=not args.quiet)
 
-        result = analyze_model(model, drive, layers=layers, steps=steps, num_steps=args.num_steps, heads=heads,
-                               config=config, device=device, progress=not args.quiet)
-    except (ValueError, TypeError) as err:
-        print(f"sla analyze: error: {err}", file=sys.stderr)
-        return 2
+    result = analyze_model(model, drive, layers=layers, steps=steps, num_steps=args.num_steps, heads=heads,
+                           config=config, device=device, progress=not args.quiet)
     result.meta.update({
         "model": args.model, "model_description": builtin.description if builtin else "",
         "sla_applied_from": sla_dir, "tokens": tokens, "latent_size": list(latent_size),

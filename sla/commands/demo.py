@@ -17,15 +17,17 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grid", type=int, nargs=3, default=[8, 32, 32], metavar=("F", "H", "W"),
+    from ._argtypes import fraction, positive_int
+
+    p.add_argument("--grid", type=positive_int, nargs=3, default=[8, 32, 32], metavar=("F", "H", "W"),
                    help="token grid (frames, height, width); L = F*H*W")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--head-dim", type=int, default=64, help="D of q, k, v")
-    p.add_argument("--critical", type=float, nargs="+", default=[0.05, 0.10, 0.20],
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="D of q, k, v")
+    p.add_argument("--critical", type=fraction, nargs="+", default=[0.05, 0.10, 0.20],
                    help="fractions of key blocks computed exactly, one table row each")
-    p.add_argument("--negligible", type=float, default=0.10,
+    p.add_argument("--negligible", type=fraction, default=0.10,
                    help="fraction of key blocks skipped (must leave room: critical + negligible <= 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     p.epilog = "examples:\n  sla demo\n  sla demo --grid 16 32 32 --critical 0.03 0.05 --repeats 5"
 
@@ -57,42 +59,33 @@ def _rel_l1(a, b):
     return float((a - b).abs().sum() / b.abs().sum())
 
 
-def _median_ms(fn, repeats):
-    import statistics
-    import time
-
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
 def run(args) -> int:
     import json
     import os
+
+    from sla._paths import prepare_output_dir
+
+    prepare_output_dir(args.out, "--out")  # before the timings
 
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     import sla
+    from sla._timing import time_interleaved
     from sla.ops.sla.naive import naive_sparse_linear_attention
 
     for crit in args.critical:
         if crit + args.negligible > 1:
-            print(f"sla demo: --critical {crit} + --negligible {args.negligible} > 1; lower --negligible")
-            return 2
+            raise ValueError(f"--critical {crit} + --negligible {args.negligible} = {crit + args.negligible:g} > 1; "
+                             f"lower --critical or --negligible so that each pair sums to at most 1")
     q, k, v = video_like_qkv(args.grid, args.heads, args.head_dim, args.seed)
     L, D = q.shape[2], q.shape[3]
     print(f"SLA demo: {args.heads} heads, L={L} tokens (grid {tuple(args.grid)}), D={D}, float32, "
           f"{torch.get_num_threads()} CPU threads")
     with torch.no_grad():
         dense = F.scaled_dot_product_attention(q, k, v)
-        dense_ms = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
-        rows = []
+        rows, timed = [], {"SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
         fit = (torch.arange(L) // 64) % 2 == 0  # query blocks used to fit Proj; the others are held out
         held = ~fit
         for crit in tqdm(args.critical, desc="sparsity levels", unit="level"):
@@ -108,14 +101,21 @@ def run(args) -> int:
             sol = torch.linalg.lstsq(x.double(), y.double()).solution.float()
             w_fit, b_fit = sol[:D].T.contiguous(), sol[D]
             o_sla = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w_fit, proj_bias=b_fit)
-            sla_ms = _median_ms(lambda: sla.sparse_linear_attention(
-                q, k, v, critical=crit, negligible=negl, proj_weight=w_fit, proj_bias=b_fit), args.repeats)
+            # Default arguments bind this level's values (a closure would see the last level's).
+            timed[f"SLA critical={crit}"] = (lambda c=crit, w=w_fit, b=b_fit: sla.sparse_linear_attention(
+                q, k, v, critical=c, negligible=negl, proj_weight=w, proj_bias=b))
             rows.append({
                 "critical": crit, "negligible": negl, "sparsity": bm.sparsity(),
                 "sparse_only_rel_l1": _rel_l1(o_s[..., held, :], dense[..., held, :]),
                 "sla_fitted_proj_rel_l1": _rel_l1(o_sla[..., held, :], dense[..., held, :]),
-                "sla_ms": sla_ms, "sdpa_ms": dense_ms, "speedup": dense_ms / sla_ms,
             })
+        # Every method in each repeat, in rotating order (sla/_timing.py): load during the timing hits dense
+        # SDPA and every SLA level alike, and the result says whether the machine was busy.
+        timing = time_interleaved(timed, args.repeats, threads=torch.get_num_threads())
+        dense_ms = timing.median("SDPA") * 1e3
+        for r in rows:
+            r["sla_ms"] = timing.median(f"SLA critical={r['critical']}") * 1e3
+            r["sdpa_ms"], r["speedup"] = dense_ms, dense_ms / r["sla_ms"]
         if L <= 8192:  # the dense reference check is O(L^2) memory
             ref = naive_sparse_linear_attention(q, k, v, bm, proj_weight=w_fit, proj_bias=b_fit)
             agree = float((ref - o_sla).abs().max())
@@ -130,13 +130,16 @@ def run(args) -> int:
                      f"{r['sparse_only_rel_l1']:.3f} | {r['sla_fitted_proj_rel_l1']:.3f} | {r['sla_ms']:.1f} | "
                      f"{r['sdpa_ms']:.1f} | {r['speedup']:.1f}x |")
     table = "\n".join(lines)
+    warning = timing.warning_text()
     print()
     print(table)
+    if warning:
+        print(f"\nwarning: {warning}")
     if agree is not None:
         print(f"\nPyTorch path vs dense reference (last row), max abs difference: {agree:.2e}")
-    os.makedirs(args.out, exist_ok=True)
     meta = {"heads": args.heads, "seq_len": L, "head_dim": D, "grid": list(args.grid), "seed": args.seed,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "reference_max_abs_diff": agree}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "reference_max_abs_diff": agree,
+            "timing": dict(timing.to_dict(), interleaved=True, warning=warning)}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     with open(os.path.join(args.out, "report.md"), "w") as f:
@@ -147,6 +150,8 @@ def run(args) -> int:
                 "Errors are relative L1 against dense softmax attention, measured on the odd query blocks "
                 "(64 tokens each); the SLA projection is a least-squares fit on the even blocks (what fine-tuning learns is "
                 "not this fit, but it shows what the linear branch can carry). Times are medians of "
-                f"{args.repeats} runs, SLA's block prediction included.\n\n" + table + "\n")
+                f"{args.repeats} runs, SLA's block prediction included; SDPA and SLA runs alternate, so that "
+                "machine load hits both alike.\n\n" + table + "\n"
+                + (f"\n**Warning:** {warning}\n" if warning else ""))
     print(f"\nwrote {args.out}/report.md and {args.out}/results.json")
     return 0

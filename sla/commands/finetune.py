@@ -8,6 +8,8 @@ format.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 EPILOG = """examples:
   # the embedded default: shipped small Wan, synthetic videos, SLA at 95% sparsity, 200 steps on CPU
@@ -73,16 +75,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, type=type(default), default=None, help=text)
 
 
+def _as_flag(message: str, keys: list[str]) -> str:
+    """Config errors name the key ("steps must be ..."); on the command line, name the flag ("--steps must be
+    ..."), which is what the user typed (keys and flags correspond one to one)."""
+    head, sep, rest = message.partition(" must ")
+    if sep and head in keys:
+        return f"--{head.replace('_', '-')} must {rest}"
+    return message
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from dataclasses import fields
 
     from sla.training.config import FinetuneConfig, make_config
-    from sla.training.trainer import finetune
+    from sla.training.trainer import TrainingInterrupted, finetune
 
     overrides = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}
-    cfg = make_config(args.config, **overrides)
-    summary = finetune(cfg, resume=args.resume)
-    if int(summary.get("world_size", 1)) == 1 or __import__("os").environ.get("RANK", "0") == "0":
+    try:
+        cfg = make_config(args.config, **overrides)
+    except (ValueError, TypeError) as err:
+        raise type(err)(_as_flag(str(err), [f.name for f in fields(FinetuneConfig)])) from err
+    try:
+        summary = finetune(cfg, resume=args.resume)
+    except TrainingInterrupted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            # The one line a user needs: what happened, and the command that continues the run exactly.
+            print(f"sla finetune: {stop}. Resume with: {resume_command(getattr(args, '_argv', None), cfg)}",
+                  file=sys.stderr)
+        return stop.exit_code
+    if int(summary.get("world_size", 1)) == 1 or os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def resume_command(argv: list[str] | None, cfg) -> str:
+    """The command line that continues this run: the same arguments with ``--resume auto`` (any earlier
+    ``--resume`` dropped), under ``torchrun`` when the run had several processes."""
+    import shlex
+
+    if argv is None:  # not started from the command line: name the one flag that matters
+        argv = ["finetune", "--output-dir", cfg.output_dir]
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    args += ["--resume", "auto"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+    prefix = ["sla"] if world == 1 else ["torchrun", "--nproc_per_node", per_node, "-m", "sla.cli"]
+    return shlex.join(prefix + args)

@@ -37,9 +37,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out folder first")
 
 
-def _plot_curves(runs: dict, path: str) -> str | None:
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values at each point (the first points average what exists)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _curve_series(log: str) -> tuple[list[int], list[float], list[float], int]:
+    """Steps, raw per-step losses, their moving average and its window, from a ``train_log.csv``.
+
+    Per-step losses at small batch are noisy (each step draws other clips, noise and timesteps); the window,
+    a twentieth of the run but at least 5 steps, shows the trend while the raw points stay visible."""
     import csv
 
+    with open(log) as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    loss = [float(r["loss"]) for r in rows]
+    window = max(1, min(len(loss), max(5, len(loss) // 20)))
+    return steps, loss, _moving_average(loss, window), window
+
+
+def _plot_curves(runs: dict, path: str) -> str | None:
+    """Training loss of each run: the raw per-step points, faint, and their moving average as a line."""
     try:
         import matplotlib
 
@@ -49,17 +74,14 @@ def _plot_curves(runs: dict, path: str) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, log in runs.items():
-        with open(log) as f:
-            rows = list(csv.DictReader(f))
-        steps = [int(r["step"]) for r in rows]
-        loss = [float(r["loss"]) for r in rows]
-        k = max(1, len(loss) // 20)  # light smoothing: per-step losses are noisy at small batch
-        sm = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
-        ax.plot(steps, sm, label=name)
+        steps, loss, smooth, window = _curve_series(log)
+        (line,) = ax.plot(steps, smooth, label=f"{name} (mean of last {window} steps)")
+        ax.scatter(steps, loss, s=10, alpha=0.45, color=line.get_color(), linewidths=0,
+                   label=f"{name} (each step)")
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("flow-matching loss (train)")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -8,7 +8,8 @@
 - :func:`attention_error`: per self-attention layer, the relative error ``||o - o_dense|| / ||o_dense||`` of
   what the layer's attention computes against dense softmax attention on the *same* q, k, v (after QK-norm
   and RoPE), plus the achieved sparsity of the exact branch.
-- :func:`forward_seconds`: measured time of one model forward.
+- :func:`forward_seconds`: measured time of one model forward; :func:`forward_timing`: several models timed
+  in alternation, with a warning when the machine was busy (see :mod:`sla._timing`).
 """
 
 from __future__ import annotations
@@ -139,25 +140,32 @@ def attention_error(model, batch: dict, sigma: float = 0.5, device="cpu") -> lis
     return rows
 
 
-@torch.no_grad()
 def forward_seconds(model, batch: dict, repeats: int = 2, device="cpu") -> float:
-    """Median wall time of one forward on ``batch`` (after one warm-up)."""
-    model.eval()
+    """Median wall time of one forward on ``batch`` (after one warm-up); see :func:`forward_timing` to compare
+    models and to know whether the machine was busy."""
+    return forward_timing([("model", model)], batch, repeats=repeats, device=device).median("model")
+
+
+@torch.no_grad()
+def forward_timing(models, batch: dict, repeats: int = 3, device="cpu"):
+    """Time one forward of each of ``models`` (``[(key, model)]``) on ``batch``, interleaved: every repeat runs
+    each model once, in rotating order, so that load on the machine hits every model alike. Returns a
+    :class:`sla._timing.Timing` keyed like ``models``; its ``warnings`` say when the times are not trustworthy.
+    """
+    from .._timing import time_interleaved
+
     x0, te = batch["video"].to(device), batch["text_embeds"].to(device)
     t = torch.full((x0.shape[0],), 500.0, device=device)
 
-    def once():
+    def once(model):
         model(hidden_states=x0, timestep=t, encoder_hidden_states=te, return_dict=False)
         if x0.is_cuda:
             torch.cuda.synchronize()
 
-    once()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    for _, model in models:
+        model.eval()
+    return time_interleaved({key: (lambda m=model: once(m)) for key, model in models}, repeats,
+                            threads=torch.get_num_threads(), check_cpu=not x0.is_cuda)
 
 
 def model_attention_shape(model, frames: int, height: int, width: int) -> dict:
@@ -171,30 +179,38 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
                     batch_size: int = 4, device="cpu", frames: int = 16, height: int = 64, width: int = 64,
                     progress: bool = True, title: str = "SLA evaluation", notes: str = "") -> list[dict]:
     """Evaluate ``entries`` = [(name, model, info)] on the synthetic held-out split; write ``eval.json``,
-    ``eval.md``, PNG grids and GIFs into ``out_dir``. Returns the result rows."""
+    ``eval.md``, PNG grids and GIFs into ``out_dir``. Returns the result rows.
+
+    A row's files are named after its name made safe (:func:`sla._paths.safe_filename`: ``"../x"`` gives
+    ``x_samples.png`` inside ``out_dir``, never a path outside it) and distinct from the other rows' and from
+    ``real_samples.*``; the report shows the names as given."""
     import json
     import os
     import platform
+
+    from .._paths import prepare_output_dir, unique_filenames
 
     from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset, collate
     from ..training.variants import attention_flops
     from .features import load_feature_net
     from .media import save_gif, save_grid_png
 
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_output_dir(out_dir, "out_dir")
+    stems = unique_filenames([name for name, _, _ in entries], reserved=("real",))
     text_dim = entries[0][1].config.text_dim
     val = SyntheticVideoDataset("val", size=max(clips, samples, 2),
                                 config=SyntheticVideoConfig(frames=frames, height=height, width=width,
                                                             text_dim=text_dim))
     real_b = collate([val[i] for i in range(samples)])
     real, labels = real_b["video"], real_b["labels"]
-    save_grid_png(real, os.path.join(out_dir, "real_samples.png"))
+    captions = list(real_b["caption"])  # generated clip i is for held-out caption i, like real clip i
+    save_grid_png(real, os.path.join(out_dir, "real_samples.png"), row_labels=captions)
     save_gif(real, os.path.join(out_dir, "real_samples.gif"))
     net = load_feature_net(device=device)
     probe = collate([val[i] for i in range(min(2, len(val)))])
     one = collate([val[0]])
     rows = []
-    for name, model, info in entries:
+    for (name, model, info), stem in zip(entries, stems):
         model.to(device).eval()
         mode = info.get("attention", "full")
         s = info.get("sla", {})
@@ -204,8 +220,9 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
         gen = generate(model, val, range(samples), steps=steps, shift=shift, batch_size=batch_size, device=device,
                        progress=progress)
         row["quality"] = sample_quality(gen, real, labels, net)
-        row["samples_png"] = os.path.basename(save_grid_png(gen, os.path.join(out_dir, f"{name}_samples.png")))
-        row["samples_gif"] = os.path.basename(save_gif(gen, os.path.join(out_dir, f"{name}_samples.gif")))
+        row["samples_png"] = os.path.basename(save_grid_png(gen, os.path.join(out_dir, f"{stem}_samples.png"),
+                                                            row_labels=captions))
+        row["samples_gif"] = os.path.basename(save_gif(gen, os.path.join(out_dir, f"{stem}_samples.gif")))
         row["layers"] = attention_error(model, probe, device=device)
         if row["layers"]:
             row["rel_error_vs_dense"] = sum(r["rel_error_vs_dense"] for r in row["layers"]) / len(row["layers"])
@@ -215,16 +232,23 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
         shape = model_attention_shape(model, frames, height, width)
         flop_kw = {k: s[k] for k in ("critical", "negligible", "block_q", "block_k", "linear_scope") if k in s}
         row["attention_gflops_per_clip"] = attention_flops(mode, **shape, **flop_kw) / 1e9
-        row["forward_seconds_batch1"] = forward_seconds(model, one, device=device)
         row["eval_seconds"] = time.time() - t0
         rows.append(row)
         if progress:
             print(f"[eval] {name}: held-out loss {row['heldout']['loss']:.4f}, FD {row['quality']['frechet_distance']:.2f}, "
                   f"rel. error vs dense {row['rel_error_vs_dense']:.3f}, sparsity {row['sparsity']:.3f}", flush=True)
+    # All models' forwards timed together, interleaved: timed one model at a time, a burst of load from another
+    # process landed on whichever model was being timed and made it look slow.
+    timing = forward_timing([(str(i), model) for i, (_, model, _) in enumerate(entries)], one, device=device)
+    for i, row in enumerate(rows):
+        row["forward_seconds_batch1"] = timing.median(str(i))
+    if progress and timing.warnings:
+        print(f"[eval] warning: forward {timing.warning_text()}", flush=True)
     dev = (torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda")
            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     meta = dict(device=dev, torch=torch.__version__, clips=clips, samples=samples, sampling_steps=steps, shift=shift,
-                frames=frames, height=height, width=width, sigmas=list(EVAL_SIGMAS))
+                frames=frames, height=height, width=width, sigmas=list(EVAL_SIGMAS),
+                forward_timing=dict(timing.to_dict(), interleaved=True, warning=timing.warning_text()))
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=2)
     write_markdown(rows, meta, os.path.join(out_dir, "eval.md"), title=title, notes=notes)
@@ -257,6 +281,9 @@ def write_markdown(rows, meta, path, title: str = "SLA evaluation", notes: str =
         q = rows[0]["quality"]
         lines += ["", f"Real held-out clips: attribute agreement {q['attribute_agreement_real']:.3f}, "
                       f"temporal change {q['temporal_change_real']:.4f}.", ""]
+    warning = meta.get("forward_timing", {}).get("warning")
+    if warning:
+        lines += [f"**Warning (forward s column):** {warning}", ""]
     lines += ["## Samples", "", "Real held-out clips:", "", "![real](real_samples.png)", "",
               "![real](real_samples.gif)", ""]
     for r in rows:

@@ -576,71 +576,164 @@ def save_sla(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def read_sla_config(path: str | os.PathLike) -> dict:
-    """Parse ``path/sla_config.json`` written by :func:`save_sla` (raises ValueError on a foreign file)."""
+    """Parse and check ``path/sla_config.json`` written by :func:`save_sla`.
+
+    Raises ``ValueError`` naming the file for anything but a well-formed config of this format: a missing
+    file, invalid JSON (with line and column), another format, or a missing or mistyped ``config``, ``family``
+    or ``layers`` entry.
+    """
     cfg_path = os.path.join(os.fspath(path), CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{cfg_path!r} does not exist; save_sla(model, {os.fspath(path)!r}) writes it")
-    with open(cfg_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != _FORMAT or meta.get("format_version") != _FORMAT_VERSION:
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); it is "
+                         f"damaged or was edited by hand: fix it, or write it again with sla.save_sla") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{cfg_path!r} is not UTF-8 text; it is not an SLA config written by sla.save_sla") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("format_version") != _FORMAT_VERSION:
         raise ValueError(f"{cfg_path!r} is not an SLA config of format {_FORMAT} v{_FORMAT_VERSION}")
+    for key, kind in (("config", dict), ("family", str), ("layers", list)):
+        if key not in meta:
+            raise ValueError(f"{cfg_path!r} lacks {key!r}; it is incomplete: write it again with sla.save_sla")
+        if not isinstance(meta[key], kind) or (key == "layers" and not all(isinstance(n, str) for n in meta[key])):
+            what = "list of strings" if key == "layers" else kind.__name__
+            raise ValueError(f"{cfg_path!r}: {key!r} must be a JSON {what}, got {meta[key]!r}")
     return meta
+
+
+def _saved_settings(meta: dict, cfg_path: str) -> SLAConfig:
+    """The ``config`` entry as an :class:`SLAConfig`, with every value checked as :func:`apply_sla` would."""
+    try:
+        saved = SLAConfig.from_dict(meta["config"])
+        check_integration_config(saved.critical, saved.negligible, saved.block_q, saved.block_k, saved.feature_map,
+                                 saved.linear_scope)
+        if saved.backend not in _KNOWN_BACKENDS:
+            raise ValueError(f"backend={saved.backend!r} is unknown; choose one of {_KNOWN_BACKENDS}")
+        for idx in saved.dense_layers:
+            if isinstance(idx, bool) or not isinstance(idx, int):
+                raise TypeError(f"dense_layers must hold ints (layer indices), got {idx!r}")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path!r}: invalid SLA settings: {e}") from None
+    return saved
+
+
+def _plan_load(model: nn.Module, path: str | os.PathLike, meta: dict, saved: SLAConfig) -> dict:
+    """Check everything :func:`load_sla` will write, changing nothing: the family, the patched layers, every
+    tensor's name, shape, dtype (floating) and values (finite). Returns ``{parameter name: tensor}``."""
+    from safetensors.torch import load_file
+
+    folder = os.fspath(path)
+    cfg_path = os.path.join(folder, CONFIG_NAME)
+    root = _unwrap(model)
+    layers = find_self_attention_layers(root)
+    if not layers:
+        raise ValueError(f"{type(root).__name__} has no self-attention layer that SLA recognises (Wan, CogVideoX), "
+                         f"but {cfg_path!r} was saved from a {meta['family']!r} model; load it into that model")
+    families = {family for _, _, family in layers}
+    if families != {meta["family"]}:
+        raise ValueError(f"{cfg_path!r} was saved from a {meta['family']!r} model, but {type(root).__name__} is a "
+                         f"{'/'.join(sorted(families))!r} model; load it into the kind of model it was saved from")
+    n = len(layers)
+    if is_sla_applied(root):
+        names = list(_controller(root).layer_names)
+    else:
+        for idx in saved.dense_layers:
+            if not -n <= idx < n:
+                raise ValueError(f"{cfg_path!r}: dense_layers index {idx} is out of range for this model's {n} "
+                                 f"self-attention layers; was it saved from another architecture?")
+        dense = {idx % n for idx in saved.dense_layers}
+        names = [name for i, (name, _, _) in enumerate(layers) if i not in dense]
+    if names != list(meta["layers"]):
+        raise ValueError(f"the model's SLA layers {names[:3]}... differ from the saved ones {meta['layers'][:3]}... in "
+                         f"{cfg_path!r}; was it saved from another architecture?")
+
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise ValueError(f"{weights_path!r} does not exist; save_sla writes it next to {CONFIG_NAME}")
+    try:
+        tensors = load_file(weights_path)
+    except Exception as e:  # noqa: BLE001 - whatever safetensors raises, the file cannot be used
+        raise ValueError(f"{weights_path!r} is not a readable safetensors file ({e}); write it again with "
+                         f"sla.save_sla") from None
+
+    # What each layer holds: its SLA module's state_dict (a template of the layer's head_dim, built on the meta
+    # device so that nothing is allocated), named as in model.state_dict().
+    attn_by_name = {name: attn for name, attn, _ in layers}
+    expected = {}
+    for name in names:
+        template = make_sla_module(
+            _head_dim(attn_by_name[name]), critical=saved.critical, negligible=saved.negligible,
+            block_q=saved.block_q, block_k=saved.block_k, feature_map=saved.feature_map,
+            linear_scope=saved.linear_scope, backend=saved.backend, keep_proj_fp32=saved.keep_proj_fp32,
+            device="meta")
+        for pname, tensor in template.state_dict().items():
+            expected[f"{name}.{SLA_ATTRIBUTE}.{pname}"] = tuple(tensor.shape)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"SLA weights in {weights_path!r} do not match the model: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    for name, shape in expected.items():
+        src = tensors[name]
+        if tuple(src.shape) != shape:
+            raise ValueError(f"{name} in {weights_path!r}: saved shape {tuple(src.shape)} != model shape {shape}")
+        if not src.is_floating_point():
+            raise ValueError(f"{name} in {weights_path!r} has dtype {src.dtype}; SLA projections are floating point, "
+                             f"so this file was not written by sla.save_sla or is damaged")
+        bad = int((~torch.isfinite(src)).sum())
+        if bad:
+            raise ValueError(f"{name} in {weights_path!r} holds {bad} NaN/Inf value(s); loading them would make every "
+                             f"output NaN. Re-export the weights from a healthy run")
+    return {name: tensors[name] for name in expected}
 
 
 def load_sla(model: nn.Module, path: str | os.PathLike, *, backend: str | None = None) -> nn.Module:
     """Restore SLA from a directory written by :func:`save_sla`.
 
+    Everything is checked before anything is written: the config (valid JSON, this format, valid settings,
+    the model's family), the patched layers, and every tensor's name, shape, dtype (floating point) and
+    values (no NaN/Inf). Any problem raises ``ValueError`` naming the file, and the model is left exactly as
+    it came in, whether or not it already had SLA: there is no partial load.
+
     If ``model`` has no SLA yet, :func:`apply_sla` is called with the saved settings; if it has, the settings
     must match the saved ones. Then every saved ``proj`` tensor is copied into the model (into the parameter's
-    dtype and device). Missing, unexpected or mis-shaped tensors raise ``ValueError``: a partial load would
-    silently leave zero projections behind, and if this call applied SLA it removes it again before raising.
-    ``backend`` (default: the saved one) picks the implementation; it is a run-time choice, not part of the
-    weights, so it is not compared with an SLA already applied. Returns ``model``.
+    dtype and device). ``backend`` (default: the saved one) picks the implementation; it is a run-time choice,
+    not part of the weights, so it is not compared with an SLA already applied. Returns ``model``.
     """
     meta = read_sla_config(path)
-    saved = SLAConfig.from_dict(meta["config"])
+    cfg_path = os.path.join(os.fspath(path), CONFIG_NAME)
+    saved = _saved_settings(meta, cfg_path)
+    if backend is not None and backend not in _KNOWN_BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {_KNOWN_BACKENDS}")
     if is_sla_applied(model):
         current = _controller(model).config
         if asdict(current) | {"backend": None} != asdict(saved) | {"backend": None}:
             raise ValueError(f"model already has SLA with settings {current} but {os.fspath(path)!r} holds {saved}; "
                              f"call sla.remove_sla(model) before load_sla")
-        _load_sla_weights(model, path, meta)
+    tensors = _plan_load(model, path, meta, saved)
+    if is_sla_applied(model):
+        _write_sla_weights(model, tensors)
         return model
     apply_sla(model, saved.critical, saved.negligible, saved.block_q, saved.block_k, saved.feature_map,
               saved.linear_scope, combine=saved.combine, dense_layers=saved.dense_layers,
               dense_timestep_threshold=saved.dense_timestep_threshold, keep_proj_fp32=saved.keep_proj_fp32,
               backend=saved.backend if backend is None else backend)
     try:
-        _load_sla_weights(model, path, meta)
+        _write_sla_weights(model, tensors)
     except BaseException:
         remove_sla(model)  # leave the model as it came in, not patched with zero projections
         raise
     return model
 
 
-def _load_sla_weights(model: nn.Module, path: str | os.PathLike, meta: dict) -> None:
-    from safetensors.torch import load_file
-
-    controller = _controller(model)
-    if list(controller.layer_names) != list(meta["layers"]):
-        raise ValueError(f"the model's SLA layers {controller.layer_names[:3]}... differ from the saved ones "
-                         f"{meta['layers'][:3]}...; was the checkpoint made for another architecture?")
-    weights_path = os.path.join(os.fspath(path), WEIGHTS_NAME)
-    if not os.path.isfile(weights_path):
-        raise ValueError(f"{weights_path!r} does not exist; save_sla writes it next to {CONFIG_NAME}")
-    tensors = load_file(weights_path)
+def _write_sla_weights(model: nn.Module, tensors: dict) -> None:
+    """Copy checked tensors (see :func:`_plan_load`) into the model's SLA parameters."""
     root = _unwrap(model)
-    targets = {name: root.get_parameter(name) for name in _sla_state(model)}
-    missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
-    if missing or unexpected:
-        raise ValueError(f"SLA weights in {weights_path!r} do not match the model: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
     with torch.no_grad():
-        for name, param in targets.items():
-            src = tensors[name]
-            if src.shape != param.shape:
-                raise ValueError(f"{name}: saved shape {tuple(src.shape)} != model shape {tuple(param.shape)}")
-            param.copy_(src)
+        for name, src in tensors.items():
+            root.get_parameter(name).copy_(src)
 
 
 __all__ = [

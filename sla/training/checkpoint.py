@@ -5,6 +5,12 @@ same folder, fsync, ``os.replace``): trainable parameters, optimizer state, EMA,
 (Python, NumPy, torch CPU and CUDA) and the config. Data order and per-sample noise are pure functions of
 ``(seed, step, sample position)``, so restoring the step restores the data position.
 
+Opening a checkpoint never runs code from it: everything in it is a tensor or plain data (dicts, lists,
+numbers, strings; the RNG states are converted to tensors), and it is read with
+``torch.load(weights_only=True)``, whose unpickler refuses any other object. Checkpoints of the first format
+(v1) held NumPy's RNG state as an array; they are still read, with NumPy arrays as the only extra type
+allowed (rebuilding an array runs no user code).
+
 Exported model (``<output_dir>/final``): ``config.json`` + ``diffusion_pytorch_model.safetensors`` loadable by
 plain diffusers ``from_pretrained`` (SLA parameters are *not* in this file), plus, for attention modes with
 parameters, ``sla_config.json`` + ``sla_weights.safetensors`` from :func:`sla.save_sla`, and
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -24,13 +31,15 @@ import torch
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 INFO_NAME = "finetune_info.json"
-_CKPT_FORMAT = "sla-finetune-checkpoint-v1"
+_CKPT_FORMAT = "sla-finetune-checkpoint-v2"  # v2: RNG states as tensors, loadable with weights_only=True
+_OLD_FORMATS = ("sla-finetune-checkpoint-v1",)  # NumPy's RNG state as an ndarray (see _numpy_array_globals)
+TMP_PREFIX = ".tmp-"  # temp files of atomic writes; one left behind means a save was killed
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -43,15 +52,35 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain numbers (so that ``torch.load(weights_only=True)`` reads it)."""
+    py_version, py_words, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state = {
+        # 625 words < 2**32 each: exact in int64
+        "python": {"version": int(py_version), "words": torch.tensor(py_words, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state` (also the tuples that v1 checkpoints stored)."""
+    py = state["python"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(int(w) for w in py["words"].tolist()), py["gauss_next"]))
+    else:
+        random.setstate(py)
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached_gaussian"]))
+    else:
+        np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -70,27 +99,113 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(output_dir, step: int, payload: dict, keep: int = 2) -> Path:
+    """Write ``checkpoints/step-XXXXXXX.pt`` atomically, then delete all but the newest ``keep`` (0 = keep all)
+    checkpoints up to ``step``.
+
+    Checkpoints of later steps (left when a run resumed from an earlier one because its newest was unreadable,
+    see :func:`load_latest_checkpoint`) are neither counted nor deleted: counted, an unreadable one could push
+    out the good checkpoints this run writes; this run overwrites them when it gets there.
+    """
     path = Path(output_dir) / "checkpoints" / f"step-{step:07d}.pt"
     atomic_torch_save({"format": _CKPT_FORMAT, "step": step, **payload}, path)
     if keep > 0:
-        for _, old in list_checkpoints(output_dir)[:-keep]:
+        for _, old in [c for c in list_checkpoints(output_dir) if c[0] <= step][:-keep]:
             old.unlink(missing_ok=True)
     return path
 
 
+def remove_orphan_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.tmp-*`` files that a process killed during an atomic write left in ``folder``.
+
+    Only this library writes them there, each under a name that :func:`list_checkpoints` never picks up, and a
+    finished write renames its temp file away: one still present is garbage (a run is single-writer per output
+    folder). Returns the deleted paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        if p.name.startswith(TMP_PREFIX) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def load_latest_checkpoint(output_dir: str | os.PathLike, report=None) -> tuple[dict, Path] | None:
+    """The newest checkpoint of ``output_dir`` that loads, with its path; ``None`` if there is none at all.
+
+    An unreadable one (truncated by a kill, corrupt, or refused as unsafe) is skipped for the one before it,
+    and ``report`` (e.g. ``print``) gets one line saying so. If every checkpoint is unreadable, ``ValueError``
+    lists why and how to start over.
+    """
+    found = list_checkpoints(output_dir)
+    problems = []
+    for i in range(len(found) - 1, -1, -1):
+        path = found[i][1]
+        try:
+            return load_checkpoint(path), path
+        except ValueError as e:
+            problems.append(str(e))
+            if report is not None:
+                report(f"sla finetune: {e}; " + (f"resuming from {found[i - 1][1].name} instead" if i else
+                                                  "and no earlier checkpoint is left"))
+    if not found:
+        return None
+    folder = Path(output_dir) / "checkpoints"
+    raise ValueError(f"no usable checkpoint in {folder}: {' | '.join(problems)}. To start over, delete {folder} "
+                     "(or pass another --output-dir)")
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a plain NumPy array needs beyond weights-only's defaults (v1 checkpoints hold one).
+
+    Rebuilding an array only allocates it and fills it from bytes; the array class and dtype come from this
+    list, and an object-dtype array's elements would themselves pass the weights-only unpickler.
+    """
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    # NumPy 2 pickles the function under numpy._core, NumPy 1 under numpy.core: allow both spellings.
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _refusal_reason(err: BaseException) -> str:
+    # torch's message suggests retrying with weights_only=False, which is exactly what must not happen here;
+    # keep only the part that says what was refused.
+    text = str(err)
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+    if m:
+        return f"it names {m.group(1)}"
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return m.group(1).strip() if m else type(err).__name__
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a training checkpoint; ``ValueError`` for a corrupt or foreign file, ``FileNotFoundError`` if absent."""
+    """Load a training checkpoint without running code from it (see the module docstring).
+
+    Raises ``FileNotFoundError`` if absent, ``ValueError`` for a corrupt, truncated, foreign or unsafe file (a
+    pickle that would call anything is refused before it calls it).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        # Full unpickling: the file holds Python and NumPy RNG states besides tensors, which the
-        # weights-only loader rejects. Resume only from checkpoints you wrote yourself.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # The weights-only unpickler refused an object: not a file this library wrote (or a tampered one).
+        raise ValueError(f"checkpoint {path} was not opened: it holds something other than tensors and plain data "
+                         f"({_refusal_reason(e)}), and unpickling it could run code. `sla finetune` never writes "
+                         "such files: delete it, or move it out of the checkpoints folder") from e
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); delete it to resume "
-                         "from the previous one, or start over without --resume") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({_first_line(e)})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (_CKPT_FORMAT, *_OLD_FORMATS):
         raise ValueError(f"{path} is not an `sla finetune` checkpoint (format {_CKPT_FORMAT})")
     for key in ("step", "trainable", "optimizer", "rng", "config"):
         if key not in ckpt:

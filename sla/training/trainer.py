@@ -16,6 +16,13 @@ order), and a run resumed from a checkpoint continues exactly where it stopped.
 
 Multi-GPU: launch with ``torchrun --nproc_per_node N -m sla.cli finetune ...``; PyTorch DDP (NCCL on CUDA,
 gloo on CPU) does the gradient averaging.
+
+Interrupts. During the loop, the first SIGINT (Ctrl-C) or SIGTERM lets the current optimizer step finish, saves
+a checkpoint of it and raises :class:`TrainingInterrupted` (``--resume auto`` continues exactly there); a
+second signal raises it at once, without saving. With several processes the stop request is summed with the
+step's loss all-reduce, so every rank stops after the same step. On start, temp files of a save that was
+killed are removed, and with ``resume="auto"`` an unreadable newest checkpoint is reported in one line and the
+one before it is used.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ import copy
 import csv
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +45,8 @@ from .checkpoint import (
     list_checkpoints,
     load_base_model,
     load_checkpoint,
+    load_latest_checkpoint,
+    remove_orphan_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -147,6 +159,72 @@ def lr_factor(step: int, cfg: FinetuneConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# interrupts
+# ------------------------------------------------------------------------------------------------------------
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by :func:`finetune` when SIGINT/SIGTERM stopped the loop (a ``KeyboardInterrupt``, so that code
+    catching ``Exception`` does not swallow it).
+
+    Attributes: ``signum``; ``step`` (optimizer steps done) and ``steps`` (the run's total); ``checkpoint``
+    (the checkpoint written for ``step``, or ``None`` when a second signal stopped at once); ``output_dir``.
+    """
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: Path | None, output_dir: str):
+        self.signum, self.step, self.steps = signum, step, steps
+        self.checkpoint, self.output_dir = checkpoint, output_dir
+        name = signal.Signals(signum).name
+        if checkpoint is not None:
+            text = f"stopped by {name} after step {step} of {steps}; saved {checkpoint}"
+        else:
+            newest = list_checkpoints(output_dir)
+            text = (f"stopped at once by a second {name} during step {step + 1} of {steps}; nothing saved since "
+                    + (newest[-1][1].name if newest else "the start (no checkpoint yet)"))
+        super().__init__(text)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: ask the loop to stop after the current step (``requested`` holds the signal);
+    second: raise :class:`TrainingInterrupted` at once. Previous handlers are restored on exit. Signal handlers
+    can only be installed from the main thread; elsewhere this does nothing (the default behaviour stays)."""
+
+    def __init__(self, cfg: FinetuneConfig, out: Path, announce: bool):
+        self.cfg, self.out, self.announce = cfg, out, announce
+        self.requested: int | None = None
+        self.step = 0  # steps done, kept current by the loop for the messages
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            self.__exit__()  # a third signal gets the default behaviour
+            raise TrainingInterrupted(signum, self.step, self.cfg.steps, None, str(self.out))
+        self.requested = signum
+        if self.announce:
+            # os.write, not print: a handler may run in the middle of another write to stderr (tqdm's bar).
+            # The leading newline ends tqdm's bar line, if there is one.
+            os.write(2, (("\n" if self.cfg.progress else "") + f"sla finetune: {signal.Signals(signum).name} received; "
+                         f"finishing step {self.step + 1} and saving a checkpoint (send it again to stop at once)\n"
+                         ).encode())
+
+
+# ------------------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------------------
 
@@ -165,6 +243,10 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict:
     """
     cfg.validate()
     world, rank, local = _dist_info()
+    if rank == 0:  # only rank 0 writes there; checked before any model is loaded
+        from .._paths import prepare_output_dir
+
+        prepare_output_dir(cfg.output_dir, "output_dir (--output-dir)")
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     elif cfg.device == "cuda":
@@ -188,11 +270,18 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict:
 
 def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dict:
     out = Path(cfg.output_dir)
+    is_main = rank == 0
+    if is_main:
+        # A save or export killed half-way leaves its temp file behind; it is never read, only in the way.
+        removed = remove_orphan_temp_files(out / "checkpoints") + remove_orphan_temp_files(out / "final")
+        if removed:
+            print(f"sla finetune: removed {len(removed)} temp file(s) of an interrupted save: "
+                  + ", ".join(p.name for p in removed), file=sys.stderr)
     ckpt = None
     if resume == "auto":
-        found = list_checkpoints(out)
-        if found:
-            ckpt = load_checkpoint(found[-1][1])
+        latest = load_latest_checkpoint(out, report=(lambda line: print(line, file=sys.stderr)) if is_main else None)
+        if latest is not None:
+            ckpt = latest[0]
     elif resume:
         ckpt = load_checkpoint(resume)
     elif list_checkpoints(out):
@@ -259,7 +348,6 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
         num_workers=cfg.num_workers, collate_fn=collate)
     batches = iter(loader)
 
-    is_main = rank == 0
     log_path = out / "train_log.csv"
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -291,79 +379,44 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     t_start = time.time()
     last = {}
     step = start_step
-    for step in range(start_step, end_step):
-        t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_scale"]
-        opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, flow, distill (sum over this rank's clips)
-        for m in range(cfg.grad_accum):
-            batch = next(batches)
-            positions = micro_positions(step, m, rank, world, cfg.batch_size, cfg.grad_accum)
-            x0 = batch["video"].to(device)
-            te = batch["text_embeds"].to(device)
-            pairs = [draw_noise_and_sigma(tuple(x0.shape[1:]), (cfg.seed, step, p), cfg.timestep_sampling,
-                                          cfg.timestep_shift) for p in positions]
-            noise = torch.stack([a for a, _ in pairs]).to(device)
-            sigma = torch.stack([b for _, b in pairs]).to(device)
-            x_t, target = noisy_input_and_target(x0, noise, sigma)
-            sync = world == 1 or m == cfg.grad_accum - 1
-            ctx = model.no_sync() if not sync else _nullcontext()
-            with ctx:
-                with torch.autocast(**autocast):
-                    pred = predict(model, x_t, sigma, te).float()
-                flow = (pred - target).pow(2).flatten(1).mean(1)
-                if teacher is not None:
-                    with torch.no_grad(), torch.autocast(**autocast):
-                        t_pred = predict(teacher, x_t, sigma, te).float()
-                    distill = (pred - t_pred).pow(2).flatten(1).mean(1)
-                else:
-                    distill = torch.zeros_like(flow)
-                if cfg.loss == "flow":
-                    per = flow
-                elif cfg.loss == "distill":
-                    per = cfg.distill_weight * distill
-                else:
-                    per = flow + cfg.distill_weight * distill
-                (per.mean() / cfg.grad_accum).backward()
-            sums += torch.stack([per.detach().sum(), flow.detach().sum(), distill.detach().sum()]).double().cpu()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-                     else torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None)))
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for n, p in named_trainable:
-                    ema[n].lerp_(p.detach(), 1 - cfg.ema)
-        if world > 1:
-            # NCCL reduces only CUDA tensors; gloo takes CPU ones.
-            reduced = sums.to(device) if device.type == "cuda" else sums
-            dist.all_reduce(reduced)
-            sums = reduced.cpu()
-        n_clips = cfg.batch_size * cfg.grad_accum * world
-        means = (sums / n_clips).tolist()
-        dt = time.time() - t0
-        last = dict(step=step + 1, loss=means[0], flow_loss=means[1], distill_loss=means[2],
-                    lr=cfg.lr * lr_factor(step, cfg), grad_norm=float(grad_norm), seconds=time.time() - t_start,
-                    clips_per_s=n_clips / dt)
+    try:
+        with _StopOnSignal(cfg, out, announce=is_main) as stop:
+            stop.step = start_step
+            for step in range(start_step, end_step):
+                last = _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, batches, device,
+                                   autocast, world, rank, t_start, stop)
+                if is_main:
+                    if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == end_step):
+                        log.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in last.items()
+                                      if k in LOG_FIELDS})
+                        log_f.flush()
+                        if tb is not None:
+                            for key in TENSORBOARD_SCALARS:
+                                tb.add_scalar(f"train/{key}", last[key], step + 1)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.1e}")
+                        bar.update(1)
+                done = step + 1
+                stop.step = done
+                # A bool, not the returned path: _save returns None on ranks other than 0, and every rank must
+                # take the same branch below (the save ends in a barrier).
+                saved = bool(cfg.save_every and done % cfg.save_every == 0 or done == end_step)
+                if saved:
+                    _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
+                if last["stop_signal"] and done < end_step:
+                    # Every rank saw the same summed flag, so all of them stop after this step.
+                    if not saved:
+                        _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
+                    raise TrainingInterrupted(last["stop_signal"], done, cfg.steps,
+                                              out / "checkpoints" / f"step-{done:07d}.pt", str(out))
+    finally:
+        if bar is not None:
+            bar.close()
         if is_main:
-            if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == end_step):
-                log.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in last.items()})
-                log_f.flush()
-                if tb is not None:
-                    for key in TENSORBOARD_SCALARS:
-                        tb.add_scalar(f"train/{key}", last[key], step + 1)
-            if bar is not None:
-                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{last['lr']:.1e}")
-                bar.update(1)
-        done = step + 1
-        if cfg.save_every and done % cfg.save_every == 0 or done == end_step:
-            _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
-    if bar is not None:
-        bar.close()
-    if is_main:
-        log_f.close()
-    if tb is not None:
-        tb.close()
+            log_f.close()
+        if tb is not None:
+            tb.close()
+    last.pop("stop_signal", None)
     summary = dict(last, start_step=start_step, end_step=end_step, world_size=world,
                    trainable_parameters=sum(p.numel() for p in params), output_dir=str(out))
     if end_step == cfg.steps:
@@ -384,7 +437,73 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     return summary
 
 
-def _save(cfg, out, step, named_trainable, opt, ema, world, is_main):
+def _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, batches, device, autocast, world, rank,
+                t_start, stop) -> dict:
+    """One optimizer step (all micro-batches); returns the logged values plus ``stop_signal``: the signal that
+    asked any rank to stop (0 if none), agreed on by all ranks."""
+    t0 = time.time()
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_scale"]
+    opt.zero_grad(set_to_none=True)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, flow, distill (sums over this rank's clips), stop signal
+    for m in range(cfg.grad_accum):
+        batch = next(batches)
+        positions = micro_positions(step, m, rank, world, cfg.batch_size, cfg.grad_accum)
+        x0 = batch["video"].to(device)
+        te = batch["text_embeds"].to(device)
+        pairs = [draw_noise_and_sigma(tuple(x0.shape[1:]), (cfg.seed, step, p), cfg.timestep_sampling,
+                                      cfg.timestep_shift) for p in positions]
+        noise = torch.stack([a for a, _ in pairs]).to(device)
+        sigma = torch.stack([b for _, b in pairs]).to(device)
+        x_t, target = noisy_input_and_target(x0, noise, sigma)
+        sync = world == 1 or m == cfg.grad_accum - 1
+        ctx = model.no_sync() if not sync else _nullcontext()
+        with ctx:
+            with torch.autocast(**autocast):
+                pred = predict(model, x_t, sigma, te).float()
+            flow = (pred - target).pow(2).flatten(1).mean(1)
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast(**autocast):
+                    t_pred = predict(teacher, x_t, sigma, te).float()
+                distill = (pred - t_pred).pow(2).flatten(1).mean(1)
+            else:
+                distill = torch.zeros_like(flow)
+            if cfg.loss == "flow":
+                per = flow
+            elif cfg.loss == "distill":
+                per = cfg.distill_weight * distill
+            else:
+                per = flow + cfg.distill_weight * distill
+            (per.mean() / cfg.grad_accum).backward()
+        sums[:3] += torch.stack([per.detach().sum(), flow.detach().sum(), distill.detach().sum()]).double().cpu()
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
+                 else torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None)))
+    opt.step()
+    if ema is not None:
+        with torch.no_grad():
+            for n, p in named_trainable:
+                ema[n].lerp_(p.detach(), 1 - cfg.ema)
+    # Read the flag after the step's work, so that a signal that arrived during it stops after it. It rides on
+    # the loss all-reduce below: with several ranks, any rank's signal stops all of them after this same step.
+    sums[3] = float(stop.requested or 0)
+    if world > 1:
+        # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+        reduced = sums.to(device) if device.type == "cuda" else sums
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    n_clips = cfg.batch_size * cfg.grad_accum * world
+    means = (sums[:3] / n_clips).tolist()
+    stop_signal = 0
+    if sums[3] > 0:  # a sum of signal numbers over ranks; name one that was really received
+        stop_signal = int(stop.requested or signal.SIGTERM)
+    dt = time.time() - t0
+    return dict(step=step + 1, loss=means[0], flow_loss=means[1], distill_loss=means[2],
+                lr=cfg.lr * lr_factor(step, cfg), grad_norm=float(grad_norm), seconds=time.time() - t_start,
+                clips_per_s=n_clips / dt, stop_signal=stop_signal)
+
+
+def _save(cfg, out, step, named_trainable, opt, ema, world, is_main) -> None:
+    """Checkpoint ``step``: rank 0 writes, every rank waits for it (call it on every rank)."""
     if is_main:
         payload = dict(trainable={n: p.detach().cpu().clone() for n, p in named_trainable},
                        optimizer=opt.state_dict(), ema=ema, rng=rng_state(), config=cfg.to_dict(), world_size=world)

@@ -7,7 +7,9 @@ kernels, the analysis tools and the tests all consume one :class:`BlockMap`.
 
 Layout: q ``(B, H, Lq, D)`` and k ``(B, H, Lk, D)``. Query blocks hold ``block_q`` tokens, key blocks
 ``block_k`` tokens; the last block of either side may be short and is pooled over its real tokens.
-``T_m = ceil(Lq / block_q)`` query blocks, ``T_n = ceil(Lk / block_k)`` key blocks.
+``T_m = ceil(Lq / block_q)`` query blocks, ``T_n = ceil(Lk / block_k)`` key blocks. A block size larger than
+its sequence gives one block holding the whole sequence; the implementations then size their buffers by the
+sequence, not by the block (so ``block_q=10**6`` costs what ``block_q=Lq`` costs and gives the same result).
 
 Tie rule: within a query-block row, key blocks are ranked by score, highest first; equal scores are
 ranked by key-block index, lowest first (a stable sort). The first ``n_crit`` of that ranking are
@@ -61,6 +63,7 @@ def mean_pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     divisor is the true count).
     """
     B, H, L, D = x.shape
+    block = min(block, L)  # a block longer than the sequence is one block of it: pad nothing, not to `block`
     nb = num_blocks(L, block)
     pad = nb * block - L
     if pad:

@@ -11,7 +11,7 @@ import torch
 from .blockmap import BlockMap, build_block_map
 from .naive import naive_sparse_linear_attention
 from .torch_impl import torch_sparse_linear_attention
-from .validation import check_attention_inputs, check_combine, check_projection, check_sla_config
+from .validation import check_attention_inputs, check_combine, check_projection, check_scale, check_sla_config
 
 def _triton_backend(q, k, v, block_map, **kwargs):
     """The fused Triton kernels (``sla/ops/sla/triton``), imported on first use so that ``import sla``
@@ -121,7 +121,7 @@ def sparse_linear_attention(
         proj_weight (torch.Tensor, optional): ``(D, D)`` weight of ``Proj``, shared by all heads. ``None`` means
             no projection: the branches are summed as they are (``o_s + o_l``). Pass zeros for sparse-only.
         proj_bias (torch.Tensor, optional): ``(D,)`` bias of ``Proj``.
-        scale (float, optional): softmax scale of the sparse branch. Default: ``D ** -0.5``.
+        scale (float, optional): softmax scale of the sparse branch, a finite number > 0. Default: ``D ** -0.5``.
         combine (str): how the branches are combined. ``"paper"``: ``o_s + Proj(o_l)`` (Eq. 6 of the paper).
             ``"mass"``: ``a * o_s + (1 - a) * Proj(o_l)``, where ``a`` estimates, per query row, the share of
             the attention mass inside the critical blocks: ``o_s`` is normalised over the critical blocks only,
@@ -139,14 +139,15 @@ def sparse_linear_attention(
     Returns:
         ``o`` with the shape and dtype of ``q``, or ``(o, info)`` with ``return_info=True``.
 
-    NaN or Inf in the inputs propagate to the output as they would through dense attention.
+    NaN or Inf in the inputs propagate to the output as they would through dense attention. A block size larger
+    than its sequence makes one block of the whole sequence. Empty batch or head dimensions and meta tensors
+    raise ``ValueError`` (see ``docs/semantics.md``).
     """
     check_attention_inputs(q, k, v)
     check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
     check_projection(proj_weight, proj_bias, q.shape[-1], q.device)
     check_combine(combine, mass_offset, q.shape[1], q.device)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None (None means head_dim ** -0.5), got {scale!r}")
+    check_scale(scale)
     name = resolve_backend(backend, q.device)
     if block_map is None:
         if name == "triton" and q.device.type == "cuda" and not torch.compiler.is_compiling():

@@ -78,7 +78,9 @@ def naive_sparse_linear_attention(
         q, k, v = q.float(), k.float(), v.float()
     Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
     scale = D ** -0.5 if scale is None else scale
-    bq, bk = block_map.block_q, block_map.block_k
+    # A block longer than its sequence is one block holding the whole sequence; sizing by the sequence keeps
+    # memory proportional to it (block_q=10**6 must not expand the masks to 10**6 rows).
+    bq, bk = min(block_map.block_q, Lq), min(block_map.block_k, Lk)
 
     critical = expand_block_mask(block_map.class_map == CRITICAL, Lq, Lk, bq, bk)
     scores = (q @ k.transpose(-1, -2)) * scale

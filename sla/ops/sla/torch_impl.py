@@ -230,7 +230,9 @@ def torch_sparse_linear_attention(
 def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_bias, scale, combine, mass_offset):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    bq, bk = block_map.block_q, block_map.block_k
+    # A block longer than its sequence is one block holding the whole sequence; sizing by the sequence keeps
+    # memory proportional to it (block_q=10**6 must not pad to 10**6 rows).
+    bq, bk = min(block_map.block_q, Lq), min(block_map.block_k, Lk)
     scale = D ** -0.5 if scale is None else float(scale)
     cdt = compute_dtype(q.dtype)
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)

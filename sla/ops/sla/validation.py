@@ -7,6 +7,8 @@ inside a matmul or, worse, returning a wrong result.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
@@ -19,7 +21,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Check that q, k, v are ``(B, H, L, D)`` float tensors that agree with each other."""
+    """Check that q, k, v are ``(B, H, L, D)`` float tensors with data (not on the meta device), every
+    dimension >= 1, that agree with each other; raise ``TypeError``/``ValueError`` naming the fix otherwise."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -37,7 +40,22 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them with .to()")
+    if q.device.type == "meta":
+        # Meta tensors carry shapes but no data; the block selection reads values, so there is nothing to
+        # compute (torch would fail deep inside with "unsupported scalarType").
+        raise ValueError(
+            "q, k, v are on the meta device (shapes only, no data); SLA needs real tensors: materialise the "
+            "model first (e.g. model.to_empty(device='cpu') and load its weights) before calling it"
+        )
     B, H, _, D = q.shape
+    if B < 1 or H < 1:
+        # An empty batch or head dimension would reach a reshape deep inside the implementations; refusing it
+        # here names the cause. (Dense attention would return an empty tensor; an empty call is almost always
+        # a bug upstream, e.g. a split that left one part empty.)
+        raise ValueError(
+            f"q has shape {tuple(q.shape)}: batch size {B} and {H} heads; SLA needs at least one batch element "
+            f"and one head (skip the call when there is nothing to attend)"
+        )
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != B or t.shape[1] != H:
             raise ValueError(
@@ -50,6 +68,22 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         raise ValueError(f"v has length {v.shape[2]} but k has {k.shape[2]}; every key needs exactly one value")
     if q.shape[2] < 1 or k.shape[2] < 1 or D < 1:
         raise ValueError(f"q and k need at least one token and head_dim >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def check_scale(scale) -> None:
+    """Check the softmax scale of the sparse branch: ``None`` (meaning ``head_dim ** -0.5``) or a finite
+    number > 0. The block selection ranks blocks by ``q k^T`` without the scale, which is only the same
+    ranking as the softmax's when the scale is positive; 0 would make the softmax uniform, NaN or Inf would
+    poison every output."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None (None means head_dim ** -0.5), got {scale!r}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            f"scale={scale} is not a finite number > 0; pass the softmax scale, e.g. head_dim ** -0.5 (the "
+            f"default when scale=None)"
+        )
 
 
 def check_sla_config(

@@ -125,17 +125,44 @@ def export_model(model, folder: str | os.PathLike, info: dict) -> Path:
 
 
 def resolve_model_folder(spec: str) -> Path:
+    """The transformer folder named by ``spec``: ``"small"``, a transformer folder (``config.json`` + weights,
+    ``save_pretrained`` layout) or a diffusers pipeline folder, whose ``transformer/`` is taken. A pipeline
+    with two transformers (Wan2.2 A14B) is refused: its transformers denoise different noise levels, so the
+    caller must name one."""
     if spec == "small":
         from ..models.small_wan import small_model_path
 
         return small_model_path()
     folder = Path(spec)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model {spec!r} does not exist; pass 'small', a diffusers transformer folder or a "
+                                "Wan pipeline folder (the one with model_index.json and transformer/)")
     if (folder / "transformer" / "config.json").is_file() and not (folder / "config.json").is_file():
+        if (folder / "transformer_2" / "config.json").is_file():
+            raise ValueError(
+                f"model {spec!r} is a pipeline with two transformers (Wan2.2 A14B: transformer/ denoises the "
+                f"high-noise steps, transformer_2/ the low-noise ones); fine-tune one at a time: pass "
+                f"{folder / 'transformer'} or {folder / 'transformer_2'}")
         folder = folder / "transformer"  # a full pipeline folder: take its transformer
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model {spec!r}: no config.json in {folder}; pass 'small' or a diffusers "
-                                "transformer folder (save_pretrained layout)")
+        if (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"model {spec!r} is a pipeline folder without transformer/config.json; pass a "
+                                    "pipeline that has its transformer, or the transformer folder itself")
+        raise FileNotFoundError(f"model {spec!r}: no config.json in {folder}; pass 'small', a diffusers "
+                                "transformer folder (save_pretrained layout) or a pipeline folder with transformer/")
     return folder
+
+
+def pipeline_of(spec: str) -> Path | None:
+    """The pipeline folder when ``spec`` names one or the ``transformer``/``transformer_2`` folder inside one
+    (that is where the VAE's latent statistics live), else ``None``."""
+    if spec == "small":
+        return None
+    folder = Path(spec)
+    for candidate in (folder, folder.parent):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    return None
 
 
 def load_base_model(spec: str):
@@ -149,14 +176,15 @@ def load_base_model(spec: str):
     return load_small_model(folder)
 
 
-def load_finetuned(folder: str | os.PathLike):
+def load_finetuned(folder: str | os.PathLike, torch_dtype=None):
     """Load a model written by :func:`export_model` (or a plain base model folder: then dense). Returns
-    ``(model, info)``; ``info["attention"]`` names the attention mode installed."""
+    ``(model, info)``; ``info["attention"]`` names the attention mode installed. ``torch_dtype`` (default
+    float32) is passed to ``from_pretrained``; the SLA projections stay float32 either way."""
     from ..models.small_wan import load_small_model
     from .variants import apply_attention_mode
 
     folder = resolve_model_folder(os.fspath(folder))
-    model = load_small_model(folder)
+    model = load_small_model(folder, torch_dtype=torch_dtype)
     info_path = folder / INFO_NAME
     if not info_path.is_file():
         return model, {"attention": "full"}

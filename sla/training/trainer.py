@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import os
 import time
@@ -99,6 +100,46 @@ def build_dataset(cfg: FinetuneConfig, text_dim: int, split: str = "train", size
         sc = SyntheticVideoConfig(frames=cfg.frames, height=cfg.height, width=cfg.width, text_dim=text_dim)
         return SyntheticVideoDataset(split, size=size or cfg.data_size, config=sc)
     return LatentsDataset(cfg.data)
+
+
+def check_data_fits_model(dataset, model, cfg: FinetuneConfig) -> None:
+    """Refuse data the model cannot train on, naming ``--data``/``--model`` and the fix, before any step runs
+    (otherwise the first forward fails deep inside the model with a bare shape error, or, for latents of
+    another VAE with the same channel count, trains silently on the wrong latent space)."""
+    from ..data.latents import LatentsDataset
+    from .checkpoint import pipeline_of
+
+    mc = model.config
+    if not isinstance(dataset, LatentsDataset):
+        if mc.in_channels != 3:
+            raise ValueError(f"--data synthetic is RGB pixels (3 channels), but --model {cfg.model} takes "
+                             f"{mc.in_channels} input channels (a latent-space model such as Wan's); encode your "
+                             "videos with `sla prepare` and pass that folder as --data")
+        return
+    c, f, h, w = dataset.latent_shape
+    text_len, text_dim = dataset.text_shape
+    if c != mc.in_channels:
+        raise ValueError(f"--data {cfg.data} holds latents with {c} channels, but --model {cfg.model} takes "
+                         f"{mc.in_channels}; encode the videos with the VAE of this model's pipeline "
+                         f"(`sla prepare --pipeline ...`)")
+    if text_dim != mc.text_dim:
+        raise ValueError(f"--data {cfg.data} holds text embeddings of width {text_dim}, but --model {cfg.model} "
+                         f"expects text_dim {mc.text_dim}; encode the captions with this model's text encoder "
+                         "(`sla prepare --pipeline ...`)")
+    pt, ph, pw = mc.patch_size
+    if f % pt or h % ph or w % pw:
+        raise ValueError(f"--data {cfg.data}: latents (frames {f}, height {h}, width {w}) are not divisible by the "
+                         f"model's patch size {tuple(mc.patch_size)}; prepare with --height/--width multiples of 16")
+    info = dataset.prepare_info
+    pipe = pipeline_of(cfg.model)
+    if info is not None and pipe is not None and (pipe / "vae" / "config.json").is_file():
+        vae = json.loads((pipe / "vae" / "config.json").read_text())
+        for key in ("latents_mean", "latents_std"):
+            ours, theirs = info.get(key), vae.get(key)
+            if ours is not None and theirs is not None and [float(x) for x in ours] != [float(x) for x in theirs]:
+                raise ValueError(f"--data {cfg.data} was encoded with a VAE whose {key} differs from that of "
+                                 f"--model's pipeline {pipe}: the latents are in another model space; prepare them "
+                                 f"again with `sla prepare --pipeline {pipe}`")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -215,6 +256,7 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     torch.manual_seed(cfg.seed)
     base = load_base_model(cfg.model)
     dataset = build_dataset(cfg, base.config.text_dim)
+    check_data_fits_model(dataset, base, cfg)
     teacher = None
     if cfg.loss != "flow":
         teacher = copy.deepcopy(base).to(device).eval().requires_grad_(False)

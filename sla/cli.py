@@ -13,9 +13,10 @@ COMMANDS = [
     ("demo", "sla.commands.demo", "accuracy and CPU speed of SLA against dense attention on generated inputs"),
     ("analyze", "sla.commands.analyze", "measure SLA's premise on a model's own attention: weights, errors, ranks, plots"),
     ("quickstart", "sla.commands.quickstart", "shipped small model -> SLA -> brief fine-tune -> eval vs full attention -> report"),
+    ("prepare", "sla.commands.prepare", "encode captioned videos with a Wan pipeline's VAE and text encoder into latents for finetune"),
     ("finetune", "sla.commands.finetune", "fine-tune a diffusers video DiT into SLA (or an ablation) with flow matching"),
     ("eval", "sla.commands.eval", "held-out loss, sample quality, attention error and sparsity of fine-tuned models"),
-    ("sample", "sla.commands.sample", "generate clips for held-out captions to a PNG grid and a GIF"),
+    ("sample", "sla.commands.sample", "generate a video with a Wan pipeline (+ SLA) to mp4, or small-model clips to PNG/GIF"),
 ]
 
 

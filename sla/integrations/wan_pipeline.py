@@ -65,9 +65,10 @@ def read_pipeline_index(path: str | os.PathLike, *, arg: str = "--pipeline",
         raise ValueError(f"{arg} {folder}: model_index.json declares no {', '.join(missing)}; expected {layout}")
     absent = [c for c in wanted if not (folder / c).is_dir()]
     if absent:
-        raise FileNotFoundError(f"{arg} {folder}: model_index.json names {', '.join(absent)} but the folder "
-                                f"{'s' if len(absent) > 1 else ''} {', '.join(c + '/' for c in absent)} "
-                                f"{'are' if len(absent) > 1 else 'is'} missing; copy the complete pipeline")
+        plural = len(absent) > 1
+        raise FileNotFoundError(f"{arg} {folder}: model_index.json names {', '.join(absent)} but the "
+                                f"folder{'s' if plural else ''} {', '.join(c + '/' for c in absent)} "
+                                f"{'are' if plural else 'is'} missing; copy the complete pipeline")
     return index
 
 

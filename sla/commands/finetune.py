@@ -17,18 +17,23 @@ EPILOG = """examples:
   sla finetune --attention linear_only --output-dir runs/linear_only
   # TurboDiffusion-style distillation from the frozen full-attention model
   sla finetune --loss distill --lr 1e-5 --output-dir runs/distill
-  # your own Wan transformer and pre-encoded latents, 8 GPUs
+  # your own videos: encode them once with the pipeline, then fine-tune its transformer on 8 GPUs
+  sla prepare --pipeline /ckpt/Wan2.1-T2V-1.3B-Diffusers --videos /data/clips --out /data/latents
   torchrun --nproc_per_node 8 -m sla.cli finetune --model /ckpt/Wan2.1-T2V-1.3B-Diffusers \\
-      --data /data/latents --bf16 --gradient-checkpointing --batch-size 1 --grad-accum 8 --lr 1e-5
+      --data /data/latents --bf16 --gradient-checkpointing --batch-size 1 --grad-accum 8 --lr 1e-5 \\
+      --output-dir runs/wan_sla
+  # then generate with it (sla sample --help)
+  sla sample --pipeline /ckpt/Wan2.1-T2V-1.3B-Diffusers --sla runs/wan_sla/final --prompt "..." --out out.mp4
   # continue an interrupted run exactly where it stopped
   sla finetune --output-dir runs/sla --resume auto
 """
 
 HELP = {
-    "model": "'small' (the shipped pretrained small Wan) or a diffusers transformer folder (save_pretrained "
-             "layout, or a pipeline folder with transformer/)",
-    "data": "'synthetic' (built-in, generated on the fly) or a folder of latents *.safetensors "
-            "(scripts/prepare_latents.py)",
+    "model": "'small' (the shipped pretrained small Wan), a diffusers transformer folder (save_pretrained "
+             "layout), or a Wan pipeline folder (its transformer/; for Wan2.2 A14B name transformer/ or "
+             "transformer_2/)",
+    "data": "'synthetic' (built-in RGB clips, for the small model) or a folder of latents *.safetensors "
+            "(`sla prepare`, with the same pipeline as --model)",
     "data_size": "clips in the synthetic training split",
     "output_dir": "where checkpoints/, train_log.csv and final/ go",
     "attention": "full (control) | sla | sparse_only (Proj frozen at 0) | sum_no_proj (o_s + o_l) | "

@@ -77,3 +77,11 @@ def test_finetune_cli_rejects_bad_values(model_dir, tmp_path):
         main(["finetune", "--model", str(model_dir), "--attention", "dense", "--output-dir", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="steps must be a positive int"):
         main(["finetune", "--model", str(model_dir), "--steps", "0", "--output-dir", str(tmp_path / "x")])
+
+
+def test_cli_sample_small_model_mode(model_dir, tmp_path, capsys):
+    """`sla sample --model` (no --pipeline): synthetic captions to a PNG grid and a GIF, as before --pipeline."""
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(model_dir), "--count", "1", "--steps", "1", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"samples.png", "samples.gif", "captions.txt"}
+    assert "attention: full" in capsys.readouterr().out

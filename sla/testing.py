@@ -42,7 +42,7 @@ WAN22_BOUNDARY_RATIO = 0.875
 _SPECIAL = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in UMT5's tokenizer
 
 
-def _tiny_tokenizer():
+def make_tiny_tokenizer():
     """A sentencepiece-style (unigram, metaspace) tokenizer over a small character vocabulary.
 
     Like UMT5's, it pads with ``<pad>`` (id 0), ends every text with ``</s>`` (id 1) and maps what it does not
@@ -60,9 +60,8 @@ def _tiny_tokenizer():
     tk.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                       special_tokens=[("</s>", 1)])
     # T5TokenizerFast is the class the Wan Diffusers folders name in model_index.json; extra_ids=0: no sentinels.
-    tok = T5TokenizerFast(tokenizer_object=tk, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                          model_max_length=512)
-    return tok, len(vocab)
+    return T5TokenizerFast(tokenizer_object=tk, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           model_max_length=512)
 
 
 def make_tiny_wan_pipeline(path: str | os.PathLike, *, two_transformers: bool = False, seed: int = 0) -> Path:
@@ -87,7 +86,8 @@ def make_tiny_wan_pipeline(path: str | os.PathLike, *, two_transformers: bool = 
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"make_tiny_wan_pipeline: {path} exists and is not an empty folder; pass a new path")
-    tokenizer, vocab_size = _tiny_tokenizer()
+    tokenizer = make_tiny_tokenizer()
+    vocab_size = len(tokenizer)
     # fork_rng: building the pipeline must not move the caller's global random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -104,4 +104,5 @@ def make_tiny_wan_pipeline(path: str | os.PathLike, *, two_transformers: bool = 
     return path
 
 
-__all__ = ["make_tiny_wan_pipeline", "TINY_LATENTS_MEAN", "TINY_LATENTS_STD", "TINY_TEXT_DIM", "TINY_Z_DIM"]
+__all__ = ["make_tiny_tokenizer", "make_tiny_wan_pipeline", "TINY_LATENTS_MEAN", "TINY_LATENTS_STD", "TINY_TEXT_DIM",
+           "TINY_Z_DIM"]

@@ -383,7 +383,8 @@ def generate_video(pipe, prompt: str, *, negative_prompt: str = "", height: int 
 
     result = dict(frames=to_uint8_frames(video[0]), text_encoding_seconds=text_s, denoising_seconds=denoise_s,
                   step_seconds=step_s, vae_decode_seconds=decode_s, total_seconds=text_s + denoise_s + decode_s,
-                  latent_shape=list(latents.shape), steps=steps, guidance_scale=guidance_scale,
+                  latent_shape=list(latents.shape), finite=bool(torch.isfinite(latents).all()), steps=steps,
+                  guidance_scale=guidance_scale,
                   transformer_calls_per_step=2 if use_cfg else 1)
     if step_s:
         ordered = sorted(step_s)

@@ -273,6 +273,16 @@ def prepare_latents(s: PrepareSettings, log=print) -> PrepareReport:
     device = resolve_device(s.device)
     # UMT5 runs in bfloat16 on GPUs (the dtype Wan ships it in and WanPipeline uses); float32 on CPU.
     pipe = load_encoding_pipeline(s.pipeline, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # The 16 checked above is Wan2.1's factor; the Wan2.2 TI2V-5B VAE compresses 16x in space, so ask the VAE.
+    multiple = int(pipe.vae_scale_factor_spatial) * 2
+    for name in ("height", "width"):
+        if getattr(s, name) % multiple:
+            raise ValueError(f"--{name} must be a multiple of {multiple} for this pipeline (its VAE's factor "
+                             f"{pipe.vae_scale_factor_spatial} times the transformer's 2x2 patches), got "
+                             f"{getattr(s, name)}")
+    if (s.frames - 1) % int(pipe.vae_scale_factor_temporal):
+        raise ValueError(f"--frames must be {pipe.vae_scale_factor_temporal}k+1 for this pipeline's VAE, "
+                         f"got {s.frames}")
     record = _settings_record(s, pipe, pipe.text_encoder.config.d_model)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """A local diffusers Wan pipeline folder: checking its layout, loading it with SLA, generating and timing.
 
 Used by ``sla prepare`` (its VAE and text encoder), ``sla sample --pipeline`` and ``bench/bench_pipeline.py``.
-Supported: text-to-video ``WanPipeline`` folders as the Wan-AI ``*-Diffusers`` repositories ship them
-(Wan2.1 T2V 1.3B/14B, Wan2.2 T2V A14B with ``transformer/`` + ``transformer_2/``, Wan2.2 TI2V 5B), and the
-folders :func:`sla.testing.make_tiny_wan_pipeline` writes.
+Accepted: text-to-video ``WanPipeline`` folders as the Wan-AI ``*-Diffusers`` repositories ship them (Wan2.1 T2V
+1.3B/14B, Wan2.2 T2V A14B with ``transformer/`` + ``transformer_2/``, Wan2.2 TI2V 5B) and the folders
+:func:`sla.testing.make_tiny_wan_pipeline` writes. What is tested (on CPU) is the Wan2.1 layout and the
+two-transformer layout at tiny size; no real Wan weights are available offline.
 
 The VAE is always loaded in float32, as the Wan authors and diffusers' examples do: its decode is sensitive to
 precision, and it is a small part of the time.

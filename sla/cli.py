@@ -22,10 +22,10 @@ COMMANDS = [
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows every option's default and keeps the line breaks of descriptions and examples. A help text that
-    already states its default is left as written."""
+    already states its default, and a required option (it has none), is left as written."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or ""):
+        if "default" in (action.help or "") or action.required:
             return action.help
         return super()._get_help_string(action)
 

@@ -25,7 +25,8 @@ EPILOG = """examples:
   # then fine-tune on them
   sla finetune --model /ckpt/Wan2.1-T2V-1.3B-Diffusers --data /data/latents --bf16 --gradient-checkpointing
 
-exit status: 0 when the run finished (skipped clips are listed), 1 with --strict when any clip was skipped.
+exit status: 0 when the run finished (skipped clips are listed); 1 when no clip could be encoded, or with
+--strict when any clip was skipped.
 """
 
 
@@ -56,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                           "(0: decode in the main thread)")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--strict", action="store_true",
-                   help="exit with status 1 if any clip was skipped (after encoding all the others)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+                   help="exit with status 1 if any clip was skipped, after encoding all the others (default: off)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (default: a tqdm bar)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -116,7 +116,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise ValueError("--prompt is required with --pipeline, e.g. --prompt \"a red fox runs through fresh snow\"")
     if not args.out or Path(args.out).suffix.lower() != ".mp4":
-        raise ValueError(f"--out must name the .mp4 file to write with --pipeline (e.g. --out fox.mp4), got {args.out!r}")
+        raise ValueError(f"--out must name the .mp4 file to write with --pipeline (e.g. --out fox.mp4), got "
+                         f"{args.out!r}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     fresh_flags = _given(args, ("critical", "negligible", "block_q", "block_k", "sla_backend"))
@@ -140,7 +141,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(f"{slot}: {what}")
     res = generate_video(pipe, args.prompt, negative_prompt=args.negative_prompt or "",
                          height=args.height or 480, width=args.width or 832, num_frames=args.frames or 81,
-                         steps=args.steps or 50, guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
+                         steps=args.steps or 50,
+                         guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
                          seed=args.seed or 0, max_sequence_length=args.text_len or 512, sparsity=args.sparsity)
     frames = res.pop("frames")
     write_mp4(frames, out, fps=args.fps or 16)

@@ -12,9 +12,9 @@ Format (each ``<name>.safetensors`` in the folder, sorted by file name):
 Optional metadata (safetensors ``__metadata__``, strings): ``caption``, and ``sla_prepare``, a JSON object
 that ``sla prepare`` writes: the pipeline, the VAE's ``latents_mean``/``latents_std``, the clip size, the
 caption length and the source clip (:attr:`LatentsDataset.prepare_info` reads it; ``sla finetune`` checks it
-against the model). All files must share shapes (one batch = one stack). Items are dicts with ``video`` (the latents, float32), ``text_embeds`` (float32), ``index``,
-``caption``: the same keys as :class:`~sla.data.synthetic.SyntheticVideoDataset`, so the trainer takes
-either.
+against the model). All files must share shapes (one batch = one stack). Items are dicts with ``video``
+(the latents, float32), ``text_embeds`` (float32), ``index``, ``caption``: the same keys as
+:class:`~sla.data.synthetic.SyntheticVideoDataset`, so the trainer takes either.
 """
 
 from __future__ import annotations

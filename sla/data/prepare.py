@@ -176,7 +176,8 @@ def find_clips(videos: str | os.PathLike, captions_file: str | None = None) -> t
             continue  # hidden files (.DS_Store, editors' swap files) are nobody's clip
         if p.is_dir():
             if not image_files(p):
-                ignored.append({"entry": p.name, "reason": f"folder without frame images ({', '.join(IMAGE_EXTENSIONS)})"})
+                ignored.append({"entry": p.name,
+                                "reason": f"folder without frame images ({', '.join(IMAGE_EXTENSIONS)})"})
                 continue
         elif p.suffix.lower() not in VIDEO_EXTENSIONS:
             if p.suffix.lower() != ".txt" and (captions_file is None or p.resolve() != Path(captions_file).resolve()):

@@ -269,7 +269,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(z, return_dict=False)[0]
 
 
-def to_uint8_frames(video: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
+def to_uint8_frames(video: torch.Tensor):
     """``(3, F, H, W)`` in [-1, 1] -> ``(F, H, W, 3)`` uint8."""
     x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 3, 0).cpu().numpy()

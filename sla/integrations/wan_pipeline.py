@@ -203,7 +203,7 @@ def load_pipeline(path: str | os.PathLike, *, sla: str | None = None, sla_2: str
     if sla_2 is not None and "transformer_2" not in slots:
         raise ValueError(f"--sla-2 {sla_2} given, but {arg} {path} has one transformer (no transformer_2/); drop "
                          "--sla-2")
-    if "transformer_2" in slots and sla is not None and sla_2 is None:
+    if "transformer_2" in slots and sla not in (None, "dense") and sla_2 is None:
         raise ValueError(f"{arg} {path} has two transformers (Wan2.2 A14B: transformer/ for the high-noise steps, "
                          "transformer_2/ for the low-noise ones) and only --sla was given; pass --sla-2 for the second "
                          "as well (or --sla-2 dense to keep it dense on purpose)")

@@ -135,8 +135,9 @@ def resolve_model_folder(spec: str) -> Path:
         return small_model_path()
     folder = Path(spec)
     if not folder.is_dir():
-        raise FileNotFoundError(f"model {spec!r} does not exist; pass 'small', a diffusers transformer folder or a "
-                                "Wan pipeline folder (the one with model_index.json and transformer/)")
+        raise FileNotFoundError(f"model {spec!r} does not exist; pass 'small', a diffusers transformer folder "
+                                "(config.json + weights) or a Wan pipeline folder (the one with model_index.json "
+                                "and transformer/)")
     if (folder / "transformer" / "config.json").is_file() and not (folder / "config.json").is_file():
         if (folder / "transformer_2" / "config.json").is_file():
             raise ValueError(

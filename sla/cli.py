@@ -15,18 +15,19 @@ COMMANDS = [
     ("demo", "sla.commands.demo", "accuracy and CPU speed of SLA against dense attention on generated inputs"),
     ("analyze", "sla.commands.analyze", "measure SLA's premise on a model's own attention: weights, errors, ranks, plots"),
     ("quickstart", "sla.commands.quickstart", "shipped small model -> SLA -> brief fine-tune -> eval vs full attention -> report"),
+    ("prepare", "sla.commands.prepare", "encode captioned videos with a Wan pipeline's VAE and text encoder into latents for finetune"),
     ("finetune", "sla.commands.finetune", "fine-tune a diffusers video DiT into SLA (or an ablation) with flow matching"),
     ("eval", "sla.commands.eval", "held-out loss, sample quality, attention error and sparsity of fine-tuned models"),
-    ("sample", "sla.commands.sample", "generate clips for held-out captions to a PNG grid and a GIF"),
+    ("sample", "sla.commands.sample", "generate a video with a Wan pipeline (+ SLA) to mp4, or small-model clips to PNG/GIF"),
 ]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows every option's default and keeps the line breaks of descriptions and examples. A help text that
-    already states its default is left as written."""
+    already states its default, and a required option (it has none), is left as written."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or ""):
+        if "default" in (action.help or "") or action.required:
             return action.help
         return super()._get_help_string(action)
 

@@ -61,7 +61,8 @@ def test_cli_finetune_then_eval_and_sample(model_dir, tmp_path):
     assert len(rows) == 2 and all(r["rel_error_vs_dense"] < 1e-5 and r["sparsity"] == 0.0 for r in rows)
 
     res = evaluate_models([("tuned", model, info), ("base", load_finetuned(model_dir)[0], {"attention": "full"})],
-                          tmp_path / "eval", clips=2, samples=2, steps=2, frames=2, height=16, width=16, progress=False)
+                          tmp_path / "eval", clips=2, samples=2, steps=2, progress=False,
+                          data=SyntheticVideoConfig(frames=2, height=16, width=16))
     assert [r["name"] for r in res] == ["tuned", "base"]
     data = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert np.isfinite(data["results"][0]["quality"]["frechet_distance"])
@@ -174,3 +175,11 @@ def test_training_curve_shows_raw_points_and_a_moving_average(tmp_path):
     pytest.importorskip("matplotlib")
     assert _plot_curves({"sla": str(log)}, str(tmp_path / "curve.png")) == str(tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_cli_sample_small_model_mode(model_dir, tmp_path, capsys):
+    """`sla sample --model` (no --pipeline): synthetic captions to a PNG grid and a GIF, as before --pipeline."""
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(model_dir), "--count", "1", "--steps", "1", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"samples.png", "samples.gif", "captions.txt"}
+    assert "attention: full" in capsys.readouterr().out

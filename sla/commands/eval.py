@@ -58,17 +58,22 @@ def run(args: argparse.Namespace) -> int:
     prepare_output_dir(args.out, "--out")  # before loading any model
 
     from sla.eval.evaluate import evaluate_models
-    from sla.training.checkpoint import load_finetuned
+    from sla.models.small_wan import EMBEDDED_MODELS
+    from sla.training.checkpoint import load_finetuned, synthetic_data_config
 
-    entries = []
+    entries, datas = [], []
     for i, spec in enumerate(args.model):
         model, info = load_finetuned(spec)
-        name = names[i] if names else ("small_full" if spec == "small" else
+        datas.append(synthetic_data_config(spec))
+        name = names[i] if names else (f"{spec}_full" if spec in EMBEDDED_MODELS else
                                        os.path.basename(os.path.dirname(os.path.abspath(spec)))
                                        if os.path.basename(os.path.abspath(spec)) == "final"
                                        else os.path.basename(os.path.abspath(spec)))
         entries.append((name, model, info))
+    if any(d != datas[0] for d in datas[1:]):
+        raise ValueError("--model: these models were trained on different synthetic clips (their "
+                         "synthetic_data.json differ); evaluate each family of models in its own `sla eval` run")
     evaluate_models(entries, args.out, clips=args.clips, samples=args.samples, steps=args.steps, shift=args.shift,
-                    batch_size=args.batch_size, device=resolve_device(args.device))
+                    batch_size=args.batch_size, device=resolve_device(args.device), data=datas[0])
     print(f"wrote {os.path.join(args.out, 'eval.md')}")
     return 0

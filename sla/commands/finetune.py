@@ -19,18 +19,23 @@ EPILOG = """examples:
   sla finetune --attention linear_only --output-dir runs/linear_only
   # TurboDiffusion-style distillation from the frozen full-attention model
   sla finetune --loss distill --lr 1e-5 --output-dir runs/distill
-  # your own Wan transformer and pre-encoded latents, 8 GPUs
+  # your own videos: encode them once with the pipeline, then fine-tune its transformer on 8 GPUs
+  sla prepare --pipeline /ckpt/Wan2.1-T2V-1.3B-Diffusers --videos /data/clips --out /data/latents
   torchrun --nproc_per_node 8 -m sla.cli finetune --model /ckpt/Wan2.1-T2V-1.3B-Diffusers \\
-      --data /data/latents --bf16 --gradient-checkpointing --batch-size 1 --grad-accum 8 --lr 1e-5
+      --data /data/latents --bf16 --gradient-checkpointing --batch-size 1 --grad-accum 8 --lr 1e-5 \\
+      --output-dir runs/wan_sla
+  # then generate with it (sla sample --help)
+  sla sample --pipeline /ckpt/Wan2.1-T2V-1.3B-Diffusers --sla runs/wan_sla/final --prompt "..." --out out.mp4
   # continue an interrupted run exactly where it stopped
   sla finetune --output-dir runs/sla --resume auto
 """
 
 HELP = {
-    "model": "'small' (the shipped pretrained small Wan) or a diffusers transformer folder (save_pretrained "
-             "layout, or a pipeline folder with transformer/)",
-    "data": "'synthetic' (built-in, generated on the fly) or a folder of latents *.safetensors "
-            "(scripts/prepare_latents.py)",
+    "model": "'small' (the shipped pretrained small Wan), a diffusers transformer folder (save_pretrained "
+             "layout), or a Wan pipeline folder (its transformer/; for Wan2.2 A14B name transformer/ or "
+             "transformer_2/)",
+    "data": "'synthetic' (built-in RGB clips, for the small model) or a folder of latents *.safetensors "
+            "(`sla prepare`, with the same pipeline as --model)",
     "data_size": "clips in the synthetic training split",
     "output_dir": "where checkpoints/, train_log.csv and final/ go",
     "attention": "full (control) | sla | sparse_only (Proj frozen at 0) | sum_no_proj (o_s + o_l) | "
@@ -45,7 +50,15 @@ HELP = {
     "loss": "flow (rectified-flow velocity, as Wan) | distill (MSE to the frozen full-attention teacher) | "
             "flow+distill",
     "steps": "optimizer steps",
-    "proj_lr_scale": "learning-rate multiplier for the zero-initialised SLA projections (1 = same lr as the rest)",
+    "proj_lr_scale": "learning-rate multiplier for the SLA projections (they must move O(1) from their start in a "
+                     "short fine-tune; 1 = same lr as the rest)",
+    "mass_lr_scale": "learning-rate multiplier for the per-head mass offsets of --combine mass",
+    "sla_weight_decay": "weight decay of the SLA parameters (--weight-decay applies to the rest)",
+    "combine": "paper (o_s + Proj(o_l), Proj from zero) | mass (a*o_s + (1-a)*Proj(o_l), a = the critical blocks' "
+               "estimated attention mass; Proj from the identity)",
+    "frames": "synthetic clip frames (default: the model's own, from its synthetic_data.json)",
+    "height": "synthetic clip height in pixels (default: the model's own)",
+    "width": "synthetic clip width in pixels (default: the model's own)",
     "batch_size": "clips per process per micro-step; global batch = batch_size * grad_accum * processes",
     "ema": "EMA decay of the weights (0 = off); the exported model then holds the EMA weights",
     "bf16": "bf16 autocast (the SLA projections stay float32)",
@@ -72,7 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=text)
+            p.add_argument(flag, dest=f.name, type=_FLAG_TYPES.get(f.name, type(default)), default=None, help=text)
+
+
+# Fields whose default is None (meaning "the model's own") still take a number on the command line.
+_FLAG_TYPES = {"frames": int, "height": int, "width": int}
 
 
 def _as_flag(message: str, keys: list[str]) -> str:

@@ -1,7 +1,7 @@
 """A folder of pre-encoded latents plus conditioning embeddings, one safetensors file per clip.
 
 This is the usual format for fine-tuning Wan-style models: the VAE and the text encoder run once, ahead of
-training (``scripts/prepare_latents.py``), and training reads small tensors instead of videos.
+training (``sla prepare``, :mod:`sla.data.prepare`), and training reads small tensors instead of videos.
 
 Format (each ``<name>.safetensors`` in the folder, sorted by file name):
 
@@ -9,20 +9,24 @@ Format (each ``<name>.safetensors`` in the folder, sorted by file name):
   way the model expects (for Wan: ``(z - latents_mean) / latents_std``).
 - ``text_embeds``: ``(text_len, text_dim)`` float, the text encoder's output for the clip's caption.
 
-Optional metadata (safetensors ``__metadata__``): ``caption``. All files must share shapes (one batch =
-one stack). Items are dicts with ``video`` (the latents, float32), ``text_embeds`` (float32), ``index``,
-``caption``: the same keys as :class:`~sla.data.synthetic.SyntheticVideoDataset`, so the trainer takes
-either.
+Optional metadata (safetensors ``__metadata__``, strings): ``caption``, and ``sla_prepare``, a JSON object
+that ``sla prepare`` writes: the pipeline, the VAE's ``latents_mean``/``latents_std``, the clip size, the
+caption length and the source clip (:attr:`LatentsDataset.prepare_info` reads it; ``sla finetune`` checks it
+against the model). All files must share shapes (one batch = one stack). Items are dicts with ``video``
+(the latents, float32), ``text_embeds`` (float32), ``index``, ``caption``: the same keys as
+:class:`~sla.data.synthetic.SyntheticVideoDataset`, so the trainer takes either.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
 REQUIRED_KEYS = ("latents", "text_embeds")
+PREPARE_KEY = "sla_prepare"  # metadata entry written by `sla prepare`
 
 
 def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -41,7 +45,7 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"latents file {path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                         "re-create it with scripts/prepare_latents.py") from e
+                         "re-create it with `sla prepare`") from e
     return tensors, meta
 
 
@@ -56,12 +60,13 @@ class LatentsDataset(torch.utils.data.Dataset):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"latents folder {self.folder} does not exist; create it with "
-                                    "scripts/prepare_latents.py or pass --data synthetic")
+                                    "`sla prepare` or pass --data synthetic")
         self.files = sorted(self.folder.glob("*.safetensors"))
         if not self.files:
             raise ValueError(f"latents folder {self.folder} holds no *.safetensors files; create them with "
-                             "scripts/prepare_latents.py")
-        first, _ = _load_file(self.files[0])
+                             "`sla prepare`")
+        first, meta = _load_file(self.files[0])
+        self.prepare_info = read_prepare_info(meta, self.files[0])
         self.latent_shape = tuple(first["latents"].shape)
         self.text_shape = tuple(first["text_embeds"].shape)
         if len(self.latent_shape) != 4 or len(self.text_shape) != 2:
@@ -82,16 +87,50 @@ class LatentsDataset(torch.utils.data.Dataset):
                     caption=meta.get("caption", ""))
 
 
+def read_prepare_info(meta: dict, path) -> dict | None:
+    """The ``sla_prepare`` record of a file's metadata (``None`` if the file was written by other tools)."""
+    raw = meta.get(PREPARE_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"latents file {path}: its {PREPARE_KEY!r} metadata is not JSON ({e}); "
+                         "re-create the file with `sla prepare`") from e
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a latents file without reading its tensors (``ValueError`` if unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"latents file {path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
 def write_latents_example(path: str | os.PathLike, latents: torch.Tensor, text_embeds: torch.Tensor,
-                          caption: str = "") -> None:
-    """Write one clip in the latents format, atomically (temp file + ``os.replace``)."""
+                          caption: str = "", prepare_info: dict | None = None) -> None:
+    """Write one clip in the latents format, atomically: a temp file in the same folder, fsynced, then
+    ``os.replace``d, so a reader (or a resumed ``sla prepare``) sees the whole file or none of it."""
     from safetensors.torch import save_file
 
     if latents.ndim != 4 or text_embeds.ndim != 2:
         raise ValueError(f"latents must be (C, F, H, W) and text_embeds (text_len, text_dim), got "
                          f"{tuple(latents.shape)} and {tuple(text_embeds.shape)}")
     path = Path(path)
+    # The temp name does not end in .safetensors, so LatentsDataset never lists a half-written file.
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"latents": latents.contiguous().cpu(), "text_embeds": text_embeds.contiguous().cpu()}, str(tmp),
-              metadata={"caption": caption})
-    os.replace(tmp, path)
+    metadata = {"caption": caption}
+    if prepare_info is not None:
+        metadata[PREPARE_KEY] = json.dumps(prepare_info, sort_keys=True)
+    try:
+        save_file({"latents": latents.contiguous().cpu(), "text_embeds": text_embeds.contiguous().cpu()}, str(tmp),
+                  metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

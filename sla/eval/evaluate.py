@@ -176,10 +176,14 @@ def model_attention_shape(model, frames: int, height: int, width: int) -> dict:
 
 
 def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, steps: int = 20, shift: float = 1.0,
-                    batch_size: int = 4, device="cpu", frames: int = 16, height: int = 64, width: int = 64,
+                    batch_size: int = 4, device="cpu", data=None,
                     progress: bool = True, title: str = "SLA evaluation", notes: str = "") -> list[dict]:
     """Evaluate ``entries`` = [(name, model, info)] on the synthetic held-out split; write ``eval.json``,
     ``eval.md``, PNG grids and GIFs into ``out_dir``. Returns the result rows.
+
+    ``data`` is the :class:`~sla.data.synthetic.SyntheticVideoConfig` of the clips (every model must have been
+    trained on them; :func:`sla.training.checkpoint.synthetic_data_config` reads a model's own); default: the
+    first testbed's 16 x 64 x 64 clips.
 
     A row's files are named after its name made safe (:func:`sla._paths.safe_filename`: ``"../x"`` gives
     ``x_samples.png`` inside ``out_dir``, never a path outside it) and distinct from the other rows' and from
@@ -197,10 +201,12 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
 
     prepare_output_dir(out_dir, "out_dir")
     stems = unique_filenames([name for name, _, _ in entries], reserved=("real",))
+    from dataclasses import replace
+
     text_dim = entries[0][1].config.text_dim
-    val = SyntheticVideoDataset("val", size=max(clips, samples, 2),
-                                config=SyntheticVideoConfig(frames=frames, height=height, width=width,
-                                                            text_dim=text_dim))
+    data = replace(data or SyntheticVideoConfig(), text_dim=text_dim)
+    frames, height, width = data.frames, data.height, data.width
+    val = SyntheticVideoDataset("val", size=max(clips, samples, 2), config=data)
     real_b = collate([val[i] for i in range(samples)])
     real, labels = real_b["video"], real_b["labels"]
     captions = list(real_b["caption"])  # generated clip i is for held-out caption i, like real clip i

@@ -1,4 +1,5 @@
-"""PNG grids and GIFs of clips ``(N, C, F, H, W)`` in [-1, 1] (Pillow, imported lazily).
+"""PNG grids and GIFs of clips ``(N, C, F, H, W)`` in [-1, 1], and contact sheets of one video (Pillow, imported
+lazily).
 
 Grids are labelled inside the image (a caption per row, a frame index per column), so a PNG read on its own,
 without the report around it, still says what it shows.
@@ -126,3 +127,37 @@ def save_gif(videos: torch.Tensor, path: str | os.PathLike, columns: int = 4, sc
         frames.append(img)
     frames[0].save(os.fspath(path), save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
     return os.fspath(path)
+
+
+def save_contact_sheet(frames: np.ndarray, path: str | os.PathLike, count: int = 8, columns: int = 4,
+                       max_width: int = 1664) -> str:
+    """``count`` evenly spaced frames of one video ``(F, H, W, 3)`` uint8 (first and last included), in a grid of
+    ``columns``, as one PNG, written atomically. Wide frames are scaled down so the sheet is at most ``max_width``
+    pixels wide (a full 832-pixel frame per cell makes an unwieldy image)."""
+    Image = _pil()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"save_contact_sheet takes (frames, height, width, 3), got {frames.shape}")
+    f, h, w, _ = frames.shape
+    picks = np.linspace(0, f - 1, min(count, f)).round().astype(int)
+    cols = min(columns, len(picks))
+    rows = (len(picks) + cols - 1) // cols
+    pad = 4
+    scale = min(1.0, (max_width - (cols - 1) * pad) / (cols * w))
+    cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+    sheet = Image.new("RGB", (cols * cw + (cols - 1) * pad, rows * ch + (rows - 1) * pad), (255, 255, 255))
+    for i, fr in enumerate(picks):
+        r, c = divmod(i, cols)
+        cell = Image.fromarray(frames[fr].astype(np.uint8))
+        if (cw, ch) != (w, h):
+            cell = cell.resize((cw, ch), Image.BICUBIC)
+        sheet.paste(cell, (c * (cw + pad), r * (ch + pad)))
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        sheet.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

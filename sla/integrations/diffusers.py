@@ -668,7 +668,7 @@ def _plan_load(model: nn.Module, path: str | os.PathLike, meta: dict, saved: SLA
             _head_dim(attn_by_name[name]), critical=saved.critical, negligible=saved.negligible,
             block_q=saved.block_q, block_k=saved.block_k, feature_map=saved.feature_map,
             linear_scope=saved.linear_scope, backend=saved.backend, keep_proj_fp32=saved.keep_proj_fp32,
-            device="meta")
+            combine=saved.combine, num_heads=attn_by_name[name].heads, device="meta")
         for pname, tensor in template.state_dict().items():
             expected[f"{name}.{SLA_ATTRIBUTE}.{pname}"] = tuple(tensor.shape)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

@@ -155,9 +155,24 @@ def build_small_model(seed: int | None = 0, base: str | dict = "small", **overri
     return Wan(**cfg)
 
 
-def load_small_model(path: str | os.PathLike | None = None, *, device=None, dtype=None):
+def dtype_kwargs(dtype) -> dict:
+    """``{"dtype": dtype}`` or ``{"torch_dtype": dtype}`` for diffusers' ``from_pretrained``: newer releases
+    renamed the argument and warn on the old name, older ones know only the old name (feature-detected from the
+    deprecation message the renaming release added)."""
+    if dtype is None:
+        return {}
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else {"torch_dtype": dtype}
+
+
+def load_small_model(path: str | os.PathLike | None = None, *, device=None, dtype=None, torch_dtype=None):
     """Load a shipped model (``path`` None = ``"small"``; or a built-in name) or any ``save_pretrained`` folder
-    of a Wan transformer, as float32 unless ``dtype`` says otherwise (checkpoints may be stored in bfloat16).
+    of a Wan transformer, as float32 unless ``torch_dtype``/``dtype`` say otherwise (checkpoints may be stored
+    in bfloat16).
+
+    ``torch_dtype`` is passed to ``from_pretrained``, which keeps the modules diffusers wants in float32 (time
+    embedding, norms) in float32; ``dtype`` casts everything after loading.
 
     Raises ``FileNotFoundError`` with a hint when the folder or its weights are missing, ``ValueError``
     when the weights file is unreadable.
@@ -178,10 +193,9 @@ def load_small_model(path: str | os.PathLike | None = None, *, device=None, dtyp
         raise FileNotFoundError(f"no *.safetensors weights in {folder}; re-run scripts/pretrain_small.py "
                                 "or pass another folder")
     try:
-        model = Wan.from_pretrained(str(folder), torch_dtype=torch.float32)
+        model = Wan.from_pretrained(str(folder), **dtype_kwargs(torch.float32 if torch_dtype is None else torch_dtype))
     except (OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"could not load the model in {folder}: {e}") from e
-    model = model.to(dtype=torch.float32)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model

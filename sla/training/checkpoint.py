@@ -233,6 +233,18 @@ def export_model(model, folder: str | os.PathLike, info: dict) -> Path:
 
     if is_sla_applied(root) and any(p.numel() for n, p in root.named_parameters() if ".sla." in n):
         save_sla(root, folder)
+    base = info.get("base_model")
+    if base is not None:  # keep the clip description with the model, so eval/sample feed it clips of its size
+        from ..models.small_wan import DATA_CONFIG_NAME
+
+        try:
+            source = resolve_model_folder(base) / DATA_CONFIG_NAME
+        except (FileNotFoundError, ValueError):
+            source = None
+        if source is not None and source.is_file():
+            tmp_data = folder / f".tmp-{DATA_CONFIG_NAME}"
+            tmp_data.write_text(source.read_text())
+            os.replace(tmp_data, folder / DATA_CONFIG_NAME)
     tmp_info = folder / f".tmp-{INFO_NAME}"
     tmp_info.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp_info, folder / INFO_NAME)
@@ -240,17 +252,59 @@ def export_model(model, folder: str | os.PathLike, info: dict) -> Path:
 
 
 def resolve_model_folder(spec: str) -> Path:
-    if spec == "small":
-        from ..models.small_wan import small_model_path
+    """The transformer folder named by ``spec``: a built-in model name (``"small"``, ``"wan8k"``; see
+    :mod:`sla.models.small_wan`), a transformer folder (``config.json`` + weights, ``save_pretrained`` layout) or
+    a diffusers pipeline folder, whose ``transformer/`` is taken. A pipeline with two transformers (Wan2.2 A14B)
+    is refused: its transformers denoise different noise levels, so the caller must name one."""
+    from ..models.small_wan import EMBEDDED_MODELS, small_model_path
 
-        return small_model_path()
+    if spec in EMBEDDED_MODELS:
+        return small_model_path(spec)
     folder = Path(spec)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model {spec!r} does not exist; pass 'small', a diffusers transformer folder "
+                                "(config.json + weights) or a Wan pipeline folder (the one with model_index.json "
+                                "and transformer/)")
     if (folder / "transformer" / "config.json").is_file() and not (folder / "config.json").is_file():
+        if (folder / "transformer_2" / "config.json").is_file():
+            raise ValueError(
+                f"model {spec!r} is a pipeline with two transformers (Wan2.2 A14B: transformer/ denoises the "
+                f"high-noise steps, transformer_2/ the low-noise ones); fine-tune one at a time: pass "
+                f"{folder / 'transformer'} or {folder / 'transformer_2'}")
         folder = folder / "transformer"  # a full pipeline folder: take its transformer
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model {spec!r}: no config.json in {folder}; pass 'small' or a diffusers "
-                                "transformer folder (save_pretrained layout)")
+        if (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"model {spec!r} is a pipeline folder without transformer/config.json; pass a "
+                                    "pipeline that has its transformer, or the transformer folder itself")
+        raise FileNotFoundError(f"model {spec!r}: no config.json in {folder}; pass 'small', a diffusers "
+                                "transformer folder (save_pretrained layout) or a pipeline folder with transformer/")
     return folder
+
+
+def synthetic_data_config(spec: str, model=None):
+    """The :class:`~sla.data.synthetic.SyntheticVideoConfig` of the clips model ``spec`` (a built-in name or a
+    folder) was trained on, from its ``synthetic_data.json`` (``sla finetune`` copies it into ``final/``), with
+    ``text_dim`` from ``model`` when given."""
+    from dataclasses import replace
+
+    from ..models.small_wan import data_config_for
+
+    config = data_config_for(resolve_model_folder(spec))
+    return replace(config, text_dim=model.config.text_dim) if model is not None else config
+
+
+def pipeline_of(spec: str) -> Path | None:
+    """The pipeline folder when ``spec`` names one or the ``transformer``/``transformer_2`` folder inside one
+    (that is where the VAE's latent statistics live), else ``None``."""
+    from ..models.small_wan import EMBEDDED_MODELS
+
+    if spec in EMBEDDED_MODELS:
+        return None
+    folder = Path(spec)
+    for candidate in (folder, folder.parent):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    return None
 
 
 def load_base_model(spec: str):
@@ -264,14 +318,15 @@ def load_base_model(spec: str):
     return load_small_model(folder)
 
 
-def load_finetuned(folder: str | os.PathLike):
+def load_finetuned(folder: str | os.PathLike, torch_dtype=None):
     """Load a model written by :func:`export_model` (or a plain base model folder: then dense). Returns
-    ``(model, info)``; ``info["attention"]`` names the attention mode installed."""
+    ``(model, info)``; ``info["attention"]`` names the attention mode installed. ``torch_dtype`` (default
+    float32) is passed to ``from_pretrained``; the SLA projections stay float32 either way."""
     from ..models.small_wan import load_small_model
     from .variants import apply_attention_mode
 
     folder = resolve_model_folder(os.fspath(folder))
-    model = load_small_model(folder)
+    model = load_small_model(folder, torch_dtype=torch_dtype)
     info_path = folder / INFO_NAME
     if not info_path.is_file():
         return model, {"attention": "full"}

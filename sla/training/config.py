@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, fields
 @dataclass
 class FinetuneConfig:
     # --- model and data -------------------------------------------------------------------------------------
-    model: str = "small"  # "small" = the shipped checkpoint, or a diffusers folder (save_pretrained layout)
+    model: str = "small"  # a built-in model ("small", "wan8k"), or a diffusers folder (save_pretrained layout)
     data: str = "synthetic"  # "synthetic" or a folder of latents (*.safetensors, see sla/data/latents.py)
     data_size: int = 100_000  # clips in the synthetic training split
-    frames: int = 16  # synthetic clip size (the small model's default: 16 x 64 x 64 -> 4096 tokens)
-    height: int = 64
-    width: int = 64
+    frames: int | None = None  # synthetic clip size; None = the model's own (its synthetic_data.json)
+    height: int | None = None
+    width: int | None = None
     output_dir: str = "runs/finetune"
     # --- attention ------------------------------------------------------------------------------------------
     attention: str = "sla"  # full | sla | sparse_only | sum_no_proj | linear_only (sla/training/variants.py)
@@ -30,6 +30,7 @@ class FinetuneConfig:
     block_k: int = 64
     feature_map: str = "softmax"
     linear_scope: str = "marginal"
+    combine: str = "paper"  # paper (o_s + Proj(o_l)) | mass (a o_s + (1 - a) Proj(o_l)), see sla.sparse_linear_attention
     backend: str = "auto"
     # --- what trains ----------------------------------------------------------------------------------------
     trainable: str = "full"  # full | proj (SLA projections only) | lora (LoRA adapters + SLA projections)
@@ -45,7 +46,12 @@ class FinetuneConfig:
     batch_size: int = 2  # per process, per micro-step
     grad_accum: int = 1
     lr: float = 1e-4
-    proj_lr_scale: float = 1.0  # learning-rate multiplier for the SLA projections (zero-initialised; 1 = paper)
+    # The SLA parameters start where they do (Proj at zero or the identity, mass offsets at zero) and must travel
+    # O(1) within a short fine-tune; Adam moves a weight by at most ~lr per step, so they get larger learning
+    # rates and no weight decay (docs/results.md, "recipe").
+    proj_lr_scale: float = 10.0  # learning-rate multiplier for the SLA projections
+    mass_lr_scale: float = 100.0  # learning-rate multiplier for the per-head mass offsets (combine="mass")
+    sla_weight_decay: float = 0.0  # weight decay of the SLA parameters (weight_decay applies to the rest)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -87,8 +93,18 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not self.proj_lr_scale > 0:
-            raise ValueError(f"proj_lr_scale must be > 0, got {self.proj_lr_scale!r}")
+        for name in ("proj_lr_scale", "mass_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.sla_weight_decay >= 0:
+            raise ValueError(f"sla_weight_decay must be >= 0, got {self.sla_weight_decay!r}")
+        from ..ops.sla.validation import COMBINE_RULES
+
+        choice("combine", COMBINE_RULES)
+        for name in ("frames", "height", "width"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None (the model's own clip size), got {v!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1) (0 disables), got {self.ema!r}")
         if self.trainable == "proj" and self.attention != "sla":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import os
 import signal
@@ -108,9 +109,55 @@ def build_dataset(cfg: FinetuneConfig, text_dim: int, split: str = "train", size
     from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
 
     if cfg.data == "synthetic":
-        sc = SyntheticVideoConfig(frames=cfg.frames, height=cfg.height, width=cfg.width, text_dim=text_dim)
+        from dataclasses import replace
+
+        from .checkpoint import synthetic_data_config
+
+        own = synthetic_data_config(cfg.model)  # the clips the model was trained on
+        sc = replace(own, text_dim=text_dim, **{k: getattr(cfg, k) for k in ("frames", "height", "width")
+                                                 if getattr(cfg, k) is not None})
         return SyntheticVideoDataset(split, size=size or cfg.data_size, config=sc)
     return LatentsDataset(cfg.data)
+
+
+def check_data_fits_model(dataset, model, cfg: FinetuneConfig) -> None:
+    """Refuse data the model cannot train on, naming ``--data``/``--model`` and the fix, before any step runs
+    (otherwise the first forward fails deep inside the model with a bare shape error, or, for latents of
+    another VAE with the same channel count, trains silently on the wrong latent space)."""
+    from ..data.latents import LatentsDataset
+    from .checkpoint import pipeline_of
+
+    mc = model.config
+    if not isinstance(dataset, LatentsDataset):
+        if mc.in_channels != 3:
+            raise ValueError(f"--data synthetic is RGB pixels (3 channels), but --model {cfg.model} takes "
+                             f"{mc.in_channels} input channels (a latent-space model such as Wan's); encode your "
+                             "videos with `sla prepare` and pass that folder as --data")
+        return
+    c, f, h, w = dataset.latent_shape
+    text_len, text_dim = dataset.text_shape
+    if c != mc.in_channels:
+        raise ValueError(f"--data {cfg.data} holds latents with {c} channels, but --model {cfg.model} takes "
+                         f"{mc.in_channels}; encode the videos with the VAE of this model's pipeline "
+                         f"(`sla prepare --pipeline ...`)")
+    if text_dim != mc.text_dim:
+        raise ValueError(f"--data {cfg.data} holds text embeddings of width {text_dim}, but --model {cfg.model} "
+                         f"expects text_dim {mc.text_dim}; encode the captions with this model's text encoder "
+                         "(`sla prepare --pipeline ...`)")
+    pt, ph, pw = mc.patch_size
+    if f % pt or h % ph or w % pw:
+        raise ValueError(f"--data {cfg.data}: latents (frames {f}, height {h}, width {w}) are not divisible by the "
+                         f"model's patch size {tuple(mc.patch_size)}; prepare with --height/--width multiples of 16")
+    info = dataset.prepare_info
+    pipe = pipeline_of(cfg.model)
+    if info is not None and pipe is not None and (pipe / "vae" / "config.json").is_file():
+        vae = json.loads((pipe / "vae" / "config.json").read_text())
+        for key in ("latents_mean", "latents_std"):
+            ours, theirs = info.get(key), vae.get(key)
+            if ours is not None and theirs is not None and [float(x) for x in ours] != [float(x) for x in theirs]:
+                raise ValueError(f"--data {cfg.data} was encoded with a VAE whose {key} differs from that of "
+                                 f"--model's pipeline {pipe}: the latents are in another model space; prepare them "
+                                 f"again with `sla prepare --pipeline {pipe}`")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -119,7 +166,8 @@ def build_dataset(cfg: FinetuneConfig, text_dim: int, split: str = "train", size
 
 def sla_settings(cfg: FinetuneConfig) -> dict:
     return dict(critical=cfg.critical, negligible=cfg.negligible, block_q=cfg.block_q, block_k=cfg.block_k,
-                feature_map=cfg.feature_map, linear_scope=cfg.linear_scope, backend=cfg.backend)
+                feature_map=cfg.feature_map, linear_scope=cfg.linear_scope, backend=cfg.backend,
+                combine=cfg.combine)
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -149,6 +197,25 @@ def prepare_student(model, cfg: FinetuneConfig):
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
+
+
+# What a checkpoint made before these options existed was trained with.
+_RESUME_DEFAULTS = {"mass_lr_scale": 1.0, "sla_weight_decay": 0.01, "combine": "paper"}
+
+
+def param_groups(named_trainable: list, cfg: FinetuneConfig) -> list[dict]:
+    """AdamW groups: the model's own weights (``lr``, ``weight_decay``), the SLA projections (``lr *
+    proj_lr_scale``) and the per-head mass offsets (``lr * mass_lr_scale``), both with ``sla_weight_decay``.
+    Each group carries ``lr_scale`` for the schedule. Empty groups are left out (the optimizer state's layout
+    then depends only on which parameters train)."""
+    groups = [
+        dict(params=[p for n, p in named_trainable if ".sla." not in n], lr_scale=1.0, name="model"),
+        dict(params=[p for n, p in named_trainable if ".sla." in n and not n.endswith("mass_offset")],
+             lr_scale=cfg.proj_lr_scale, weight_decay=cfg.sla_weight_decay, name="sla_proj"),
+        dict(params=[p for n, p in named_trainable if ".sla." in n and n.endswith("mass_offset")],
+             lr_scale=cfg.mass_lr_scale, weight_decay=cfg.sla_weight_decay, name="sla_mass_offset"),
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def lr_factor(step: int, cfg: FinetuneConfig) -> float:
@@ -289,12 +356,15 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     if ckpt is not None:
         saved = ckpt["config"]
         for key in ("model", "data", "attention", "trainable", "seed", "batch_size", "grad_accum", "loss", "lr",
-                    "proj_lr_scale", "steps", "critical", "negligible", "linear_scope", "feature_map"):
+                    "proj_lr_scale", "mass_lr_scale", "sla_weight_decay", "steps", "critical", "negligible",
+                    "linear_scope", "feature_map", "combine"):
             if key == "batch_size":
                 same = saved["batch_size"] * saved["grad_accum"] * ckpt.get("world_size", 1) == \
                     cfg.batch_size * cfg.grad_accum * world
             elif key == "grad_accum":
                 continue
+            elif key in _RESUME_DEFAULTS and key not in saved:  # checkpoints from before the option existed
+                same = _RESUME_DEFAULTS[key] == getattr(cfg, key)
             else:
                 same = saved.get(key) == getattr(cfg, key)
             if not same:
@@ -304,19 +374,15 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     torch.manual_seed(cfg.seed)
     base = load_base_model(cfg.model)
     dataset = build_dataset(cfg, base.config.text_dim)
+    check_data_fits_model(dataset, base, cfg)
     teacher = None
     if cfg.loss != "flow":
         teacher = copy.deepcopy(base).to(device).eval().requires_grad_(False)
     student = prepare_student(base, cfg).to(device).train()
     named_trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     params = [p for _, p in named_trainable]
-    # The zero-initialised SLA projections may get their own learning-rate multiplier (proj_lr_scale).
-    proj = [p for n, p in named_trainable if ".sla." in n]
-    rest = [p for n, p in named_trainable if ".sla." not in n]
-    groups = [dict(params=rest, lr_scale=1.0)] if rest else []
-    if proj:
-        groups.append(dict(params=proj, lr_scale=cfg.proj_lr_scale))
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(named_trainable, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay)
     ema = {n: p.detach().clone() for n, p in named_trainable} if cfg.ema > 0 else None
 
     start_step = 0

@@ -6,7 +6,8 @@ QK-norm and RoPE). The ablations keep that wiring and change only what ``attn.sl
 
 ========================  ===============================================================================
 ``full``                  dense softmax attention; the model is left untouched (the control).
-``sla``                   ``o_s + Proj(o_l)``, Proj trainable, zero-initialised (the paper's SLA).
+``sla``                   ``o_s + Proj(o_l)``, Proj trainable, zero-initialised (the paper's SLA), or with
+                          ``combine="mass"`` ``a o_s + (1 - a) Proj(o_l)`` (identity-initialised Proj).
 ``sparse_only``           ``o_s``: SLA with Proj frozen at zero (``o_s + 0``). The linear branch is still
                           evaluated by the operator but contributes exactly nothing, so the result is the
                           sparse branch alone; the FLOPs table counts the sparse branch only.
@@ -78,8 +79,10 @@ class LinearOnlyAttention(nn.Module):
 
 def apply_attention_mode(model: nn.Module, mode: str, *, critical: float = 0.05, negligible: float = 0.10,
                          block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                         linear_scope: str = "marginal", backend: str = "auto") -> nn.Module:
-    """Install attention ``mode`` (see the module docstring) in every self-attention layer, in place."""
+                         linear_scope: str = "marginal", backend: str = "auto", combine: str = "paper") -> nn.Module:
+    """Install attention ``mode`` (see the module docstring) in every self-attention layer, in place.
+    ``combine`` applies to ``sla`` only: the ablations are defined with the paper's sum (``sparse_only`` is the
+    paper's rule with Proj frozen at zero, ``sum_no_proj`` its rule with the identity)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     if mode == "full":
@@ -87,7 +90,8 @@ def apply_attention_mode(model: nn.Module, mode: str, *, critical: float = 0.05,
     import sla
 
     sla.apply_sla(model, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-                  feature_map=feature_map, linear_scope=linear_scope, backend=backend)
+                  feature_map=feature_map, linear_scope=linear_scope, backend=backend,
+                  combine=combine if mode == "sla" else "paper")
     if mode == "sla":
         return model
     from ..integrations.diffusers import sla_modules

@@ -1,0 +1,247 @@
+"""The decisive quality experiment of issue 12: does a branch combination that can recover the attention mass
+outside the critical blocks let SLA keep quality where sparse-only attention loses it?
+
+Written down before it ran (docs/results.md, "Decisive experiment"): every arm fine-tunes the same pretrained
+checkpoint with the same data, steps, batch and learning rate, with seeds paired across arms (seed s gives
+every arm the same data order, noise and timesteps); evaluation uses fixed noise and held-out clips only.
+
+    python scripts/quality_experiment.py run --out runs/quality --seeds 0 1 2 --gpus 0,1 --jobs-per-gpu 3
+    python scripts/quality_experiment.py report runs/quality        # results.json + results.md
+
+``run`` starts one worker process per job slot (``CUDA_VISIBLE_DEVICES`` per GPU); each job fine-tunes one
+(arm, seed) and evaluates it, writing ``<out>/<arm>/seed<s>/result.json`` as soon as it is done, so a run cut
+short keeps every finished job. ``report`` needs only those files. On a CPU, ``--smoke`` shrinks everything
+to seconds (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Arm name -> `sla finetune` settings on top of the shared recipe. "Recipe" = the SLA parameters' learning-rate
+# multipliers and no weight decay on them (FinetuneConfig defaults); "plain" = the same learning rate and
+# weight decay as the rest of the model (the setting every earlier run of this project used).
+PLAIN = dict(proj_lr_scale=1.0, mass_lr_scale=1.0, sla_weight_decay=0.01)
+ARMS = {
+    "full": dict(attention="full"),
+    "sparse_only": dict(attention="sparse_only"),
+    "sparse_only_flops": dict(attention="sparse_only", critical="FLOPS"),  # critical resolved per model below
+    "sla_paper_plain": dict(attention="sla", combine="paper", **PLAIN),
+    "sla_paper": dict(attention="sla", combine="paper"),
+    "sla_mass": dict(attention="sla", combine="mass"),
+    "sla_mass_plain": dict(attention="sla", combine="mass", **PLAIN),
+}
+SHARED = dict(steps=600, batch_size=8, lr=2e-4, warmup_steps=30, critical=0.05, negligible=0.10)
+EVAL = dict(clips=256, samples=256, sample_steps=20, batch_size=32)
+SMOKE = dict(steps=2, batch_size=1, warmup_steps=1), dict(clips=2, samples=2, sample_steps=1, batch_size=2)
+
+
+def flops_matched_critical(model_spec: str, critical: float, negligible: float) -> float:
+    """The largest critical fraction whose sparse-only attention FLOPs do not exceed SLA's at ``critical``
+    (SLA also pays its linear branch and Proj), on the model's own sequence length and head size."""
+    from sla.models.small_wan import data_config_for
+    from sla.training.checkpoint import resolve_model_folder
+    from sla.training.variants import attention_flops
+
+    folder = resolve_model_folder(model_spec)
+    cfg = json.loads((folder / "config.json").read_text())
+    data = data_config_for(folder)
+    pt, ph, pw = cfg["patch_size"]
+    seq = (data.frames // pt) * (data.height // ph) * (data.width // pw)
+    shape = dict(seq_len=seq, head_dim=cfg["attention_head_dim"], heads=cfg["num_attention_heads"],
+                 layers=cfg["num_layers"])
+    budget = attention_flops("sla", **shape, critical=critical, negligible=negligible)
+    tn = -(-seq // 64)
+    best = critical
+    for n in range(1, tn + 1):
+        c = n / tn
+        if attention_flops("sparse_only", **shape, critical=c, negligible=0.0) <= budget:
+            best = max(best, c)
+    return best
+
+
+def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: str) -> dict:
+    import torch
+
+    from sla.data.synthetic import SyntheticVideoDataset, collate
+    from sla.eval.evaluate import attention_error, generate, heldout_loss, sample_quality
+    from sla.eval.features import load_feature_net
+    from sla.training.checkpoint import load_finetuned, synthetic_data_config
+    from sla.training.config import make_config
+    from sla.training.trainer import finetune
+
+    train_kw, eval_kw = (SMOKE if smoke else (SHARED, EVAL))
+    settings = {**SHARED, **train_kw, **ARMS[arm]}
+    if settings.get("critical") == "FLOPS":
+        settings["critical"] = flops_matched_critical(model, SHARED["critical"], SHARED["negligible"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    job_dir = out / arm / f"seed{seed}"
+    t0 = time.time()
+    cfg = make_config(model=model, output_dir=str(job_dir / "train"), seed=seed, save_every=0, device=device,
+                      bf16=device == "cuda", progress=False, backend=backend, **settings)
+    summary = finetune(cfg)
+    train_seconds = time.time() - t0
+    ft, info = load_finetuned(job_dir / "train" / "final")
+    ft.to(device).eval()
+    data = synthetic_data_config(model, ft)
+    n = max(eval_kw["clips"], eval_kw["samples"], 2)
+    val = SyntheticVideoDataset("val", size=n, config=data)
+    loss = heldout_loss(ft, val, n=eval_kw["clips"], batch_size=eval_kw["batch_size"], device=device)
+    real = collate([val[i] for i in range(eval_kw["samples"])])
+    gen = generate(ft, val, range(eval_kw["samples"]), steps=eval_kw["sample_steps"], batch_size=eval_kw["batch_size"],
+                   device=device)
+    net = load_feature_net(device=device)
+    quality = sample_quality(gen, real["video"], real["labels"], net)
+    layers = attention_error(ft, collate([val[i] for i in range(2)]), device=device)
+    sla_params = {n_: p.detach().float().cpu() for n_, p in ft.named_parameters() if ".sla." in n_}
+    result = dict(
+        arm=arm, seed=seed, model=model, settings={k: v for k, v in settings.items()}, backend=backend,
+        heldout_loss=loss["loss"], heldout_per_sigma=loss["per_sigma"], heldout_clips=loss["clips"],
+        frechet_distance=quality["frechet_distance"], attribute_agreement=quality["attribute_agreement"],
+        samples=quality["samples"], layers=layers,
+        rel_error_vs_dense=(sum(r["rel_error_vs_dense"] for r in layers) / len(layers)) if layers else 0.0,
+        sparsity=(sum(r["sparsity"] for r in layers) / len(layers)) if layers else 0.0,
+        final_train_loss=summary.get("loss"), train_seconds=round(train_seconds, 1),
+        total_seconds=round(time.time() - t0, 1),
+        proj_weight_max_abs_change={n_: float((p - (torch.eye(p.shape[0]) if settings.get("combine") == "mass"
+                                                     else 0)).abs().max())
+                                    for n_, p in sla_params.items() if n_.endswith("proj.weight")},
+        mass_offsets={n_: p.tolist() for n_, p in sla_params.items() if n_.endswith("mass_offset")},
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__)
+    tmp = job_dir / ".tmp-result.json"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, job_dir / "result.json")
+    return result
+
+
+def cmd_run(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(arm, s) for s in args.seeds for arm in (args.arms or list(ARMS))
+            if not (out / arm / f"seed{s}" / "result.json").is_file()]
+    gpus = [g for g in args.gpus.split(",") if g] if args.gpus else [""]
+    slots = [g for g in gpus for _ in range(args.jobs_per_gpu)]
+    running: list[tuple[subprocess.Popen, tuple, float]] = []
+    log = open(out / "run.log", "a")
+    t0 = time.time()
+    while jobs or running:
+        while jobs and len(running) < len(slots):
+            busy = [r[1][0] for r in running]
+            free = [g for g in slots]
+            for g in busy:
+                free.remove(g)
+            gpu = free[0]
+            arm, seed = jobs.pop(0)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if gpu:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            cmd = [sys.executable, __file__, "job", "--arm", arm, "--seed", str(seed), "--out", str(out),
+                   "--model", args.model, "--backend", args.backend] + (["--smoke"] if args.smoke else [])
+            (out / arm / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+            f = open(out / arm / f"seed{seed}" / "job.log", "w")
+            running.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), (gpu, arm, seed),
+                            time.time()))
+            print(f"[{time.time() - t0:6.0f} s] start {arm} seed {seed} on GPU {gpu or 'cpu'}", file=log, flush=True)
+        time.sleep(1.0)
+        for proc, (gpu, arm, seed), started in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, (gpu, arm, seed), started))
+                print(f"[{time.time() - t0:6.0f} s] done {arm} seed {seed}: exit {proc.returncode} after "
+                      f"{time.time() - started:.0f} s", file=log, flush=True)
+    return 0
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def cmd_report(args) -> int:
+    out = Path(args.out)
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/seed*/result.json"))]
+    if not results:
+        print(f"no result.json under {out}", file=sys.stderr)
+        return 2
+    arms = [a for a in ARMS if any(r["arm"] == a for r in results)]
+    seeds = sorted({r["seed"] for r in results})
+    by = {(r["arm"], r["seed"]): r for r in results}
+    rows = []
+    for arm in arms:
+        rs = [by[(arm, s)] for s in seeds if (arm, s) in by]
+        rows.append(dict(arm=arm, seeds=[r["seed"] for r in rs], heldout_loss=_mean([r["heldout_loss"] for r in rs]),
+                         heldout_loss_per_seed=[r["heldout_loss"] for r in rs],
+                         frechet_distance=_mean([r["frechet_distance"] for r in rs]),
+                         fd_per_seed=[r["frechet_distance"] for r in rs],
+                         rel_error_vs_dense=_mean([r["rel_error_vs_dense"] for r in rs]),
+                         sparsity=_mean([r["sparsity"] for r in rs]), critical=rs[0]["settings"].get("critical")))
+    verdicts = {}
+    for new in ("sla_mass", "sla_paper", "sla_mass_plain", "sla_paper_plain"):
+        if not all((a, s) in by for a in (new, "sparse_only", "full") for s in seeds):
+            continue
+        beats = [by[(new, s)]["heldout_loss"] < by[("sparse_only", s)]["heldout_loss"] for s in seeds]
+        gap = _mean([by[("sparse_only", s)]["heldout_loss"] - by[("full", s)]["heldout_loss"] for s in seeds])
+        closed = _mean([by[("sparse_only", s)]["heldout_loss"] - by[(new, s)]["heldout_loss"] for s in seeds])
+        verdicts[new] = dict(beats_sparse_only_every_seed=all(beats), beats_per_seed=beats,
+                             gap_closed=closed / gap if gap > 0 else float("nan"),
+                             criterion_met=all(beats) and gap > 0 and closed / gap >= 0.5)
+    meta = dict(model=results[0]["model"], device=results[0]["device"], torch=results[0]["torch"],
+                shared=SHARED, eval=EVAL, seeds=seeds)
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, verdicts=verdicts), indent=1) + "\n")
+    lines = [f"Model `{meta['model']}`, {meta['device']}, torch {meta['torch']}; seeds {seeds}; "
+             f"{SHARED['steps']} steps x batch {SHARED['batch_size']}, lr {SHARED['lr']}; held-out loss on "
+             f"{EVAL['clips']} clips x 5 sigmas (fixed noise), FD on {EVAL['samples']} samples "
+             f"({EVAL['sample_steps']} Euler steps).", "",
+             "| arm | critical | held-out loss (mean) | per seed | FD (mean) | FD per seed | rel. error vs dense | "
+             "sparsity |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['critical']} | {r['heldout_loss']:.4f} | "
+                     f"{', '.join(f'{x:.4f}' for x in r['heldout_loss_per_seed'])} | {r['frechet_distance']:.1f} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['fd_per_seed'])} | {r['rel_error_vs_dense']:.3f} | "
+                     f"{r['sparsity']:.3f} |")
+    lines += ["", "| rule | beats sparse-only in every seed | share of the sparse-only-to-full gap closed | "
+                  "criterion met |", "|---|---|---|---|"]
+    for k, v in verdicts.items():
+        lines.append(f"| {k} | {v['beats_sparse_only_every_seed']} ({v['beats_per_seed']}) | "
+                     f"{100 * v['gap_closed']:.0f}% | {v['criterion_met']} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run every (arm, seed) job not finished yet")
+    r.add_argument("--out", required=True)
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--arms", nargs="*", choices=list(ARMS), help="default: all")
+    r.add_argument("--gpus", default="", help="comma list of GPU ids (default: none, run on CPU one at a time)")
+    r.add_argument("--jobs-per-gpu", type=int, default=1)
+    r.add_argument("--model", default="small")
+    r.add_argument("--backend", default="auto")
+    r.add_argument("--smoke", action="store_true", help="tiny sizes, for a CPU check of the pipeline")
+    j = sub.add_parser("job", help="one (arm, seed): fine-tune, evaluate, write result.json")
+    j.add_argument("--arm", required=True, choices=list(ARMS))
+    j.add_argument("--seed", type=int, required=True)
+    j.add_argument("--out", required=True)
+    j.add_argument("--model", default="small")
+    j.add_argument("--backend", default="auto")
+    j.add_argument("--smoke", action="store_true")
+    p = sub.add_parser("report", help="aggregate result.json files into results.json and results.md")
+    p.add_argument("out")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        return cmd_run(args)
+    if args.cmd == "job":
+        run_job(args.arm, args.seed, Path(args.out), args.model, args.smoke, args.backend)
+        return 0
+    return cmd_report(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -189,13 +189,14 @@ def cmd_report(args) -> int:
         verdicts[new] = dict(beats_sparse_only_every_seed=all(beats), beats_per_seed=beats,
                              gap_closed=closed / gap if gap > 0 else float("nan"),
                              criterion_met=all(beats) and gap > 0 and closed / gap >= 0.5)
+    st = results[0]["settings"]
+    ev = dict(clips=results[0]["heldout_clips"], samples=results[0]["samples"])
     meta = dict(model=results[0]["model"], device=results[0]["device"], torch=results[0]["torch"],
-                shared=SHARED, eval=EVAL, seeds=seeds)
+                steps=st["steps"], batch_size=st["batch_size"], lr=st["lr"], eval=ev, seeds=seeds)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, verdicts=verdicts), indent=1) + "\n")
     lines = [f"Model `{meta['model']}`, {meta['device']}, torch {meta['torch']}; seeds {seeds}; "
-             f"{SHARED['steps']} steps x batch {SHARED['batch_size']}, lr {SHARED['lr']}; held-out loss on "
-             f"{EVAL['clips']} clips x 5 sigmas (fixed noise), FD on {EVAL['samples']} samples "
-             f"({EVAL['sample_steps']} Euler steps).", "",
+             f"{st['steps']} steps x batch {st['batch_size']}, lr {st['lr']}; held-out loss on "
+             f"{ev['clips']} clips x 5 sigmas (fixed noise), FD on {ev['samples']} samples.", "",
              "| arm | critical | held-out loss (mean) | per seed | FD (mean) | FD per seed | rel. error vs dense | "
              "sparsity |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -37,7 +37,7 @@ ARMS = {
     "sla_mass": dict(attention="sla", combine="mass"),
     "sla_mass_plain": dict(attention="sla", combine="mass", **PLAIN),
 }
-SHARED = dict(steps=600, batch_size=8, lr=2e-4, warmup_steps=30, critical=0.05, negligible=0.10)
+SHARED = dict(steps=400, batch_size=8, lr=2e-4, warmup_steps=20, critical=0.05, negligible=0.10)
 EVAL = dict(clips=256, samples=256, sample_steps=20, batch_size=32)
 SMOKE = dict(steps=2, batch_size=1, warmup_steps=1), dict(clips=2, samples=2, sample_steps=1, batch_size=2)
 
@@ -66,8 +66,14 @@ def flops_matched_critical(model_spec: str, critical: float, negligible: float) 
     return best
 
 
-def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: str) -> dict:
+def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: str, threads: int = 0) -> dict:
     import torch
+
+    if threads:
+        # Several jobs share the machine's cores: torch's default (one thread per core in every process) made
+        # six concurrent jobs on 32 cores run ~100x slower than one alone (the synthetic clips are rendered
+        # with CPU ops in the training process).
+        torch.set_num_threads(threads)
 
     from sla.data.synthetic import SyntheticVideoDataset, collate
     from sla.eval.evaluate import attention_error, generate, heldout_loss, sample_quality
@@ -141,8 +147,11 @@ def cmd_run(args) -> int:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             if gpu:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
+            threads = max(1, (os.cpu_count() or 1) // len(slots))
+            env["OMP_NUM_THREADS"] = str(threads)
             cmd = [sys.executable, __file__, "job", "--arm", arm, "--seed", str(seed), "--out", str(out),
-                   "--model", args.model, "--backend", args.backend] + (["--smoke"] if args.smoke else [])
+                   "--model", args.model, "--backend", args.backend, "--threads", str(threads)] + \
+                (["--smoke"] if args.smoke else [])
             (out / arm / f"seed{seed}").mkdir(parents=True, exist_ok=True)
             f = open(out / arm / f"seed{seed}" / "job.log", "w")
             running.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), (gpu, arm, seed),
@@ -233,13 +242,14 @@ def main() -> int:
     j.add_argument("--model", default="small")
     j.add_argument("--backend", default="auto")
     j.add_argument("--smoke", action="store_true")
+    j.add_argument("--threads", type=int, default=0, help="CPU threads of this job (0 = torch's default)")
     p = sub.add_parser("report", help="aggregate result.json files into results.json and results.md")
     p.add_argument("out")
     args = ap.parse_args()
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "job":
-        run_job(args.arm, args.seed, Path(args.out), args.model, args.smoke, args.backend)
+        run_job(args.arm, args.seed, Path(args.out), args.model, args.smoke, args.backend, args.threads)
         return 0
     return cmd_report(args)
 

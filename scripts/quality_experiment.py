@@ -66,7 +66,8 @@ def flops_matched_critical(model_spec: str, critical: float, negligible: float) 
     return best
 
 
-def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: str, threads: int = 0) -> dict:
+def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: str, threads: int = 0,
+            steps: int = 0) -> dict:
     import torch
 
     if threads:
@@ -84,6 +85,8 @@ def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: st
 
     train_kw, eval_kw = (SMOKE if smoke else (SHARED, EVAL))
     settings = {**SHARED, **train_kw, **ARMS[arm]}
+    if steps:  # a longer (or shorter) run than the pre-registered one, reported as such
+        settings["steps"] = steps
     if settings.get("critical") == "FLOPS":
         settings["critical"] = flops_matched_critical(model, SHARED["critical"], SHARED["negligible"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,7 +153,8 @@ def cmd_run(args) -> int:
             threads = max(1, (os.cpu_count() or 1) // len(slots))
             env["OMP_NUM_THREADS"] = str(threads)
             cmd = [sys.executable, __file__, "job", "--arm", arm, "--seed", str(seed), "--out", str(out),
-                   "--model", args.model, "--backend", args.backend, "--threads", str(threads)] + \
+                   "--model", args.model, "--backend", args.backend, "--threads", str(threads),
+                   "--steps", str(args.steps)] + \
                 (["--smoke"] if args.smoke else [])
             (out / arm / f"seed{seed}").mkdir(parents=True, exist_ok=True)
             f = open(out / arm / f"seed{seed}" / "job.log", "w")
@@ -235,6 +239,7 @@ def main() -> int:
     r.add_argument("--model", default="small")
     r.add_argument("--backend", default="auto")
     r.add_argument("--smoke", action="store_true", help="tiny sizes, for a CPU check of the pipeline")
+    r.add_argument("--steps", type=int, default=0, help="fine-tuning steps (default: the pre-registered 400)")
     j = sub.add_parser("job", help="one (arm, seed): fine-tune, evaluate, write result.json")
     j.add_argument("--arm", required=True, choices=list(ARMS))
     j.add_argument("--seed", type=int, required=True)
@@ -243,13 +248,14 @@ def main() -> int:
     j.add_argument("--backend", default="auto")
     j.add_argument("--smoke", action="store_true")
     j.add_argument("--threads", type=int, default=0, help="CPU threads of this job (0 = torch's default)")
+    j.add_argument("--steps", type=int, default=0, help="fine-tuning steps (0 = the pre-registered 400)")
     p = sub.add_parser("report", help="aggregate result.json files into results.json and results.md")
     p.add_argument("out")
     args = ap.parse_args()
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "job":
-        run_job(args.arm, args.seed, Path(args.out), args.model, args.smoke, args.backend, args.threads)
+        run_job(args.arm, args.seed, Path(args.out), args.model, args.smoke, args.backend, args.threads, args.steps)
         return 0
     return cmd_report(args)
 

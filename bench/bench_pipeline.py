@@ -48,7 +48,14 @@ from provenance import git_commit  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import sla  # noqa: E402
-from bench_e2e import RESOLUTIONS, WAN_1_3B, _is_oom, _sla_block_counts, build_model  # noqa: E402
+from bench_e2e import (  # noqa: E402
+    RESOLUTIONS,
+    WAN_1_3B,
+    _is_oom,
+    _sla_block_counts,
+    _write_atomic,
+    build_model,
+)
 
 MODES = ("flash", "cudnn", "sla")
 # umt5-xxl's encoder, the text encoder of every Wan2.1/2.2 pipeline.
@@ -271,13 +278,6 @@ def to_markdown(result: dict) -> str:
                   "Sparsity: share of query-key pairs the exact branch skips, measured on the first transformer "
                   "call (mean over layers). Random weights: the speed is representative, the video is noise."]
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):

@@ -143,13 +143,16 @@ def test_analysis_matches_the_operator_reference():
     assert errs["token_topk_renormalised"][0] == pytest.approx(0.0, abs=1e-12)
     for i, s in enumerate(errs["sparsity"]):
         bm = build_block_map(q[None], k[None], critical=1 - s, negligible=min(0.25, s))
-        sparse_only = naive_sparse_linear_attention(q[None], k[None], v[None], bm,
+        sparse_only = naive_sparse_linear_attention(q[None], k[None], v[None], bm, combine="paper",
                                                     proj_weight=torch.zeros(D, D, dtype=torch.float64))[0]
-        identity = naive_sparse_linear_attention(q[None], k[None], v[None], bm)[0]
+        identity = naive_sparse_linear_attention(q[None], k[None], v[None], bm, combine="paper")[0]
+        mass = naive_sparse_linear_attention(q[None], k[None], v[None], bm, combine="mass")[0]
         per_head = [metrics.relative_l1(sparse_only[h], dense[h]) for h in range(2)]
         assert errs["block_pooled_sparse_only"][i] == pytest.approx(sum(per_head) / 2, rel=1e-9, abs=1e-12)
         per_head = [metrics.relative_l1(identity[h], dense[h]) for h in range(2)]
         assert errs["sla_identity_projection"][i] == pytest.approx(sum(per_head) / 2, rel=1e-9)
+        per_head = [metrics.relative_l1(mass[h], dense[h]) for h in range(2)]
+        assert errs["sla_mass_rule"][i] == pytest.approx(sum(per_head) / 2, rel=1e-9, abs=1e-12)
         assert errs["block_achieved_sparsity"][i] == pytest.approx(bm.sparsity(), rel=1e-9)
     assert torch.equal(class_map, build_block_map(q[None], k[None], critical=0.25, negligible=0.25).class_map[0])
     assert errs["sla_own_projection"] is None

@@ -138,8 +138,13 @@ def test_wan_layers_processors_and_parameters():
         if name.endswith("attn1"):
             assert isinstance(attn.processor, WanSLAAttnProcessor) and attn.processor.original is self_before[name]
     sla_params = {n: p for n, p in model.named_parameters() if ".sla." in n}
-    assert sorted(sla_params) == sorted(f"blocks.{i}.attn1.sla.proj.{w}" for i in range(2) for w in ("weight", "bias"))
-    assert all(p.dtype == torch.float32 and p.requires_grad and not p.any() for p in sla_params.values())
+    # the default combine="mass": Proj from the identity, one zero mass offset per head (2 heads)
+    assert sorted(sla_params) == sorted(f"blocks.{i}.attn1.sla.{w}" for i in range(2)
+                                        for w in ("proj.weight", "proj.bias", "mass_offset"))
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in sla_params.values())
+    for name, p in sla_params.items():
+        expected = torch.eye(16) if name.endswith("proj.weight") else torch.zeros(2 if "offset" in name else 16)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0, msg=name)
     assert set(sla_params) <= set(model.state_dict())
     # distinct modules and parameters per layer
     assert len({id(m) for m in sla_modules(model).values()}) == 2
@@ -590,7 +595,7 @@ def test_wan_mass_combine_apply_gradients_and_round_trip(tmp_path):
 
 
 def test_configs_saved_before_combine_load_as_paper(tmp_path):
-    model = sla.apply_sla(_wan(), critical=0.25, negligible=0.25, **SMALL_BLOCKS)
+    model = sla.apply_sla(_wan(), critical=0.25, negligible=0.25, combine="paper", **SMALL_BLOCKS)
     sla.save_sla(model, tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     del meta["config"]["combine"]  # what files written before the option look like

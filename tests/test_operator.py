@@ -99,20 +99,22 @@ def test_zero_projection_equals_sparse_only_branch():
     q, k, v = make_qkv(1, 2, 300, 300, 32)
     bm = sla.build_block_map(q, k, block_q=32, block_k=32, critical=0.2)
     _, (o_s, _, _) = naive_sparse_linear_attention(q, k, v, bm, return_branches=True)
-    mod = sla.SparseLinearAttention(32, critical=0.2, block_q=32, block_k=32).double()
+    mod = sla.SparseLinearAttention(32, critical=0.2, block_q=32, block_k=32, combine="paper").double()
     torch.testing.assert_close(mod(q, k, v, block_map=bm), o_s, atol=1e-12, rtol=1e-10)
 
 
 def test_empty_scope_rows_get_zero_linear_output():
     # critical 0.5 + negligible 0.5 leaves nothing marginal: o_l must be exactly zero, so the output is
-    # o_s + bias whatever the weight.
+    # o_s + bias whatever the weight (paper rule), and o_s itself under the mass rule (a = 1 there).
     q, k, v = make_qkv(1, 1, 128, 128, 16)
     w, b = make_proj(16)
     bm = sla.build_block_map(q, k, critical=0.5, negligible=0.5, block_q=32, block_k=32)
-    _, (o_s, o_l, _) = naive_sparse_linear_attention(q, k, v, bm, return_branches=True)
-    assert torch.count_nonzero(o_l) == 0
-    out = torch_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b)
+    _, (o_s, o_l, a) = naive_sparse_linear_attention(q, k, v, bm, return_branches=True)
+    assert torch.count_nonzero(o_l) == 0 and bool((a == 1).all())
+    out = torch_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b, combine="paper")
     torch.testing.assert_close(out, o_s + b, atol=1e-12, rtol=1e-10)
+    out = torch_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b, combine="mass")
+    torch.testing.assert_close(out, o_s, atol=1e-12, rtol=1e-10)
 
 
 def test_non_contiguous_and_diffusers_layout_inputs():
@@ -164,7 +166,7 @@ def test_nan_input_propagates_without_hanging():
 
 
 def test_module_owns_zero_initialised_float32_projection():
-    mod = sla.SparseLinearAttention(64)
+    mod = sla.SparseLinearAttention(64, combine="paper")
     assert mod.proj.weight.dtype == torch.float32 and torch.count_nonzero(mod.proj.weight) == 0
     assert torch.count_nonzero(mod.proj.bias) == 0
     q, k, v = make_qkv(1, 2, 300, 300, 64, torch.float32, requires_grad=True)
@@ -333,19 +335,25 @@ def test_mass_combine_is_a_convex_mix_and_exact_at_critical_one():
         torch.testing.assert_close(o, dense, rtol=1e-12, atol=1e-12)
 
 
-def test_combine_paper_is_unchanged_by_the_option():
+def test_combine_paper_is_the_sum_of_the_branches():
+    # combine="paper" is exactly what SLA computed before the option existed: o_s + Proj(o_l).
     q, k, v = _mass_inputs()
     bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
-    w = torch.randn(16, 16, dtype=torch.float64)
+    w, b = torch.randn(16, 16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    _, (o_s, o_l, a) = naive_sparse_linear_attention(q, k, v, bm, combine="paper", return_branches=True)
+    assert bool((a == 1).all())
+    expected = o_s + torch.nn.functional.linear(o_l, w, b)
     for backend in ("reference", "torch"):
-        plain = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w, backend=backend)
-        named = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w, combine="paper", backend=backend)
-        torch.testing.assert_close(named, plain, rtol=0, atol=0)  # same code path, same machine
+        out = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w, proj_bias=b, combine="paper",
+                                          backend=backend)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_mass_module_initialisation_and_forward():
-    with pytest.raises(ValueError, match="num_heads"):
-        sla.SparseLinearAttention(16, combine="mass")
+    shared = sla.SparseLinearAttention(16, critical=0.2, negligible=0.2, block_q=32, block_k=16).double()
+    assert shared.combine == "mass" and shared.mass_offset.shape == (1,)  # the default: one offset for all heads
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        sla.SparseLinearAttention(16, num_heads=0)
     m = sla.SparseLinearAttention(16, critical=0.2, negligible=0.2, block_q=32, block_k=16, combine="mass",
                                   num_heads=3).double()
     torch.testing.assert_close(m.proj.weight, torch.eye(16, dtype=torch.float64), rtol=0, atol=0)
@@ -358,11 +366,15 @@ def test_mass_module_initialisation_and_forward():
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="num_heads=3"):
         m(q[:, :2], k[:, :2], v[:, :2])
+    # the shared offset is one parameter used by every head: its gradient sums theirs
+    out = shared(q.requires_grad_(), k, v)
+    out.sum().backward()
+    assert shared.mass_offset.grad.shape == (1,) and torch.isfinite(shared.mass_offset.grad).all()
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(combine="sum"), ValueError, "combine='sum' is unknown"),
-    (dict(mass_offset=torch.zeros(2)), ValueError, "mass_offset was given with combine='paper'"),
+    (dict(combine="paper", mass_offset=torch.zeros(2)), ValueError, "mass_offset was given with combine='paper'"),
     (dict(combine="mass", mass_offset=torch.zeros(3)), ValueError, r"expected \(2,\)"),
     (dict(combine="mass", mass_offset=torch.zeros(2, dtype=torch.int64)), TypeError, "float tensor"),
 ])

@@ -183,3 +183,42 @@ def test_cli_sample_small_model_mode(model_dir, tmp_path, capsys):
     assert main(["sample", "--model", str(model_dir), "--count", "1", "--steps", "1", "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"samples.png", "samples.gif", "captions.txt"}
     assert "attention: full" in capsys.readouterr().out
+
+
+def test_quickstart_summary_sentence_is_computed_from_the_numbers():
+    from sla.commands.quickstart import _experiment_sentence, _gap_sentence
+
+    rows = {"full": 0.05, "sparse": 0.09, "paper": 0.088, "mass": 0.07, "worse": 0.10}
+    text = _gap_sentence(rows, "full", "sparse", [("paper", "SLA with the paper's rule"),
+                                                   ("mass", "SLA with the mass rule"), ("worse", "W")], 8)
+    assert "on 8 held-out clips" in text and "full attention 0.0500" in text and "sparse-only at 95% sparsity 0.0900" in text
+    assert "SLA with the paper's rule 0.0880: it closes 5% of the sparse-only-to-full gap" in text
+    assert "SLA with the mass rule 0.0700: it closes 50% of the sparse-only-to-full gap" in text
+    assert "W 0.1000: it is 25% of that gap worse than sparse-only" in text
+    # no gap: no percentage is claimed
+    assert "no gap to close" in _gap_sentence({"full": 0.1, "sparse": 0.09, "mass": 0.08}, "full", "sparse",
+                                              [("mass", "M")], 8)
+    assert _gap_sentence({"full": 0.1}, "full", "sparse", [], 8) == ""
+    # the quoted experiment is the one shipped with the fine-tuned models
+    from sla.models.small_wan import shipped_experiment_results
+
+    res = shipped_experiment_results()
+    quoted = _experiment_sentence()
+    mass = next(r for r in res["rows"] if r["arm"] == "sla_mass")
+    assert f"SLA mass rule {mass['heldout_loss']:.4f}" in quoted
+    assert f"({100 * res['verdicts']['sla_mass']['gap_closed']:.0f}%" in quoted
+
+
+def test_shipped_finetuned_models_load_with_their_rules():
+    from sla.integrations.diffusers import sla_modules
+    from sla.models.small_wan import SHIPPED_FINETUNED, shipped_finetuned_path
+    from sla.training.checkpoint import load_finetuned
+
+    for arm in SHIPPED_FINETUNED:
+        model, info = load_finetuned(shipped_finetuned_path(arm))
+        modules = sla_modules(model)
+        assert len(modules) == 4
+        expected = "mass" if arm == "sla_mass" else "paper"
+        assert all(m.combine == expected for m in modules.values()), arm
+        if arm == "sparse_only":
+            assert all(not m.proj.weight.any() for m in modules.values())  # frozen at zero: o = o_s

@@ -15,6 +15,7 @@ step; the ``sla analyze`` driver makes one call per step.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -167,11 +168,16 @@ def _sla_child(module: nn.Module):
 
 
 def _own_projection(sla) -> OwnProjection:
+    """A layer's SLA settings and parameters; ``mass_offset`` holds all of the layer's heads (``_record`` keeps
+    the captured ones)."""
+    combine = getattr(sla, "combine", "paper")
+    offset = getattr(sla, "mass_offset", None)
     return OwnProjection(
         weight=sla.proj.weight.detach().float().cpu(),
         bias=None if sla.proj.bias is None else sla.proj.bias.detach().float().cpu(),
         critical=sla.critical, negligible=sla.negligible, block_q=sla.block_q, block_k=sla.block_k,
-        feature_map=sla.feature_map, linear_scope=sla.linear_scope)
+        feature_map=sla.feature_map, linear_scope=sla.linear_scope, combine=combine,
+        mass_offset=None if offset is None else offset.detach().float().cpu())
 
 
 def _bind_sdpa(args, kwargs) -> dict:
@@ -282,6 +288,11 @@ class AttentionCapture:
 
         def keep(x):
             return x[self.batch_index].index_select(0, idx).detach().to(self.store_device, copy=True)
+
+        if own is not None and own.mass_offset is not None:
+            # The offsets of the captured heads, in their order; a shared offset (one for all heads) is repeated.
+            full = own.mass_offset if own.mass_offset.numel() > 1 else own.mass_offset.repeat(q.shape[1])
+            own = dataclasses.replace(own, mass_offset=full[torch.tensor(heads)])
 
         record = CapturedAttention(
             layer_name=name, layer_index=index, step=self._step(), q=keep(q), k=keep(k), v=keep(v), heads=heads,

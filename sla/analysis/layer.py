@@ -22,7 +22,7 @@ from ..ops.sla.blockmap import (
     select_blocks,
 )
 from ..ops.sla.feature_maps import apply_feature_map
-from ..ops.sla.naive import expand_block_mask
+from ..ops.sla.naive import expand_block_mask, mass_weight
 from ..ops.sla.validation import check_sla_config
 from . import metrics
 
@@ -90,6 +90,9 @@ class OwnProjection:
     block_k: int
     feature_map: str
     linear_scope: str
+    combine: str = "paper"
+    # combine="mass": the offsets of the captured heads, in the order of the captured q, k, v (float32).
+    mass_offset: torch.Tensor | None = None
 
 
 def _mean(values: list[float]) -> float:
@@ -115,9 +118,11 @@ def _scope(class_rows: torch.Tensor, linear_scope: str) -> torch.Tensor:
 
 
 def _block_sparse(logits, v, critical_blocks, R, N, bq, bk):
-    """SLA's sparse branch from precomputed logits: softmax over the tokens of the critical blocks only."""
+    """SLA's sparse branch from precomputed logits: softmax over the tokens of the critical blocks only, and
+    its log-sum-exp ``(R, 1)`` (what ``combine="mass"`` weighs it by)."""
     token_mask = expand_block_mask(critical_blocks, R, N, bq, bk)
-    return torch.softmax(logits.masked_fill(~token_mask, float("-inf")), dim=-1) @ v
+    masked = logits.masked_fill(~token_mask, float("-inf"))
+    return torch.softmax(masked, dim=-1) @ v, torch.logsumexp(masked, dim=-1, keepdim=True)
 
 
 class _LinearBranch:
@@ -138,14 +143,15 @@ class _LinearBranch:
         self.phi_q = self.phi_q.reshape(tm, bq, D)
         self.R, self.D = R, D
 
-    def __call__(self, scope: torch.Tensor) -> torch.Tensor:
+    def __call__(self, scope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``o_l`` ``(R, D)`` and its normaliser ``phi(q) . Z`` ``(R, 1)``."""
         w = scope.to(self.h.dtype)
         H = (w @ self.h).reshape(-1, self.D, self.D)
         Z = w @ self.z
         num = torch.einsum("ibd,ide->ibe", self.phi_q, H)
         den = torch.einsum("ibd,id->ib", self.phi_q, Z)[..., None]
         out = num / torch.where(den == 0, torch.ones_like(den), den)  # nothing in scope -> 0, as the operator
-        return out.reshape(-1, self.D)[: self.R]
+        return out.reshape(-1, self.D)[: self.R], den.reshape(-1, 1)[: self.R]
 
 
 @torch.no_grad()
@@ -239,7 +245,7 @@ def analyze_attention(
         del probs
         linear = _LinearBranch(q_sub[h], k[h], v[h], lin_feature, bq, bk)
         curves = {name: [] for name in ("block_pooled_sparse_only", "block_oracle_sparse_only",
-                                        "sla_identity_projection", "sla_own_projection",
+                                        "sla_identity_projection", "sla_mass_rule", "sla_own_projection",
                                         "block_achieved_sparsity", "recall", "mass_pooled", "mass_oracle")}
         for s in sparsities:
             n_crit, n_negl = class_counts(1.0 - s, min(negl_cfg, s), tn)
@@ -252,19 +258,28 @@ def analyze_attention(
             curves["block_achieved_sparsity"].append(float(1.0 - (attended * qlen_sub).sum() / (R * N)))
 
             class_sub = _class_rows(crit_p, negl_p, tn)
-            o_s = _block_sparse(logits, v[h], class_sub == CRITICAL, R, N, bq, bk)
-            o_l = linear(_scope(class_sub, lin_scope))
+            o_s, lse = _block_sparse(logits, v[h], class_sub == CRITICAL, R, N, bq, bk)
+            o_l, den = linear(_scope(class_sub, lin_scope))
             branches[s]["o_s"].append(o_s)
             branches[s]["o_l"].append(o_l)
             curves["block_pooled_sparse_only"].append(metrics.relative_l1(o_s, dense))
             curves["sla_identity_projection"].append(metrics.relative_l1(o_s + o_l, dense))
+            # combine="mass" as it starts (identity Proj, zero offsets): the mix by the estimated critical mass.
+            a0 = mass_weight(lse, den, D, None)
+            curves["sla_mass_rule"].append(metrics.relative_l1(a0 * o_s + (1 - a0) * o_l, dense))
             if sla is not None:
                 proj = torch.nn.functional.linear(o_l, sla.weight.to(o_l), None if sla.bias is None
                                                   else sla.bias.to(o_l))
-                curves["sla_own_projection"].append(metrics.relative_l1(o_s + proj, dense))
+                if sla.combine == "mass":
+                    offset = None if sla.mass_offset is None else sla.mass_offset[h:h + 1].to(o_l)
+                    a = mass_weight(lse, den, D, offset)
+                    own = a * o_s + (1 - a) * proj
+                else:
+                    own = o_s + proj
+                curves["sla_own_projection"].append(metrics.relative_l1(own, dense))
             oracle_crit = _class_rows(crit_o, negl_o, tn) == CRITICAL
             curves["block_oracle_sparse_only"].append(
-                metrics.relative_l1(_block_sparse(logits, v[h], oracle_crit, R, N, bq, bk), dense))
+                metrics.relative_l1(_block_sparse(logits, v[h], oracle_crit, R, N, bq, bk)[0], dense))
         del logits
         if sla is None:
             curves["sla_own_projection"] = None
@@ -332,6 +347,7 @@ def analyze_attention(
             "block_pooled_sparse_only": curve_mean("block_pooled_sparse_only"),
             "block_oracle_sparse_only": curve_mean("block_oracle_sparse_only"),
             "sla_identity_projection": curve_mean("sla_identity_projection"),
+            "sla_mass_rule": curve_mean("sla_mass_rule"),
             "sla_lstsq_projection": curve_mean("sla_lstsq_projection"),
             "sla_own_projection": curve_mean("sla_own_projection"),
         },

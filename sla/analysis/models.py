@@ -92,7 +92,6 @@ def _embedded(name: str) -> BuiltinModel:
 
 # Name -> model. Add an entry to make a model available as `sla analyze --model NAME`.
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "wan8k": _embedded("wan8k"),
     "small": _embedded("small"),
     "tiny-random": BuiltinModel(
         load=build_tiny_random_wan, latent_size=(4, 64, 64), text_len=16,

@@ -14,7 +14,8 @@ ERROR_CURVES = (
     ("token_topk_masked", "top-x% entries per row, P*M V (not renormalised)", "sparsity"),
     ("block_pooled_sparse_only", "block sparse-only, pooled selection (SLA's)", "block_achieved_sparsity"),
     ("block_oracle_sparse_only", "block sparse-only, oracle top blocks", "block_achieved_sparsity"),
-    ("sla_lstsq_projection", "SLA, least-squares Proj (cross-fitted)", "block_achieved_sparsity"),
+    ("sla_mass_rule", "SLA, mass rule as it starts (identity Proj)", "block_achieved_sparsity"),
+    ("sla_lstsq_projection", "SLA paper rule, least-squares Proj (cross-fitted)", "block_achieved_sparsity"),
     ("sla_own_projection", "SLA, the layer's own Proj", "block_achieved_sparsity"),
 )
 

@@ -140,13 +140,14 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
         mean = {}
         for key in ("block_achieved_sparsity", "token_topk_renormalised", "token_topk_masked",
                     "block_pooled_sparse_only", "block_oracle_sparse_only", "sla_identity_projection",
-                    "sla_lstsq_projection", "sla_own_projection"):
+                    "sla_mass_rule", "sla_lstsq_projection", "sla_own_projection"):
             curves = [e["errors"][key] for e in entries if e["errors"].get(key) is not None]
             mean[key] = [sum(v) / len(v) for v in zip(*curves)] if curves else None
         cols = [("top-x% renorm.", "token_topk_renormalised"), ("top-x% P*M", "token_topk_masked"),
                 ("block sparse (pooled)", "block_pooled_sparse_only"),
                 ("block sparse (oracle)", "block_oracle_sparse_only"),
-                ("SLA least-sq. Proj", "sla_lstsq_projection"),
+                ("SLA mass rule (untrained)", "sla_mass_rule"),
+                ("SLA paper rule, least-sq. Proj", "sla_lstsq_projection"),
                 ("SLA own Proj", "sla_own_projection")]
         cols = [(n, k) for n, k in cols if mean[k] is not None]
         lines.append("| sparsity | block sparsity achieved | " + " | ".join(n for n, _ in cols) + " |")
@@ -156,8 +157,11 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
                          + " | ".join(_pct(mean[k][i]) for _, k in cols) + " |")
         lines += ["", "Token-level columns keep exactly round((1 - sparsity) N) entries per row; block columns keep "
                   "max(1, floor((1 - sparsity) T_n)) key blocks per query block, so their achieved sparsity can be "
-                  "higher than the nominal one. `summary.json` also holds `sla_identity_projection` (o_s + o_l "
-                  "unprojected, the public code's `proj=None`-style sum).", ""]
+                  "higher than the nominal one. 'SLA mass rule (untrained)' is `combine=\"mass\"` as it starts (identity "
+                  "Proj, zero offsets): `a o_s + (1 - a) o_l` with `a` estimated from the two branches' normalisers; "
+                  "'least-sq. Proj' is the paper's `o_s + Proj(o_l)` with the best shared Proj. `summary.json` also "
+                  "holds `sla_identity_projection` (o_s + o_l unprojected, the public code's `proj=None`-style sum).",
+                  ""]
     if plot_names:
         lines += ["## Pictures", ""]
         for name in plot_names:

@@ -62,7 +62,7 @@ class SparseLinearAttentionFP32Proj(SparseLinearAttention):
 
 
 def make_sla_module(head_dim: int, *, critical, negligible, block_q, block_k, feature_map, linear_scope, backend,
-                    keep_proj_fp32: bool, device=None, combine: str = "paper",
+                    keep_proj_fp32: bool, device=None, combine: str = "mass",
                     num_heads: int | None = None) -> SparseLinearAttention:
     """One SLA module with its fp32 ``proj`` (zero for ``combine="paper"``, identity for ``"mass"``, which also
     gets its ``mass_offset``), placed on ``device``."""

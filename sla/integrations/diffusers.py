@@ -72,7 +72,7 @@ class SLAConfig:
     feature_map: str = "softmax"
     linear_scope: str = "marginal"
     backend: str = "auto"
-    combine: str = "paper"
+    combine: str = "mass"
     keep_proj_fp32: bool = True
     dense_layers: tuple = ()
     dense_timestep_threshold: float | None = None
@@ -342,7 +342,7 @@ def apply_sla(
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
     *,
-    combine: str = "paper",
+    combine: str = "mass",
     dense_layers=(),
     dense_timestep_threshold: float | None = None,
     keep_proj_fp32: bool = True,

@@ -19,7 +19,8 @@ class SparseLinearAttention(nn.Module):
     ``combine="mass"``: ``o = a * o_s + (1 - a) * Proj(o_l)``, ``a`` the estimated share of the attention mass
     in the critical blocks (:func:`sla.sparse_linear_attention`). ``Proj`` starts at the identity (zero would
     scale the output down by ``a``), and the module owns ``mass_offset`` ``(num_heads,)`` float32, initialised
-    to zero: the per-head log-scale of the linear branch's mass estimate.
+    to zero: the per-head log-scale of the linear branch's mass estimate (one shared offset, ``(1,)``, when
+    ``num_heads`` is not given).
 
     Args:
         head_dim (int): D of q, k, v.
@@ -27,15 +28,16 @@ class SparseLinearAttention(nn.Module):
             :func:`sla.sparse_linear_attention`. Defaults are the paper's (0.05, 0.10, 64, 64, softmax,
             marginal).
         backend (str): implementation choice, see :func:`sla.sparse_linear_attention`. Default ``"auto"``.
-        combine (str): ``"paper"`` or ``"mass"``. Default ``"paper"``.
-        num_heads (int, optional): heads of q; required for ``combine="mass"`` (one offset per head).
+        combine (str): ``"mass"`` or ``"paper"``. Default ``"mass"`` (docs/results.md has the experiment).
+        num_heads (int, optional): heads of q, for one mass offset per head (``combine="mass"``); ``None`` gives
+            one offset shared by all heads. :func:`sla.apply_sla` passes each layer's head count.
 
     ``forward(q, k, v)`` takes ``(B, H, L, D)`` tensors and returns the same layout and dtype as q.
     """
 
     def __init__(self, head_dim: int, critical: float = 0.05, negligible: float = 0.10, block_q: int = 64,
                  block_k: int = 64, feature_map: str = "softmax", linear_scope: str = "marginal",
-                 backend: str = "auto", combine: str = "paper", num_heads: int | None = None):
+                 backend: str = "auto", combine: str = "mass", num_heads: int | None = None):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
@@ -44,9 +46,9 @@ class SparseLinearAttention(nn.Module):
             raise ValueError(f"backend={backend!r} is unknown; choose one of {('auto',) + tuple(BACKENDS)}")
         if combine not in COMBINE_RULES:
             raise ValueError(f"combine={combine!r} is unknown; choose one of {COMBINE_RULES}")
-        if combine == "mass" and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
-            raise ValueError(f"combine='mass' needs num_heads (the heads of q: one mass offset per head), got "
-                             f"num_heads={num_heads!r}; e.g. SparseLinearAttention(64, combine='mass', num_heads=12)")
+        if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+            raise ValueError(f"num_heads must be a positive int (the heads of q) or None (one mass offset shared by "
+                             f"all heads), got num_heads={num_heads!r}")
         self.head_dim = head_dim
         self.critical = critical
         self.negligible = negligible
@@ -59,7 +61,7 @@ class SparseLinearAttention(nn.Module):
         self.num_heads = num_heads
         self.proj = nn.Linear(head_dim, head_dim, bias=True, dtype=torch.float32)
         if combine == "mass":
-            self.mass_offset = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32))
+            self.mass_offset = nn.Parameter(torch.zeros(num_heads or 1, dtype=torch.float32))
         else:
             self.register_parameter("mass_offset", None)
         self.reset_parameters()
@@ -79,14 +81,18 @@ class SparseLinearAttention(nn.Module):
         if q.dim() == 4 and q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head_dim {q.shape[-1]} but this module was built with head_dim={self.head_dim}; "
                              f"build SparseLinearAttention({q.shape[-1]}) for these inputs")
-        if self.combine == "mass" and q.dim() == 4 and q.shape[1] != self.num_heads:
-            raise ValueError(f"q has {q.shape[1]} heads but this module was built with num_heads={self.num_heads} "
-                             f"(one mass offset per head); build it with num_heads={q.shape[1]}")
+        offset = self.mass_offset
+        if offset is not None and q.dim() == 4:
+            if self.num_heads is None:
+                offset = offset.repeat(q.shape[1])  # one shared offset (a real copy: kernels index it per head)
+            elif q.shape[1] != self.num_heads:
+                raise ValueError(f"q has {q.shape[1]} heads but this module was built with num_heads="
+                                 f"{self.num_heads} (one mass offset per head); build it with num_heads={q.shape[1]}")
         return sparse_linear_attention(
             q, k, v, critical=self.critical, negligible=self.negligible, block_q=self.block_q,
             block_k=self.block_k, feature_map=self.feature_map, linear_scope=self.linear_scope,
             proj_weight=self.proj.weight, proj_bias=self.proj.bias, scale=scale, combine=self.combine,
-            mass_offset=self.mass_offset, return_info=return_info, block_map=block_map, backend=self.backend)
+            mass_offset=offset, return_info=return_info, block_map=block_map, backend=self.backend)
 
     def extra_repr(self) -> str:
         heads = f", num_heads={self.num_heads}" if self.combine == "mass" else ""

@@ -334,7 +334,8 @@ def load_finetuned(folder: str | os.PathLike, torch_dtype=None):
         info = json.loads(info_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{info_path} is not valid JSON ({e})") from e
-    s = info.get("sla", {})
+    s = dict(info.get("sla", {}))
+    s.setdefault("combine", "paper")  # models fine-tuned before the option existed used the paper's rule
     apply_attention_mode(model, info["attention"], **s)
     if (folder / "sla_config.json").is_file():
         from ..integrations.diffusers import load_sla

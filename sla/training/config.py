@@ -30,7 +30,7 @@ class FinetuneConfig:
     block_k: int = 64
     feature_map: str = "softmax"
     linear_scope: str = "marginal"
-    combine: str = "paper"  # paper (o_s + Proj(o_l)) | mass (a o_s + (1 - a) Proj(o_l)), see sla.sparse_linear_attention
+    combine: str = "mass"  # paper (o_s + Proj(o_l)) | mass (a o_s + (1 - a) Proj(o_l)), see sla.sparse_linear_attention
     backend: str = "auto"
     # --- what trains ----------------------------------------------------------------------------------------
     trainable: str = "full"  # full | proj (SLA projections only) | lora (LoRA adapters + SLA projections)

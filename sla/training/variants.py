@@ -79,7 +79,7 @@ class LinearOnlyAttention(nn.Module):
 
 def apply_attention_mode(model: nn.Module, mode: str, *, critical: float = 0.05, negligible: float = 0.10,
                          block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                         linear_scope: str = "marginal", backend: str = "auto", combine: str = "paper") -> nn.Module:
+                         linear_scope: str = "marginal", backend: str = "auto", combine: str = "mass") -> nn.Module:
     """Install attention ``mode`` (see the module docstring) in every self-attention layer, in place.
     ``combine`` applies to ``sla`` only: the ablations are defined with the paper's sum (``sparse_only`` is the
     paper's rule with Proj frozen at zero, ``sum_no_proj`` its rule with the identity)."""

@@ -94,14 +94,14 @@ def sparse_linear_attention(
     proj_weight: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
     scale: float | None = None,
-    combine: str = "paper",
+    combine: str = "mass",
     mass_offset: torch.Tensor | None = None,
     return_info: bool = False,
     block_map: BlockMap | None = None,
     backend: str = "auto",
 ):
-    """Sparse-Linear Attention (SLA, arXiv 2509.24006): ``o = o_s + Proj(o_l)``, or the mass-consistent
-    ``o = a * o_s + (1 - a) * Proj(o_l)`` with ``combine="mass"``.
+    """Sparse-Linear Attention (SLA, arXiv 2509.24006) with the mass-consistent combination
+    ``o = a * o_s + (1 - a) * Proj(o_l)`` (default), or the paper's ``o = o_s + Proj(o_l)`` with ``combine="paper"``.
 
     Args:
         q (torch.Tensor): ``(B, H, Lq, D)``, float16, bfloat16, float32 or float64.
@@ -127,7 +127,8 @@ def sparse_linear_attention(
             the attention mass inside the critical blocks: ``o_s`` is normalised over the critical blocks only,
             so the true output is ``a * o_s + (1 - a) * o_rest``, which ``o_s + Proj(o_l)`` cannot express.
             ``a = sigmoid(lse - log(den) - log(D) - mass_offset[h])`` from the sparse branch's log-sum-exp and
-            the linear branch's normaliser ``den`` (docs/semantics.md). Default: ``"paper"``.
+            the linear branch's normaliser ``den`` (docs/semantics.md). Default: ``"mass"``: it beat the paper's
+            rule in the project's controlled fine-tuning experiment (docs/results.md).
         mass_offset (torch.Tensor, optional): ``(H,)`` float, the learned per-head log-scale of the linear
             branch's mass estimate (``combine="mass"`` only). Default: zeros.
         return_info (bool): also return an :class:`SLAInfo` (class map, sparsity, ...).

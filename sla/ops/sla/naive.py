@@ -54,7 +54,7 @@ def naive_sparse_linear_attention(
     proj_weight: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
     scale: float | None = None,
-    combine: str = "paper",
+    combine: str = "mass",
     mass_offset: torch.Tensor | None = None,
     upcast: bool = True,
     return_branches: bool = False,

@@ -215,7 +215,7 @@ def torch_sparse_linear_attention(
     proj_weight: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
     scale: float | None = None,
-    combine: str = "paper",
+    combine: str = "mass",
     mass_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SLA for q ``(B, H, Lq, D)``, k and v ``(B, H, Lk, D)`` with a given block map; differentiable in q, k,

@@ -396,7 +396,7 @@ def triton_sparse_linear_attention(
     proj_weight: Optional[torch.Tensor] = None,
     proj_bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
-    combine: str = "paper",
+    combine: str = "mass",
     mass_offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """SLA through the fused Triton kernels, differentiable in q, k, v, ``proj_weight``, ``proj_bias`` and
@@ -462,7 +462,7 @@ def sparse_linear_attention_triton(
     proj_weight: Optional[torch.Tensor] = None,
     proj_bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
-    combine: str = "paper",
+    combine: str = "mass",
     mass_offset: Optional[torch.Tensor] = None,
     block_map: Optional[BlockMap] = None,
 ) -> torch.Tensor:

@@ -409,7 +409,16 @@ def load_sharded_tensors(path: str | os.PathLike, tensors: dict) -> None:
             raise ValueError(f"checkpoint {path}: entry {read_item.dest_index.fqn!r} is not a tensor; sla finetune "
                              "never writes such entries, and reading one would unpickle it")
 
-    dcp.load(tensors, storage_reader=SafeReader(str(path)), planner=TensorsOnlyPlanner())
+    try:
+        dcp.load(tensors, storage_reader=SafeReader(str(path)), planner=TensorsOnlyPlanner())
+    except dcp.api.CheckpointException as err:
+        # DCP gathers every rank's exception into one; report the first, ours (a refusal) as it was raised.
+        failures = [f[0] if isinstance(f, tuple) else f for f in getattr(err, "failures", {}).values()]
+        first = failures[0] if failures else err
+        if isinstance(first, ValueError) and str(first).startswith(f"checkpoint {path}:"):
+            raise ValueError(str(first)) from err
+        raise ValueError(f"checkpoint {path} could not be read into this run's parameters ({_first_line(first)}); "
+                         "was it made with other settings?") from err
 
 
 def _base_state_dict(model) -> dict:

@@ -737,13 +737,7 @@ def _load_sharded(ckpt: dict, student, named_trainable, opt, ema) -> None:
     tensors, groups = _sharded_tensors(student, named_trainable, opt, ema)  # initialises the optimizer state
     if ema is None:
         tensors.pop("ema", None)
-    try:
-        load_sharded_tensors(ckpt["sharded"], tensors)
-    except Exception as err:
-        if isinstance(err, ValueError) and "not a tensor" in str(err):
-            raise
-        raise ValueError(f"checkpoint {ckpt['sharded']} does not fit this run's parameters ({str(err)[:300]}); was it "
-                         "made with other settings?") from err
+    load_sharded_tensors(ckpt["sharded"], tensors)
     saved_groups = ckpt["param_groups"]
     if len(saved_groups) != len(groups):
         raise ValueError(f"checkpoint {ckpt['sharded']} has {len(saved_groups)} optimizer groups, this run "

@@ -592,6 +592,11 @@ def _finetune(cfg: FinetuneConfig, resume, layout) -> dict:
     summary = dict(last, start_step=start_step, end_step=end_step, world_size=layout.world,
                    data_parallel=layout.dp, context_parallel=layout.cp, fsdp=cfg.fsdp,
                    trainable_parameters=sum(p.numel() for p in params), output_dir=str(out))
+    if device.type == "cuda":  # the peak of tensor memory on any rank (the caching allocator reserves somewhat more)
+        peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+        if layout.world > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        summary["peak_memory_gib"] = round(float(peak), 3)
     if end_step == cfg.steps:
         if ema is not None:
             with torch.no_grad():

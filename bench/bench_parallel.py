@@ -262,7 +262,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.cpu = False
     if args.tiny:
-        args.model, args.resolution, args.cpu, args.bf16, args.gradient_checkpointing = "tiny", "tiny", True, False, False
+        args.model, args.resolution, args.cpu = "tiny", "tiny", True
+        args.bf16 = args.gradient_checkpointing = False
         args.block, args.critical, args.negligible, args.backend = 16, 0.5, 0.0, "torch"
         args.steps, args.warmup, args.lr = 2, 1, 1e-3
         args.runs = args.runs or ["1", "2:fsdp,cp=2"]

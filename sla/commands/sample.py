@@ -277,8 +277,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
         for slot in attention:
             model = getattr(pipe, slot)
             pt, ph, pw = model.config.patch_size
+            spatial = pipe.vae_scale_factor_spatial
             tokens = (((num_frames - 1) // pipe.vae_scale_factor_temporal + 1) // pt
-                      * (height // pipe.vae_scale_factor_spatial // ph) * (width // pipe.vae_scale_factor_spatial // pw))
+                      * (height // spatial // ph) * (width // spatial // pw))
             _enable_context_parallel(model, mesh, device, tokens)
     if rank == 0:
         for slot, what in attention.items():

@@ -114,9 +114,9 @@ class FinetuneConfig:
             raise ValueError(f"trainable='proj' trains only the SLA projections, which exist only with "
                              f"attention='sla' (got attention={self.attention!r}); use trainable='full'")
         if self.fsdp and self.trainable == "lora":
-            raise ValueError("fsdp=True (--fsdp) with trainable='lora' (--trainable lora) is not supported (the adapters would be sharded and then "
-                             "fused into sharded weights); LoRA trains few parameters: drop --fsdp and use DDP, or "
-                             "use --trainable full/proj")
+            raise ValueError("fsdp=True (--fsdp) with trainable='lora' (--trainable lora) is not supported (the "
+                             "adapters would be sharded, then fused into sharded weights); LoRA trains few parameters: "
+                             "drop --fsdp and use DDP, or use --trainable full/proj")
         if self.tensorboard:
             import importlib.util
 

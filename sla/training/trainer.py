@@ -494,7 +494,8 @@ def _finetune(cfg: FinetuneConfig, resume, layout) -> dict:
     elif ckpt is not None:
         missing = [n for n, _ in named_trainable if n not in ckpt["trainable"]]
         if missing:
-            raise ValueError(f"checkpoint lacks trainable parameters {missing[:3]}...; was it made with other settings?")
+            raise ValueError(f"checkpoint lacks trainable parameters {missing[:3]}...; was it made with other "
+                             "settings?")
         with torch.no_grad():
             for n, p in named_trainable:
                 p.copy_(ckpt["trainable"][n])

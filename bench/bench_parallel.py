@@ -104,15 +104,15 @@ def _batches(cfg, layout, steps: int, latent_shape, text_dim: int):
 
 
 def _random_model(config: dict, device, seed: int):
-    """The seeded random Wan, drawn on ``device`` (fast on a GPU), returned on the CPU."""
+    """The seeded random Wan, drawn on ``device`` (fast on a GPU; every run draws on the same kind of device, so
+    every run gets the same weights)."""
     import torch
     from diffusers import WanTransformer3DModel
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with torch.device(device):
-            model = WanTransformer3DModel(**config)
-    return model.cpu()
+            return WanTransformer3DModel(**config)
 
 
 def worker(args) -> None:
@@ -147,8 +147,8 @@ def worker(args) -> None:
         from diffusers import WanTransformer3DModel
 
         full = cpu = None
-        if rank == 0:
-            cpu = prepare_student(_random_model(config, device, 0), cfg)
+        if rank == 0:  # as sla finetune --fsdp: rank 0 holds the full model on the CPU and broadcasts it
+            cpu = prepare_student(_random_model(config, device, 0).cpu(), cfg)
             full = cpu.state_dict()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -200,17 +200,21 @@ def worker(args) -> None:
 # driver
 # ------------------------------------------------------------------------------------------------------------------
 
-def summarise(rows: list[dict], global_batch: int, warmup: int) -> None:
+def summarise(rows: list[dict], failed: list[dict], global_batch: int, warmup: int) -> None:
+    """Step time and throughput per row; efficiency and loss difference against the baseline: the run with the
+    fewest processes (a failed run with fewer processes, e.g. one GPU out of memory, leaves them ``None``)."""
     for row in rows:
         timed = row["step_seconds"][warmup:] or row["step_seconds"]
         row["median_step_seconds"] = statistics.median(timed)
         row["clips_per_second"] = global_batch / row["median_step_seconds"]
-    first = rows[0]
-    per_process = first["clips_per_second"] / first["procs"]
+    fewest = min(r["procs"] for r in rows + failed)
+    base = next((r for r in sorted(rows, key=lambda r: r["procs"]) if r["procs"] == fewest), None)
     for row in rows:
-        row["parallel_efficiency"] = row["clips_per_second"] / (row["procs"] * per_process)
-        row["max_rel_loss_diff_vs_first"] = max(abs(a - b) / max(abs(b), 1e-12)
-                                                for a, b in zip(row["losses"], first["losses"]))
+        row["baseline"] = base["spec"] if base else None
+        per_process = base["clips_per_second"] / base["procs"] if base else None
+        row["parallel_efficiency"] = row["clips_per_second"] / (row["procs"] * per_process) if base else None
+        row["max_rel_loss_diff_vs_baseline"] = (max(abs(a - b) / max(abs(b), 1e-12)
+                                                    for a, b in zip(row["losses"], base["losses"])) if base else None)
 
 
 def markdown(result: dict) -> str:
@@ -220,13 +224,19 @@ def markdown(result: dict) -> str:
              f"{result['torch']}, commit {result['commit']}, {result['date']}",
              "",
              "| run | processes | FSDP | context parallel | s/step (median) | clips/s | parallel efficiency | "
-             "peak GiB per GPU | max rel. loss diff vs first |",
+             "peak GiB per GPU | max rel. loss diff vs baseline |",
              "|---|---|---|---|---|---|---|---|---|"]
+
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
     for r in result["rows"]:
         lines.append(f"| {r['spec']} | {r['procs']} | {r['fsdp']} | {r['cp']} | {r['median_step_seconds']:.3f} | "
-                     f"{r['clips_per_second']:.3f} | {r['parallel_efficiency']:.2f} | "
+                     f"{r['clips_per_second']:.3f} | {num(r['parallel_efficiency'], '.2f')} | "
                      f"{'-' if r['device'] == 'cpu' else format(r['peak_memory_gib'], '.1f')} | "
-                     f"{r['max_rel_loss_diff_vs_first']:.2e} |")
+                     f"{num(r['max_rel_loss_diff_vs_baseline'], '.2e')} |")
+    lines.append(f"\nBaseline (efficiency 1, loss differences against it): {result['rows'][0]['baseline']}; the "
+                 f"median is over steps {result['warmup'] + 1}..{result['steps']}.")
     failed = result.get("failed", [])
     for f in failed:
         lines.append(f"\n{f['spec']} failed: {f['error']}")
@@ -252,6 +262,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     p.add_argument("--out", required=True)
+    p.add_argument("--append", action="store_true",
+                   help="add these runs to those already in --out (same settings), e.g. one run per command under "
+                        "a time limit; the table is recomputed over all of them")
     p.add_argument("--quiet", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--bench-worker"]:
@@ -301,10 +314,22 @@ def main(argv=None) -> int:
                 continue
             with open(result) as f:
                 rows.append(json.load(f))
+    settings = dict(model=args.model, resolution=args.resolution, critical=args.critical, negligible=args.negligible,
+                    global_batch=args.global_batch, steps=args.steps, warmup=args.warmup, bf16=args.bf16,
+                    gradient_checkpointing=args.gradient_checkpointing, trainable=args.trainable, lr=args.lr)
+    if args.append and os.path.isfile(args.out):
+        with open(args.out) as f:
+            before = json.load(f)
+        differ = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if differ:
+            raise SystemExit(f"--append: {args.out} was measured with other settings {differ}; use another --out")
+        done = {r["spec"] for r in rows + failed}
+        rows = [r for r in before["rows"] if r["spec"] not in done] + rows
+        failed = [r for r in before.get("failed", []) if r["spec"] not in done] + failed
     if not rows:
         print("no run finished", file=sys.stderr)
         return 1
-    summarise(rows, args.global_batch, args.warmup)
+    summarise(rows, failed, args.global_batch, args.warmup)
     out = dict(model=args.model, resolution=args.resolution, tokens=rows[0]["tokens"], critical=args.critical,
                negligible=args.negligible, global_batch=args.global_batch, steps=args.steps, warmup=args.warmup,
                bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, trainable=args.trainable,

@@ -389,6 +389,7 @@ def test_crafted_or_damaged_sharded_checkpoint_is_refused(runs, tmp_path):
     assert "truncated" in lines[0] and "resuming from step-0000002 instead" in lines[0]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP without a process group: one process
 def test_sharded_checkpoint_entries_must_be_tensors(tmp_path):
     import torch.distributed.checkpoint as dcp
 

@@ -19,11 +19,16 @@ Run specification: ``P`` (P processes, DDP if P > 1) or ``P:opt,opt`` with ``fsd
 ``2:fsdp``, ``2:fsdp,cp=2``.
 
     # two H200s: Wan2.1-1.3B, 480p, 81 frames: one GPU against FSDP2 + Ulysses-2 (the losses must agree)
-    python bench/bench_parallel.py --model 1.3b --resolution 480p --runs 1 2:fsdp,cp=2 --steps 6 \\
-        --out bench/parallel_wan13b.json
-    # Wan2.1-14B, 720p (75,600 tokens), bf16, gradient checkpointing: step time and memory, 1 and 2 GPUs
-    python bench/bench_parallel.py --model 14b --resolution 720p --runs 1 2:fsdp,cp=2 2:fsdp --global-batch 2 \\
-        --steps 4 --out bench/parallel_wan14b.json
+    python bench/bench_parallel.py --model 1.3b --runs 1 2:fsdp,cp=2 --steps 6 --out bench/parallel_wan13b.json
+    # Wan2.1-14B, 720p (75,600 tokens), bf16, gradient checkpointing; one run per command (each takes minutes),
+    # --append gathers them: full fine-tuning on 2 GPUs, then on 1 (224 GB of float32 weights, gradients and AdamW
+    # moments: expected not to fit; the failure is recorded), then SLA's parameters only, which fits one GPU
+    python bench/bench_parallel.py --model 14b --runs 2:fsdp,cp=2 --steps 4 --warmup 1 --out bench/parallel_wan14b.json
+    python bench/bench_parallel.py --model 14b --runs 1 --steps 4 --warmup 1 --out bench/parallel_wan14b.json --append
+    python bench/bench_parallel.py --model 14b --trainable proj --runs 1 --steps 4 --warmup 1 \
+        --out bench/parallel_wan14b_proj.json
+    python bench/bench_parallel.py --model 14b --trainable proj --runs 2:fsdp,cp=2 --steps 4 --warmup 1 \
+        --out bench/parallel_wan14b_proj.json --append
     python bench/bench_parallel.py --tiny --out /tmp/parallel_tiny.json      # CPU, 2 gloo processes: checks the script
 """
 

@@ -607,3 +607,26 @@ def test_configs_saved_before_combine_load_as_paper(tmp_path):
 def test_bad_combine_is_rejected():
     with pytest.raises(ValueError, match="combine='sum' is unknown"):
         sla.apply_sla(_wan(), combine="sum", **SMALL_BLOCKS)
+
+
+def test_context_parallel_is_refused_where_sla_cannot_run_it():
+    """A context-parallel config reaching CogVideoX's SLA processor (joint text+video sequence) or asking Wan's for
+    ring attention raises, naming what to use; nothing attends over one rank's shard alone. (The working Ulysses
+    path runs with 2 processes in test_parallel_training.py.)"""
+    from types import SimpleNamespace
+
+    def config(ring, ulysses):
+        mesh = SimpleNamespace(get_group=lambda: "group")  # never used: the processors refuse before any exchange
+        return SimpleNamespace(context_parallel_config=SimpleNamespace(
+            ring_degree=ring, ulysses_degree=ulysses, ulysses_anything=False, _ulysses_mesh=mesh))
+
+    cog = sla.apply_sla(_cogvideox(), critical=0.25, negligible=0.25, **SMALL_BLOCKS)
+    for _, attn, _ in find_self_attention_layers(cog):
+        attn.processor._parallel_config = config(1, 2)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="not supported with SLA in this model family"):
+        cog(**_cog_inputs(), return_dict=False)
+    wan = sla.apply_sla(_wan(), critical=0.25, negligible=0.25, **SMALL_BLOCKS)
+    for _, attn, _ in find_self_attention_layers(wan):
+        attn.processor._parallel_config = config(2, 1)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"ring attention .*ulysses_degree=N"):
+        wan(**_wan_inputs(), return_dict=False)

@@ -28,6 +28,12 @@ EPILOG = """examples:
   sla sample --pipeline /ckpt/Wan2.1-T2V-1.3B-Diffusers --sla runs/wan_sla/final --prompt "..." --out out.mp4
   # continue an interrupted run exactly where it stopped
   sla finetune --output-dir runs/sla --resume auto
+  # Wan2.1-14B on 8 GPUs: FSDP2 shards weights and optimizer, Ulysses splits each clip's tokens over 2 GPUs
+  torchrun --nproc_per_node 8 -m sla.cli finetune --fsdp --context-parallel 2 --model /ckpt/Wan2.1-T2V-14B-Diffusers \
+      --data /data/latents --bf16 --gradient-checkpointing --batch-size 1 --lr 1e-5 --output-dir runs/wan14b_sla
+  # two nodes of 8 GPUs (run on each node; --output-dir on a filesystem both nodes see)
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id sla14b \
+      -m sla.cli finetune --fsdp --context-parallel 2 ... --output-dir /shared/runs/wan14b_sla
 """
 
 HELP = {
@@ -59,11 +65,18 @@ HELP = {
     "frames": "synthetic clip frames (default: the model's own, from its synthetic_data.json)",
     "height": "synthetic clip height in pixels (default: the model's own)",
     "width": "synthetic clip width in pixels (default: the model's own)",
-    "batch_size": "clips per process per micro-step; global batch = batch_size * grad_accum * processes",
+    "batch_size": "clips per data-parallel rank per micro-step; global batch = batch_size * grad_accum * processes / "
+                  "context_parallel",
     "ema": "EMA decay of the weights (0 = off); the exported model then holds the EMA weights",
     "bf16": "bf16 autocast (the SLA projections stay float32)",
     "tensorboard": "also write the logged scalars as TensorBoard events to OUTPUT_DIR/tensorboard "
                    "(needs the tensorboard package; train_log.csv is always written)",
+    "fsdp": "shard weights, gradients and optimizer state over all processes with FSDP2 (one unit per transformer "
+            "block, plus the root; with --bf16 bf16 compute, float32 SLA parameters and reductions) instead of "
+            "replicating them with DDP; checkpoints become sharded folders that resume on any number of processes",
+    "context_parallel": "Ulysses context parallelism: N consecutive processes share each clip, each holding 1/N of its "
+                        "tokens (all-to-all to heads around attention); N must divide the processes, the heads and "
+                        "the tokens per clip. --batch-size stays per data-parallel group of N processes",
     "stop_after": "stop after this many steps as if interrupted (resume later with --resume auto)",
     "device": "auto | cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)",
 }
@@ -143,6 +156,11 @@ def resume_command(argv: list[str] | None, cfg) -> str:
             args.append(a)
     args += ["--resume", "auto"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
-    prefix = ["sla"] if world == 1 else ["torchrun", "--nproc_per_node", per_node, "-m", "sla.cli"]
-    return shlex.join(prefix + args)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world == 1:
+        return shlex.join(["sla"] + args)
+    nodes = ["--nnodes", str(world // per_node)] if world > per_node else []
+    command = shlex.join(["torchrun", *nodes, "--nproc_per_node", str(per_node), "-m", "sla.cli"] + args)
+    if nodes:  # the rendezvous flags are not visible to the processes; the user has them
+        command += " (on every node, with the launch's --rdzv-* flags)"
+    return command

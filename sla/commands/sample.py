@@ -27,6 +27,9 @@ EPILOG = """examples:
   sla sample --pipeline /ckpt/Wan2.1-T2V-1.3B-Diffusers --sla-untrained --prompt "..." --out check.mp4
   # the small synthetic model
   sla sample --model runs/sla/final --count 8 --out runs/samples
+  # one video on two GPUs: Ulysses context parallelism, each GPU holds half of the tokens
+  torchrun --nproc_per_node 2 -m sla.cli sample --context-parallel 2 --pipeline /ckpt/Wan2.1-T2V-1.3B-Diffusers \
+      --sla runs/wan_sla/final --prompt "..." --out out.mp4
 """
 
 # Flags of one mode only; giving one in the other mode is an error, not silently ignored.
@@ -85,8 +88,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("both modes")
     c.add_argument("--steps", type=positive_int, help="denoising steps (default: 50 with --pipeline, 20 with --model)")
     c.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
+    c.add_argument("--context-parallel", dest="context_parallel", type=positive_int,
+                   help="Ulysses context parallelism over N processes (launch exactly N with torchrun "
+                        "--nproc_per_node N): each holds 1/N of the tokens, attention exchanges them; N must divide "
+                        "the heads and the tokens. Rank 0 writes the outputs (default: 1, one process)")
     c.add_argument("--out", help="--pipeline: the mp4 to write (required); --model: output folder "
                                  "(default: runs/samples)")
+
+
+def _context_parallel(args, device):
+    """``(mesh, device, rank)`` for ``--context-parallel N`` (N > 1: the process group is started here, and a CUDA
+    ``device`` becomes this process's GPU), ``(None, device, 0)`` for one process. All N processes generate the same
+    clips together; only rank 0 writes."""
+    import os
+
+    import torch
+
+    degree = args.context_parallel or 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if degree == 1:
+        if world > 1:
+            raise ValueError(f"sla sample runs on one process, but {world} were launched; pass --context-parallel "
+                             f"{world} to share the work, or launch one")
+        return None, device, 0
+    if world != degree:
+        raise ValueError(f"--context-parallel {degree} needs exactly {degree} processes (torchrun --nproc_per_node "
+                         f"{degree} -m sla.cli sample ...), got {world}")
+    import torch.distributed as dist
+
+    from sla.integrations.context_parallel import parallel_mesh
+
+    if device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        args._started_process_group = True
+    return parallel_mesh(degree, device.type), device, dist.get_rank()
+
+
+def _enable_context_parallel(model, mesh, device, tokens: int) -> None:
+    from sla.integrations.context_parallel import check_divisible, enable_context_parallel
+
+    check_divisible(heads=model.config.num_attention_heads, tokens=tokens, degree=mesh["ulysses"].size(),
+                    what=f"the {type(model).__name__}")
+    enable_context_parallel(model, mesh, device)
 
 
 def _given(args, names) -> list[str]:
@@ -98,12 +144,99 @@ def run(args: argparse.Namespace) -> int:
         wrong = _given(args, MODEL_ONLY)
         if wrong:
             raise ValueError(f"{', '.join(wrong)} belong to the --model mode; with --pipeline drop them")
-        return run_pipeline(args)
+        return _finish(run_pipeline, args)
     wrong = _given(args, PIPELINE_ONLY) + ([] if args.sparsity else ["--no-sparsity"])
     if wrong:
         raise ValueError(f"{', '.join(wrong)} need --pipeline DIR (the Wan pipeline mode); without it `sla sample` "
                          "runs the small synthetic model")
-    return run_small(args)
+    return _finish(run_small, args)
+
+
+def _finish(mode, args) -> int:
+    """Run ``mode``; then end the process group that ``--context-parallel`` started, if it did (NCCL warns at exit
+    otherwise), after every rank is done (rank 0 writes the outputs while the others wait)."""
+    result = mode(args)
+    if getattr(args, "_started_process_group", False):
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _context_parallel(args, device):
+    """``(mesh, device, rank)`` for ``--context-parallel N`` (N > 1: the process group is started here, and a CUDA
+    ``device`` becomes this process's GPU), ``(None, device, 0)`` for one process. All N processes generate the same
+    clips together; only rank 0 writes."""
+    import os
+
+    import torch
+
+    degree = args.context_parallel or 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if degree == 1:
+        if world > 1:
+            raise ValueError(f"sla sample runs on one process, but {world} were launched; pass --context-parallel "
+                             f"{world} to share the work, or launch one")
+        return None, device, 0
+    if world != degree:
+        raise ValueError(f"--context-parallel {degree} needs exactly {degree} processes (torchrun --nproc_per_node "
+                         f"{degree} -m sla.cli sample ...), got {world}")
+    import torch.distributed as dist
+
+    from sla.integrations.context_parallel import parallel_mesh
+
+    if device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        args._started_process_group = True
+    return parallel_mesh(degree, device.type), device, dist.get_rank()
+
+
+def _enable_context_parallel(model, mesh, device, tokens: int) -> None:
+    from sla.integrations.context_parallel import check_divisible, enable_context_parallel
+
+    check_divisible(heads=model.config.num_attention_heads, tokens=tokens, degree=mesh["ulysses"].size(),
+                    what=f"the {type(model).__name__}")
+    enable_context_parallel(model, mesh, device)
+
+
+def _given(args, names) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.pipeline is not None:
+        wrong = _given(args, MODEL_ONLY)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} belong to the --model mode; with --pipeline drop them")
+        return _finish(run_pipeline, args)
+    wrong = _given(args, PIPELINE_ONLY) + ([] if args.sparsity else ["--no-sparsity"])
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} need --pipeline DIR (the Wan pipeline mode); without it `sla sample` "
+                         "runs the small synthetic model")
+    return _finish(run_small, args)
+
+
+def _finish(mode, args) -> int:
+    """Run ``mode``; end the process group ``--context-parallel`` started (NCCL warns at exit otherwise)."""
+    started = False
+    try:
+        import sys
+
+        torch_dist = sys.modules.get("torch.distributed")
+        started = torch_dist is not None and torch_dist.is_initialized()
+        result = mode(args)
+        return result
+    finally:
+        import sys
+
+        torch_dist = sys.modules.get("torch.distributed")
+        if not started and torch_dist is not None and torch_dist.is_initialized() and (args.context_parallel or 1) > 1:
+            torch_dist.barrier()  # rank 0 may still be writing; the others wait before the group ends
+            torch_dist.destroy_process_group()
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
@@ -130,7 +263,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     out = Path(args.out)
     sheet = Path(args.sheet) if args.sheet else out.with_suffix(".png")
     report_path = out.with_suffix(".json")
-    device = resolve_device(args.device)
+    mesh, device, rank = _context_parallel(args, resolve_device(args.device))
     dtype = resolve_dtype(args.dtype or "auto", device)
     untrained = None
     if args.sla_untrained:
@@ -139,19 +272,34 @@ def run_pipeline(args: argparse.Namespace) -> int:
                          block_q=args.block_q or 64, block_k=args.block_k or 64, backend=args.sla_backend or "auto")
     pipe, attention = load_pipeline(args.pipeline, sla=args.sla, sla_2=args.sla_2, untrained_sla=untrained,
                                     device=device, dtype=dtype)
-    for slot, what in attention.items():
-        print(f"{slot}: {what}")
+    height, width, num_frames = args.height or 480, args.width or 832, args.frames or 81
+    if mesh is not None:
+        for slot in attention:
+            model = getattr(pipe, slot)
+            pt, ph, pw = model.config.patch_size
+            spatial = pipe.vae_scale_factor_spatial
+            tokens = (((num_frames - 1) // pipe.vae_scale_factor_temporal + 1) // pt
+                      * (height // spatial // ph) * (width // spatial // pw))
+            _enable_context_parallel(model, mesh, device, tokens)
+    if rank == 0:
+        for slot, what in attention.items():
+            print(f"{slot}: {what}" + (f" (context parallel over {mesh.size()} processes)" if mesh is not None else ""))
+    # Every rank runs the whole pipeline (text encoder and VAE replicated, the transformers split by tokens), so
+    # every rank ends with the same video; rank 0 writes it.
     res = generate_video(pipe, args.prompt, negative_prompt=args.negative_prompt or "",
-                         height=args.height or 480, width=args.width or 832, num_frames=args.frames or 81,
-                         steps=args.steps or 50,
+                         height=height, width=width, num_frames=num_frames, steps=args.steps or 50,
                          guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
-                         seed=args.seed or 0, max_sequence_length=args.text_len or 512, sparsity=args.sparsity)
+                         seed=args.seed or 0, max_sequence_length=args.text_len or 512, sparsity=args.sparsity,
+                         progress=rank == 0)
+    if rank != 0:
+        return 0
     frames = res.pop("frames")
     write_mp4(frames, out, fps=args.fps or 16)
     save_contact_sheet(frames, sheet)
     report = dict(pipeline=str(args.pipeline), attention=attention, prompt=args.prompt,
                   negative_prompt=args.negative_prompt or "", seed=args.seed or 0, device=str(device),
-                  dtype=str(dtype).replace("torch.", ""), video=str(out), contact_sheet=str(sheet),
+                  dtype=str(dtype).replace("torch.", ""), context_parallel=args.context_parallel or 1,
+                  video=str(out), contact_sheet=str(sheet),
                   frames=int(frames.shape[0]), height=int(frames.shape[1]), width=int(frames.shape[2]), **res)
     tmp = report_path.with_name(f".tmp-{report_path.name}")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -188,21 +336,30 @@ def run_small(args: argparse.Namespace) -> int:
     count = 8 if args.count is None else args.count
     first = args.first or 0
     out = args.out or "runs/samples"
-    prepare_output_dir(out, "--out")  # before loading the model and sampling
-
     from sla.commands.eval import resolve_device
+
+    mesh, device, rank = _context_parallel(args, resolve_device(args.device))
+    if rank == 0:
+        prepare_output_dir(out, "--out")  # before loading the model and sampling
+
     from sla.data.synthetic import SyntheticVideoDataset
     from sla.eval.evaluate import generate
     from sla.eval.media import save_gif, save_grid_png
     from sla.training.checkpoint import load_finetuned, synthetic_data_config
 
-    device = resolve_device(args.device)
     model, info = load_finetuned(args.model or "small")
     model.to(device)
     val = SyntheticVideoDataset("val", size=first + count, config=synthetic_data_config(args.model or "small", model))
+    if mesh is not None:
+        _, f, h, w = val[first]["video"].shape
+        pt, ph, pw = model.config.patch_size
+        _enable_context_parallel(model, mesh, device, (f // pt) * (h // ph) * (w // pw))
     idx = range(first, first + count)
+    # Under context parallelism every rank samples the same clips (same noise, tokens split), and ends with them all.
     clips = generate(model, val, idx, steps=args.steps or 20, shift=1.0 if args.shift is None else args.shift,
-                     batch_size=args.batch_size or 4, device=device, progress=True)
+                     batch_size=args.batch_size or 4, device=device, progress=rank == 0)
+    if rank != 0:
+        return 0
     captions = [val[i]["caption"] for i in idx]
     png = save_grid_png(clips, os.path.join(out, "samples.png"), row_labels=captions)
     gif = save_gif(clips, os.path.join(out, "samples.gif"))

@@ -134,7 +134,12 @@ class _SLAProcessorBase:
     """Routes one self-attention layer to ``attn.sla``; falls back to the *original* processor only when SLA is
     switched off on purpose (:func:`sla_disabled`, dense denoising steps). It keeps the original processor so
     :func:`remove_sla` can put the very same object back, and forwards diffusers' ``_attention_backend`` /
-    ``_parallel_config`` to it (``set_attention_backend`` still controls the dense path)."""
+    ``_parallel_config`` to it (``set_attention_backend`` still controls the dense path, and diffusers' context
+    parallelism reaches the dense path through the original processor; the SLA path reads the same config, see
+    :mod:`sla.integrations.context_parallel`)."""
+
+    # Whether this processor runs SLA under diffusers' Ulysses context parallelism (Wan: yes; CogVideoX: no).
+    supports_context_parallel = False
 
     def __init__(self, original, controller: _SLAController, layer_index: int):
         self.original = original
@@ -163,15 +168,45 @@ class _SLAProcessorBase:
                 f"{type(self).__name__} (layer {self.layer_index}) got an attention_mask; SLA has no masking. "
                 f"Run this call dense with `with sla.integrations.diffusers.sla_disabled(model): ...`"
             )
-        if self._parallel_config is not None:
-            raise NotImplementedError(
-                "context parallelism (enable_parallelism) is not supported with SLA self-attention yet; "
-                "call sla.remove_sla(model) first or run on one GPU"
-            )
+        if self._parallel_config is not None and not self.supports_context_parallel:
+            from .context_parallel import ulysses_group
 
-    def _attend(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Self-attention core on ``(B, H, L, D)`` tensors; the benchmark overrides this to time the rest."""
-        return getattr(attn, SLA_ATTRIBUTE)(query, key, value)
+            if ulysses_group(self._parallel_config, type(self).__name__) is not None:
+                raise NotImplementedError(
+                    f"{type(self).__name__} (layer {self.layer_index}): context parallelism is not supported with SLA "
+                    f"in this model family (its joint text+video sequence is not split the way Ulysses expects); call "
+                    f"sla.remove_sla(model) first or run without context parallelism"
+                )
+
+    def _attend(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Self-attention core on ``(B, H, L, D)`` tensors; the benchmark overrides this to time the rest.
+        ``kwargs``: ``heads`` (the slice of the layer's heads that the tensors hold) under context parallelism."""
+        return getattr(attn, SLA_ATTRIBUTE)(query, key, value, **kwargs)
+
+    def _attend_sequence_shards(self, attn, query, key, value) -> torch.Tensor:
+        """Self-attention on diffusers' ``(B, L, H, D)`` tensors; returns ``(B, L, H * D)``.
+
+        Without context parallelism ``L`` is every token: SLA runs on ``(B, H, L, D)`` views. Under diffusers'
+        Ulysses context parallelism (``_parallel_config``) ``L`` is this rank's shard of the tokens: one all-to-all
+        gives the rank every token of ``H / N`` heads, SLA runs on those (the same computation as one process for
+        these heads), and a second all-to-all returns this rank's tokens with every head."""
+        group = None
+        if self._parallel_config is not None:
+            from .context_parallel import ulysses_group
+
+            group = ulysses_group(self._parallel_config, f"{type(self).__name__} (layer {self.layer_index})")
+        if group is None:
+            out = self._attend(attn, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+            return out.transpose(1, 2).flatten(2, 3)
+        import torch.distributed as dist
+
+        from .context_parallel import heads_to_sequence, sequence_to_heads
+
+        n, rank = dist.get_world_size(group), dist.get_rank(group)
+        q, k, v = sequence_to_heads([query, key, value], group)
+        per_rank = q.shape[1]
+        out = self._attend(attn, q, k, v, heads=slice(rank * per_rank, (rank + 1) * per_rank))
+        return heads_to_sequence(out, group).flatten(2, 3)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer_index}, original={type(self.original).__name__})"
@@ -196,7 +231,14 @@ class WanSLAAttnProcessor(_SLAProcessorBase):
     all heads; Wan RoPE; output projection), with the attention core replaced by ``attn.sla`` on
     ``(B, H, L, D)`` views. SLA variant: whatever ``attn.sla`` is configured with (default: the paper's, critical
     5%, negligible 10%, softmax feature map, linear branch over marginal blocks).
+
+    Under diffusers' Ulysses context parallelism (``enable_parallelism`` with ``ContextParallelConfig(
+    ulysses_degree=N)``, or :func:`sla.integrations.context_parallel.enable_context_parallel`) the layer receives
+    this rank's shard of the tokens and exchanges q, k, v with the other ranks of its group so that SLA sees every
+    token of ``H / N`` heads (see :mod:`sla.integrations.context_parallel`); ring attention is refused.
     """
+
+    supports_context_parallel = True
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if not self.controller.active:
@@ -223,8 +265,7 @@ class WanSLAAttnProcessor(_SLAProcessorBase):
             query = _wan_rotary(query, *rotary_emb)
             key = _wan_rotary(key, *rotary_emb)
 
-        out = self._attend(attn, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-        hidden_states = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        hidden_states = self._attend_sequence_shards(attn, query, key, value).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         return hidden_states

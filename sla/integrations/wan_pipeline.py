@@ -306,6 +306,17 @@ def measure_sparsity(model, call_kwargs: dict) -> dict | None:
     finally:
         for h in handles:
             h.remove()
+    from .context_parallel import ulysses_group
+
+    group = ulysses_group(getattr(model, "_parallel_config", None), "measure_sparsity")
+    if group is not None:
+        # Under Ulysses context parallelism each rank's SLA layers hold 1/N of the heads (with every token): the
+        # layer's sparsity is the mean of its ranks' (equal head counts).
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=next(model.parameters()).device)
+        dist.all_reduce(t, group=group)
+        values = (t / dist.get_world_size(group)).tolist()
     return dict(mean=sum(values) / len(values), min=min(values), max=max(values), sla_layers=len(values),
                 self_attention_layers=model.config.num_layers)
 

@@ -33,6 +33,9 @@ class SparseLinearAttention(nn.Module):
             one offset shared by all heads. :func:`sla.apply_sla` passes each layer's head count.
 
     ``forward(q, k, v)`` takes ``(B, H, L, D)`` tensors and returns the same layout and dtype as q.
+    ``forward(q, k, v, heads=slice(a, b))`` says that q, k, v hold heads ``a .. b-1`` of the layer only (Ulysses
+    context parallelism gives each rank a slice of the heads with every token): the per-head mass offsets of those
+    heads are used, and the gradient reaches only them.
     """
 
     def __init__(self, head_dim: int, critical: float = 0.05, negligible: float = 0.10, block_q: int = 64,
@@ -76,8 +79,9 @@ class SparseLinearAttention(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                return_info: bool = False, block_map=None):
-        """q ``(B, H, Lq, head_dim)``, k and v ``(B, H, Lk, head_dim)``; see :func:`sla.sparse_linear_attention`."""
+                return_info: bool = False, block_map=None, heads: slice | None = None):
+        """q ``(B, H, Lq, head_dim)``, k and v ``(B, H, Lk, head_dim)``; see :func:`sla.sparse_linear_attention`.
+        ``heads``: the layer's heads that q holds (a ``slice`` of ``range(num_heads)``), when it holds only some."""
         if q.dim() == 4 and q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head_dim {q.shape[-1]} but this module was built with head_dim={self.head_dim}; "
                              f"build SparseLinearAttention({q.shape[-1]}) for these inputs")
@@ -85,9 +89,15 @@ class SparseLinearAttention(nn.Module):
         if offset is not None and q.dim() == 4:
             if self.num_heads is None:
                 offset = offset.repeat(q.shape[1])  # one shared offset (a real copy: kernels index it per head)
-            elif q.shape[1] != self.num_heads:
-                raise ValueError(f"q has {q.shape[1]} heads but this module was built with num_heads="
-                                 f"{self.num_heads} (one mass offset per head); build it with num_heads={q.shape[1]}")
+            else:
+                chosen = range(self.num_heads) if heads is None else range(self.num_heads)[heads]
+                if q.shape[1] != len(chosen):
+                    what = "" if heads is None else f" of which heads={heads} selects {len(chosen)}"
+                    raise ValueError(f"q has {q.shape[1]} heads but this module was built with num_heads="
+                                     f"{self.num_heads}{what} (one mass offset per head); build it with num_heads="
+                                     f"{q.shape[1]}, or pass the heads q holds")
+                if heads is not None:
+                    offset = offset[heads]
         return sparse_linear_attention(
             q, k, v, critical=self.critical, negligible=self.negligible, block_q=self.block_q,
             block_k=self.block_k, feature_map=self.feature_map, linear_scope=self.linear_scope,

@@ -11,6 +11,18 @@ numbers, strings; the RNG states are converted to tensors), and it is read with
 (v1) held NumPy's RNG state as an array; they are still read, with NumPy arrays as the only extra type
 allowed (rebuilding an array runs no user code).
 
+Sharded training checkpoint (``sla finetune --fsdp``; ``<output_dir>/checkpoints/step-XXXXXXX/``, a folder): the
+trainable parameters, the optimizer's tensors and the EMA as written by ``torch.distributed.checkpoint`` (each rank
+writes its shards, ``__<rank>_0.distcp``, plus the ``.metadata`` index), and ``sla_checkpoint.json`` with everything
+else (step, config, world size, data- and context-parallel degrees, the optimizer's hyper-parameters, rank 0's RNG
+states as numbers). The checkpoint names every tensor by parameter name and records how it was cut, so it loads on
+any number of processes (``torch.distributed.checkpoint`` reads the pieces each rank's new shards need). All ranks
+write into ``.tmp-step-XXXXXXX/``, which rank 0 renames to its final name once every rank is done: a killed save
+leaves only the temp folder. Reading it runs no code from it either: the ``.metadata`` index (a pickle in
+``torch.distributed.checkpoint``'s format) is read with an unpickler that accepts only the index's own classes,
+tensors are read with ``torch.load(weights_only=True)`` (PyTorch's reader), and non-tensor entries (which
+``torch.distributed.checkpoint`` would unpickle with full pickle) are refused: this library writes none.
+
 Exported model (``<output_dir>/final``): ``config.json`` + ``diffusion_pytorch_model.safetensors`` loadable by
 plain diffusers ``from_pretrained`` (SLA parameters are *not* in this file), plus, for attention modes with
 parameters, ``sla_config.json`` + ``sla_weights.safetensors`` from :func:`sla.save_sla`, and
@@ -29,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
+CHECKPOINT_RE = re.compile(r"^step-(\d+)(\.pt)?$")  # a file: one process's checkpoint; a folder: sharded
 INFO_NAME = "finetune_info.json"
 _CKPT_FORMAT = "sla-finetune-checkpoint-v2"  # v2: RNG states as tensors, loadable with weights_only=True
 _OLD_FORMATS = ("sla-finetune-checkpoint-v1",)  # NumPy's RNG state as an ndarray (see _numpy_array_globals)
@@ -87,15 +99,33 @@ def set_rng_state(state: dict) -> None:
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``[(step, path)]`` of the checkpoints in ``output_dir/checkpoints``, oldest first: ``step-N.pt`` files and
+    ``step-N`` folders (sharded, ``--fsdp``)."""
     folder = Path(output_dir) / "checkpoints"
     if not folder.is_dir():
         return []
     found = []
     for p in folder.iterdir():
         m = CHECKPOINT_RE.match(p.name)
-        if m:
+        if m and (p.is_file() if m.group(2) else p.is_dir()):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def prune_checkpoints(output_dir, step: int, keep: int) -> None:
+    """Delete all but the newest ``keep`` (0 = keep all) checkpoints up to ``step`` (see :func:`save_checkpoint`)."""
+    if keep > 0:
+        for _, old in [c for c in list_checkpoints(output_dir) if c[0] <= step][:-keep]:
+            _remove(old)
 
 
 def save_checkpoint(output_dir, step: int, payload: dict, keep: int = 2) -> Path:
@@ -108,9 +138,7 @@ def save_checkpoint(output_dir, step: int, payload: dict, keep: int = 2) -> Path
     """
     path = Path(output_dir) / "checkpoints" / f"step-{step:07d}.pt"
     atomic_torch_save({"format": _CKPT_FORMAT, "step": step, **payload}, path)
-    if keep > 0:
-        for _, old in [c for c in list_checkpoints(output_dir) if c[0] <= step][:-keep]:
-            old.unlink(missing_ok=True)
+    prune_checkpoints(output_dir, step, keep)
     return path
 
 
@@ -126,8 +154,8 @@ def remove_orphan_temp_files(folder: str | os.PathLike) -> list[Path]:
         return []
     removed = []
     for p in folder.iterdir():
-        if p.name.startswith(TMP_PREFIX) and p.is_file():
-            p.unlink(missing_ok=True)
+        if p.name.startswith(TMP_PREFIX) and (p.is_file() or p.is_dir()):  # a folder: a sharded save's
+            _remove(p)
             removed.append(p)
     return removed
 
@@ -193,6 +221,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     pickle that would call anything is refused before it calls it).
     """
     path = Path(path)
+    if path.is_dir():
+        return read_sharded_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -211,6 +241,184 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         if key not in ckpt:
             raise ValueError(f"checkpoint {path} lacks {key!r}; it is incomplete")
     return ckpt
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sharded checkpoints (--fsdp)
+# ------------------------------------------------------------------------------------------------------------
+
+_SHARDED_FORMAT = "sla-finetune-sharded-checkpoint-v1"
+SHARDED_INFO_NAME = "sla_checkpoint.json"
+
+
+def _rng_to_json(state: dict) -> dict:
+    """:func:`rng_state` with its tensors as lists of numbers (JSON)."""
+    out = {"python": dict(state["python"], words=state["python"]["words"].tolist()),
+           "numpy": dict(state["numpy"], keys=state["numpy"]["keys"].tolist()),
+           "torch": state["torch"].tolist()}
+    if "cuda" in state:
+        out["cuda"] = [t.tolist() for t in state["cuda"]]
+    return out
+
+
+def _rng_from_json(state: dict) -> dict:
+    out = {"python": dict(state["python"], words=torch.tensor(state["python"]["words"], dtype=torch.int64)),
+           "numpy": dict(state["numpy"], keys=torch.tensor(state["numpy"]["keys"], dtype=torch.int64)),
+           "torch": torch.tensor(state["torch"], dtype=torch.uint8)}
+    if "cuda" in state:
+        out["cuda"] = [torch.tensor(t, dtype=torch.uint8) for t in state["cuda"]]
+    return out
+
+
+def _flat_leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat_leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def save_sharded_checkpoint(output_dir, step: int, tensors: dict, info: dict, *, rank: int, keep: int = 2) -> Path:
+    """Write the sharded checkpoint of ``step`` (see the module docstring); a collective: call it on every rank with
+    that rank's ``tensors`` (nested dicts of tensors and DTensors, the same names on every rank) and, on rank 0, the
+    plain-data ``info``. Returns ``checkpoints/step-XXXXXXX``."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    for name, value in _flat_leaves(tensors):
+        if not isinstance(value, torch.Tensor):  # DCP would pickle it, and reading it back would unpickle it
+            raise TypeError(f"sharded checkpoint entry {name!r} is a {type(value).__name__}, not a tensor; put plain "
+                            "data into info")
+    folder = Path(output_dir) / "checkpoints"
+    final = folder / f"step-{step:07d}"
+    tmp = folder / f"{TMP_PREFIX}step-{step:07d}"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            _remove(tmp)
+    dist.barrier()
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))  # ends with its own barrier
+    if rank == 0:
+        with open(tmp / SHARDED_INFO_NAME, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"format": _SHARDED_FORMAT, "step": step, **info}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # a later run that resumed from an earlier step writes this step again
+            old = folder / f"{TMP_PREFIX}old-step-{step:07d}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _remove(old)
+        else:
+            os.replace(tmp, final)
+        fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        prune_checkpoints(output_dir, step, keep)
+    dist.barrier()
+    return final
+
+
+# What the index of a torch.distributed.checkpoint folder may name (torch 2.4 - 2.13 write these): its own metadata
+# classes, torch's size/dtype/layout/memory-format helpers and pathlib paths. Rebuilding any of them runs no user code.
+_DCP_INDEX_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("builtins", "set"),
+     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+     ("pathlib", "PureWindowsPath")}
+
+
+def _read_dcp_index(path: Path):
+    """The ``.metadata`` index of a ``torch.distributed.checkpoint`` folder, unpickled with only the classes of
+    ``_DCP_INDEX_GLOBALS`` and torch dtypes allowed, each storage entry checked to stay inside the folder."""
+    class IndexUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _DCP_INDEX_GLOBALS or (
+                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+    with open(path / ".metadata", "rb") as f:
+        index = IndexUnpickler(f).load()
+    storage = getattr(index, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise ValueError("its index holds no storage table")
+    for item in storage.values():
+        rel = getattr(item, "relative_path", None)
+        if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
+            raise ValueError(f"its index points outside the folder ({rel!r})")
+        if getattr(item, "transform_descriptors", None):
+            raise ValueError("its index asks for stream transforms, which sla finetune never writes")
+        size = (path / rel).stat().st_size if (path / rel).is_file() else -1
+        if size < item.offset + item.length:
+            raise ValueError(f"{rel} is missing or shorter than its index says (truncated)")
+    return index
+
+
+def read_sharded_checkpoint(path: str | os.PathLike) -> dict:
+    """The plain data of a sharded checkpoint folder (``sla_checkpoint.json``, RNG states as tensors) plus
+    ``"sharded": path``, after checking that its index reads safely and every shard file is whole. Raises
+    ``ValueError`` (naming the folder) for anything else, like :func:`load_checkpoint`."""
+    path = Path(path)
+    try:
+        info = json.loads((path / SHARDED_INFO_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} lacks {SHARDED_INFO_NAME}; it is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {path} is corrupt ({SHARDED_INFO_NAME}: {_first_line(e)})") from e
+    if not isinstance(info, dict) or info.get("format") != _SHARDED_FORMAT:
+        raise ValueError(f"{path} is not an `sla finetune --fsdp` checkpoint (format {_SHARDED_FORMAT})")
+    for key in ("step", "config", "rng", "param_groups", "world_size"):
+        if key not in info:
+            raise ValueError(f"checkpoint {path} lacks {key!r}; it is incomplete")
+    try:
+        _read_dcp_index(path)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {path} was not opened: its .metadata index holds something other than "
+                         f"torch.distributed.checkpoint's index ({e}), and unpickling it could run code. `sla finetune`"
+                         " never writes such files: delete the folder, or move it out of the checkpoints folder") from e
+    except (OSError, ValueError, EOFError, AttributeError) as e:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({_first_line(e)})") from e
+    info["rng"] = _rng_from_json(info["rng"])
+    info["sharded"] = str(path)
+    return info
+
+
+def load_sharded_tensors(path: str | os.PathLike, tensors: dict) -> None:
+    """Fill ``tensors`` (nested dicts of this rank's tensors/DTensors, named as when saved) in place from a sharded
+    checkpoint, whatever the number of processes that wrote it; a collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            index = _read_dcp_index(Path(self.path))
+            if getattr(index, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
+                index.storage_meta = StorageMeta()
+            index.storage_meta.load_id = self.load_id
+            return index
+
+    class TensorsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            raise ValueError(f"checkpoint {path}: entry {read_item.dest_index.fqn!r} is not a tensor; sla finetune "
+                             "never writes such entries, and reading one would unpickle it")
+
+    try:
+        dcp.load(tensors, storage_reader=SafeReader(str(path)), planner=TensorsOnlyPlanner())
+    except dcp.api.CheckpointException as err:
+        # DCP gathers every rank's exception into one; report the first, ours (a refusal) as it was raised.
+        failures = [f[0] if isinstance(f, tuple) else f for f in getattr(err, "failures", {}).values()]
+        first = failures[0] if failures else err
+        if isinstance(first, ValueError) and str(first).startswith(f"checkpoint {path}:"):
+            raise ValueError(str(first)) from err
+        raise ValueError(f"checkpoint {path} could not be read into this run's parameters ({_first_line(first)}); "
+                         "was it made with other settings?") from err
 
 
 def _base_state_dict(model) -> dict:
@@ -316,6 +524,20 @@ def load_base_model(spec: str):
     from ..models.small_wan import load_small_model
 
     return load_small_model(folder)
+
+
+def meta_base_model(spec: str):
+    """The architecture of :func:`load_base_model`'s model on the ``meta`` device: no memory, no weights read (FSDP
+    builds every rank's model this way and fills only its shards)."""
+    folder = resolve_model_folder(spec)
+    if (folder / INFO_NAME).is_file():
+        raise ValueError(f"{folder} holds a fine-tuned model (it has {INFO_NAME}); load it with "
+                         "sla.training.load_finetuned, or fine-tune from the original base model")
+    from ..models.small_wan import _require_diffusers
+
+    wan = _require_diffusers()
+    with torch.device("meta"):
+        return wan.from_config(wan.load_config(str(folder)))
 
 
 def load_finetuned(folder: str | os.PathLike, torch_dtype=None):

@@ -61,6 +61,9 @@ class FinetuneConfig:
     bf16: bool = False  # bf16 autocast (CUDA or CPU)
     gradient_checkpointing: bool = False
     seed: int = 0
+    # --- several processes (torchrun; sla/training/distributed.py) -------------------------------------------
+    fsdp: bool = False  # FSDP2 fully_shard (per block + root) instead of DDP; sharded checkpoints
+    context_parallel: int = 1  # Ulysses degree N: N consecutive ranks share each clip's tokens (and one batch)
     # --- bookkeeping ----------------------------------------------------------------------------------------
     log_every: int = 1
     tensorboard: bool = False  # also write the logged scalars as TensorBoard events to output_dir/tensorboard
@@ -83,7 +86,7 @@ class FinetuneConfig:
         choice("loss", ("flow", "distill", "flow+distill"))
         choice("timestep_sampling", ("logit_normal", "uniform"))
         choice("device", ("auto", "cpu", "cuda"))
-        for name in ("steps", "batch_size", "grad_accum", "lora_rank"):
+        for name in ("steps", "batch_size", "grad_accum", "lora_rank", "context_parallel"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -110,6 +113,10 @@ class FinetuneConfig:
         if self.trainable == "proj" and self.attention != "sla":
             raise ValueError(f"trainable='proj' trains only the SLA projections, which exist only with "
                              f"attention='sla' (got attention={self.attention!r}); use trainable='full'")
+        if self.fsdp and self.trainable == "lora":
+            raise ValueError("fsdp=True (--fsdp) with trainable='lora' (--trainable lora) is not supported (the "
+                             "adapters would be sharded, then fused into sharded weights); LoRA trains few parameters: "
+                             "drop --fsdp and use DDP, or use --trainable full/proj")
         if self.tensorboard:
             import importlib.util
 

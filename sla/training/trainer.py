@@ -6,16 +6,19 @@ velocity at the same ``(x_t, t)``. AdamW, linear warm-up then cosine decay to 10
 optional bf16 autocast, gradient checkpointing, EMA.
 
 Determinism, resumption and multiple processes. Optimizer step ``s`` consumes a *global* batch of
-``G = batch_size * grad_accum * world_size`` clips at global positions ``s*G .. s*G+G-1`` of a
-seeded per-epoch permutation of the dataset; micro-step ``m`` of rank ``r`` takes the slice
-``[(m * world + r) * batch_size, ... + batch_size)``. The noise and timestep of each clip are drawn from a
-generator keyed by ``(seed, step, position)``. Each micro-batch loss is its mean divided by ``grad_accum``,
-and DDP averages over ranks, so the update is the mean over the global batch whatever the split:
-one process with ``batch_size=4`` equals two processes with ``batch_size=2`` (up to float summation
-order), and a run resumed from a checkpoint continues exactly where it stopped.
+``G = batch_size * grad_accum * D`` clips (``D`` data-parallel ranks: the processes divided by ``--context-parallel``)
+at global positions ``s*G .. s*G+G-1`` of a seeded per-epoch permutation of the dataset; micro-step ``m`` of
+data-parallel rank ``r`` takes the slice ``[(m * D + r) * batch_size, ... + batch_size)``. The noise and timestep of
+each clip are drawn from a generator keyed by ``(seed, step, position)``. Each micro-batch loss is its mean divided
+by ``grad_accum``, and DDP/FSDP average over ranks, so the update is the mean over the global batch whatever the
+split: one process with ``batch_size=4`` equals two processes with ``batch_size=2`` (up to float summation order),
+and a run resumed from a checkpoint continues exactly where it stopped.
 
-Multi-GPU: launch with ``torchrun --nproc_per_node N -m sla.cli finetune ...``; PyTorch DDP (NCCL on CUDA,
-gloo on CPU) does the gradient averaging.
+Multi-GPU and multi-node: launch with ``torchrun --nproc_per_node N [--nnodes M --rdzv-...] -m sla.cli finetune
+...``. Without ``--fsdp`` PyTorch DDP (NCCL on CUDA, gloo on CPU) averages the gradients and every rank holds the
+whole model; with ``--fsdp`` FSDP2 shards it, and checkpoints are sharded folders that resume on any number of
+processes. ``--context-parallel N`` splits each clip's tokens over N ranks (Ulysses); see
+:mod:`sla.training.distributed` for the layout, the gradient scaling and the mixed-precision policy.
 
 Interrupts. During the loop, the first SIGINT (Ctrl-C) or SIGTERM lets the current optimizer step finish, saves
 a checkpoint of it and raises :class:`TrainingInterrupted` (``--resume auto`` continues exactly there); a
@@ -36,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -322,63 +326,161 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict:
         device = torch.device(f"cuda:{local}")
     else:
         device = torch.device("cpu")
-    initialised_here = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        initialised_here = True
+    if world % cfg.context_parallel:
+        raise ValueError(f"--context-parallel {cfg.context_parallel} must divide the number of processes ({world}): "
+                         f"launch with torchrun --nproc_per_node a multiple of {cfg.context_parallel} (all nodes "
+                         f"together: WORLD_SIZE), or change --context-parallel")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    initialised_here = False
+    if not dist.is_initialized():
+        if world > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            initialised_here = True
+        elif cfg.fsdp:  # FSDP on one process (e.g. resuming a sharded checkpoint on one GPU) still needs a group
+            from .distributed import init_single_process_group
+
+            init_single_process_group(device)
+            initialised_here = True
     try:
-        return _finetune(cfg, resume, device, world, rank)
+        from .distributed import make_layout
+
+        layout = make_layout(world, rank, device, cfg.fsdp, cfg.context_parallel)
+        return _finetune(cfg, resume, layout)
     finally:
         if initialised_here:
             dist.destroy_process_group()
 
 
-def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dict:
-    out = Path(cfg.output_dir)
-    is_main = rank == 0
-    if is_main:
-        # A save or export killed half-way leaves its temp file behind; it is never read, only in the way.
-        removed = remove_orphan_temp_files(out / "checkpoints") + remove_orphan_temp_files(out / "final")
-        if removed:
-            print(f"sla finetune: removed {len(removed)} temp file(s) of an interrupted save: "
-                  + ", ".join(p.name for p in removed), file=sys.stderr)
+def _resumed_checkpoint(cfg: FinetuneConfig, resume, out: Path, layout) -> dict | None:
+    """The checkpoint to resume from (``None``: start fresh), checked against this run's settings."""
     ckpt = None
     if resume == "auto":
-        latest = load_latest_checkpoint(out, report=(lambda line: print(line, file=sys.stderr)) if is_main else None)
+        latest = load_latest_checkpoint(out, report=(lambda line: print(line, file=sys.stderr)) if layout.is_main
+                                        else None)
         if latest is not None:
             ckpt = latest[0]
     elif resume:
         ckpt = load_checkpoint(resume)
     elif list_checkpoints(out):
         raise ValueError(f"{out} already holds checkpoints; pass --resume auto to continue, or another --output-dir")
-    if ckpt is not None:
-        saved = ckpt["config"]
-        for key in ("model", "data", "attention", "trainable", "seed", "batch_size", "grad_accum", "loss", "lr",
-                    "proj_lr_scale", "mass_lr_scale", "sla_weight_decay", "steps", "critical", "negligible",
-                    "linear_scope", "feature_map", "combine"):
+    if ckpt is None:
+        return None
+    if bool(ckpt.get("sharded")) != cfg.fsdp:
+        if cfg.fsdp:
+            raise ValueError(f"cannot resume with --fsdp from {resume if resume != 'auto' else out}: its checkpoint "
+                             "was written without --fsdp (one file per step); resume without --fsdp")
+        raise ValueError(f"cannot resume without --fsdp: the checkpoint in {ckpt['sharded']} is sharded (written with "
+                         "--fsdp); add --fsdp (it loads on any number of processes)")
+    saved = ckpt["config"]
+    # Checkpoints from before context parallelism recorded only world_size, which was then the data-parallel size.
+    saved_dp = int(ckpt.get("data_parallel", ckpt.get("world_size", 1)))
+    for key in ("model", "data", "attention", "trainable", "seed", "batch_size", "grad_accum", "loss", "lr",
+                "proj_lr_scale", "mass_lr_scale", "sla_weight_decay", "steps", "critical", "negligible",
+                "linear_scope", "feature_map", "combine"):
+        if key == "batch_size":
+            same = saved["batch_size"] * saved["grad_accum"] * saved_dp == cfg.batch_size * cfg.grad_accum * layout.dp
+        elif key == "grad_accum":
+            continue
+        elif key in _RESUME_DEFAULTS and key not in saved:  # checkpoints from before the option existed
+            same = _RESUME_DEFAULTS[key] == getattr(cfg, key)
+        else:
+            same = saved.get(key) == getattr(cfg, key)
+        if not same:
             if key == "batch_size":
-                same = saved["batch_size"] * saved["grad_accum"] * ckpt.get("world_size", 1) == \
-                    cfg.batch_size * cfg.grad_accum * world
-            elif key == "grad_accum":
-                continue
-            elif key in _RESUME_DEFAULTS and key not in saved:  # checkpoints from before the option existed
-                same = _RESUME_DEFAULTS[key] == getattr(cfg, key)
-            else:
-                same = saved.get(key) == getattr(cfg, key)
-            if not same:
-                raise ValueError(f"cannot resume: checkpoint was made with {key}={saved.get(key)!r} (global batch kept "
-                                 f"equal), this run has {key}={getattr(cfg, key)!r}")
+                raise ValueError(
+                    f"cannot resume: the checkpoint's global batch is {saved['batch_size']} x {saved['grad_accum']} "
+                    f"(--grad-accum) x {saved_dp} data-parallel ranks = "
+                    f"{saved['batch_size'] * saved['grad_accum'] * saved_dp} clips per step, this run's is "
+                    f"{cfg.batch_size} x {cfg.grad_accum} x {layout.dp} = {cfg.batch_size * cfg.grad_accum * layout.dp}"
+                    "; change --batch-size or --grad-accum to keep it equal")
+            raise ValueError(f"cannot resume: checkpoint was made with {key}={saved.get(key)!r} (global batch kept "
+                             f"equal), this run has {key}={getattr(cfg, key)!r}")
+    return ckpt
+
+
+def _check_context_parallel_fits(model, dataset, cfg: FinetuneConfig) -> None:
+    """Heads and tokens per clip must split evenly over the context-parallel ranks (an error naming the flag)."""
+    from ..integrations.context_parallel import check_divisible
+
+    mc = model.config
+    _, f, h, w = dataset[0]["video"].shape
+    pt, ph, pw = mc.patch_size
+    check_divisible(heads=mc.num_attention_heads, tokens=(f // pt) * (h // ph) * (w // pw),
+                    degree=cfg.context_parallel, what=f"--model {cfg.model}")
+
+
+def _build_models(cfg: FinetuneConfig, layout):
+    """``(student, teacher or None, dataset, model class)`` on ``layout.device``, parallelised as configured (context
+    parallel hooks; FSDP shards or plain modules, DDP is applied by the caller after a resume)."""
+    from ..integrations.context_parallel import enable_context_parallel
+    from .checkpoint import meta_base_model
 
     torch.manual_seed(cfg.seed)
-    base = load_base_model(cfg.model)
-    dataset = build_dataset(cfg, base.config.text_dim)
-    check_data_fits_model(dataset, base, cfg)
+    if not cfg.fsdp:
+        base = load_base_model(cfg.model)
+        model_cls = type(base)
+        dataset = build_dataset(cfg, base.config.text_dim)
+        check_data_fits_model(dataset, base, cfg)
+        if cfg.context_parallel > 1:
+            _check_context_parallel_fits(base, dataset, cfg)
+        teacher = None
+        if cfg.loss != "flow":
+            teacher = copy.deepcopy(base).to(layout.device).eval().requires_grad_(False)
+        student = prepare_student(base, cfg).to(layout.device).train()
+        if cfg.context_parallel > 1:
+            for m in (student, teacher):
+                if m is not None:
+                    enable_context_parallel(m, layout.mesh, layout.device)
+        return student, teacher, dataset, model_cls
+
+    # FSDP: every rank builds the model on the meta device and shards it; rank 0 alone reads the weights on the CPU
+    # and broadcasts them (distributed.py says why).
+    from .distributed import materialize_from_rank0, shard_model
+
+    meta = meta_base_model(cfg.model)
+    model_cls = type(meta)
+    dataset = build_dataset(cfg, meta.config.text_dim)
+    check_data_fits_model(dataset, meta, cfg)
+    if cfg.context_parallel > 1:
+        _check_context_parallel_fits(meta, dataset, cfg)
+    cpu_student = full = None
+    if layout.is_main:
+        cpu_student = prepare_student(load_base_model(cfg.model), cfg)
+        full = cpu_student.state_dict()
     teacher = None
     if cfg.loss != "flow":
-        teacher = copy.deepcopy(base).to(device).eval().requires_grad_(False)
-    student = prepare_student(base, cfg).to(device).train()
+        teacher = meta_base_model(cfg.model).eval().requires_grad_(False)
+        if cfg.context_parallel > 1:
+            enable_context_parallel(teacher, layout.mesh, layout.device)
+        shard_model(teacher, layout, cfg.bf16)
+        # The teacher is the base model: the student's weights before fine-tuning, without SLA's parameters.
+        materialize_from_rank0(teacher, layout, None if full is None else
+                               {k: v for k, v in full.items() if ".sla." not in k}, cpu_student)
+    student = prepare_student(meta, cfg).train()
+    if cfg.context_parallel > 1:
+        enable_context_parallel(student, layout.mesh, layout.device)
+    shard_model(student, layout, cfg.bf16)
+    materialize_from_rank0(student, layout, full, cpu_student)
+    del cpu_student, full
+    return student, teacher, dataset, model_cls
+
+
+def _finetune(cfg: FinetuneConfig, resume, layout) -> dict:
+    out = Path(cfg.output_dir)
+    is_main = layout.is_main
+    device = layout.device
+    if is_main:
+        # A save or export killed half-way leaves its temp file behind; it is never read, only in the way.
+        removed = remove_orphan_temp_files(out / "checkpoints") + remove_orphan_temp_files(out / "final")
+        if removed:
+            print(f"sla finetune: removed {len(removed)} temp file(s) of an interrupted save: "
+                  + ", ".join(p.name for p in removed), file=sys.stderr)
+    if layout.world > 1:
+        dist.barrier()  # nobody looks at checkpoints/ while rank 0 cleans it
+    ckpt = _resumed_checkpoint(cfg, resume, out, layout)
+
+    student, teacher, dataset, model_cls = _build_models(cfg, layout)
     named_trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     params = [p for _, p in named_trainable]
     opt = torch.optim.AdamW(param_groups(named_trainable, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -386,10 +488,14 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     ema = {n: p.detach().clone() for n, p in named_trainable} if cfg.ema > 0 else None
 
     start_step = 0
-    if ckpt is not None:
+    if ckpt is not None and cfg.fsdp:
+        _load_sharded(ckpt, student, named_trainable, opt, ema)
+        start_step = int(ckpt["step"])
+    elif ckpt is not None:
         missing = [n for n, _ in named_trainable if n not in ckpt["trainable"]]
         if missing:
-            raise ValueError(f"checkpoint lacks trainable parameters {missing[:3]}...; was it made with other settings?")
+            raise ValueError(f"checkpoint lacks trainable parameters {missing[:3]}...; was it made with other "
+                             "settings?")
         with torch.no_grad():
             for n, p in named_trainable:
                 p.copy_(ckpt["trainable"][n])
@@ -401,7 +507,7 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
         start_step = int(ckpt["step"])
 
     model = student
-    if world > 1:
+    if layout.world > 1 and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -409,8 +515,9 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
     order = GlobalOrder(len(dataset), cfg.seed)
     from ..data.synthetic import collate
 
+    # The training stream is split over data-parallel ranks; the context-parallel ranks of a group read the same clips.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_MicroBatchSampler(order, start_step, end_step, rank, world, cfg),
+        dataset, batch_sampler=_MicroBatchSampler(order, start_step, end_step, layout.dp_rank, layout.dp, cfg),
         num_workers=cfg.num_workers, collate_fn=collate)
     batches = iter(loader)
 
@@ -449,8 +556,8 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
         with _StopOnSignal(cfg, out, announce=is_main) as stop:
             stop.step = start_step
             for step in range(start_step, end_step):
-                last = _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, batches, device,
-                                   autocast, world, rank, t_start, stop)
+                last = _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, batches, layout,
+                                   autocast, t_start, stop)
                 if is_main:
                     if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step + 1 == end_step):
                         log.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in last.items()
@@ -464,17 +571,17 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
                         bar.update(1)
                 done = step + 1
                 stop.step = done
-                # A bool, not the returned path: _save returns None on ranks other than 0, and every rank must
-                # take the same branch below (the save ends in a barrier).
+                # Every rank must take the same branch below (the save ends in a barrier), so the condition depends
+                # only on the step.
                 saved = bool(cfg.save_every and done % cfg.save_every == 0 or done == end_step)
                 if saved:
-                    _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
+                    _save(cfg, out, done, student, named_trainable, opt, ema, layout)
                 if last["stop_signal"] and done < end_step:
                     # Every rank saw the same summed flag, so all of them stop after this step.
                     if not saved:
-                        _save(cfg, out, done, named_trainable, opt, ema, world, is_main)
+                        _save(cfg, out, done, student, named_trainable, opt, ema, layout)
                     raise TrainingInterrupted(last["stop_signal"], done, cfg.steps,
-                                              out / "checkpoints" / f"step-{done:07d}.pt", str(out))
+                                              checkpoint_path(out, done, cfg.fsdp), str(out))
     finally:
         if bar is not None:
             bar.close()
@@ -483,38 +590,68 @@ def _finetune(cfg: FinetuneConfig, resume, device, world: int, rank: int) -> dic
         if tb is not None:
             tb.close()
     last.pop("stop_signal", None)
-    summary = dict(last, start_step=start_step, end_step=end_step, world_size=world,
+    summary = dict(last, start_step=start_step, end_step=end_step, world_size=layout.world,
+                   data_parallel=layout.dp, context_parallel=layout.cp, fsdp=cfg.fsdp,
                    trainable_parameters=sum(p.numel() for p in params), output_dir=str(out))
+    if device.type == "cuda":  # the peak of tensor memory on any rank (the caching allocator reserves somewhat more)
+        peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+        if layout.world > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        summary["peak_memory_gib"] = round(float(peak), 3)
     if end_step == cfg.steps:
         if ema is not None:
             with torch.no_grad():
                 for n, p in named_trainable:
                     p.copy_(ema[n])
-        if is_main:
+        info = dict(attention=cfg.attention, sla=sla_settings(cfg), base_model=cfg.model, steps=cfg.steps,
+                    weights="ema" if ema is not None else "final", config=cfg.to_dict())
+        if cfg.fsdp:
+            _export_sharded(cfg, student, model_cls, out / "final", info, layout)
+        elif is_main:
             if cfg.trainable == "lora":
                 student.fuse_lora()
                 student.unload_lora()
-            info = dict(attention=cfg.attention, sla=sla_settings(cfg), base_model=cfg.model, steps=cfg.steps,
-                        weights="ema" if ema is not None else "final", config=cfg.to_dict())
             export_model(student, out / "final", info)
+        if is_main:
             summary["final"] = str(out / "final")
-    if world > 1:
+    if layout.world > 1:
         dist.barrier()
     return summary
 
 
-def _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, batches, device, autocast, world, rank,
-                t_start, stop) -> dict:
+def checkpoint_path(out: Path, step: int, sharded: bool) -> Path:
+    """Where the checkpoint of ``step`` goes: a file, or a folder when sharded (``--fsdp``)."""
+    return out / "checkpoints" / (f"step-{step:07d}" if sharded else f"step-{step:07d}.pt")
+
+
+def _export_sharded(cfg, student, model_cls, folder: Path, info: dict, layout) -> None:
+    """The usual export (diffusers folder + ``save_sla``) of an FSDP model: its full state dict is gathered on rank
+    0 and loaded, without a copy, into a model built on the meta device, which :func:`export_model` writes."""
+    from .distributed import gather_full_state_dict
+
+    full = gather_full_state_dict(student)  # a collective: every rank takes part, rank 0 receives
+    if not layout.is_main:
+        return
+    with torch.device("meta"):
+        export = model_cls.from_config(student.config)
+    prepare_student(export, cfg)
+    export.load_state_dict(full, strict=True, assign=True)
+    export_model(export, folder, info)
+
+
+def _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, batches, layout, autocast, t_start,
+                stop) -> dict:
     """One optimizer step (all micro-batches); returns the logged values plus ``stop_signal``: the signal that
     asked any rank to stop (0 if none), agreed on by all ranks."""
     t0 = time.time()
+    device, world = layout.device, layout.world
     for g in opt.param_groups:
         g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_scale"]
     opt.zero_grad(set_to_none=True)
     sums = torch.zeros(4, dtype=torch.float64)  # loss, flow, distill (sums over this rank's clips), stop signal
     for m in range(cfg.grad_accum):
         batch = next(batches)
-        positions = micro_positions(step, m, rank, world, cfg.batch_size, cfg.grad_accum)
+        positions = micro_positions(step, m, layout.dp_rank, layout.dp, cfg.batch_size, cfg.grad_accum)
         x0 = batch["video"].to(device)
         te = batch["text_embeds"].to(device)
         pairs = [draw_noise_and_sigma(tuple(x0.shape[1:]), (cfg.seed, step, p), cfg.timestep_sampling,
@@ -523,9 +660,16 @@ def _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, ba
         sigma = torch.stack([b for _, b in pairs]).to(device)
         x_t, target = noisy_input_and_target(x0, noise, sigma)
         sync = world == 1 or m == cfg.grad_accum - 1
-        ctx = model.no_sync() if not sync else _nullcontext()
+        if cfg.fsdp:
+            model.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter only after the last micro-step
+            ctx = _nullcontext()
+        else:
+            ctx = model.no_sync() if not sync else _nullcontext()
         with ctx:
-            with torch.autocast(**autocast):
+            with torch.autocast(**autocast), warnings.catch_warnings():
+                # FSDP2 warns that the root returned a view (Wan's unpatchify), which an in-place op would detach from
+                # its backward hook; the prediction is only read here, never modified in place.
+                warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
                 pred = predict(model, x_t, sigma, te).float()
             flow = (pred - target).pow(2).flatten(1).mean(1)
             if teacher is not None:
@@ -540,10 +684,20 @@ def _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, ba
                 per = cfg.distill_weight * distill
             else:
                 per = flow + cfg.distill_weight * distill
-            (per.mean() / cfg.grad_accum).backward()
-        sums[:3] += torch.stack([per.detach().sum(), flow.detach().sum(), distill.detach().sum()]).double().cpu()
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-                 else torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None)))
+            # Under context parallelism each rank's gradient is its tokens' share of the group's, and DDP/FSDP average
+            # over all ranks: times N makes the update the data-parallel mean (distributed.py).
+            (per.mean() * (layout.cp / cfg.grad_accum)).backward()
+        if layout.cp_rank == 0:  # the ranks of a context-parallel group computed the same losses: count them once
+            sums[:3] += torch.stack([per.detach().sum(), flow.detach().sum(), distill.detach().sum()]).double().cpu()
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    elif cfg.fsdp:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    else:
+        grad_norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None))
+    from .distributed import full_value
+
+    grad_norm = full_value(grad_norm)  # FSDP: a DTensor (the norm over every rank's shards)
     opt.step()
     if ema is not None:
         with torch.no_grad():
@@ -557,7 +711,7 @@ def _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, ba
         reduced = sums.to(device) if device.type == "cuda" else sums
         dist.all_reduce(reduced)
         sums = reduced.cpu()
-    n_clips = cfg.batch_size * cfg.grad_accum * world
+    n_clips = cfg.batch_size * cfg.grad_accum * layout.dp
     means = (sums[:3] / n_clips).tolist()
     stop_signal = 0
     if sums[3] > 0:  # a sum of signal numbers over ranks; name one that was really received
@@ -568,13 +722,55 @@ def _train_step(cfg, step, model, teacher, opt, ema, params, named_trainable, ba
                 clips_per_s=n_clips / dt, stop_signal=stop_signal)
 
 
-def _save(cfg, out, step, named_trainable, opt, ema, world, is_main) -> None:
-    """Checkpoint ``step``: rank 0 writes, every rank waits for it (call it on every rank)."""
-    if is_main:
+def _sharded_tensors(student, named_trainable, opt, ema) -> tuple[dict, list]:
+    """What a sharded checkpoint holds as tensors: the trainable parameters, the optimizer state (by parameter name)
+    and the EMA, as this rank's DTensors. The optimizer's hyper-parameters travel as plain data."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    optim = get_optimizer_state_dict(student, opt)
+    tensors = {"trainable": dict(named_trainable), "optimizer": optim["state"]}
+    if ema is not None:
+        tensors["ema"] = ema
+    return tensors, optim["param_groups"]
+
+
+def _load_sharded(ckpt: dict, student, named_trainable, opt, ema) -> None:
+    """Restore a sharded checkpoint (any number of processes wrote it) into the sharded model, optimizer and EMA."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    from .checkpoint import load_sharded_tensors
+
+    tensors, groups = _sharded_tensors(student, named_trainable, opt, ema)  # initialises the optimizer state
+    if ema is None:
+        tensors.pop("ema", None)
+    load_sharded_tensors(ckpt["sharded"], tensors)
+    saved_groups = ckpt["param_groups"]
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"checkpoint {ckpt['sharded']} has {len(saved_groups)} optimizer groups, this run "
+                         f"{len(groups)}; was it made with other settings?")
+    for g in saved_groups:
+        g["betas"] = tuple(g["betas"])  # JSON turned the tuple into a list
+    set_optimizer_state_dict(student, opt, {"state": tensors["optimizer"], "param_groups": saved_groups})
+    set_rng_state(ckpt["rng"])
+
+
+def _save(cfg, out, step, student, named_trainable, opt, ema, layout) -> None:
+    """Checkpoint ``step`` (call it on every rank). Without FSDP rank 0 writes one file and the others wait; with
+    FSDP every rank writes its shards (:func:`~sla.training.checkpoint.save_sharded_checkpoint`)."""
+    if cfg.fsdp:
+        from .checkpoint import _rng_to_json, save_sharded_checkpoint
+
+        tensors, groups = _sharded_tensors(student, named_trainable, opt, ema)
+        info = dict(config=cfg.to_dict(), world_size=layout.world, data_parallel=layout.dp,
+                    context_parallel=layout.cp, rng=_rng_to_json(rng_state()), param_groups=groups)
+        save_sharded_checkpoint(out, step, tensors, info, rank=layout.rank, keep=cfg.keep_checkpoints)
+        return
+    if layout.is_main:
         payload = dict(trainable={n: p.detach().cpu().clone() for n, p in named_trainable},
-                       optimizer=opt.state_dict(), ema=ema, rng=rng_state(), config=cfg.to_dict(), world_size=world)
+                       optimizer=opt.state_dict(), ema=ema, rng=rng_state(), config=cfg.to_dict(),
+                       world_size=layout.world, data_parallel=layout.dp, context_parallel=layout.cp)
         save_checkpoint(out, step, payload, keep=cfg.keep_checkpoints)
-    if world > 1:
+    if layout.world > 1:
         dist.barrier()
 
 

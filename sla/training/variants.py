@@ -40,7 +40,8 @@ class SumNoProjAttention(nn.Module):
         for key, value in self.cfg.items():
             setattr(self, key, value)
 
-    def forward(self, q, k, v, *, return_info: bool = False, block_map=None):
+    def forward(self, q, k, v, *, return_info: bool = False, block_map=None, heads=None):
+        # heads (which of the layer's heads q holds, under context parallelism) changes nothing: no per-head state.
         from ..ops.sla.interface import sparse_linear_attention
 
         return sparse_linear_attention(q, k, v, proj_weight=None, proj_bias=None, return_info=return_info,

@@ -10,10 +10,11 @@ For each shape (B, H, L, D), bf16:
 * ``flex``: ``torch.compile(flex_attention)`` with a ``BlockMask`` of exactly SLA's critical blocks (the sparse
   part only, mask given, not predicted). Tried with SLA's block size first; where FlexAttention cannot
   compile that block size, the row says so and uses 128x128 blocks at the same block sparsity.
-* ``sla``: ``sla.ops.sla.triton.sparse_linear_attention_triton`` end to end: block classification on the GPU
+* ``sla``: ``sla.sparse_linear_attention(..., backend="triton")`` end to end: block classification on the GPU
   (``build_block_map_triton``), both branches and the fp32 projection.
-* ``sla-public-api``: ``sla.sparse_linear_attention(..., backend="triton")``, the same kernels with the block
-  map from the PyTorch ``build_block_map`` (target configuration only).
+* ``sla-pytorch-blockmap``: the same, with the block map from the PyTorch ``build_block_map`` (what
+  ``torch.compile`` traces; target configuration only). Older results have ``sla-public-api`` rows instead: the
+  public API, which used the PyTorch map before commit cf1a926 and the GPU map after it.
 
 Times are medians of ``triton.testing.do_bench`` after a warm-up call of every provider. "TFLOPS" is
 dense-equivalent: ``4*B*H*L^2*D`` per forward, 3.5x that per forward+backward, divided by the time. Peak
@@ -137,16 +138,21 @@ def flex_fn(r, block_map):
     return lambda: fn(r.q, r.k, r.v, block_mask=mask)
 
 
-def sla_fn(r, critical, negligible, block_q, block_k, scope, public=False):
-    """SLA end to end. ``public``: ``sla.sparse_linear_attention(backend="triton")``, whose block map comes from
-    the PyTorch ``build_block_map``; otherwise ``sparse_linear_attention_triton`` (GPU classification)."""
+def sla_fn(r, critical, negligible, block_q, block_k, scope, pytorch_block_map=False):
+    """SLA end to end through ``sla.sparse_linear_attention(backend="triton")`` (GPU classification), or with
+    ``pytorch_block_map`` the block map built by the PyTorch ``build_block_map`` inside the timed call."""
     import sla
-    from sla.ops.sla.triton import sparse_linear_attention_triton
 
-    fn = (lambda *a, **kw: sla.sparse_linear_attention(*a, backend="triton", **kw)) if public else \
-        sparse_linear_attention_triton
-    return lambda: fn(r.q, r.k, r.v, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-                      linear_scope=scope, proj_weight=r.w, proj_bias=r.b)
+    def fn():
+        bm = None
+        if pytorch_block_map:
+            bm = sla.build_block_map(r.q.detach(), r.k.detach(), critical=critical, negligible=negligible,
+                                     block_q=block_q, block_k=block_k)
+        return sla.sparse_linear_attention(r.q, r.k, r.v, critical=critical, negligible=negligible, block_q=block_q,
+                                           block_k=block_k, linear_scope=scope, proj_weight=r.w, proj_bias=r.b,
+                                           block_map=bm, backend="triton")
+
+    return fn
 
 
 def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
@@ -316,8 +322,8 @@ def main(argv=None) -> int:
                       "block_q": bq, "block_k": bk}
             add("sla", config, *t)
             if sparsity == 0.95 and scope == "marginal":
-                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, public=True))
-                add("sla-public-api", config, *t)
+                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, pytorch_block_map=True))
+                add("sla-pytorch-blockmap", config, *t)
         if full or L <= 40000:
             targets = [(0.95, (64, 64)), (0.95, (128, 64))] if full else [(0.95, (64, 64))]
             for sparsity, (bq, bk) in targets:

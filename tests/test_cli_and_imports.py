@@ -16,6 +16,19 @@ def test_import_touches_no_gpu_or_optional_dependency():
     assert out.stdout.strip() == "", f"import sla pulled in: {out.stdout.strip()}"
 
 
+def test_the_operator_on_cpu_never_imports_triton():
+    # The backend table, the Triton backend object and the kernels' limits are Triton-free; only a call that runs
+    # the kernels imports Triton.
+    code = ("import sys, torch, sla; from sla.ops.sla import interface; from sla.integrations import _common; "
+            "from sla.ops.sla.triton import limits, backend; q = torch.randn(1, 2, 64, 16); "
+            "sla.sparse_linear_attention(q, q, q, block_q=16, block_k=16); "
+            "sla.SparseLinearAttention(16, block_q=16, block_k=16)(q, q, q); "
+            "assert interface.BACKENDS['triton'] is backend.TRITON_BACKEND; "
+            "assert 'triton' not in sys.modules, [m for m in sys.modules if 'triton' in m]; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 def test_import_sla_is_lazy_and_keeps_the_public_names():
     # `import sla` must not import torch (it costs seconds; `sla --help` should not pay it); the public names
     # still resolve on first use, and `from sla import *` gives all of them.

@@ -26,7 +26,6 @@ from sla.ops.sla.triton import (  # noqa: E402
     build_block_map_triton,
     sla_triton_bwd,
     sla_triton_fwd,
-    sparse_linear_attention_triton,
     triton_sparse_linear_attention,
 )
 from sla.ops.sla.triton.ops import scope_mask_for  # noqa: E402
@@ -262,9 +261,29 @@ def test_enclosing_autocast_changes_nothing():
     assert_unchanged_under_autocast(run, "cpu")
 
 
-def test_end_to_end_entry_point():
+def test_public_api_builds_the_map_with_the_triton_builder(monkeypatch):
+    # backend="triton" classifies with the Triton builder, as on the GPU, building only what the map is used for:
+    # no CSR transpose for inference, the critical one where a gradient flows, all of them for return_info.
+    from sla.ops.sla.triton import blockmap as triton_blockmap
+
+    requested = []
+    real = triton_blockmap.build_block_map_triton
+
+    def spy(*args, **kwargs):
+        requested.append(kwargs["transposes"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_blockmap, "build_block_map_triton", spy)
     q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
-    o = sparse_linear_attention_triton(q, k, v, critical=0.4, negligible=0.2)
-    bm = build_block_map(q, k, critical=0.4, negligible=0.2)
-    ref = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="reference")
+    with torch.no_grad():
+        o = sla.sparse_linear_attention(q, k, v, critical=0.4, negligible=0.2, backend="triton")
+        _, info = sla.sparse_linear_attention(q, k, v, critical=0.4, negligible=0.2, backend="triton",
+                                              return_info=True)
+    o_train = sla.sparse_linear_attention(q.requires_grad_(), k, v, critical=0.4, negligible=0.2, backend="triton")
+    assert requested == ["none", "all", "critical"]
+    bm = build_block_map(q.detach(), k, critical=0.4, negligible=0.2)
+    for field in BLOCKMAP_FIELDS:
+        assert torch.equal(getattr(info.block_map, field), getattr(bm, field)), field
+    ref = sla.sparse_linear_attention(q.detach(), k, v, block_map=bm, backend="reference")
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o_train.detach(), ref, atol=1e-5, rtol=1e-5)

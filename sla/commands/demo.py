@@ -71,9 +71,8 @@ def run(args) -> int:
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    import sla
     from sla._timing import time_interleaved
-    from sla.ops.sla.naive import naive_sparse_linear_attention
+    from sla.ops.sla import build_block_map, naive_sparse_linear_attention, sparse_linear_attention
 
     for crit in args.critical:
         if crit + args.negligible > 1:
@@ -90,19 +89,19 @@ def run(args) -> int:
         held = ~fit
         for crit in tqdm(args.critical, desc="sparsity levels", unit="level"):
             negl = args.negligible
-            bm = sla.build_block_map(q, k, critical=crit, negligible=negl)
+            bm = build_block_map(q, k, critical=crit, negligible=negl)
             # o_s and o_l from the PyTorch path: identity projection gives o_s + o_l, zero gives o_s.
             zeros_w, zeros_b = torch.zeros(D, D), torch.zeros(D)
-            o_s = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=zeros_w, proj_bias=zeros_b)
-            o_l = sla.sparse_linear_attention(q, k, v, block_map=bm) - o_s
+            o_s = sparse_linear_attention(q, k, v, block_map=bm, proj_weight=zeros_w, proj_bias=zeros_b)
+            o_l = sparse_linear_attention(q, k, v, block_map=bm) - o_s
             # Least-squares Proj (shared by heads, as in SLA) fitted on the even query blocks only.
             x = torch.cat([o_l[..., fit, :].reshape(-1, D), torch.ones(args.heads * int(fit.sum()), 1)], dim=1)
             y = (dense - o_s)[..., fit, :].reshape(-1, D)
             sol = torch.linalg.lstsq(x.double(), y.double()).solution.float()
             w_fit, b_fit = sol[:D].T.contiguous(), sol[D]
-            o_sla = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w_fit, proj_bias=b_fit)
+            o_sla = sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w_fit, proj_bias=b_fit)
             # Default arguments bind this level's values (a closure would see the last level's).
-            timed[f"SLA critical={crit}"] = (lambda c=crit, w=w_fit, b=b_fit: sla.sparse_linear_attention(
+            timed[f"SLA critical={crit}"] = (lambda c=crit, w=w_fit, b=b_fit: sparse_linear_attention(
                 q, k, v, critical=c, negligible=negl, proj_weight=w, proj_bias=b))
             rows.append({
                 "critical": crit, "negligible": negl, "sparsity": bm.sparsity(),

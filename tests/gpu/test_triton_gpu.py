@@ -142,21 +142,19 @@ def test_no_recompile_per_length_or_topk():
 
 
 @pytest.mark.parametrize("entry", [
-    "public",  # block_lengths is computed on the device since cf1a926, so capture works through the API
-    "gpu_block_map",
+    "public",  # the block map built inside (Triton builder; block_lengths on the device since cf1a926)
+    "given_map",  # a map built before the capture, handed to the kernels
 ])
 def test_cuda_graph_capture(entry):
     import sla
-    from sla.ops.sla.triton import sparse_linear_attention_triton
+    from sla.ops.sla.triton import build_block_map_triton
 
     q, k, v = (torch.randn(1, 2, 2000, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     w = (0.1 * torch.randn(128, 128, device=DEV)).requires_grad_()
+    bm = build_block_map_triton(q.detach(), k.detach()) if entry == "given_map" else None
 
     def step():
-        if entry == "public":
-            o = sla.sparse_linear_attention(q, k, v, proj_weight=w, backend="triton")
-        else:
-            o = sparse_linear_attention_triton(q, k, v, proj_weight=w)
+        o = sla.sparse_linear_attention(q, k, v, proj_weight=w, backend="triton", block_map=bm)
         return [o] + list(torch.autograd.grad(o.float().square().sum(), (q, k, v, w)))
 
     stream = torch.cuda.Stream()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backend import Backend
 from .blockmap import MARGINAL, BlockMap, block_lengths
 from .feature_maps import apply_feature_map
 from .naive import mass_weight
@@ -258,3 +259,19 @@ def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_
     else:
         out = (o_s + o_l).reshape(B, H, Tm * bq, D)
     return out[:, :, :Lq].to(q.dtype)
+
+
+class TorchBackend(Backend):
+    """``backend="torch"``: :func:`torch_sparse_linear_attention` with the PyTorch block map. Any device, dtype,
+    head dim and block size; the default on CPU."""
+
+    name = "torch"
+
+    def attend(self, q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale, combine,
+               mass_offset):
+        return torch_sparse_linear_attention(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
+                                             proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, combine=combine,
+                                             mass_offset=mass_offset)
+
+
+TORCH_BACKEND = TorchBackend()

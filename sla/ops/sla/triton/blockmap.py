@@ -23,7 +23,12 @@ import triton.language as tl
 
 from ..blockmap import CRITICAL, NEGLIGIBLE, BlockMap, class_counts, num_blocks
 from ..validation import check_attention_inputs, check_sla_config
-from .ops import _interpreting, check_triton_inputs
+from .limits import check_triton_inputs, interpreting
+
+if interpreting():  # as in ops.py: this module can be the first to run kernels
+    from ._interpreter_compat import patch_interpreter_index
+
+    patch_interpreter_index()
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -131,7 +136,7 @@ def _select_blocks(scores: torch.Tensor, n_crit: int, n_negl: int, num_warps: in
     negl_lut = torch.empty(B, H, Tm, n_negl, dtype=torch.int32, device=scores.device)
     sla_select_blocks_bisect_kernel[(B * H * Tm,)](
         scores, class_map, crit_lut, negl_lut, Tn, n_crit, n_negl, BT=triton.next_power_of_2(Tn),
-        **({} if _interpreting() else {"num_warps": num_warps}))
+        **({} if interpreting() else {"num_warps": num_warps}))
     return class_map, crit_lut, negl_lut
 
 

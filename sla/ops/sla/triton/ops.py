@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import triton
 
+from ..backend import grad_will_flow
 from ..blockmap import BlockMap, in_linear_scope
 from ..feature_maps import FEATURE_MAP_FNS
 from .kernels import (
@@ -35,20 +36,12 @@ from .kernels import (
     sla_fwd_kernel,
     sla_linear_state_kernel,
 )
+from .limits import check_triton_inputs, interpreting
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     from ._interpreter_compat import patch_interpreter_index
 
     patch_interpreter_index()
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_BLOCKS = (16, 32, 64, 128)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the per-block states ``h`` and ``H``: bf16 for bf16 inputs (tensor-core matmul, same range as
@@ -72,7 +65,7 @@ LAUNCH_CONFIG_OVERRIDES: dict = {}
 
 def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> dict:
     """num_warps / num_stages per kernel (one table; no autotuning, so runs are reproducible)."""
-    if _interpreting():
+    if interpreting():
         return {}
     if kernel in LAUNCH_CONFIG_OVERRIDES:
         return dict(LAUNCH_CONFIG_OVERRIDES[kernel])
@@ -89,29 +82,6 @@ def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> di
     if kernel == "linear_q":
         return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 1}
     return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 2}
-
-
-def check_triton_inputs(q: torch.Tensor, block_q: int, block_k: int) -> None:
-    """Raise a clear error for what the kernels cannot run (never silently switch implementation)."""
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {q.device}); on CPU use backend='torch', or set "
-            f"TRITON_INTERPRET=1 before importing sla to run the kernels in Triton's interpreter (slow, for tests)"
-        )
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"backend='triton' supports {SUPPORTED_DTYPES}, got {q.dtype}; use backend='torch' for "
-                        f"float64, or cast the inputs")
-    D = q.shape[-1]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"backend='triton' supports head_dim in {SUPPORTED_HEAD_DIMS}, got {D}; use "
-                         f"backend='torch' for other head dims")
-    if q.dtype == torch.float32 and D > 64 and q.device.type == "cuda":
-        # Measured on an H200: the fp32 tiles of the dQ kernel need 256-384 KB of shared memory at D = 128.
-        raise ValueError(f"backend='triton' supports float32 inputs only up to head_dim 64 on the GPU (got "
-                         f"{D}): the fp32 tiles exceed shared memory. Use bfloat16/float16 inputs, or backend='torch'")
-    for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if b not in SUPPORTED_BLOCKS:
-            raise ValueError(f"backend='triton' supports {name} in {SUPPORTED_BLOCKS} (kernel tile sizes), got {b}")
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -365,21 +335,6 @@ def _backward(ctx, do, _d_os, _d_ol, _d_lse, _d_a):
 sla_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grad_will_flow(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether autograd will record an op on these tensors (grad mode on and one of them requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def transposes_needed(*tensors: Optional[torch.Tensor], complete: bool = False) -> str:
-    """``build_block_map_triton``'s ``transposes`` for an SLA call on these inputs: ``"all"`` when the map goes
-    back to the caller (``complete``), else only what the kernels read: the critical transpose when a gradient
-    will flow (backward's dK/dV), none for inference. (The transposes took 0.31 of the builder's 0.93 ms at
-    (1, 12, 32760, 128) on an H100, bench/RESULTS.md.)"""
-    if complete:
-        return "all"
-    return "critical" if grad_will_flow(*tensors) else "none"
-
-
 def scope_mask_for(block_map: BlockMap, linear_scope: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """The 0/1 ``(B, H, T_m, T_n)`` matrix of key blocks in the linear scope, or None for ``"all"``."""
     return None if linear_scope == "all" else in_linear_scope(block_map.class_map, linear_scope).to(dtype)
@@ -440,43 +395,10 @@ def triton_sparse_linear_attention(
     store_aux = grad_will_flow(q, k, v, proj_weight, proj_bias, mass_offset)
     if store_aux and block_map.critical_lut_t.numel() == 0 and block_map.critical_lut.numel() > 0:
         raise ValueError("block_map was built with transposes='none' (inference only) but a gradient will flow; "
-                         "build it with build_block_map_triton(..., transposes='critical') or 'all'")
+                         "build it with build_block_map_triton(..., transposes='critical') or 'all', or let "
+                         "sla.sparse_linear_attention build it")
     o, _, _, _, _ = sla_triton_fwd(
         q, k, v, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t, scope_mask,
         proj_weight, proj_bias, mass_offset, scale, block_map.block_q, block_map.block_k, feature_map, combine,
         store_aux)
     return o
-
-
-def sparse_linear_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    critical: float = 0.05,
-    negligible: float = 0.10,
-    block_q: int = 64,
-    block_k: int = 64,
-    feature_map: str = "softmax",
-    linear_scope: str = "marginal",
-    proj_weight: Optional[torch.Tensor] = None,
-    proj_bias: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    combine: str = "mass",
-    mass_offset: Optional[torch.Tensor] = None,
-    block_map: Optional[BlockMap] = None,
-) -> torch.Tensor:
-    """SLA with the block map always from :func:`build_block_map_triton` (unless ``block_map`` is given), then
-    :func:`sla.sparse_linear_attention` with ``backend="triton"``. On CUDA the public function already uses that
-    builder; this entry point also uses it under the CPU interpreter, which is how tests cover the builder."""
-    from ..interface import sparse_linear_attention
-    from .blockmap import build_block_map_triton
-
-    if block_map is None:  # the builder validates q, k and the block settings
-        block_map = build_block_map_triton(q.detach(), k.detach(), critical=critical, negligible=negligible,
-                                           block_q=block_q, block_k=block_k,
-                                           transposes=transposes_needed(q, k, v, proj_weight, proj_bias, mass_offset))
-    return sparse_linear_attention(q, k, v, critical=critical, negligible=negligible, block_q=block_q,
-                                   block_k=block_k, feature_map=feature_map, linear_scope=linear_scope,
-                                   proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, combine=combine,
-                                   mass_offset=mass_offset, block_map=block_map, backend="triton")

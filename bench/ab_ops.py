@@ -33,13 +33,13 @@ from provenance import git_commit  # noqa: E402
 
 
 @contextlib.contextmanager
-def launch_overrides(ops, overrides: dict):
-    """``ops.LAUNCH_CONFIG_OVERRIDES`` set to ``overrides`` while entered (read by every launch)."""
-    ops.LAUNCH_CONFIG_OVERRIDES.update(overrides)
+def launch_overrides(launch, overrides: dict):
+    """``launch.LAUNCH_CONFIG_OVERRIDES`` set to ``overrides`` while entered (read by every launch)."""
+    launch.LAUNCH_CONFIG_OVERRIDES.update(overrides)
     try:
         yield
     finally:
-        ops.LAUNCH_CONFIG_OVERRIDES.clear()
+        launch.LAUNCH_CONFIG_OVERRIDES.clear()
 
 
 def load_base_ops(src: str):
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="64x64", help="block_qxblock_k, comma separated")
     p.add_argument("--launch-configs", nargs="*", default=[],
                    help="more variants of the new op with other launch configs, e.g. 'dq:4,3' or "
-                        "'dq:4,3+dkdv:4,3' (kernel:num_warps,num_stages; kernel names as in ops._launch_config)")
+                        "'dq:4,3+dkdv:4,3' (kernel:num_warps,num_stages; kernel names as in launch._launch_config)")
     p.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     import triton
 
     import sla.ops.sla as new_package
-    from sla.ops.sla.triton import ops as new_ops
+    from sla.ops.sla.triton import launch as new_launch
 
     base_package = load_base_ops(args.base)
     # name -> (the op, launch-config overrides of the new op's kernels while it runs)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         impls[f"new, {spec}"] = (triton_entry(new_package), overrides)
 
     def variant(name):
-        return launch_overrides(new_ops, impls[name][1])
+        return launch_overrides(new_launch, impls[name][1])
 
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "commit": git_commit(), "base": os.path.abspath(args.base), "runs": []}

@@ -49,7 +49,7 @@ def test_ab_ops_loads_a_second_copy_of_the_operator(tmp_path):
     shutil.copytree(os.path.join(ROOT, "sla", "ops", "sla"), src, ignore=shutil.ignore_patterns("__pycache__"))
     base_package = ab_ops.load_base_ops(str(src))
     assert base_package is not new_package and base_package.__name__ == "sla_base_ops"
-    assert importlib.import_module("sla_base_ops.triton.ops").sla_triton_fwd._namespace == "sla_base"
+    assert importlib.import_module("sla_base_ops.triton.custom_ops").sla_triton_fwd._namespace == "sla_base"
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
     kwargs = dict(critical=0.2, negligible=0.2, block_q=64, block_k=64)

@@ -28,7 +28,7 @@ from sla.ops.sla.triton import (  # noqa: E402
     sla_triton_fwd,
     triton_sparse_linear_attention,
 )
-from sla.ops.sla.triton.ops import scope_mask_for  # noqa: E402
+from sla.ops.sla.triton.api import scope_mask_for  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
     assert_unchanged_under_autocast,
     assert_within_rule,

@@ -207,7 +207,7 @@ def test_bf16_autocast_training_step():
 
 def test_opcheck_gpu():
     from sla.ops.sla.triton import sla_triton_bwd, sla_triton_fwd
-    from sla.ops.sla.triton.ops import scope_mask_for
+    from sla.ops.sla.triton.api import scope_mask_for
 
     build_block_map, _, _ = _imports()
     q, k, v = (torch.randn(1, 2, 300, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))

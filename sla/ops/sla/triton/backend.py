@@ -48,7 +48,7 @@ class TritonBackend(Backend):
 
     def attend(self, q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale, combine,
                mass_offset):
-        from .ops import triton_sparse_linear_attention
+        from .api import triton_sparse_linear_attention
 
         return triton_sparse_linear_attention(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
                                               proj_weight=proj_weight, proj_bias=proj_bias, scale=scale,

@@ -25,7 +25,7 @@ from ..blockmap import CRITICAL, NEGLIGIBLE, BlockMap, class_counts, num_blocks
 from ..validation import check_attention_inputs, check_sla_config
 from .limits import check_triton_inputs, interpreting
 
-if interpreting():  # as in ops.py: this module can be the first to run kernels
+if interpreting():  # as in launch.py: this module can be the first to run kernels
     from ._interpreter_compat import patch_interpreter_index
 
     patch_interpreter_index()

@@ -1,4 +1,4 @@
-"""Triton kernels of SLA (only ``@triton.jit`` code; launchers live in ``ops.py``).
+"""Triton kernels of SLA (only ``@triton.jit`` code; launchers live in ``launch.py``).
 
 Layout: q, k, v, o are ``(B, H, L, D)`` addressed through explicit (batch, head, token) strides, the last
 dimension contiguous, so a ``(B, L, H, D)`` tensor viewed as ``(B, H, L, D)`` is read without a copy. One

@@ -510,6 +510,16 @@ def test_wan_sla_under_torch_compile():
     expected = _run(model, inputs)
     compiled = torch.compile(model, backend="eager")  # dynamo traces the processors; no C++ compiler needed
     torch.testing.assert_close(_run(compiled, inputs), expected, rtol=1e-6, atol=1e-6)
+    # ... and backward through the traced graph gives the eager gradients (to rounding: the same ops, run by
+    # dynamo's eager backend)
+    grads = {}
+    for tag, m in (("eager", model), ("compiled", compiled)):
+        model.zero_grad(set_to_none=True)
+        m(**inputs, return_dict=False)[0].square().mean().backward()
+        grads[tag] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["compiled"].keys() == grads["eager"].keys() and any(".sla." in n for n in grads["eager"])
+    for name, g in grads["eager"].items():
+        assert_close_to_rounding(grads["compiled"][name], g)
 
 
 def test_wan_sla_with_peft_lora_adapters():

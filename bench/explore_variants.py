@@ -148,6 +148,11 @@ def main(argv=None):
     from sla.ops.sla.triton import build_block_map_triton, launch
     from sla.ops.sla.triton.api import scope_mask_for
 
+    if args.check_only:
+        from sla.ops.sla.triton.testing import patch_triton_interpreter
+
+        patch_triton_interpreter()  # the CPU interpreter under NumPy >= 2.4
+
     B, H, L, D = (int(x) for x in args.shape.split(","))
     bq, bk = (int(x) for x in args.blocks.split("x"))
     device, dtype = ("cpu", torch.float32) if args.check_only else ("cuda", torch.bfloat16)

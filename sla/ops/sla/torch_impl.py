@@ -26,9 +26,9 @@ from .blockmap import MARGINAL, BlockMap, block_lengths
 from .feature_maps import apply_feature_map
 from .naive import mass_weight
 
-# Upper bound on the elements of one chunk's gathered K/V and score tensors. On CPU the chunk should
-# stay cache-resident: on a 2-core machine 2**20 (4 MB in float32) ran the sparse branch of
-# (1, 4, 8192, 64) in 29 ms against 40 ms with 2**24. GPUs want large launches instead.
+# Upper bound on the elements of one chunk's gathered K/V and score tensors. On CPU the chunk should stay
+# cache-resident (4 MB in float32 beat 64 MB: bench/RESULTS.md, "Measurements behind code choices"); GPUs want
+# large launches instead.
 _CPU_CHUNK_ELEMENTS = 1 << 20
 _DEVICE_CHUNK_ELEMENTS = 1 << 26
 

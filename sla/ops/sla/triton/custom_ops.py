@@ -77,8 +77,8 @@ def _setup_context(ctx, inputs, output):
         raise RuntimeError("sla::triton_fwd ran with store_aux=False but autograd needs its backward; call it "
                            "through triton_sparse_linear_attention, which sets store_aux when gradients are needed")
     ctx.mark_non_differentiable(o_s, o_l, lse, a)
-    # Backward reads only dO: without this autograd would fill zero gradients for o_s, o_l and the LSE first
-    # (a 0.06 ms bf16 fill per step at (1, 12, 32760, 128) on an H200, bench/RESULTS.md).
+    # Backward reads only dO: without this autograd would first fill zero gradients for o_s, o_l and the LSE,
+    # full-size writes that nothing reads (bench/RESULTS.md, "Backward experiments").
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, o_s, o_l, lse, a, lut, lut_t_off, lut_t, scope_mask, proj_weight, proj_bias,
                           mass_offset)

@@ -24,7 +24,6 @@ saved between forward and backward, and no ``phi(q)``/``phi(k)`` tensor exists a
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -39,11 +38,6 @@ from .kernels import (
 )
 from .limits import interpreting
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    from ._interpreter_compat import patch_interpreter_index
-
-    patch_interpreter_index()
-
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the per-block states ``h`` and ``H``: bf16 for bf16 inputs (tensor-core matmul, same range as
@@ -52,8 +46,8 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: "tf32x3" (three tf32 tensor-core products, close to fp32 accuracy). With plain "ieee" dots
-    # the first fp32 GPU test at head dim 128 did not finish within 200 s on an H200.
+    # fp32 inputs: "tf32x3" (three tf32 tensor-core products, close to fp32 accuracy). Plain "ieee" dots made the
+    # fp32 GPU tests too slow to finish (bench/RESULTS.md, "Measurements behind code choices").
     # Half inputs use tf32 where an fp32 operand meets the tensor cores (projection, fp32 states), whose
     # rounding is below that of the half inputs themselves.
     return "tf32x3" if dtype == torch.float32 else "tf32"
@@ -71,13 +65,12 @@ def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> di
         return {}
     if kernel in LAUNCH_CONFIG_OVERRIDES:
         return dict(LAUNCH_CONFIG_OVERRIDES[kernel])
-    # Chosen from the launch-config sweep of bench/bench_kernels.py on an H200 (bench/RESULTS.md), shape
-    # (1, 12, 32760, 128) bf16: for 64x64 blocks (4 warps, 3 stages) forward and (4, 2) backward were best
-    # or within noise; for 128x64, (8, 3) forward (1.44 vs 1.54 ms for (8, 2)) and (4, 2) for dK/dV
-    # (4.45 vs 4.85 ms for the whole backward with (8, 2)).
+    # Chosen from the launch-config sweeps of bench/bench_kernels.py at (1, 12, 32760, 128) bf16: the best or
+    # within noise of it for each kernel and block shape (bench/RESULTS.md, "Measurements behind code choices";
+    # a table per device is issue 16's item 4).
     if kernel == "fwd":
         return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3}
-    if kernel == "state":  # 8 warps: 0.366 vs 0.423 ms for its two launches per step (H200, bench/RESULTS.md)
+    if kernel == "state":  # 8 warps beat 4 (bench/RESULTS.md, "Backward experiments")
         return {"num_warps": 8, "num_stages": 1}
     if kernel == "dkdv":
         return {"num_warps": 4, "num_stages": 2}
@@ -283,8 +276,8 @@ def _parameter_grads(do, o_l, a, g, db_part, proj_weight, proj_bias, mass_offset
     size-0 tensors for the absent ones. ``g`` is None for ``combine="paper"``."""
     if proj_weight is not None:
         # One GEMM over all tokens in the input dtype (fp32 accumulation inside cuBLAS, one rounding of the
-        # D x D result), as autocast's Linear backward does; no fp32 copies of dO and o_l (measured 0.3 ms of
-        # copies at (1, 12, 32760, 128) on an H200).
+        # D x D result), as autocast's Linear backward does; no fp32 copies of dO and o_l, whose cost showed in
+        # the backward's time (bench/RESULTS.md, "Measurements behind code choices").
         do_l = do if g is None else (do * (1 - a).unsqueeze(-1)).to(do.dtype)  # the projection's share of dO
         do2, ol2 = _token_rows(do_l, o_l)
         d_w = (do2.transpose(0, 1) @ ol2).to(proj_weight.dtype)

@@ -17,7 +17,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_BLOCKS = (16, 32, 64, 128)
 # fp32 inputs on a GPU: the fp32 tiles of the dQ kernel need more shared memory than a GPU has above this head
-# dim (bench/RESULTS.md has the measurement); the interpreter has no such limit.
+# dim (bench/RESULTS.md, "Measurements behind code choices"); the interpreter has no such limit.
 MAX_FP32_HEAD_DIM_ON_GPU = 64
 
 

@@ -11,11 +11,14 @@
   heads: an unmasked read past a block edge turns the result into NaN.
 * :func:`reference_outputs`: output and gradients of the dense reference, in fp64 (gold) and in the
   input dtype (pt), for the same block map the kernel gets.
+* :func:`patch_triton_interpreter`: makes Triton's CPU interpreter run kernels with runtime loop bounds under
+  NumPy >= 2.4. Test setup calls it (``tests/conftest.py``); the library never patches Triton.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -144,3 +147,28 @@ def reference_outputs(q, k, v, block_map, *, feature_map, linear_scope, proj_wei
         grads = torch.autograd.grad(o, wrt, do.to(o.dtype))
         result[tag] = (o.detach(), [g.detach() for g in grads])
     return result
+
+
+def patch_triton_interpreter() -> None:
+    """Keep Triton's CPU interpreter (``TRITON_INTERPRET=1``) usable with NumPy >= 2.4. Idempotent; imports Triton.
+
+    The interpreter holds every scalar as a one-element 1-d NumPy array and converts it with ``int(array)`` when a
+    runtime integer bounds a ``range`` loop. NumPy 2.4 made that conversion of a 1-d array a ``TypeError`` ("only
+    0-dimensional arrays can be converted to Python scalars"), so every kernel whose loop count is a runtime
+    argument (ours: the critical-block count, CSR offsets) fails under the interpreter (seen with Triton 3.6). This
+    re-installs the tensors' ``__index__`` hook with a conversion that accepts one-element arrays. It changes
+    nothing for GPU runs, which never use the interpreter; call it before the first kernel runs.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_sla_patched", False):
+        return
+
+    @functools.wraps(original)
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sla_patched = True
+    interpreter._patch_lang_tensor = patched

@@ -44,3 +44,22 @@ def test_training_logs_stay_out_of_the_wheel():
     logs = [p for p in shipped if p.endswith((".log", ".csv")) or "pretrain_info" in p]
     assert not logs, f"training records in the wheel: {logs}"
     assert all(p.startswith("assets/") for p in shipped)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_one_diffusers_range_tested_at_both_ends():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = config["project"]["optional-dependencies"]
+    ranges = {r for reqs in extras.values() for r in reqs if r.startswith("diffusers") and "==" not in r}
+    assert len(ranges) == 1, f"the extras allow different diffusers versions: {ranges}"
+    spec = ranges.pop()
+    low = _version(spec.split(">=")[1].split(",")[0])
+    high = _version(spec.split("<")[1])
+    pinned = [r for r in extras["test"] if r.startswith("diffusers==")]
+    assert len(pinned) == 1 and low <= _version(pinned[0].split("==")[1]) < high, (spec, pinned)
+    # CI runs the suite with the pinned (newest) release and again with the oldest the range allows
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/test.sh" in ci and "scripts/test_oldest_diffusers.sh" in ci

@@ -4,10 +4,10 @@
     python bench/ab_ops.py --base .ab/sla/ops/sla --out ab.json
 
 The base package is imported under another name (its ``torch.library`` namespace renamed so both can be
-registered), and both run ``sparse_linear_attention_triton`` (GPU block map, both branches, projection) on the
-same inputs: the forward (inference and training) and the forward+backward through autograd. Rounds alternate
-A and B and the medians over rounds are reported, so drifting clocks hit both alike. The outputs and
-gradients of A and B are compared, and each kernel's device time per forward+backward comes from
+registered), and both run their package's ``sparse_linear_attention(..., backend="triton")`` (GPU block map, both
+branches, projection) on the same inputs: the forward (inference and training) and the forward+backward through
+autograd. Rounds alternate A and B and the medians over rounds are reported, so drifting clocks hit both alike.
+The outputs and gradients of A and B are compared, and each kernel's device time per forward+backward comes from
 torch.profiler for both. This is how a change that spans kernels and launchers is measured before it stays.
 """
 
@@ -33,17 +33,19 @@ from provenance import git_commit  # noqa: E402
 
 
 @contextlib.contextmanager
-def launch_overrides(ops, overrides: dict):
-    """``ops.LAUNCH_CONFIG_OVERRIDES`` set to ``overrides`` while entered (read by every launch)."""
-    ops.LAUNCH_CONFIG_OVERRIDES.update(overrides)
+def launch_overrides(launch, overrides: dict):
+    """``launch.LAUNCH_CONFIG_OVERRIDES`` set to ``overrides`` while entered (read by every launch)."""
+    launch.LAUNCH_CONFIG_OVERRIDES.update(overrides)
     try:
         yield
     finally:
-        ops.LAUNCH_CONFIG_OVERRIDES.clear()
+        launch.LAUNCH_CONFIG_OVERRIDES.clear()
 
 
 def load_base_ops(src: str):
-    """Import a copy of an ``sla/ops/sla`` package directory as ``sla_base_ops`` (custom ops as ``sla_base::``)."""
+    """Import a copy of an ``sla/ops/sla`` package directory as ``sla_base_ops`` (custom ops as ``sla_base::``) and
+    return the package. Every commit's copy has ``interface.sparse_linear_attention``, whose ``backend="triton"``
+    builds the block map on the GPU on CUDA (since cf1a926)."""
     root = tempfile.mkdtemp(prefix="sla_ab_")
     pkg = os.path.join(root, "sla_base_ops")
     shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -53,9 +55,17 @@ def load_base_ops(src: str):
         with open(path, "w") as f:
             f.write(text.replace('"sla::', '"sla_base::'))
     sys.path.insert(0, root)
-    from sla_base_ops.triton import ops as base_ops  # noqa: PLC0415 (the copy exists only now)
+    import sla_base_ops  # noqa: PLC0415 (the copy exists only now)
 
-    return base_ops
+    return sla_base_ops
+
+
+def triton_entry(package):
+    """``package.interface.sparse_linear_attention`` with ``backend="triton"``: the whole op of one copy."""
+    def run(*args, **kwargs):
+        return package.interface.sparse_linear_attention(*args, backend="triton", **kwargs)
+
+    return run
 
 
 def main(argv=None) -> int:
@@ -65,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="64x64", help="block_qxblock_k, comma separated")
     p.add_argument("--launch-configs", nargs="*", default=[],
                    help="more variants of the new op with other launch configs, e.g. 'dq:4,3' or "
-                        "'dq:4,3+dkdv:4,3' (kernel:num_warps,num_stages; kernel names as in ops._launch_config)")
+                        "'dq:4,3+dkdv:4,3' (kernel:num_warps,num_stages; kernel names as in launch._launch_config)")
     p.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
@@ -74,22 +84,22 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    from sla.ops.sla.triton import ops as new_ops
+    import sla.ops.sla as new_package
+    from sla.ops.sla.triton import launch as new_launch
 
-    base_ops = load_base_ops(args.base)
+    base_package = load_base_ops(args.base)
     # name -> (the op, launch-config overrides of the new op's kernels while it runs)
-    impls = {"new": (new_ops.sparse_linear_attention_triton, {}),
-             "base": (base_ops.sparse_linear_attention_triton, {})}
+    impls = {"new": (triton_entry(new_package), {}), "base": (triton_entry(base_package), {})}
     for spec in args.launch_configs:
         overrides = {}
         for item in spec.split("+"):
             kernel, config = item.split(":")
             warps, stages = (int(x) for x in config.split(","))
             overrides[kernel] = {"num_warps": warps, "num_stages": stages}
-        impls[f"new, {spec}"] = (new_ops.sparse_linear_attention_triton, overrides)
+        impls[f"new, {spec}"] = (triton_entry(new_package), overrides)
 
     def variant(name):
-        return launch_overrides(new_ops, impls[name][1])
+        return launch_overrides(new_launch, impls[name][1])
 
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "commit": git_commit(), "base": os.path.abspath(args.base), "runs": []}

@@ -37,7 +37,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -47,7 +46,7 @@ from provenance import git_commit  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import sla  # noqa: E402
-from sla.integrations.diffusers import WanSLAAttnProcessor, find_self_attention_layers  # noqa: E402
+from sla.integrations.diffusers import SLA_ATTRIBUTE, sla_modules  # noqa: E402
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -93,19 +92,22 @@ def make_inputs(config: dict, frames: int, height: int, width: int, device, dtyp
                 timestep=torch.tensor([999.0] * batch, device=device)), tokens
 
 
-class _NoOpSelfAttention:
-    """Processor factory: the SLA processor with the attention core replaced by ``return v``."""
+class _ValueOnly(torch.nn.Module):
+    """Stands in for a layer's SLA module: the attention core returns v, so what remains is everything else."""
 
-    @staticmethod
-    def install(model):
-        class NoOp(WanSLAAttnProcessor):
-            def _attend(self, attn, query, key, value):
-                return value
+    def forward(self, q, k, v, **kwargs):
+        return v
 
-        always_on = types.SimpleNamespace(active=True)
-        for i, (name, attn, _) in enumerate(find_self_attention_layers(model)):
-            attn.set_processor(NoOp(attn.processor, always_on, i))
-        return model
+
+def install_noop_self_attention(model):
+    """SLA's processors in every self-attention layer (their q/k/v projections, norms, RoPE, output projection),
+    with each layer's ``attn.sla`` module, the core they call on ``(B, H, L, D)`` tensors, replaced by
+    :class:`_ValueOnly`. Undone by ``sla.remove_sla(model)``."""
+    sla.apply_sla(model, backend="torch")
+    root = getattr(model, "_orig_mod", model)
+    for name in sla_modules(model):
+        setattr(root.get_submodule(name), SLA_ATTRIBUTE, _ValueOnly())
+    return model
 
 
 def set_mode(model, mode: str, args, dense_backend_default: str):
@@ -120,15 +122,8 @@ def set_mode(model, mode: str, args, dense_backend_default: str):
                       backend=args.backend)
         return lambda: (sla.remove_sla(model), model.reset_attention_backend())
     if mode == "noop":
-        originals = {n: a.processor for n, a, _ in find_self_attention_layers(model)}
-        _NoOpSelfAttention.install(model)
-
-        def undo():
-            for name, proc in originals.items():
-                model.get_submodule(name).set_processor(proc)
-            model.reset_attention_backend()
-
-        return undo
+        install_noop_self_attention(model)
+        return lambda: (sla.remove_sla(model), model.reset_attention_backend())
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
 

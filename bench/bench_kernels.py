@@ -10,10 +10,11 @@ For each shape (B, H, L, D), bf16:
 * ``flex``: ``torch.compile(flex_attention)`` with a ``BlockMask`` of exactly SLA's critical blocks (the sparse
   part only, mask given, not predicted). Tried with SLA's block size first; where FlexAttention cannot
   compile that block size, the row says so and uses 128x128 blocks at the same block sparsity.
-* ``sla``: ``sla.ops.sla.triton.sparse_linear_attention_triton`` end to end: block classification on the GPU
+* ``sla``: ``sla.sparse_linear_attention(..., backend="triton")`` end to end: block classification on the GPU
   (``build_block_map_triton``), both branches and the fp32 projection.
-* ``sla-public-api``: ``sla.sparse_linear_attention(..., backend="triton")``, the same kernels with the block
-  map from the PyTorch ``build_block_map`` (target configuration only).
+* ``sla-pytorch-blockmap``: the same, with the block map from the PyTorch ``build_block_map`` (what
+  ``torch.compile`` traces; target configuration only). Older results have ``sla-public-api`` rows instead: the
+  public API, which used the PyTorch map before commit cf1a926 and the GPU map after it.
 
 Times are medians of ``triton.testing.do_bench`` after a warm-up call of every provider. "TFLOPS" is
 dense-equivalent: ``4*B*H*L^2*D`` per forward, 3.5x that per forward+backward, divided by the time. Peak
@@ -137,22 +138,29 @@ def flex_fn(r, block_map):
     return lambda: fn(r.q, r.k, r.v, block_mask=mask)
 
 
-def sla_fn(r, critical, negligible, block_q, block_k, scope, public=False):
-    """SLA end to end. ``public``: ``sla.sparse_linear_attention(backend="triton")``, whose block map comes from
-    the PyTorch ``build_block_map``; otherwise ``sparse_linear_attention_triton`` (GPU classification)."""
+def sla_fn(r, critical, negligible, block_q, block_k, scope, pytorch_block_map=False):
+    """SLA end to end through ``sla.sparse_linear_attention(backend="triton")`` (GPU classification), or with
+    ``pytorch_block_map`` the block map built by the PyTorch ``build_block_map`` inside the timed call."""
     import sla
-    from sla.ops.sla.triton import sparse_linear_attention_triton
 
-    fn = (lambda *a, **kw: sla.sparse_linear_attention(*a, backend="triton", **kw)) if public else \
-        sparse_linear_attention_triton
-    return lambda: fn(r.q, r.k, r.v, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-                      linear_scope=scope, proj_weight=r.w, proj_bias=r.b)
+    def fn():
+        bm = None
+        if pytorch_block_map:
+            bm = sla.build_block_map(r.q.detach(), r.k.detach(), critical=critical, negligible=negligible,
+                                     block_q=block_q, block_k=block_k)
+        return sla.sparse_linear_attention(r.q, r.k, r.v, critical=critical, negligible=negligible, block_q=block_q,
+                                           block_k=block_k, linear_scope=scope, proj_weight=r.w, proj_bias=r.b,
+                                           block_map=bm, backend="triton")
+
+    return fn
 
 
 def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
     """Per-stage times (ms) of one SLA forward and backward, each stage timed on its own."""
     from sla.ops.sla.blockmap import build_block_map
-    from sla.ops.sla.triton import build_block_map_triton, ops
+    from sla.ops.sla.triton import build_block_map_triton, launch
+    from sla.ops.sla.triton.api import scope_mask_for
+    from sla.ops.sla.triton.custom_ops import sla_triton_bwd
 
     q, k, v = (x.detach() for x in (r.q, r.k, r.v))
     out = {}
@@ -161,23 +169,25 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
                                                              block_q=block_q, block_k=block_k))
     out["block_map_triton"] = bench(lambda: build_block_map_triton(q, k, critical=critical, negligible=negligible,
                                                                    block_q=block_q, block_k=block_k))
-    mask = ops.scope_mask_for(bm, scope, ops._state_dtype(q.dtype))
-    out["scope_mask"] = bench(lambda: ops.scope_mask_for(bm, scope, ops._state_dtype(q.dtype)))
-    out["linear_states_kernel"] = bench(lambda: ops._linear_states(k, v, block_k, "softmax"))
-    hs, zs = ops._linear_states(k, v, block_k, "softmax")
-    out["aggregate_M_at_h_matmul"] = bench(lambda: ops._aggregate_states(hs, zs, mask))
+    mask = scope_mask_for(bm, scope, launch.state_dtype(q.dtype))
+    out["scope_mask"] = bench(lambda: scope_mask_for(bm, scope, launch.state_dtype(q.dtype)))
+    out["linear_states_kernel"] = bench(lambda: launch.linear_states(k, v, block_k, "softmax"))
+    hs, zs = launch.linear_states(k, v, block_k, "softmax")
+    out["aggregate_M_at_h_matmul"] = bench(lambda: launch.aggregate_states(hs, zs, mask))
     w, b = r.w.detach(), r.b.detach()
     fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, q.shape[-1] ** -0.5, block_q, block_k, "softmax", "paper")
-    t_fwd_impl = bench(lambda: ops._fwd_impl(*fwd_args, False))
-    out["fwd_kernel_only_inference"] = t_fwd_impl - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
-    t_fwd_impl = bench(lambda: ops._fwd_impl(*fwd_args, True))
-    out["fwd_kernel_only"] = t_fwd_impl - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
-    o, o_s, o_l, lse, a = ops._fwd_impl(*fwd_args, True)
+    t_fwd = bench(lambda: launch.forward(*fwd_args, False))
+    out["fwd_kernel_only_inference"] = t_fwd - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
+    t_fwd = bench(lambda: launch.forward(*fwd_args, True))
+    out["fwd_kernel_only"] = t_fwd - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
+    o, o_s, o_l, lse, a = launch.forward(*fwd_args, True)
     do = r.do
     bwd_args = (do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w,
                 b, None, q.shape[-1] ** -0.5, block_q, block_k, "softmax", "paper")
-    out["bwd_kernels_and_M_matmuls"] = bench(lambda: ops._bwd_impl(*(bwd_args[:14] + bwd_args[15:])))
-    out["bwd_full_op_with_proj_grads"] = bench(lambda: ops.sla_triton_bwd(*bwd_args))
+    # Until issue 16 the first key timed the kernels and M matmuls without the projection's gradient GEMM; the
+    # backward's launches are one function now, so both keys include it (the second adds the custom op's dispatch).
+    out["bwd_launches_with_proj_grads"] = bench(lambda: launch.backward(*bwd_args))
+    out["bwd_full_op_with_proj_grads"] = bench(lambda: sla_triton_bwd(*bwd_args))
     out["per_kernel_ms_fwd_bwd"] = kernel_profile(sla_fn(r, critical, negligible, block_q, block_k, scope), r)
     n_crit = bm.n_critical
     B, H, L, D = r.shape
@@ -194,32 +204,34 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
 
 def launch_config_sweep(r, critical, negligible, block_q, block_k):
     """Times of the forward and backward ops under other num_warps/num_stages (for tuning the table)."""
-    from sla.ops.sla.triton import build_block_map_triton, ops
+    from sla.ops.sla.triton import build_block_map_triton, launch
+    from sla.ops.sla.triton.api import scope_mask_for
 
     q, k, v = (x.detach() for x in (r.q, r.k, r.v))
     bm = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
-    mask = ops.scope_mask_for(bm, "marginal", ops._state_dtype(q.dtype))
+    mask = scope_mask_for(bm, "marginal", launch.state_dtype(q.dtype))
     w, scale = r.w.detach(), q.shape[-1] ** -0.5
     fwd_args = (q, k, v, bm.critical_lut, mask, w, r.b.detach(), None, scale, block_q, block_k, "softmax", "paper",
                 True)
-    o, o_s, o_l, lse, a = ops._fwd_impl(*fwd_args)
+    o, o_s, o_l, lse, a = launch.forward(*fwd_args)
     bwd_args = (r.do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask,
-                w, r.b.detach(), scale, block_q, block_k, "softmax", "paper")
+                w, r.b.detach(), None, scale, block_q, block_k, "softmax", "paper")
     out = {}
-    for name, fn, configs in (("fwd", lambda: ops._fwd_impl(*fwd_args), [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]),
-                              ("dkdv", lambda: ops._bwd_impl(*bwd_args), [(4, 1), (4, 2), (4, 3), (8, 2)]),
-                              ("dq", lambda: ops._bwd_impl(*bwd_args), [(4, 1), (4, 3), (8, 2)]),
-                              ("linear_q", lambda: ops._bwd_impl(*bwd_args), [(2, 1), (4, 1), (4, 2), (8, 1)]),
-                              ("state", lambda: ops._fwd_impl(*fwd_args), [(2, 1), (4, 1), (4, 2), (8, 1)])):
+    for name, fn, configs in (("fwd", lambda: launch.forward(*fwd_args), [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]),
+                              ("dkdv", lambda: launch.backward(*bwd_args), [(4, 1), (4, 2), (4, 3), (8, 2)]),
+                              ("dq", lambda: launch.backward(*bwd_args), [(4, 1), (4, 3), (8, 2)]),
+                              ("linear_q", lambda: launch.backward(*bwd_args), [(2, 1), (4, 1), (4, 2), (8, 1)]),
+                              ("state", lambda: launch.forward(*fwd_args), [(2, 1), (4, 1), (4, 2), (8, 1)])):
         for warps, stages in configs:
-            ops.LAUNCH_CONFIG_OVERRIDES[name] = {"num_warps": warps, "num_stages": stages}
+            launch.LAUNCH_CONFIG_OVERRIDES[name] = {"num_warps": warps, "num_stages": stages}
             try:
                 fn()
-                out[f"{name} warps={warps} stages={stages} (whole {'fwd' if name in ('fwd', 'state') else 'bwd'} op)"] = bench(fn)
+                op = "fwd" if name in ("fwd", "state") else "bwd"
+                out[f"{name} warps={warps} stages={stages} (whole {op} op)"] = bench(fn)
             except Exception as exc:
                 out[f"{name} warps={warps} stages={stages} failed: {type(exc).__name__}"] = float("nan")
             finally:
-                ops.LAUNCH_CONFIG_OVERRIDES.clear()
+                launch.LAUNCH_CONFIG_OVERRIDES.clear()
     return out
 
 
@@ -316,8 +328,8 @@ def main(argv=None) -> int:
                       "block_q": bq, "block_k": bk}
             add("sla", config, *t)
             if sparsity == 0.95 and scope == "marginal":
-                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, public=True))
-                add("sla-public-api", config, *t)
+                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, pytorch_block_map=True))
+                add("sla-pytorch-blockmap", config, *t)
         if full or L <= 40000:
             targets = [(0.95, (64, 64)), (0.95, (128, 64))] if full else [(0.95, (64, 64))]
             for sparsity, (bq, bk) in targets:

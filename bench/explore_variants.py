@@ -145,7 +145,13 @@ def main(argv=None):
     import triton
     import triton.testing
 
-    from sla.ops.sla.triton import build_block_map_triton, ops
+    from sla.ops.sla.triton import build_block_map_triton, launch
+    from sla.ops.sla.triton.api import scope_mask_for
+
+    if args.check_only:
+        from sla.ops.sla.triton.testing import patch_triton_interpreter
+
+        patch_triton_interpreter()  # the CPU interpreter under NumPy >= 2.4
 
     B, H, L, D = (int(x) for x in args.shape.split(","))
     bq, bk = (int(x) for x in args.blocks.split("x"))
@@ -154,14 +160,14 @@ def main(argv=None):
     q, k, v, do = (torch.randn(B, H, L, D, device=device, dtype=dtype) for _ in range(4))
     w, b = 0.05 * torch.randn(D, D, device=device), 0.05 * torch.randn(D, device=device)
     bm = build_block_map_triton(q, k, critical=0.05, negligible=0.10, block_q=bq, block_k=bk)
-    mask = ops.scope_mask_for(bm, "marginal", ops._state_dtype(q.dtype))
+    mask = scope_mask_for(bm, "marginal", launch.state_dtype(q.dtype))
     scale = D ** -0.5
     fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, scale, bq, bk, "softmax", "paper", True)
-    o, o_s, o_l, lse, a = ops._fwd_impl(*fwd_args)
+    o, o_s, o_l, lse, a = launch.forward(*fwd_args)
     bwd_args = (do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w,
-                b, scale, bq, bk, "softmax", "paper")
-    runs = {"fwd": lambda: ops._fwd_impl(*fwd_args), "bwd": lambda: ops._bwd_impl(*bwd_args)}
-    ref = {"fwd": ops._fwd_impl(*fwd_args)[0], "bwd": ops._bwd_impl(*bwd_args)[:3]}
+                b, None, scale, bq, bk, "softmax", "paper")
+    runs = {"fwd": lambda: launch.forward(*fwd_args), "bwd": lambda: launch.backward(*bwd_args)}
+    ref = {"fwd": launch.forward(*fwd_args)[0], "bwd": launch.backward(*bwd_args)[:3]}
     results = {"shape": [B, H, L, D], "blocks": args.blocks, "torch": torch.__version__, "triton": triton.__version__,
                "card": "CPU (interpreter)" if args.check_only else torch.cuda.get_device_name()}
 
@@ -170,13 +176,13 @@ def main(argv=None):
 
     names = ("sla_linear_state_kernel", "sla_fwd_kernel", "sla_bwd_dq_kernel", "sla_bwd_linear_q_kernel",
              "sla_bwd_dkdv_kernel")
-    originals = {n: getattr(ops, n) for n in names}
+    originals = {n: getattr(launch, n) for n in names}
     for tag, op, replacements in VARIANTS:
         try:
             mod = load_variant(replacements, tag)
             base_ms = timed(op)  # the unchanged kernels, timed right before each variant: drift hits both alike
             for n in names:
-                setattr(ops, n, getattr(mod, n))
+                setattr(launch, n, getattr(mod, n))
             got = runs[op]()
             got = (got[0],) if op == "fwd" else got[:3]
             want = (ref[op],) if op == "fwd" else ref[op]
@@ -190,7 +196,7 @@ def main(argv=None):
             print(f"{tag}: FAILED {results[tag]['error']}", flush=True)
         finally:
             for n in names:
-                setattr(ops, n, originals[n])
+                setattr(launch, n, originals[n])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

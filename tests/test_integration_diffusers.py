@@ -446,12 +446,16 @@ def test_unrecognised_models_and_double_apply_raise():
     sla.apply_sla(odd, backend="torch", **SMALL_BLOCKS)
 
 
-def test_kernel_limits_match_the_triton_module():
-    triton_ops = pytest.importorskip("sla.ops.sla.triton.ops")
-    from sla.integrations._common import KERNEL_BLOCKS, KERNEL_HEAD_DIMS
+def test_integration_checks_use_the_kernels_own_limits(monkeypatch):
+    # One definition of what the kernels run (sla/ops/sla/triton/limits.py, no Triton import): a block size the
+    # kernels refuse is refused at apply time too, and tightening the limits tightens the integration.
+    from sla.integrations import _common
+    from sla.ops.sla.triton import limits
 
-    assert tuple(KERNEL_BLOCKS) == tuple(triton_ops.SUPPORTED_BLOCKS)
-    assert tuple(KERNEL_HEAD_DIMS) == tuple(triton_ops.SUPPORTED_HEAD_DIMS)
+    assert _common.SUPPORTED_BLOCKS is limits.SUPPORTED_BLOCKS
+    assert _common.SUPPORTED_HEAD_DIMS is limits.SUPPORTED_HEAD_DIMS
+    with pytest.raises(ValueError, match="block_q=48 cannot run on the SLA GPU kernels"):
+        _common.check_integration_config(0.05, 0.1, 48, 64, "softmax", "marginal")
 
 
 # --------------------------------------------------------------------------------------------------- CogVideoX
@@ -506,6 +510,16 @@ def test_wan_sla_under_torch_compile():
     expected = _run(model, inputs)
     compiled = torch.compile(model, backend="eager")  # dynamo traces the processors; no C++ compiler needed
     torch.testing.assert_close(_run(compiled, inputs), expected, rtol=1e-6, atol=1e-6)
+    # ... and backward through the traced graph gives the eager gradients (to rounding: the same ops, run by
+    # dynamo's eager backend)
+    grads = {}
+    for tag, m in (("eager", model), ("compiled", compiled)):
+        model.zero_grad(set_to_none=True)
+        m(**inputs, return_dict=False)[0].square().mean().backward()
+        grads[tag] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["compiled"].keys() == grads["eager"].keys() and any(".sla." in n for n in grads["eager"])
+    for name, g in grads["eager"].items():
+        assert_close_to_rounding(grads["compiled"][name], g)
 
 
 def test_wan_sla_with_peft_lora_adapters():

@@ -25,6 +25,8 @@ _SCRIPT = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"
 import torch, sla
+from sla.ops.sla.triton.testing import patch_triton_interpreter
+patch_triton_interpreter()  # what tests/conftest.py does for the in-process tests
 sys.path.insert(0, "tests")
 import test_integration_diffusers as t
 from sla.integrations.diffusers import sla_modules

@@ -157,6 +157,83 @@ def test_return_info():
     assert info.backend == "torch"
 
 
+def test_every_backend_is_an_object_of_the_interface():
+    from sla.ops.sla.backend import Backend
+    from sla.ops.sla.interface import BACKENDS
+
+    assert set(BACKENDS) == {"torch", "reference", "triton"}
+    for name, backend in BACKENDS.items():
+        assert isinstance(backend, Backend) and backend.name == name
+    # the table's values are still callable as attend(q, k, v, block_map, ...)
+    q, k, v = make_qkv(1, 2, 64, 64, 16)
+    bm = sla.build_block_map(q, k, block_q=16, block_k=16)
+    kwargs = dict(feature_map="softmax", linear_scope="marginal", proj_weight=None, proj_bias=None, scale=None,
+                  combine="mass", mass_offset=None)
+    torch.testing.assert_close(BACKENDS["torch"](q, k, v, bm, **kwargs),
+                               sla.sparse_linear_attention(q, k, v, block_map=bm, backend="torch"), rtol=0, atol=0)
+
+
+def _recording_backend(calls, fail_inputs=False):
+    from sla.ops.sla.torch_impl import TorchBackend
+
+    class Recording(TorchBackend):
+        name = "recording"
+
+        def check_device(self, device):
+            calls.append("check_device")
+
+        def check_inputs(self, q, block_q, block_k):
+            calls.append(("check_inputs", block_q, block_k))
+            if fail_inputs:
+                raise ValueError("recording cannot run these inputs")
+
+        def build_block_map(self, q, k, **kwargs):
+            calls.append(("build_block_map", kwargs["needs"]))
+            return super().build_block_map(q, k, **kwargs)
+
+        def attend(self, q, k, v, block_map, **kwargs):
+            calls.append("attend")
+            return super().attend(q, k, v, block_map, **kwargs)
+
+    return Recording()
+
+
+def test_the_interface_looks_backends_up_and_calls_them_in_order(monkeypatch):
+    from sla.ops.sla import interface
+
+    calls = []
+    monkeypatch.setitem(interface.BACKENDS, "recording", _recording_backend(calls))
+    q, k, v = make_qkv(1, 2, 96, 96, 16)
+    out = sla.sparse_linear_attention(q, k, v, block_q=32, block_k=16, backend="recording")
+    assert calls == ["check_device", ("check_inputs", 32, 16), ("build_block_map", "forward"), "attend"]
+    torch.testing.assert_close(out, sla.sparse_linear_attention(q, k, v, block_q=32, block_k=16, backend="torch"),
+                               rtol=0, atol=0)  # the same code on the same inputs
+    # what the map is needed for: a gradient will flow; the map is returned; a given map is not rebuilt
+    calls.clear()
+    sla.sparse_linear_attention(q.requires_grad_(), k, v, block_q=32, block_k=16, backend="recording")
+    assert ("build_block_map", "backward") in calls
+    calls.clear()
+    with torch.no_grad():
+        _, info = sla.sparse_linear_attention(q, k, v, backend="recording", return_info=True)
+    assert ("build_block_map", "complete") in calls and info.backend == "recording"
+    calls.clear()
+    sla.sparse_linear_attention(q, k, v, block_map=info.block_map, backend="recording")
+    assert calls == ["check_device", ("check_inputs", 64, 64), "attend"]
+
+
+def test_an_error_of_the_backend_auto_chose_says_so(monkeypatch):
+    from sla.ops.sla import interface
+
+    monkeypatch.setitem(interface.BACKENDS, "recording", _recording_backend([], fail_inputs=True))
+    monkeypatch.setattr(interface, "_auto_choice", lambda device: "recording")
+    q, k, v = make_qkv(1, 2, 64, 64, 16)
+    with pytest.raises(ValueError, match="backend='auto' chose 'recording' for cpu tensors: recording cannot run "
+                                         "these inputs \\(pass backend='torch'"):
+        sla.sparse_linear_attention(q, k, v)
+    with pytest.raises(ValueError, match="^recording cannot run these inputs$"):
+        sla.sparse_linear_attention(q, k, v, backend="recording")
+
+
 def test_nan_input_propagates_without_hanging():
     q, k, v = make_qkv(1, 1, 128, 128, 16)
     q[0, 0, 5, 3] = float("nan")

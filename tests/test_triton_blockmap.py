@@ -160,7 +160,7 @@ def test_ties_nan_and_extremes_together():
 def test_partial_transposes_for_the_op():
     # "critical" builds only what backward reads, "none" only what forward reads; the rest of the map is the
     # same, and a map without the critical transpose is refused where a gradient will flow.
-    from sla.ops.sla.triton import sparse_linear_attention_triton
+    import sla
 
     torch.manual_seed(10)
     q, k, v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 260, 16), torch.randn(1, 2, 260, 16)
@@ -175,9 +175,9 @@ def test_partial_transposes_for_the_op():
             else:
                 assert torch.equal(getattr(part, field), getattr(full, field)), field
     with pytest.raises(ValueError, match="transposes='none'"):
-        sparse_linear_attention_triton(q.requires_grad_(), k, v, block_map=part)
+        sla.sparse_linear_attention(q.requires_grad_(), k, v, block_map=part, backend="triton")
     with torch.no_grad():
-        out = sparse_linear_attention_triton(q, k, v, block_map=part)
-    assert torch.equal(out, sparse_linear_attention_triton(q.detach(), k, v, block_map=full))
+        out = sla.sparse_linear_attention(q, k, v, block_map=part, backend="triton")
+    assert torch.equal(out, sla.sparse_linear_attention(q.detach(), k, v, block_map=full, backend="triton"))
     with pytest.raises(ValueError, match="transposes must be"):
         build_block_map_triton(q, k, transposes="some")

@@ -2,8 +2,9 @@
 (bf16 dots are silently wrong in the interpreter), small shapes, one pinned launch configuration.
 
 Every case compares output and gradients against the fp64 dense reference with the rule
-``max|kernel - gold| <= 2 * max|pt - gold| + ulp`` (3x for gradients), where pt is the reference run in
-the test dtype; kernel and reference get the same BlockMap. Outputs are NaN-poisoned before the kernels
+``max|kernel - gold| <= factor * max|pt - gold| + ulp``, where pt is the reference run in the test dtype and the
+factor is 2 except for the two token-sum gradients (``RULE_FACTORS`` in ``sla/ops/sla/triton/testing.py`` says why
+and what was measured); kernel and reference get the same BlockMap. Outputs are NaN-poisoned before the kernels
 write them and inputs sit inside NaN guard bands. On a CUDA machine these tests are skipped: the same
 checks run on the GPU in ``tests/gpu/test_triton_gpu.py``.
 """
@@ -26,13 +27,13 @@ from sla.ops.sla.triton import (  # noqa: E402
     build_block_map_triton,
     sla_triton_bwd,
     sla_triton_fwd,
-    sparse_linear_attention_triton,
     triton_sparse_linear_attention,
 )
-from sla.ops.sla.triton.ops import scope_mask_for  # noqa: E402
+from sla.ops.sla.triton.api import scope_mask_for  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
+    assert_outputs_within_rule,
     assert_unchanged_under_autocast,
-    assert_within_rule,
+    gradient_names,
     guarded_bhld,
     nan_poisoned_allocations,
     reference_outputs,
@@ -70,10 +71,7 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     ref = reference_outputs(q0, k0, v0, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w,
                             proj_bias=b, scale=None, do=do, combine=combine, mass_offset=mo)
     assert o.dtype == dtype and o.shape == (B, H, Lq, D)
-    assert_within_rule("o", o, ref["gold"][0], ref["pt"][0], 2.0)
-    names = ["dq", "dk", "dv"] + (["dW", "db"] if with_proj else []) + (["d_mass_offset"] if mo is not None else [])
-    for name, g, gg, gp in zip(names, grads, ref["gold"][1], ref["pt"][1]):
-        assert_within_rule(name, g, gg, gp, 3.0)
+    assert_outputs_within_rule(o, grads, ref, gradient_names(with_proj, mo is not None))
 
 
 CASES = [
@@ -202,18 +200,22 @@ def test_inference_writes_output_only():
 
 
 def test_torch_compile_fullgraph():
-    q, k, v = (torch.randn(1, 1, 80, 64, requires_grad=True) for _ in range(3))
-    w, b = torch.randn(64, 64) * 0.1, torch.randn(64)
-    bm = build_block_map(q.detach(), k.detach(), critical=0.5, negligible=0.25)
+    # Compiled (fullgraph, aot_eager on CPU) and eager: the output and every gradient meet the rule against the
+    # fp64 reference, both of them (not compared with each other bit for bit: a traced graph may decompose the
+    # PyTorch ops around the kernels differently).
+    q, k, v, do = (torch.randn(1, 2, 80, 64) for _ in range(4))
+    w, b, mo = torch.randn(64, 64) * 0.1, torch.randn(64), torch.randn(2)
+    bm = build_block_map(q, k, critical=0.5, negligible=0.25)
+    ref = reference_outputs(q, k, v, bm, feature_map="softmax", linear_scope="marginal", proj_weight=w, proj_bias=b,
+                            scale=None, do=do, combine="mass", mass_offset=mo)
 
-    def f(q, k, v):
-        return triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b)
+    def f(q, k, v, w, b, mo):
+        return triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b, combine="mass", mass_offset=mo)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    out = compiled(q, k, v)
-    out.sum().backward()
-    eager = f(q, k, v)
-    torch.testing.assert_close(out, eager)
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, w, b, mo)]
+        o = fn(*leaves)
+        assert_outputs_within_rule(o, torch.autograd.grad(o, leaves, do), ref, gradient_names(True, True))
 
 
 BLOCKMAP_FIELDS = ("class_map", "critical_lut", "negligible_lut", "critical_lut_t_offsets", "critical_lut_t",
@@ -262,9 +264,29 @@ def test_enclosing_autocast_changes_nothing():
     assert_unchanged_under_autocast(run, "cpu")
 
 
-def test_end_to_end_entry_point():
+def test_public_api_builds_the_map_with_the_triton_builder(monkeypatch):
+    # backend="triton" classifies with the Triton builder, as on the GPU, building only what the map is used for:
+    # no CSR transpose for inference, the critical one where a gradient flows, all of them for return_info.
+    from sla.ops.sla.triton import blockmap as triton_blockmap
+
+    requested = []
+    real = triton_blockmap.build_block_map_triton
+
+    def spy(*args, **kwargs):
+        requested.append(kwargs["transposes"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_blockmap, "build_block_map_triton", spy)
     q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
-    o = sparse_linear_attention_triton(q, k, v, critical=0.4, negligible=0.2)
-    bm = build_block_map(q, k, critical=0.4, negligible=0.2)
-    ref = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="reference")
+    with torch.no_grad():
+        o = sla.sparse_linear_attention(q, k, v, critical=0.4, negligible=0.2, backend="triton")
+        _, info = sla.sparse_linear_attention(q, k, v, critical=0.4, negligible=0.2, backend="triton",
+                                              return_info=True)
+    o_train = sla.sparse_linear_attention(q.requires_grad_(), k, v, critical=0.4, negligible=0.2, backend="triton")
+    assert requested == ["none", "all", "critical"]
+    bm = build_block_map(q.detach(), k, critical=0.4, negligible=0.2)
+    for field in BLOCKMAP_FIELDS:
+        assert torch.equal(getattr(info.block_map, field), getattr(bm, field)), field
+    ref = sla.sparse_linear_attention(q.detach(), k, v, block_map=bm, backend="reference")
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o_train.detach(), ref, atol=1e-5, rtol=1e-5)

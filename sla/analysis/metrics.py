@@ -30,10 +30,6 @@ HIST_LOG10_MAX = 4.0
 HIST_BINS = 50
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def sample_query_blocks(seq_len: int, block_q: int, num_blocks: int | None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Choose ``num_blocks`` query blocks of ``block_q`` tokens uniformly without replacement.
@@ -56,16 +52,6 @@ def gather_query_blocks(x: torch.Tensor, block_indices: torch.Tensor, block_q: i
     rows = (block_indices[:, None] * block_q + torch.arange(block_q)[None, :]).reshape(-1)
     rows = rows[rows < L]
     return x.index_select(-2, rows.to(x.device))
-
-
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Softmax attention weights ``softmax(q k^T * scale)`` for q ``(R, D)``, k ``(N, D)`` -> ``(R, N)``.
-
-    Computed in float32 (float64 for float64 inputs). ``scale`` defaults to ``D ** -0.5``.
-    """
-    dt = _compute_dtype(q.dtype)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax((q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale, dim=-1)
 
 
 def attention_distribution(probs: torch.Tensor) -> dict:

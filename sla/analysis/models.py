@@ -123,6 +123,9 @@ def load_transformer(spec: str, *, seed: int = 0, dtype: torch.dtype = torch.flo
         raise ValueError(f"--model {str(folder)!r} has no config.json; pass a diffusers transformer folder "
                          f"(save_pretrained layout) or a pipeline folder with a transformer/ subfolder")
     class_name = json.loads(config_path.read_text()).get("_class_name")
+    from ..models.small_wan import require_pretrained_loading
+
+    require_pretrained_loading(f"--model {str(folder)!r}")
     import diffusers
 
     cls = getattr(diffusers, class_name, None) if class_name else None

@@ -5,9 +5,11 @@ carry a smooth positional code, so each query attends mostly to nearby tokens pl
 which is the skewed distribution the paper measures in Wan2.1 (its Fig. 1). For several values of
 ``critical`` the demo reports, against dense softmax attention:
 
-* the relative L1 error of sparse-only attention (SLA with its zero-initialised projection);
-* the relative L1 error of SLA with a projection fitted by least squares on the even query blocks and
-  evaluated on the odd ones (a stand-in for what fine-tuning learns; held out, so honest);
+* the relative L1 error of sparse-only attention (the paper's rule with its zero-initialised projection);
+* the relative L1 error of SLA with the library's default rule (``combine="mass"``) as a freshly built
+  :class:`~sla.SparseLinearAttention` computes it: identity projection, zero offsets, no training;
+* the relative L1 error of SLA with the paper's rule and a projection fitted by least squares on the even query
+  blocks and evaluated on the odd ones (a stand-in for what fine-tuning learns; held out, so honest);
 * forward time of SLA's CPU path (block prediction included) next to PyTorch's dense SDPA.
 """
 
@@ -71,9 +73,8 @@ def run(args) -> int:
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    import sla
     from sla._timing import time_interleaved
-    from sla.ops.sla.naive import naive_sparse_linear_attention
+    from sla.ops.sla import build_block_map, naive_sparse_linear_attention, sparse_linear_attention
 
     for crit in args.critical:
         if crit + args.negligible > 1:
@@ -90,23 +91,28 @@ def run(args) -> int:
         held = ~fit
         for crit in tqdm(args.critical, desc="sparsity levels", unit="level"):
             negl = args.negligible
-            bm = sla.build_block_map(q, k, critical=crit, negligible=negl)
-            # o_s and o_l from the PyTorch path: identity projection gives o_s + o_l, zero gives o_s.
+            bm = build_block_map(q, k, critical=crit, negligible=negl)
+            # The branches from the PyTorch path with the paper's rule (o_s + Proj(o_l)): a zero projection gives
+            # o_s, the identity o_s + o_l. (The mass rule mixes them with a weight, so it cannot split them.)
             zeros_w, zeros_b = torch.zeros(D, D), torch.zeros(D)
-            o_s = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=zeros_w, proj_bias=zeros_b)
-            o_l = sla.sparse_linear_attention(q, k, v, block_map=bm) - o_s
+            o_s = sparse_linear_attention(q, k, v, block_map=bm, proj_weight=zeros_w, proj_bias=zeros_b,
+                                          combine="paper")
+            o_l = sparse_linear_attention(q, k, v, block_map=bm, combine="paper") - o_s
             # Least-squares Proj (shared by heads, as in SLA) fitted on the even query blocks only.
             x = torch.cat([o_l[..., fit, :].reshape(-1, D), torch.ones(args.heads * int(fit.sum()), 1)], dim=1)
             y = (dense - o_s)[..., fit, :].reshape(-1, D)
             sol = torch.linalg.lstsq(x.double(), y.double()).solution.float()
             w_fit, b_fit = sol[:D].T.contiguous(), sol[D]
-            o_sla = sla.sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w_fit, proj_bias=b_fit)
+            o_sla = sparse_linear_attention(q, k, v, block_map=bm, proj_weight=w_fit, proj_bias=b_fit,
+                                            combine="paper")
+            o_mass = sparse_linear_attention(q, k, v, block_map=bm, proj_weight=torch.eye(D), combine="mass")
             # Default arguments bind this level's values (a closure would see the last level's).
-            timed[f"SLA critical={crit}"] = (lambda c=crit, w=w_fit, b=b_fit: sla.sparse_linear_attention(
-                q, k, v, critical=c, negligible=negl, proj_weight=w, proj_bias=b))
+            timed[f"SLA critical={crit}"] = (lambda c=crit, w=w_fit, b=b_fit: sparse_linear_attention(
+                q, k, v, critical=c, negligible=negl, proj_weight=w, proj_bias=b, combine="paper"))
             rows.append({
                 "critical": crit, "negligible": negl, "sparsity": bm.sparsity(),
                 "sparse_only_rel_l1": _rel_l1(o_s[..., held, :], dense[..., held, :]),
+                "sla_mass_untrained_rel_l1": _rel_l1(o_mass[..., held, :], dense[..., held, :]),
                 "sla_fitted_proj_rel_l1": _rel_l1(o_sla[..., held, :], dense[..., held, :]),
             })
         # Every method in each repeat, in rotating order (sla/_timing.py): load during the timing hits dense
@@ -117,18 +123,19 @@ def run(args) -> int:
             r["sla_ms"] = timing.median(f"SLA critical={r['critical']}") * 1e3
             r["sdpa_ms"], r["speedup"] = dense_ms, dense_ms / r["sla_ms"]
         if L <= 8192:  # the dense reference check is O(L^2) memory
-            ref = naive_sparse_linear_attention(q, k, v, bm, proj_weight=w_fit, proj_bias=b_fit)
+            ref = naive_sparse_linear_attention(q, k, v, bm, proj_weight=w_fit, proj_bias=b_fit, combine="paper")
             agree = float((ref - o_sla).abs().max())
         else:
             agree = None
 
-    header = ("| critical | negligible | sparsity | sparse-only rel. L1 | SLA (fitted Proj) rel. L1 "
-              "| SLA ms | SDPA ms | speedup |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| critical | negligible | sparsity | sparse-only rel. L1 | SLA mass rule, untrained, rel. L1 "
+              "| SLA paper rule, fitted Proj, rel. L1 | SLA ms | SDPA ms | speedup |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['critical']:.2f} | {r['negligible']:.2f} | {r['sparsity']:.3f} | "
-                     f"{r['sparse_only_rel_l1']:.3f} | {r['sla_fitted_proj_rel_l1']:.3f} | {r['sla_ms']:.1f} | "
-                     f"{r['sdpa_ms']:.1f} | {r['speedup']:.1f}x |")
+                     f"{r['sparse_only_rel_l1']:.3f} | {r['sla_mass_untrained_rel_l1']:.3f} | "
+                     f"{r['sla_fitted_proj_rel_l1']:.3f} | {r['sla_ms']:.1f} | {r['sdpa_ms']:.1f} | "
+                     f"{r['speedup']:.1f}x |")
     table = "\n".join(lines)
     warning = timing.warning_text()
     print()
@@ -148,10 +155,12 @@ def run(args) -> int:
                 f"{'x'.join(map(str, args.grid))} grid, D = {D}, float32, CPU with {torch.get_num_threads()} threads, "
                 f"torch {torch.__version__}.\n\n"
                 "Errors are relative L1 against dense softmax attention, measured on the odd query blocks "
-                "(64 tokens each); the SLA projection is a least-squares fit on the even blocks (what fine-tuning learns is "
-                "not this fit, but it shows what the linear branch can carry). Times are medians of "
-                f"{args.repeats} runs, SLA's block prediction included; SDPA and SLA runs alternate, so that "
-                "machine load hits both alike.\n\n" + table + "\n"
+                "(64 tokens each). Sparse-only is the critical blocks alone; the mass rule (the library's default) "
+                "is shown as an untrained module computes it (identity Proj, zero offsets); the paper's rule gets a "
+                "least-squares Proj fitted on the even blocks (what fine-tuning learns is not this fit, but it "
+                "shows what the linear branch can carry). Times are medians of "
+                f"{args.repeats} runs of the paper rule, SLA's block prediction included; SDPA and SLA runs "
+                "alternate, so that machine load hits both alike.\n\n" + table + "\n"
                 + (f"\n**Warning:** {warning}\n" if warning else ""))
     print(f"\nwrote {args.out}/report.md and {args.out}/results.json")
     return 0

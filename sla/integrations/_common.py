@@ -5,34 +5,32 @@ from __future__ import annotations
 import torch
 
 from ..layers.sla import SparseLinearAttention
+from ..ops.sla.triton.limits import SUPPORTED_BLOCKS, SUPPORTED_HEAD_DIMS
 from ..ops.sla.validation import check_sla_config
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-# What the fused GPU kernels run (mirrors SUPPORTED_BLOCKS / SUPPORTED_HEAD_DIMS of sla/ops/sla/triton/ops.py,
-# restated here so that checking a config never imports Triton). The PyTorch path runs any size, but a model is
-# usually patched on the CPU and moved to a GPU later, so the integration refuses at apply time what the GPU
-# would refuse at the first forward.
-KERNEL_BLOCKS = (16, 32, 64, 128)
-KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+# The PyTorch path runs any block size and head dim, but a model is usually patched on the CPU and moved to a GPU
+# later, so the integration refuses at apply time what the GPU kernels would refuse at the first forward (their
+# limits come from a module that does not import Triton).
 
 
 def check_integration_config(critical, negligible, block_q, block_k, feature_map, linear_scope) -> None:
     """Operator checks plus the block sizes the GPU kernels accept; raises ValueError/TypeError naming the fix."""
     check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
     for name, val in (("block_q", block_q), ("block_k", block_k)):
-        if val not in KERNEL_BLOCKS:
+        if val not in SUPPORTED_BLOCKS:
             raise ValueError(
-                f"{name}={val} cannot run on the SLA GPU kernels, which take block sizes {KERNEL_BLOCKS} "
+                f"{name}={val} cannot run on the SLA GPU kernels, which take block sizes {SUPPORTED_BLOCKS} "
                 f"(the paper uses block_q=64, block_k=64; TurboDiffusion inference uses 128/64)"
             )
 
 
 def check_head_dim(head_dim: int, backend: str, where: str) -> None:
-    """Kernels run head_dim in KERNEL_HEAD_DIMS; other sizes need the PyTorch path, chosen explicitly."""
-    if backend in ("auto", "triton") and head_dim not in KERNEL_HEAD_DIMS:
+    """Kernels run head_dim in SUPPORTED_HEAD_DIMS; other sizes need the PyTorch path, chosen explicitly."""
+    if backend in ("auto", "triton") and head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
-            f"{where} has head_dim {head_dim}, which the SLA GPU kernels do not run (they take {KERNEL_HEAD_DIMS}); "
+            f"{where} has head_dim {head_dim}, which the SLA GPU kernels do not run (they take {SUPPORTED_HEAD_DIMS}); "
             f"pass backend='torch' to use the PyTorch implementation for this model"
         )
 

@@ -120,9 +120,10 @@ def load_encoding_pipeline(path: str | os.PathLike, device: torch.device, text_d
     """The pipeline with its VAE (float32), text encoder (``text_dtype``) and tokenizer, without loading any
     transformer (the largest part of a real pipeline, not needed to encode)."""
     read_pipeline_index(path, arg=arg, need=ENCODING_COMPONENTS, need_transformer=False)
-    from diffusers import AutoencoderKLWan, WanPipeline
+    from ..models.small_wan import dtype_kwargs, require_pretrained_loading
 
-    from ..models.small_wan import dtype_kwargs
+    require_pretrained_loading(f"loading the pipeline {arg} {path}")
+    from diffusers import AutoencoderKLWan, WanPipeline
 
     _quiet_loading()
     vae = AutoencoderKLWan.from_pretrained(str(path), subfolder="vae", **dtype_kwargs(torch.float32))
@@ -219,9 +220,11 @@ def load_pipeline(path: str | os.PathLike, *, sla: str | None = None, sla_2: str
         if kinds[slot] == "finetuned":
             _check_same_architecture(Path(spec), Path(path) / slot, flag)
 
+    from ..models.small_wan import dtype_kwargs, require_pretrained_loading
+
+    require_pretrained_loading(f"loading the pipeline {path}")
     from diffusers import AutoencoderKLWan, WanPipeline
 
-    from ..models.small_wan import dtype_kwargs
     from ..training.checkpoint import load_finetuned
     from .diffusers import apply_sla, load_sla
 

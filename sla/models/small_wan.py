@@ -19,6 +19,7 @@ diffusers is imported lazily (it is an optional extra).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -161,6 +162,21 @@ def _require_diffusers():
     return WanTransformer3DModel
 
 
+def require_pretrained_loading(what: str = "loading a diffusers model folder") -> None:
+    """Raise ``ImportError`` naming the install command unless diffusers and accelerate are installed.
+
+    diffusers' ``from_pretrained`` keeps some of a Wan transformer's modules in float32
+    (``_keep_in_fp32_modules``), which only its accelerate-based loader can do; without accelerate it fails deep
+    inside with "`low_cpu_mem_usage` cannot be False when `keep_in_fp32_modules` is True". Checked before loading
+    so the error says what to install instead.
+    """
+    missing = [name for name in ("diffusers", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                          f"installed (diffusers loads Wan transformers only through accelerate); install "
+                          f"{'it' if len(missing) == 1 else 'them'} with pip install 'sparse-linear-attention[diffusers]'")
+
+
 def build_small_model(seed: int | None = 0, base: str | dict = "small", **overrides):
     """A randomly initialised Wan transformer (float32) with a built-in model's architecture (``base``: a name
     or a config dict); ``overrides`` change config entries."""
@@ -204,6 +220,7 @@ def load_small_model(path: str | os.PathLike | None = None, *, device=None, dtyp
     import torch
 
     Wan = _require_diffusers()
+    require_pretrained_loading()
     if path is None:
         folder = small_model_path("small")
     elif isinstance(path, str) and path in EMBEDDED_MODELS:

@@ -88,15 +88,13 @@ def apply_attention_mode(model: nn.Module, mode: str, *, critical: float = 0.05,
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     if mode == "full":
         return model
-    import sla
+    from ..integrations.diffusers import apply_sla, sla_modules
 
-    sla.apply_sla(model, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-                  feature_map=feature_map, linear_scope=linear_scope, backend=backend,
-                  combine=combine if mode == "sla" else "paper")
+    apply_sla(model, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
+              feature_map=feature_map, linear_scope=linear_scope, backend=backend,
+              combine=combine if mode == "sla" else "paper")
     if mode == "sla":
         return model
-    from ..integrations.diffusers import sla_modules
-
     root = model.module if hasattr(model, "module") else model
     for name, module in sla_modules(model).items():
         attn = root.get_submodule(name)

@@ -1,10 +1,12 @@
-"""The SLA Triton kernels on a CUDA GPU: bf16, fp16 and fp32 (exact ``ieee`` dots), both block configs,
+"""The SLA Triton kernels on a CUDA GPU: bf16, fp16 and fp32 (``tf32x3`` dots: three tf32 products, close to fp32
+accuracy; plain ``ieee`` dots were too slow to compile and run, see ``launch._dot_precision``), both block configs,
 every scope and feature map, head dims 64 and 128, ragged and unequal lengths, a 32760-token case,
 determinism, no recompile per length / top-k count, CUDA-graph capture, torch.compile and opcheck.
 
-Rule for every output and gradient: ``max|kernel - gold| <= 2 * max|pt - gold| + ulp`` (3x for
-gradients), gold = dense reference in fp64, pt = the reference in the test dtype; kernel and reference
-get the same BlockMap. Outputs are NaN-poisoned and inputs sit inside NaN guard bands.
+Rule for every output and gradient: ``max|kernel - gold| <= factor * max|pt - gold| + ulp``, gold = dense
+reference in fp64, pt = the reference in the test dtype, factor 2 except for the two token-sum gradients
+(``RULE_FACTORS`` in ``sla/ops/sla/triton/testing.py``); kernel and reference get the same BlockMap. Outputs are
+NaN-poisoned and inputs sit inside NaN guard bands.
 
 Run on the device machine with ``bash bench/gpu_check.sh`` (tests then benchmark).
 """
@@ -53,10 +55,7 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
         grads = torch.autograd.grad(o, wrt, do)
     ref = t.reference_outputs(q0, k0, v0, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w,
                               proj_bias=b, scale=None, do=do, gold_impl=gold_impl, combine=combine, mass_offset=mo)
-    t.assert_within_rule("o", o, ref["gold"][0], ref["pt"][0], 2.0)
-    names = ["dq", "dk", "dv"] + (["dW", "db"] if with_proj else []) + (["d_mass_offset"] if mo is not None else [])
-    for name, g, gg, gp in zip(names, grads, ref["gold"][1], ref["pt"][1]):
-        t.assert_within_rule(name, g, gg, gp, 3.0)
+    t.assert_outputs_within_rule(o, grads, ref, t.gradient_names(with_proj, mo is not None))
 
 
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
@@ -97,13 +96,13 @@ def test_long_sequence_bf16(block_q):
 
 
 def test_all_critical_equals_dense_attention():
-    build_block_map, sla_triton, _ = _imports()
+    build_block_map, sla_triton, t = _imports()
     q, k, v = (torch.randn(1, 4, 1000, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     bm = build_block_map(q, k, critical=1.0, negligible=0.0)
     o = sla_triton(q, k, v, bm, proj_weight=torch.zeros(128, 128, device=DEV))
     gold = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    pt = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert (o.double() - gold).abs().max() <= 2 * (pt.double() - gold).abs().max() + 1e-2
+    pt = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # dense attention in bf16: the same rule
+    t.assert_within_rule("o", o, gold, pt, t.RULE_FACTORS["o"])
 
 
 def test_deterministic_gradients():
@@ -142,21 +141,19 @@ def test_no_recompile_per_length_or_topk():
 
 
 @pytest.mark.parametrize("entry", [
-    "public",  # block_lengths is computed on the device since cf1a926, so capture works through the API
-    "gpu_block_map",
+    "public",  # the block map built inside (Triton builder; block_lengths on the device since cf1a926)
+    "given_map",  # a map built before the capture, handed to the kernels
 ])
 def test_cuda_graph_capture(entry):
     import sla
-    from sla.ops.sla.triton import sparse_linear_attention_triton
+    from sla.ops.sla.triton import build_block_map_triton
 
     q, k, v = (torch.randn(1, 2, 2000, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     w = (0.1 * torch.randn(128, 128, device=DEV)).requires_grad_()
+    bm = build_block_map_triton(q.detach(), k.detach()) if entry == "given_map" else None
 
     def step():
-        if entry == "public":
-            o = sla.sparse_linear_attention(q, k, v, proj_weight=w, backend="triton")
-        else:
-            o = sparse_linear_attention_triton(q, k, v, proj_weight=w)
+        o = sla.sparse_linear_attention(q, k, v, proj_weight=w, backend="triton", block_map=bm)
         return [o] + list(torch.autograd.grad(o.float().square().sum(), (q, k, v, w)))
 
     stream = torch.cuda.Stream()
@@ -189,6 +186,26 @@ def test_torch_compile_fullgraph_inductor():
     torch.testing.assert_close(out, f(q, k, v))
 
 
+def test_torch_compile_gradients_within_the_rule():
+    # Compiled with inductor and eager on one block map (under compile the public API builds the map with the
+    # PyTorch builder, which may rank near-ties differently): output and every gradient meet the rule, both.
+    build_block_map, sla_triton, t = _imports()
+    q, k, v, do = (torch.randn(1, 2, 1500, 128, device=DEV, dtype=torch.bfloat16) for _ in range(4))
+    w, b = 0.1 * torch.randn(128, 128, device=DEV), torch.randn(128, device=DEV)
+    mo = torch.randn(2, device=DEV)
+    bm = build_block_map(q, k, critical=0.1, negligible=0.1)
+    ref = t.reference_outputs(q, k, v, bm, feature_map="softmax", linear_scope="marginal", proj_weight=w, proj_bias=b,
+                              scale=None, do=do, combine="mass", mass_offset=mo)
+
+    def f(q, k, v, w, b, mo):
+        return sla_triton(q, k, v, bm, proj_weight=w, proj_bias=b, combine="mass", mass_offset=mo)
+
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, w, b, mo)]
+        o = fn(*leaves)
+        t.assert_outputs_within_rule(o, torch.autograd.grad(o, leaves, do), ref, t.gradient_names(True, True))
+
+
 def test_bf16_autocast_training_step():
     # Fine-tuning runs the model under torch.autocast(bfloat16) with an fp32 projection (sla finetune --bf16):
     # the block map and the kernels must give what they give without autocast.
@@ -209,7 +226,7 @@ def test_bf16_autocast_training_step():
 
 def test_opcheck_gpu():
     from sla.ops.sla.triton import sla_triton_bwd, sla_triton_fwd
-    from sla.ops.sla.triton.ops import scope_mask_for
+    from sla.ops.sla.triton.api import scope_mask_for
 
     build_block_map, _, _ = _imports()
     q, k, v = (torch.randn(1, 2, 300, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))

@@ -1,60 +1,61 @@
-"""Public entry point of the SLA operator: validation, block classification and dispatch."""
+"""Public entry point of the SLA operator: argument checks, backend lookup, block classification, attention.
+
+Every implementation is a backend object (``backend.py`` describes the interface) registered in :data:`BACKENDS`;
+this module has no code for any particular one. ``backend="auto"`` picks the Triton kernels for CUDA tensors and
+the PyTorch path elsewhere.
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from .blockmap import BlockMap, build_block_map
-from .naive import naive_sparse_linear_attention
-from .torch_impl import torch_sparse_linear_attention
+from .backend import Backend, map_needs
+from .blockmap import BlockMap
+from .naive import REFERENCE_BACKEND
+from .torch_impl import TORCH_BACKEND
+from .triton.backend import TRITON_BACKEND
 from .validation import check_attention_inputs, check_combine, check_projection, check_scale, check_sla_config
 
-def _triton_backend(q, k, v, block_map, **kwargs):
-    """The fused Triton kernels (``sla/ops/sla/triton``), imported on first use so that ``import sla``
-    never imports Triton or touches a GPU."""
-    from .triton import triton_sparse_linear_attention
-
-    return triton_sparse_linear_attention(q, k, v, block_map, **kwargs)
+# backend name -> backend object (sla/ops/sla/backend.py). The values are also callable as
+# ``BACKENDS[name](q, k, v, block_map, feature_map=..., ...)``, i.e. ``attend``.
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TORCH_BACKEND, REFERENCE_BACKEND, TRITON_BACKEND)}
 
 
-# backend name -> callable(q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale,
-# combine, mass_offset).
-BACKENDS = {
-    "torch": torch_sparse_linear_attention,
-    "reference": naive_sparse_linear_attention,
-    "triton": _triton_backend,
-}
+def _auto_choice(device: torch.device) -> str:
+    # The kernels where they run; the PyTorch path elsewhere. Never a fallback: on CUDA without Triton, 'auto'
+    # raises and says how to choose.
+    return "triton" if device.type == "cuda" else "torch"
+
+
+@contextlib.contextmanager
+def _explain_auto(backend: str, name: str, device: torch.device):
+    """Errors of a backend that ``backend="auto"`` chose say that auto chose it and how to run the call anyway."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if backend != "auto":
+            raise
+        raise type(err)(f"backend='auto' chose '{name}' for {device.type} tensors: {err} "
+                        f"(pass backend='torch' to run this configuration on the PyTorch path)") from err
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Pick the implementation for ``backend`` on ``device``.
+    """The name of the backend that ``backend`` means on ``device``, after checking that it can run there.
 
-    ``"auto"`` means the Triton kernels on CUDA and the PyTorch path elsewhere; with ``TRITON_INTERPRET=1``
-    the kernels can also be asked for explicitly on CPU (that is how CI tests them). An explicit backend is
-    never replaced by another.
+    ``"auto"`` means the Triton kernels on CUDA and the PyTorch path elsewhere; with ``TRITON_INTERPRET=1`` the
+    kernels can also be asked for explicitly on CPU (that is how CI tests them). An explicit backend is never
+    replaced by another. Raises ``ValueError`` naming the fix for an unknown name or a backend that cannot run here.
     """
-    if backend == "auto":
-        if device.type != "cuda":
-            return "torch"
-        if importlib.util.find_spec("triton") is None:
-            raise ValueError(
-                "backend='auto' chose the Triton kernels for CUDA tensors, but triton is not installed; install it "
-                "(pip install 'sparse-linear-attention[gpu]') or pass backend='torch' for the slower PyTorch path"
-            )
-        return "triton"
-    if backend not in BACKENDS:
+    if backend != "auto" and backend not in BACKENDS:
         known = ("auto",) + tuple(BACKENDS)
-        raise ValueError(f"backend={backend!r} is unknown or unavailable here; choose one of {known}")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors, got tensors on {device}; use backend='torch' (or 'auto') on "
-            f"CPU, or set TRITON_INTERPRET=1 before importing sla to run the kernels in Triton's interpreter"
-        )
-    return backend
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {known}")
+    name = _auto_choice(device) if backend == "auto" else backend
+    with _explain_auto(backend, name, device):
+        BACKENDS[name].check_device(device)
+    return name
 
 
 @dataclass
@@ -134,8 +135,9 @@ def sparse_linear_attention(
         return_info (bool): also return an :class:`SLAInfo` (class map, sparsity, ...).
         block_map (BlockMap, optional): use this classification instead of predicting one; ``critical``,
             ``negligible``, ``block_q`` and ``block_k`` are then taken from it.
-        backend (str): ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere), ``"torch"``, ``"triton"`` or
-            ``"reference"`` (the dense O(L^2) specification, for tests).
+        backend (str): ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere), ``"torch"`` (memory-efficient
+            PyTorch, any device), ``"triton"`` (fused kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``) or
+            ``"reference"`` (the dense specification: O(Lq * Lk) memory, for checking and small inputs).
 
     Returns:
         ``o`` with the shape and dtype of ``q``, or ``(o, info)`` with ``return_info=True``.
@@ -150,32 +152,21 @@ def sparse_linear_attention(
     check_combine(combine, mass_offset, q.shape[1], q.device)
     check_scale(scale)
     name = resolve_backend(backend, q.device)
+    impl = BACKENDS[name]
+    blocks = (block_q, block_k) if block_map is None else (block_map.block_q, block_map.block_k)
+    with _explain_auto(backend, name, q.device):
+        impl.check_inputs(q, *blocks)
     if block_map is None:
-        if name == "triton" and q.device.type == "cuda" and not torch.compiler.is_compiling():
-            # The Triton classifier computes the same scores and tie rule in a few kernels (0.93 ms against
-            # 2.05 ms for the PyTorch builder at (1, 12, 32760, 128) on an H100, bench/RESULTS.md). Its raw
-            # kernel launches are not traceable, so under torch.compile the PyTorch builder (same map) is
-            # traced instead and inductor fuses it.
-            from .triton import build_block_map_triton, transposes_needed
-
-            block_map = build_block_map_triton(
-                q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-                transposes=transposes_needed(q, k, v, proj_weight, proj_bias, mass_offset, complete=return_info))
-        else:
-            block_map = build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q,
-                                        block_k=block_k)
+        block_map = impl.build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q,
+                                         block_k=block_k,
+                                         needs=map_needs(q, k, v, proj_weight, proj_bias, mass_offset,
+                                                         complete=return_info))
     else:
         block_map.validate_for(q, k)
-    try:
-        out = BACKENDS[name](q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
-                             proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, combine=combine,
-                             mass_offset=mass_offset)
-    except (ValueError, TypeError) as err:
-        if backend != "auto":
-            raise
-        # The user did not name the kernels; say that 'auto' picked them and how to run this case anyway.
-        raise type(err)(f"backend='auto' chose '{name}' for {q.device.type} tensors: {err} "
-                        f"(pass backend='torch' to run this configuration on the PyTorch path)") from err
+    with _explain_auto(backend, name, q.device):
+        out = impl.attend(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
+                          proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, combine=combine,
+                          mass_offset=mass_offset)
     if not return_info:
         return out
     info = SLAInfo(block_map=block_map, class_map=block_map.class_map, sparsity=block_map.sparsity(),

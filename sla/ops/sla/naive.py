@@ -1,9 +1,10 @@
-"""Dense reference of SLA: the specification as readable PyTorch. For tests only.
+"""Dense reference of SLA: the specification as readable PyTorch, and the ``"reference"`` backend.
 
-It materialises the full ``(Lq, Lk)`` token maps, so memory is O(Lq * Lk) per head. Every faster
-implementation (``torch_impl.py``, the Triton kernels) is tested against it, in float64 as the gold
-standard and in the input's low precision (``upcast=False``) to measure how much rounding error that
-precision carries on its own.
+It materialises the full ``(Lq, Lk)`` token maps, so memory and time are O(Lq * Lk) per head: use it to check
+results or to read what SLA computes, on inputs of a few thousand tokens. Every faster implementation
+(``torch_impl.py``, the Triton kernels) is tested against it, in float64 as the gold standard and in the input's
+low precision (``upcast=False``) to measure how much rounding error that precision carries on its own. It runs
+any device, dtype, head dim and block size, and is differentiable through plain autograd.
 
 What it computes, per (batch, head), for a :class:`~sla.ops.sla.blockmap.BlockMap`:
 
@@ -27,6 +28,7 @@ import math
 
 import torch
 
+from .backend import Backend
 from .blockmap import CRITICAL, BlockMap, in_linear_scope
 from .feature_maps import apply_feature_map
 
@@ -126,3 +128,19 @@ def mass_weight(lse: torch.Tensor, den: torch.Tensor, head_dim: int, mass_offset
     if mass_offset is not None:
         x = x - mass_offset.to(x.dtype).view(1, -1, 1, 1)
     return torch.sigmoid(x)
+
+
+class ReferenceBackend(Backend):
+    """``backend="reference"``: :func:`naive_sparse_linear_attention` (computes half inputs in float32), with the
+    PyTorch block map. Any device, dtype, head dim and block size; O(Lq * Lk) memory."""
+
+    name = "reference"
+
+    def attend(self, q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale, combine,
+               mass_offset):
+        return naive_sparse_linear_attention(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
+                                             proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, combine=combine,
+                                             mass_offset=mass_offset)
+
+
+REFERENCE_BACKEND = ReferenceBackend()

@@ -21,13 +21,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backend import Backend
 from .blockmap import MARGINAL, BlockMap, block_lengths
 from .feature_maps import apply_feature_map
 from .naive import mass_weight
 
-# Upper bound on the elements of one chunk's gathered K/V and score tensors. On CPU the chunk should
-# stay cache-resident: on a 2-core machine 2**20 (4 MB in float32) ran the sparse branch of
-# (1, 4, 8192, 64) in 29 ms against 40 ms with 2**24. GPUs want large launches instead.
+# Upper bound on the elements of one chunk's gathered K/V and score tensors. On CPU the chunk should stay
+# cache-resident (4 MB in float32 beat 64 MB: bench/RESULTS.md, "Measurements behind code choices"); GPUs want
+# large launches instead.
 _CPU_CHUNK_ELEMENTS = 1 << 20
 _DEVICE_CHUNK_ELEMENTS = 1 << 26
 
@@ -258,3 +259,19 @@ def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_
     else:
         out = (o_s + o_l).reshape(B, H, Tm * bq, D)
     return out[:, :, :Lq].to(q.dtype)
+
+
+class TorchBackend(Backend):
+    """``backend="torch"``: :func:`torch_sparse_linear_attention` with the PyTorch block map. Any device, dtype,
+    head dim and block size; the default on CPU."""
+
+    name = "torch"
+
+    def attend(self, q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale, combine,
+               mass_offset):
+        return torch_sparse_linear_attention(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
+                                             proj_weight=proj_weight, proj_bias=proj_bias, scale=scale, combine=combine,
+                                             mass_offset=mass_offset)
+
+
+TORCH_BACKEND = TorchBackend()

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..blockmap import CRITICAL, NEGLIGIBLE, BlockMap, class_counts, num_blocks
 from ..validation import check_attention_inputs, check_sla_config
-from .ops import _interpreting, check_triton_inputs
+from .limits import check_triton_inputs, interpreting
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -77,8 +77,8 @@ def sla_select_blocks_bisect_kernel(
     # with count(key <= t_g) = N_NEGL, each step one count over the row. A search stops as soon as its count is
     # exact, which takes about log2(T_n) + a few steps for untied scores and at most 32. Ties at a threshold
     # are settled by index afterwards (critical: lower indices first; negligible: higher indices first).
-    # It replaced an in-register sort of int64 (score, index) keys, which spills at T_n = 1182 (2048 keys):
-    # 2.27 vs 8.6 ms there, 0.061 vs 0.169 ms at T_n = 512, on an H100 (bench/RESULTS.md).
+    # It replaced an in-register sort of int64 (score, index) keys, which spills at T_n = 1182 (2048 keys) and
+    # was slower at every size measured (bench/RESULTS.md, "Block classification on the GPU").
     i_row = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BT)
     m_n = o_n < Tn
@@ -124,14 +124,15 @@ def sla_select_blocks_bisect_kernel(
 
 def _select_blocks(scores: torch.Tensor, n_crit: int, n_negl: int, num_warps: int = 2):
     """Class map ``(B, H, T_m, T_n)`` int8 and the critical / negligible LUTs (ascending) of each row.
-    ``num_warps``: 2 was the best of 2/4/8 on an H100 at T_n = 512 and close to the best at 1182."""
+    ``num_warps``: 2, the best of 2/4/8 in the measurements (bench/RESULTS.md, "Measurements behind code
+    choices")."""
     B, H, Tm, Tn = scores.shape
     class_map = torch.empty(B, H, Tm, Tn, dtype=torch.int8, device=scores.device)
     crit_lut = torch.empty(B, H, Tm, n_crit, dtype=torch.int32, device=scores.device)
     negl_lut = torch.empty(B, H, Tm, n_negl, dtype=torch.int32, device=scores.device)
     sla_select_blocks_bisect_kernel[(B * H * Tm,)](
         scores, class_map, crit_lut, negl_lut, Tn, n_crit, n_negl, BT=triton.next_power_of_2(Tn),
-        **({} if _interpreting() else {"num_warps": num_warps}))
+        **({} if interpreting() else {"num_warps": num_warps}))
     return class_map, crit_lut, negl_lut
 
 
@@ -160,7 +161,7 @@ def _block_scores(pq: torch.Tensor, pk: torch.Tensor, k_block_sums: torch.Tensor
 def _lut_transpose(class_map: torch.Tensor, cls: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR transpose of the class-``cls`` LUT: offsets ``(B, H, T_n + 1)`` and query-block indices
     ``(B, H, T_m * count)``, int32. Columns are read with stride T_n; compacting a contiguous transposed copy
-    instead was no faster on an H100 (bench/RESULTS.md)."""
+    instead was no faster (bench/RESULTS.md, "Block classification on the GPU")."""
     B, H, Tm, Tn = class_map.shape
     counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
     offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))

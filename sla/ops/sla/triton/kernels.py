@@ -1,4 +1,4 @@
-"""Triton kernels of SLA (only ``@triton.jit`` code; launchers live in ``ops.py``).
+"""Triton kernels of SLA (only ``@triton.jit`` code; launchers live in ``launch.py``).
 
 Layout: q, k, v, o are ``(B, H, L, D)`` addressed through explicit (batch, head, token) strides, the last
 dimension contiguous, so a ``(B, L, H, D)`` tensor viewed as ``(B, H, L, D)`` is read without a copy. One
@@ -148,7 +148,7 @@ def sla_fwd_kernel(
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
     # One loop with the padding mask in every iteration: peeling the last (possibly ragged) block off the loop
-    # was measured slower (forward op 1.76 vs 1.61 ms at (1, 12, 32760, 128) on an H200, bench/RESULTS.md).
+    # was slower (bench/RESULTS.md, "Kernels at commit 0f20e68": what was tried on the way).
     for i_c in range(N_CRIT):
         b_mx, b_l, b_acc = _attend_block(b_q, p_k0, p_v0, tl.load(p_lut + i_c), b_mx, b_l, b_acc, s_k_l, s_v_l,
                                          qk_scale, Lk, D, BN, PREC)
@@ -156,7 +156,7 @@ def sla_fwd_kernel(
 
     # Linear branch: H_i and Z_i are this query block's aggregated states over the key blocks in scope.
     # phi(Q_i) from a second load of the tile (an L2 hit) rather than keeping b_q live past the loop; the two
-    # measured the same on an H200 (bench/RESULTS.md).
+    # ran at the same speed (bench/RESULTS.md, "Kernels at commit 0f20e68": what was tried on the way).
     b_x = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
     b_pq = _feature_map(b_x.to(tl.float32), FEATURE).to(b_x.dtype).to(tl.float32)
     b_hs = tl.load(HS + i_bh * s_hs_bh + i_m * s_hs_m + o_d[:, None] * D + o_d[None, :])  # [D, D]

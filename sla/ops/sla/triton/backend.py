@@ -1,0 +1,58 @@
+"""``backend="triton"``: the fused kernels as an SLA backend object (``sla/ops/sla/backend.py``).
+
+This module imports neither Triton nor the kernels: the operator's interface registers this object at import time
+(so ``import sla`` stays light), and the kernel modules are imported on the first call that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..backend import Backend
+from .limits import check_triton_device, check_triton_inputs
+
+# What the Triton block-map builder must build for each use of the map (``needs``): the forward kernels read only
+# the per-row LUT, the backward's dK/dV kernel also the critical transpose; a map returned to the caller is
+# complete. Skipping the transposes is worth it: bench/RESULTS.md ("Block classification on the GPU").
+_TRANSPOSES = {"forward": "none", "backward": "critical", "complete": "all"}
+
+
+class TritonBackend(Backend):
+    """The Triton kernels (``sla/ops/sla/triton``) with the Triton block-map builder: CUDA tensors, or CPU tensors
+    under ``TRITON_INTERPRET=1``; float16, bfloat16, float32 (limits in ``limits.py``)."""
+
+    name = "triton"
+
+    def check_device(self, device: torch.device) -> None:
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("backend='triton' needs the triton package, which is not installed; install it (pip "
+                             "install 'sparse-linear-attention[gpu]') or pass backend='torch' for the PyTorch path")
+        check_triton_device(device)
+
+    def check_inputs(self, q, block_q, block_k) -> None:
+        check_triton_inputs(q, block_q, block_k)
+
+    def build_block_map(self, q, k, *, critical, negligible, block_q, block_k, needs="complete"):
+        if torch.compiler.is_compiling():
+            # The builder's raw kernel launches cannot be traced by dynamo, so torch.compile traces the PyTorch
+            # builder instead, which computes the same classification from the same scores (up to fp32 rounding,
+            # which can only swap blocks whose scores tie to rounding).
+            return super().build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q,
+                                           block_k=block_k, needs=needs)
+        from .blockmap import build_block_map_triton
+
+        return build_block_map_triton(q.detach(), k.detach(), critical=critical, negligible=negligible,
+                                      block_q=block_q, block_k=block_k, transposes=_TRANSPOSES[needs])
+
+    def attend(self, q, k, v, block_map, *, feature_map, linear_scope, proj_weight, proj_bias, scale, combine,
+               mass_offset):
+        from .api import triton_sparse_linear_attention
+
+        return triton_sparse_linear_attention(q, k, v, block_map, feature_map=feature_map, linear_scope=linear_scope,
+                                              proj_weight=proj_weight, proj_bias=proj_bias, scale=scale,
+                                              combine=combine, mass_offset=mass_offset)
+
+
+TRITON_BACKEND = TritonBackend()

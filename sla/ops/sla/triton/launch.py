@@ -1,0 +1,289 @@
+"""Launchers of the SLA Triton kernels: buffers, strides, launch configurations, and the launch sequence of one
+forward (:func:`forward`) and one backward (:func:`backward`). No autograd here (``custom_ops.py``), no argument
+checks (``api.py`` and ``limits.py``): callers pass checked tensors.
+
+What runs, per SLA call (layout ``(B, H, L, D)``; the variant is chosen by ``linear_scope``):
+
+Forward:
+
+1. ``sla_linear_state_kernel``: per key block ``h_j = phi(K_j)^T V_j`` and ``z_j`` (phi applied in the kernel).
+2. ``H = M @ h``, ``Z = M @ z`` with ``M`` the ``(T_m, T_n)`` 0/1 matrix of key blocks in scope: one
+   tensor-core matmul (cuBLAS) builds every query block's state at once. ``linear_scope="all"`` needs
+   no ``M``: every query block shares the total, passed with a zero stride.
+3. ``sla_fwd_kernel``: sparse branch over the critical LUT, then ``o_l = phi(Q_i) H_i / (phi(Q_i) . Z_i)``,
+   ``Proj`` and the combination, in one pass over each query block. ``o_s``, ``o_l``, the LSE and ``a`` are
+   written only when autograd will need them.
+
+Backward (:func:`backward`, five steps): the sparse dQ kernel (``delta``, and ``g`` for ``combine="mass"``), the
+linear per-query-block kernel (adds its dq through phi's backward, writes dH_i, dZ_i and the bias gradient's
+per-block sums), ``dh = M^T dH``, the per-key-block dK/dV kernel over the LUT's CSR transpose (deterministic, no
+atomics), then the projection's and offsets' gradients. ``H_i`` is recomputed: nothing of size ``T_m x D x D`` is
+saved between forward and backward, and no ``phi(q)``/``phi(k)`` tensor exists at all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from .kernels import (
+    sla_bwd_dkdv_kernel,
+    sla_bwd_dq_kernel,
+    sla_bwd_linear_q_kernel,
+    sla_fwd_kernel,
+    sla_linear_state_kernel,
+)
+from .limits import interpreting
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-block states ``h`` and ``H``: bf16 for bf16 inputs (tensor-core matmul, same range as
+    fp32), fp32 otherwise (fp16 could overflow: ``H_i`` sums thousands of tokens' ``phi(k) v``)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: "tf32x3" (three tf32 tensor-core products, close to fp32 accuracy). Plain "ieee" dots made the
+    # fp32 GPU tests too slow to finish (bench/RESULTS.md, "Measurements behind code choices").
+    # Half inputs use tf32 where an fp32 operand meets the tensor cores (projection, fp32 states), whose
+    # rounding is below that of the half inputs themselves.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the forward kernel takes scale * log2(e)
+
+# kernel name -> {"num_warps": .., "num_stages": ..}; set only by the benchmark's launch-config sweep.
+LAUNCH_CONFIG_OVERRIDES: dict = {}
+
+
+def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> dict:
+    """num_warps / num_stages per kernel (one table; no autotuning, so runs are reproducible)."""
+    if interpreting():
+        return {}
+    if kernel in LAUNCH_CONFIG_OVERRIDES:
+        return dict(LAUNCH_CONFIG_OVERRIDES[kernel])
+    # Chosen from the launch-config sweeps of bench/bench_kernels.py at (1, 12, 32760, 128) bf16: the best or
+    # within noise of it for each kernel and block shape (bench/RESULTS.md, "Measurements behind code choices";
+    # a table per device is issue 16's item 4).
+    if kernel == "fwd":
+        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3}
+    if kernel == "state":  # 8 warps beat 4 (bench/RESULTS.md, "Backward experiments")
+        return {"num_warps": 8, "num_stages": 1}
+    if kernel == "dkdv":
+        return {"num_warps": 4, "num_stages": 2}
+    if kernel == "linear_q":
+        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 1}
+    return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 2}
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernels address (batch, head, token) through strides; only the head dim must be contiguous.
+    # A (B, L, H, D) tensor viewed as (B, H, L, D) already is, so it passes through untouched.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def linear_states(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: str):
+    """Per key block ``h_j = phi(K_j)^T V_j`` ``(B, H, T_n, D, D)`` and ``z_j`` ``(B, H, T_n, D)`` fp32."""
+    B, H, Lk, D = k.shape
+    Tn = triton.cdiv(Lk, block_k)
+    hs = torch.empty(B, H, Tn, D, D, dtype=state_dtype(v.dtype), device=v.device)
+    zs = torch.empty(B, H, Tn, D, dtype=torch.float32, device=v.device)
+    sla_linear_state_kernel[(Tn, B * H)](
+        k, v, hs, zs, *_strides(k), *_strides(v), Lk, Tn,
+        H=H, D=D, BN=block_k, FEATURE=feature_map, PREC=_dot_precision(v.dtype),
+        **_launch_config("state", block_k, block_k, D))
+    return hs, zs
+
+
+def aggregate_states(hs: torch.Tensor, zs: torch.Tensor, scope_mask: Optional[torch.Tensor]):
+    """Per query block ``H_i = sum_j M_ij h_j`` and ``Z_i``: ``(B, H, T_m, D, D)`` and ``(B, H, T_m, D)``, or
+    ``(B, H, 1, D, D)`` totals when every key is in scope (``scope_mask is None``)."""
+    B, H, Tn, D, _ = hs.shape
+    if scope_mask is None:
+        return hs.sum(dim=2, keepdim=True, dtype=torch.float32).to(hs.dtype), zs.sum(dim=2, keepdim=True)
+    Tm = scope_mask.shape[2]
+    big = torch.matmul(scope_mask.to(hs.dtype), hs.reshape(B, H, Tn, D * D)).reshape(B, H, Tm, D, D)
+    return big, torch.matmul(scope_mask.to(torch.float32), zs)
+
+
+def _state_strides(big_h: torch.Tensor, big_z: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch*head, query block) strides of the aggregated states; a single shared total gets stride 0."""
+    D = big_h.shape[-1]
+    shared = big_h.shape[2] == 1
+    return (big_h.shape[2] * D * D, 0 if shared else big_h.stride(2),
+            big_z.shape[2] * D, 0 if shared else big_z.stride(2))
+
+
+def aux_outputs(q: torch.Tensor, store_aux: bool, mass: bool):
+    """``o_s``, ``o_l`` (q's shape, dtype and memory layout), the LSE and (``combine="mass"``) the mixing weight
+    ``a``, both ``(B, H, Lq)`` fp32, kept for backward; size-0 placeholders for what will not be kept."""
+    def none(*shape_tail, dtype=None):
+        return q.new_empty(0, 0, 0, *shape_tail, dtype=dtype)
+
+    if not store_aux:
+        return none(q.shape[-1]), none(q.shape[-1]), none(dtype=torch.float32), none(dtype=torch.float32)
+    a = q.new_empty(q.shape[:3], dtype=torch.float32) if mass else none(dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32), a
+
+
+def _token_rows(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """``(tokens, D)`` views of same-shape ``(B, H, L, D)`` tensors, rows in the same token order for all, without
+    a copy when they are all contiguous or all ``(B, L, H, D)`` tensors viewed as ``(B, H, L, D)``."""
+    D = xs[0].shape[-1]
+    if not all(x.is_contiguous() for x in xs) and all(x.transpose(1, 2).is_contiguous() for x in xs):
+        return [x.transpose(1, 2).reshape(-1, D) for x in xs]
+    return [x.reshape(-1, D) for x in xs]
+
+
+def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offset, scale, block_q, block_k,
+            feature_map, combine, store_aux):
+    """The forward launches: linear states, their aggregation per query block, the fused forward kernel.
+    Arguments and returns as :func:`sla.ops.sla.triton.custom_ops.sla_triton_fwd` (which runs this with autocast
+    off) without the transposed LUT, which only backward reads."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Tm = triton.cdiv(Lq, block_q)
+    mass = combine == "mass"
+    hs, zs = linear_states(k, v, block_k, feature_map)
+    big_h, big_z = aggregate_states(hs, zs, scope_mask)
+    o = torch.empty_like(q)
+    o_s, o_l, lse, a = aux_outputs(q, store_aux, mass)
+    n_crit = critical_lut.shape[-1]
+    w = proj_weight if proj_weight is not None else big_z  # placeholder pointer, never read
+    bias = proj_bias if proj_bias is not None else big_z
+    offsets = mass_offset if mass else big_z
+    sla_fwd_kernel[(Tm, B * H)](
+        q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o, o_s, o_l, lse, a,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s), *_state_strides(big_h, big_z),
+        scale * LOG2_E, math.log(D), Lq, Lk, Tm, n_crit,
+        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
+        HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, PREC=_dot_precision(q.dtype),
+        **_launch_config("fwd", block_q, block_k, D))
+    return o, o_s, o_l, lse, a
+
+
+def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, scope_mask, proj_weight, proj_bias,
+             mass_offset, scale, block_q, block_k, feature_map, combine):
+    """The backward launches of one SLA call. Arguments as :func:`sla.ops.sla.triton.custom_ops.sla_triton_bwd`
+    (which runs this with autocast off): ``do`` ``(B, H, Lq, D)`` in q's dtype, what the forward kept (``o_s``,
+    ``o_l``, ``lse``, ``a``), the block map's critical LUT and its CSR transpose, and the forward's arguments.
+
+    Returns ``(dq, dk, dv, d_proj_weight, d_proj_bias, d_mass_offset)``: the first three in the inputs' dtype and
+    layout, through both branches and the feature map; the others in their parameter's dtype, or size-0 tensors
+    where the parameter is absent.
+    """
+    do = last_dim_contiguous(do)
+    mass = combine == "mass"
+    # 1. sparse branch, per query block: delta = rowsum(dO * O_s) (and g for the mass rule) and its dq
+    dq, delta, g = _sparse_dq(do, q, k, v, o_s, o_l, lse, a, critical_lut, proj_weight, proj_bias, scale, block_q,
+                              block_k, mass)
+    # 2. linear branch, per query block: adds its dq; dH_i, dZ_i; per-block sums of dO for the bias gradient
+    d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_l, a, g, dq, scope_mask, proj_weight, proj_bias, block_q,
+                                           block_k, feature_map, mass)
+    # 3. each key block's dh_j, dz_j: the sum of dH_i over the query blocks that have it in scope
+    d_hs, d_zs = _to_key_blocks(d_big_h, d_big_z, scope_mask)
+    # 4. per key block: the sparse dK, dV over the query blocks that chose it, plus the linear branch's share
+    dk, dv = _dkdv(do, q, k, v, a, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, block_q, block_k,
+                   critical_lut.shape[-1], feature_map, mass)
+    # 5. the parameters: Proj's weight and bias, the mass offsets
+    d_w, d_b, d_off = _parameter_grads(do, o_l, a, g if mass else None, db_part, proj_weight, proj_bias, mass_offset)
+    return dq, dk, dv, d_w, d_b, d_off
+
+
+def _sparse_dq(do, q, k, v, o_s, o_l, lse, a, critical_lut, proj_weight, proj_bias, scale, block_q, block_k, mass):
+    """``dq`` of the sparse branch (q's dtype and layout), ``delta`` ``(B, H, Lq)`` fp32 and, for the mass rule,
+    ``g`` ``(B, H, Lq)`` fp32, the gradient of ``a``'s logit (``delta`` stands in for it otherwise)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Tm = triton.cdiv(Lq, block_q)
+    dq = torch.empty_like(q)
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    g = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device) if mass else delta  # placeholder when unused
+    w_ptr = proj_weight if proj_weight is not None else delta
+    b_ptr = proj_bias if proj_bias is not None else delta
+    a_ptr = a if mass else delta
+    sla_bwd_dq_kernel[(Tm, B * H)](
+        q, k, v, do, o_s, o_l, w_ptr, b_ptr, a_ptr, lse, critical_lut, delta, g, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(o_s), *_strides(dq),
+        scale, Lq, Lk, Tm, critical_lut.shape[-1],
+        H=H, D=D, BM=block_q, BN=block_k, HAS_PROJ=proj_weight is not None, HAS_BIAS=proj_bias is not None,
+        MASS=mass, PREC=_dot_precision(q.dtype), **_launch_config("dq", block_q, block_k, D))
+    return dq, delta, g
+
+
+def _linear_dq(do, q, k, v, o_l, a, g, dq, scope_mask, proj_weight, proj_bias, block_q, block_k, feature_map, mass):
+    """Adds the linear branch's dq into ``dq``; returns ``dH_i`` ``(B, H, T_m, D, D)`` (state dtype), ``dZ_i``
+    ``(B, H, T_m, D)`` fp32 and the per-query-block sums of dO ``(B*H*T_m, D)`` fp32 for the bias gradient
+    (a placeholder without a bias). ``H_i`` and ``Z_i`` are recomputed, not saved by the forward."""
+    B, H, Lq, D = q.shape
+    Tm = triton.cdiv(Lq, block_q)
+    big_h, big_z = aggregate_states(*linear_states(k, v, block_k, feature_map), scope_mask)
+    d_big_h = torch.empty(B, H, Tm, D, D, dtype=state_dtype(v.dtype), device=q.device)
+    d_big_z = torch.empty(B, H, Tm, D, dtype=torch.float32, device=q.device)
+    # Per query block partial sums of dO: the bias gradient without a slow column reduction over every token.
+    db_part = torch.empty(B * H * Tm, D, dtype=torch.float32, device=q.device) if proj_bias is not None else big_z
+    sla_bwd_linear_q_kernel[(Tm, B * H)](
+        q, do, proj_weight if proj_weight is not None else big_z, o_l, a if mass else big_z, g, big_h, big_z, dq,
+        d_big_h, d_big_z, db_part,
+        *_strides(q), *_strides(do), *_strides(o_l), *_strides(dq), *_state_strides(big_h, big_z),
+        Lq, Tm,
+        H=H, D=D, BM=block_q, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
+        HAS_BIAS=proj_bias is not None, MASS=mass, PREC=_dot_precision(q.dtype),
+        **_launch_config("linear_q", block_q, block_k, D))
+    return d_big_h, d_big_z, db_part
+
+
+def _to_key_blocks(d_big_h, d_big_z, scope_mask):
+    """``dh_j = sum_i M_ij dH_i`` ``(B, H, T_n, D, D)`` and ``dz_j`` ``(B, H, T_n, D)`` (fp32 accumulation), or
+    ``(B, H, 1, ...)`` totals when every key is in scope (``scope_mask is None``)."""
+    B, H, Tm, D, _ = d_big_h.shape
+    sdt = d_big_h.dtype
+    if scope_mask is None:
+        return d_big_h.sum(dim=2, keepdim=True, dtype=torch.float32).to(sdt), d_big_z.sum(dim=2, keepdim=True)
+    m_t = scope_mask.transpose(-1, -2)
+    Tn = m_t.shape[2]
+    d_hs = torch.matmul(m_t.to(sdt), d_big_h.reshape(B, H, Tm, D * D)).reshape(B, H, Tn, D, D)
+    return d_hs, torch.matmul(m_t.to(torch.float32), d_big_z)
+
+
+def _dkdv(do, q, k, v, a, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, block_q, block_k, n_crit, feature_map,
+          mass):
+    """dk and dv (k's dtype; written with the same strides): the sparse branch's over the CSR transpose of the
+    critical LUT, plus the linear branch's through ``dh_j``, ``dz_j`` and phi's backward."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Tm, Tn = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(k)  # the kernel writes dk and dv with the same strides
+    sla_bwd_dkdv_kernel[(Tn, B * H)](
+        q, k, v, do, a if mass else delta, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_state_strides(d_hs, d_zs),
+        scale, Lq, Lk, Tm, Tn, n_crit,
+        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, MASS=mass, PREC=_dot_precision(q.dtype),
+        **_launch_config("dkdv", block_q, block_k, D))
+    return dk, dv
+
+
+def _parameter_grads(do, o_l, a, g, db_part, proj_weight, proj_bias, mass_offset):
+    """Gradients of ``proj_weight`` ``(D, D)``, ``proj_bias`` ``(D,)`` and ``mass_offset`` ``(H,)`` in their dtypes;
+    size-0 tensors for the absent ones. ``g`` is None for ``combine="paper"``."""
+    if proj_weight is not None:
+        # One GEMM over all tokens in the input dtype (fp32 accumulation inside cuBLAS, one rounding of the
+        # D x D result), as autocast's Linear backward does; no fp32 copies of dO and o_l, whose cost showed in
+        # the backward's time (bench/RESULTS.md, "Measurements behind code choices").
+        do_l = do if g is None else (do * (1 - a).unsqueeze(-1)).to(do.dtype)  # the projection's share of dO
+        do2, ol2 = _token_rows(do_l, o_l)
+        d_w = (do2.transpose(0, 1) @ ol2).to(proj_weight.dtype)
+    else:
+        d_w = do.new_empty(0)
+    d_b = db_part.sum(0).to(proj_bias.dtype) if proj_bias is not None else do.new_empty(0)
+    # a = sigmoid(... - mass_offset[h]): its gradient is minus the sum of g over the head's rows.
+    d_off = -g.sum(dim=(0, 2)).to(mass_offset.dtype) if g is not None else do.new_empty(0)
+    return d_w, d_b, d_off

@@ -179,8 +179,8 @@ class _SLAProcessorBase:
                 )
 
     def _attend(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Self-attention core on ``(B, H, L, D)`` tensors; the benchmark overrides this to time the rest.
-        ``kwargs``: ``heads`` (the slice of the layer's heads that the tensors hold) under context parallelism."""
+        """Self-attention core on ``(B, H, L, D)`` tensors: the layer's ``attn.sla`` module. ``kwargs``: ``heads``
+        (the slice of the layer's heads that the tensors hold) under context parallelism."""
         return getattr(attn, SLA_ATTRIBUTE)(query, key, value, **kwargs)
 
     def _attend_sequence_shards(self, attn, query, key, value) -> torch.Tensor:

@@ -218,6 +218,28 @@ def test_torch_compile_fullgraph():
         assert_outputs_within_rule(o, torch.autograd.grad(o, leaves, do), ref, gradient_names(True, True))
 
 
+def test_torch_compile_fullgraph_public_entry_point():
+    # The public operator with backend="triton" traces in one graph from a fresh state of the backend's cached
+    # checks. (The device check once called importlib's find_spec, which torch 2.11's dynamo refuses to trace; the
+    # GPU test caught it. torch 2.13's dynamo traces it, so on CPU this guards the entry point as a whole.)
+    from sla.ops.sla.triton import backend as triton_backend
+
+    getattr(triton_backend, "_INSTALLED", {}).clear()
+    q, k, v, do = (torch.randn(1, 2, 80, 64) for _ in range(4))
+    w = torch.randn(64, 64) * 0.1
+    bm = build_block_map(q, k, critical=0.5, negligible=0.25)
+    ref = reference_outputs(q, k, v, bm, feature_map="softmax", linear_scope="marginal", proj_weight=w, proj_bias=None,
+                            scale=None, do=do, combine="mass", mass_offset=None)
+
+    def f(q, k, v, w):
+        return sla.sparse_linear_attention(q, k, v, proj_weight=w, critical=0.5, negligible=0.25, backend="triton")
+
+    torch._dynamo.reset()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    o = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    assert_outputs_within_rule(o, torch.autograd.grad(o, leaves, do), ref, gradient_names(True, False)[:4])
+
+
 BLOCKMAP_FIELDS = ("class_map", "critical_lut", "negligible_lut", "critical_lut_t_offsets", "critical_lut_t",
                    "negligible_lut_t_offsets", "negligible_lut_t")
 

@@ -19,6 +19,19 @@ from .limits import check_triton_device, check_triton_inputs
 _TRANSPOSES = {"forward": "none", "backward": "critical", "complete": "all"}
 
 
+_INSTALLED: dict[str, bool] = {}
+
+
+def _triton_installed() -> bool:
+    # Looked up once, outside any compiled region: dynamo refuses to trace importlib's find_spec, so under
+    # torch.compile the answer must already be known (a traced call into the kernels needs triton anyway).
+    if "triton" not in _INSTALLED:
+        if torch.compiler.is_compiling():
+            return True
+        _INSTALLED["triton"] = importlib.util.find_spec("triton") is not None
+    return _INSTALLED["triton"]
+
+
 class TritonBackend(Backend):
     """The Triton kernels (``sla/ops/sla/triton``) with the Triton block-map builder: CUDA tensors, or CPU tensors
     under ``TRITON_INTERPRET=1``; float16, bfloat16, float32 (limits in ``limits.py``)."""
@@ -26,7 +39,7 @@ class TritonBackend(Backend):
     name = "triton"
 
     def check_device(self, device: torch.device) -> None:
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             raise ValueError("backend='triton' needs the triton package, which is not installed; install it (pip "
                              "install 'sparse-linear-attention[gpu]') or pass backend='torch' for the PyTorch path")
         check_triton_device(device)

@@ -43,6 +43,9 @@ class AnalysisConfig:
             paper's Fig. 3 uses 8%, the share of weights above 1/N in Wan2.1).
         query_blocks: query blocks sampled per call (``None`` = all); each gives ``block_q`` rows.
         seed: seed of the row sampling.
+        token_tile: ``None`` (blocks over the model's raster token order) or ``(tf, th, tw)``: dense layers'
+            captures are reordered tile by tile before blocking, as ``apply_sla(token_tile=...)`` does
+            (:mod:`sla.ops.sla.tiles`); layers that already run SLA are captured in the order their SLA sees.
     """
 
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
@@ -55,8 +58,12 @@ class AnalysisConfig:
     rank_top: float = 0.08
     query_blocks: int | None = 8
     seed: int = 0
+    token_tile: tuple | None = None
 
     def validate(self) -> None:
+        from ..ops.sla.tiles import check_token_tile
+
+        self.token_tile = check_token_tile(self.token_tile)
         check_sla_config(self.critical, self.negligible, self.block_q, self.block_k, self.feature_map,
                          self.linear_scope)
         if not self.sparsities:

@@ -93,6 +93,7 @@ def _embedded(name: str) -> BuiltinModel:
 # Name -> model. Add an entry to make a model available as `sla analyze --model NAME`.
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "small": _embedded("small"),
+    "wan8k": _embedded("wan8k"),
     "tiny-random": BuiltinModel(
         load=build_tiny_random_wan, latent_size=(4, 64, 64), text_len=16,
         description="randomly initialised WanTransformer3DModel (2 layers, 4 heads of 32), 4096 video tokens; "

@@ -40,7 +40,8 @@ class AnalysisResult:
 
 def analyze_model(model: torch.nn.Module, run_fn, *, layers="auto", steps=None, num_steps: int | None = None,
                   heads=4, batch_index: int = 0, config: AnalysisConfig | None = None,
-                  device: torch.device | str | None = None, progress: bool = True) -> AnalysisResult:
+                  device: torch.device | str | None = None, progress: bool = True,
+                  token_grid: tuple[int, int, int] | None = None) -> AnalysisResult:
     """Run ``run_fn()`` (which must call ``model``) while capturing q, k, v, then analyse each capture.
 
     Args:
@@ -56,6 +57,8 @@ def analyze_model(model: torch.nn.Module, run_fn, *, layers="auto", steps=None, 
         config: :class:`AnalysisConfig`; defaults to the paper's settings.
         device: where the analysis runs (default: CPU, where captures are stored).
         progress: show tqdm progress bars.
+        token_grid: ``(F, H, W)`` video tokens of the model's input after patching; needed (and only used) with
+            ``config.token_tile``.
 
     Raises:
         ValueError: a bad layer or step selection, or a requested (layer, step) that never ran.
@@ -64,6 +67,13 @@ def analyze_model(model: torch.nn.Module, run_fn, *, layers="auto", steps=None, 
 
     config = config or AnalysisConfig()
     config.validate()
+    order = None
+    if config.token_tile is not None:
+        from ..ops.sla.tiles import tile_permutation
+
+        if token_grid is None:
+            raise ValueError("config.token_tile needs token_grid=(F, H, W), the model's video tokens after patching")
+        order = tile_permutation(token_grid, config.token_tile)[0]
     if num_steps is not None:
         steps = resolve_steps(steps if steps is not None else "auto", num_steps)
     elif isinstance(steps, str):
@@ -83,6 +93,11 @@ def analyze_model(model: torch.nn.Module, run_fn, *, layers="auto", steps=None, 
     while captures:
         c = captures.pop(0)
         q, k, v = (x.to(device) if device is not None else x for x in (c.q, c.k, c.v))
+        if order is not None and c.source == "sdpa":  # an SLA layer's capture is already in its SLA's order
+            if q.shape[1] != order.numel():
+                raise ValueError(f"token_tile: {c.layer_name} attends over {q.shape[1]} tokens, but token_grid "
+                                 f"{tuple(token_grid)} has {order.numel()}")
+            q, k, v = (x[:, order.to(x.device)] for x in (q, k, v))
         measured, class_map = analyze_attention(q, k, v, config, scale=c.scale, own_projection=c.own_projection,
                                                 progress=bar)
         entry = {"layer": c.layer_name, "layer_index": c.layer_index, "step": c.step, "heads": c.heads,

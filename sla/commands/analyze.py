@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = _EPILOG
     g = p.add_argument_group("model and run")
     g.add_argument("--model", default="small",
-                   help="built-in model: small (the shipped pretrained small Wan DiT) or tiny-random (a seeded "
+                   help="built-in model: small (the shipped pretrained small Wan DiT), wan8k (the 8,192-token one, "
+                        "local attention in most layers; try it with --token-tile 4,4,4) or tiny-random (a seeded "
                         "random Wan); or a folder: a diffusers transformer saved with save_pretrained, or a "
                         "pipeline folder with a transformer/ subfolder (default: small)")
     g.add_argument("--sla", metavar="DIR", default=None,
@@ -84,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negligible", type=float, default=0.10, help="SLA negligible fraction (paper: 0.10)")
     g.add_argument("--block-q", type=int, default=64, help="query block size (default: 64)")
     g.add_argument("--block-k", type=int, default=64, help="key block size (default: 64)")
+    g.add_argument("--token-tile", metavar="F,H,W", default=None,
+                   help="measure SLA with its blocks over 3D token tiles (as apply_sla(token_tile=...)), e.g. 4,4,4; "
+                        "default: the model's raster token order")
     g.add_argument("--feature-map", default="softmax", choices=["softmax", "elu", "relu"],
                    help="phi of SLA's linear branch (default: softmax)")
     g.add_argument("--linear-scope", default="marginal", choices=["marginal", "noncritical", "all"],
@@ -166,10 +170,16 @@ def run(args: argparse.Namespace) -> int:
         sparsities = tuple(float(s) for s in _csv(args.sparsities))
     except ValueError:
         raise ValueError(f"--sparsities must be a comma list of numbers, got {args.sparsities!r}") from None
+    token_tile = None
+    if args.token_tile:
+        try:
+            token_tile = tuple(int(x) for x in args.token_tile.split(","))
+        except ValueError:
+            raise ValueError(f"--token-tile must be three ints F,H,W such as 4,4,4, got {args.token_tile!r}") from None
     config = AnalysisConfig(sparsities=sparsities, critical=args.critical, negligible=args.negligible,
                             block_q=args.block_q, block_k=args.block_k, feature_map=args.feature_map,
                             linear_scope=args.linear_scope, rank_top=args.rank_top, query_blocks=qb,
-                            seed=args.seed)
+                            seed=args.seed, token_tile=token_tile)
     config.validate()
     device = _resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -206,8 +216,9 @@ def run(args: argparse.Namespace) -> int:
                           seed=args.seed, shift=shift, prompt_embeds=prompt_embeds,
                           progress=not args.quiet)
 
+    grid = tuple(n // p for n, p in zip(latent_size, model.config["patch_size"]))
     result = analyze_model(model, drive, layers=layers, steps=steps, num_steps=args.num_steps, heads=heads,
-                           config=config, device=device, progress=not args.quiet)
+                           config=config, device=device, progress=not args.quiet, token_grid=grid)
     result.meta.update({
         "model": args.model, "model_description": builtin.description if builtin else "",
         "sla_applied_from": sla_dir, "tokens": tokens, "latent_size": list(latent_size),

@@ -62,6 +62,8 @@ HELP = {
     "sla_weight_decay": "weight decay of the SLA parameters (--weight-decay applies to the rest)",
     "combine": "paper (o_s + Proj(o_l), Proj from zero) | mass (a*o_s + (1-a)*Proj(o_l), a = the critical blocks' "
                "estimated attention mass; Proj from the identity)",
+    "token_tile": "F,H,W (e.g. 4,4,4): SLA's blocks cover 3D tiles of F frames x H rows x W columns of tokens "
+                  "instead of runs of tokens in raster order (Wan models; default: raster order)",
     "frames": "synthetic clip frames (default: the model's own, from its synthetic_data.json)",
     "height": "synthetic clip height in pixels (default: the model's own)",
     "width": "synthetic clip width in pixels (default: the model's own)",
@@ -102,7 +104,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # Fields whose default is None (meaning "the model's own") still take a number on the command line.
-_FLAG_TYPES = {"frames": int, "height": int, "width": int}
+def _tile_flag(text: str) -> tuple[int, int, int]:
+    try:
+        tile = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three ints F,H,W such as 4,4,4, got {text!r}") from None
+    if len(tile) != 3 or min(tile) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive ints F,H,W such as 4,4,4, got {text!r}")
+    return tile
+
+
+_FLAG_TYPES = {"frames": int, "height": int, "width": int, "token_tile": _tile_flag}
 
 
 def _as_flag(message: str, keys: list[str]) -> str:

@@ -76,10 +76,12 @@ class SLAConfig:
     keep_proj_fp32: bool = True
     dense_layers: tuple = ()
     dense_timestep_threshold: float | None = None
+    token_tile: tuple | None = None  # None: raster token order; (tf, th, tw): blocks over 3D tiles (sla/ops/sla/tiles.py)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["dense_layers"] = list(self.dense_layers)
+        d["token_tile"] = None if self.token_tile is None else list(self.token_tile)
         return d
 
     @classmethod
@@ -90,6 +92,8 @@ class SLAConfig:
             raise ValueError(f"unknown SLA config keys {sorted(unknown)}; this file was written by a newer version")
         d = dict(d)
         d["dense_layers"] = tuple(d.get("dense_layers", ()))
+        if d.get("token_tile") is not None:
+            d["token_tile"] = tuple(d["token_tile"]) if isinstance(d["token_tile"], list) else d["token_tile"]
         # Files written before the combine option existed hold the paper's rule, whatever today's default is.
         d.setdefault("combine", "paper")
         return cls(**d)
@@ -105,6 +109,9 @@ class _SLAController:
     enabled: bool = True  # set_sla_enabled / sla_disabled
     dense_step: bool = False  # set per forward by the timestep hook
     hook_handle: object = None
+    grid: tuple | None = None  # (F, H, W) tokens of the current forward, set by the grid hook (token_tile only)
+    grid_hook_handle: object = None
+    _tile_orders: dict = field(default_factory=dict)  # (grid, device) -> (perm, inv)
 
     @property
     def active(self) -> bool:
@@ -123,6 +130,33 @@ class _SLAController:
         t = torch.as_tensor(timestep)
         # One host sync per model call (not per layer): the choice must be a Python bool to pick a code path.
         self.dense_step = bool((t.float().max() >= self.config.dense_timestep_threshold).item())
+
+    def grid_hook(self, module, args, kwargs):
+        """Forward pre-hook of the model (``token_tile`` only): the token grid ``(F, H, W)`` of this call, from
+        the latents ``(B, C, F, H, W)`` and the model's patch size."""
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        patch = tuple(getattr(module.config, "patch_size", ()) or ())
+        if hidden is None or hidden.dim() != 5 or len(patch) != 3:
+            raise ValueError(
+                f"apply_sla(token_tile=...) needs a video model called with latents (B, C, F, H, W) and a 3D "
+                f"patch_size in its config; {type(module).__name__} got "
+                f"{None if hidden is None else tuple(hidden.shape)} with patch_size {patch or None}. Apply SLA "
+                f"without token_tile for this model")
+        self.grid = tuple(int(n) // int(p) for n, p in zip(hidden.shape[2:], patch))
+
+    def tile_order(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(perm, inv)`` of :func:`sla.ops.sla.tiles.tile_permutation` for this call's grid (cached)."""
+        from ..ops.sla.tiles import tile_permutation
+
+        if self.grid is None or self.grid[0] * self.grid[1] * self.grid[2] != seq_len:
+            raise ValueError(
+                f"token_tile={self.config.token_tile}: the attention got {seq_len} tokens but the model's latents "
+                f"give a grid of {self.grid} tokens; token tiles need the self-attention to see exactly the video "
+                f"tokens of the model's input (apply SLA without token_tile otherwise)")
+        key = (self.grid, str(device))
+        if key not in self._tile_orders:
+            self._tile_orders[key] = tile_permutation(self.grid, self.config.token_tile, device=device)
+        return self._tile_orders[key]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -180,8 +214,14 @@ class _SLAProcessorBase:
 
     def _attend(self, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
         """Self-attention core on ``(B, H, L, D)`` tensors: the layer's ``attn.sla`` module. ``kwargs``: ``heads``
-        (the slice of the layer's heads that the tensors hold) under context parallelism."""
-        return getattr(attn, SLA_ATTRIBUTE)(query, key, value, **kwargs)
+        (the slice of the layer's heads that the tensors hold) under context parallelism. With ``token_tile`` the
+        tokens are listed tile by tile for SLA (its blocks become 3D tiles) and the output is put back in order."""
+        sla = getattr(attn, SLA_ATTRIBUTE)
+        if self.controller.config.token_tile is None:
+            return sla(query, key, value, **kwargs)
+        perm, inv = self.controller.tile_order(query.shape[2], query.device)
+        out = sla(query[:, :, perm], key[:, :, perm], value[:, :, perm], **kwargs)
+        return out[:, :, inv]
 
     def _attend_sequence_shards(self, attn, query, key, value) -> torch.Tensor:
         """Self-attention on diffusers' ``(B, L, H, D)`` tensors; returns ``(B, L, H * D)``.
@@ -388,6 +428,7 @@ def apply_sla(
     dense_timestep_threshold: float | None = None,
     keep_proj_fp32: bool = True,
     backend: str = "auto",
+    token_tile=None,
 ) -> nn.Module:
     """Install SLA in every self-attention layer of a diffusers video DiT (Wan2.1/2.2, CogVideoX); in place.
 
@@ -409,6 +450,11 @@ def apply_sla(
             :class:`~sla.integrations._common.SparseLinearAttentionFP32Proj`); ``False`` lets it follow casts.
         backend: operator implementation, ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"``,
             ``"triton"`` or ``"reference"``.
+        token_tile: ``None`` (default: SLA's blocks are runs of tokens in the model's raster order) or
+            ``(frames, rows, columns)``, e.g. ``(4, 4, 4)``: the tokens are listed tile by tile before SLA and
+            put back after, so each block of 64 tokens is a 4x4x4 patch of the video (:mod:`sla.ops.sla.tiles`).
+            Wan only (CogVideoX's joint text+video sequence is refused). Costs one gather of q, k, v and one of
+            the output per layer.
 
     Returns:
         ``model`` itself, patched. New ``proj`` parameters are created on the device of each attention module
@@ -430,6 +476,9 @@ def apply_sla(
     if dense_timestep_threshold is not None and (
             isinstance(dense_timestep_threshold, bool) or not isinstance(dense_timestep_threshold, (int, float))):
         raise TypeError(f"dense_timestep_threshold must be a number or None, got {dense_timestep_threshold!r}")
+    from ..ops.sla.tiles import check_token_tile
+
+    token_tile = check_token_tile(token_tile)
     root = _unwrap(model)
     if getattr(root, _CONTROLLER_ATTRIBUTE, None) is not None:
         raise ValueError("SLA is already applied to this model; call sla.remove_sla(model) first to change settings")
@@ -446,6 +495,9 @@ def apply_sla(
     if len(kinds) > 1:
         raise ValueError(f"model mixes attention families {sorted(kinds)}; apply SLA to each sub-model separately")
     family = kinds.pop()
+    if token_tile is not None and family != "wan":
+        raise ValueError(f"token_tile is supported for Wan models only (this is a {family!r} model, whose joint "
+                         f"text+video sequence has no single video grid); pass token_tile=None")
 
     n = len(layers)
     dense = set()
@@ -475,7 +527,7 @@ def apply_sla(
                        feature_map=feature_map, linear_scope=linear_scope, backend=backend, combine=combine,
                        keep_proj_fp32=bool(keep_proj_fp32), dense_layers=tuple(sorted(dense)),
                        dense_timestep_threshold=None if dense_timestep_threshold is None
-                       else float(dense_timestep_threshold))
+                       else float(dense_timestep_threshold), token_tile=token_tile)
     controller = _SLAController(config=config, family=family)
     for i, (name, attn, _) in enumerate(layers):
         if i in dense:
@@ -494,6 +546,8 @@ def apply_sla(
         # A bound method (not a closure) so that copy.deepcopy(model), e.g. for an EMA copy, hooks the copy's
         # own controller.
         controller.hook_handle = root.register_forward_pre_hook(controller.timestep_hook, with_kwargs=True)
+    if token_tile is not None:
+        controller.grid_hook_handle = root.register_forward_pre_hook(controller.grid_hook, with_kwargs=True)
     # A plain attribute (not a Module, not a tensor): invisible to state_dict and parameters().
     object.__setattr__(root, _CONTROLLER_ATTRIBUTE, controller)
     return model
@@ -527,8 +581,9 @@ def remove_sla(model: nn.Module) -> nn.Module:
         attn = root.get_submodule(name)
         attn.set_processor(attn.processor.original)
         delattr(attn, SLA_ATTRIBUTE)
-    if controller.hook_handle is not None:
-        controller.hook_handle.remove()
+    for handle in (controller.hook_handle, controller.grid_hook_handle):
+        if handle is not None:
+            handle.remove()
     object.__delattr__(root, _CONTROLLER_ATTRIBUTE)
     return model
 
@@ -656,6 +711,9 @@ def _saved_settings(meta: dict, cfg_path: str) -> SLAConfig:
         for idx in saved.dense_layers:
             if isinstance(idx, bool) or not isinstance(idx, int):
                 raise TypeError(f"dense_layers must hold ints (layer indices), got {idx!r}")
+        from ..ops.sla.tiles import check_token_tile
+
+        check_token_tile(saved.token_tile)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_path!r}: invalid SLA settings: {e}") from None
     return saved
@@ -760,7 +818,7 @@ def load_sla(model: nn.Module, path: str | os.PathLike, *, backend: str | None =
     apply_sla(model, saved.critical, saved.negligible, saved.block_q, saved.block_k, saved.feature_map,
               saved.linear_scope, combine=saved.combine, dense_layers=saved.dense_layers,
               dense_timestep_threshold=saved.dense_timestep_threshold, keep_proj_fp32=saved.keep_proj_fp32,
-              backend=saved.backend if backend is None else backend)
+              backend=saved.backend if backend is None else backend, token_tile=saved.token_tile)
     try:
         _write_sla_weights(model, tensors)
     except BaseException:

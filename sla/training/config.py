@@ -32,6 +32,7 @@ class FinetuneConfig:
     linear_scope: str = "marginal"
     combine: str = "mass"  # paper (o_s + Proj(o_l)) | mass (a o_s + (1 - a) Proj(o_l)), see sla.sparse_linear_attention
     backend: str = "auto"
+    token_tile: tuple | None = None  # None: raster order; (tf, th, tw): SLA's blocks over 3D token tiles (Wan)
     # --- what trains ----------------------------------------------------------------------------------------
     trainable: str = "full"  # full | proj (SLA projections only) | lora (LoRA adapters + SLA projections)
     lora_rank: int = 16
@@ -104,6 +105,9 @@ class FinetuneConfig:
         from ..ops.sla.validation import COMBINE_RULES
 
         choice("combine", COMBINE_RULES)
+        from ..ops.sla.tiles import check_token_tile
+
+        self.token_tile = check_token_tile(self.token_tile)
         for name in ("frames", "height", "width"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -171,7 +171,7 @@ def check_data_fits_model(dataset, model, cfg: FinetuneConfig) -> None:
 def sla_settings(cfg: FinetuneConfig) -> dict:
     return dict(critical=cfg.critical, negligible=cfg.negligible, block_q=cfg.block_q, block_k=cfg.block_k,
                 feature_map=cfg.feature_map, linear_scope=cfg.linear_scope, backend=cfg.backend,
-                combine=cfg.combine)
+                combine=cfg.combine, token_tile=cfg.token_tile)
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -377,8 +377,11 @@ def _resumed_checkpoint(cfg: FinetuneConfig, resume, out: Path, layout) -> dict 
     saved_dp = int(ckpt.get("data_parallel", ckpt.get("world_size", 1)))
     for key in ("model", "data", "attention", "trainable", "seed", "batch_size", "grad_accum", "loss", "lr",
                 "proj_lr_scale", "mass_lr_scale", "sla_weight_decay", "steps", "critical", "negligible",
-                "linear_scope", "feature_map", "combine"):
-        if key == "batch_size":
+                "linear_scope", "feature_map", "combine", "token_tile"):
+        if key == "token_tile":  # JSON stores the tuple as a list; older checkpoints used raster order
+            old = saved.get(key)
+            same = (None if old is None else tuple(old)) == cfg.token_tile
+        elif key == "batch_size":
             same = saved["batch_size"] * saved["grad_accum"] * saved_dp == cfg.batch_size * cfg.grad_accum * layout.dp
         elif key == "grad_accum":
             continue

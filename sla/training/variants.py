@@ -80,7 +80,8 @@ class LinearOnlyAttention(nn.Module):
 
 def apply_attention_mode(model: nn.Module, mode: str, *, critical: float = 0.05, negligible: float = 0.10,
                          block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                         linear_scope: str = "marginal", backend: str = "auto", combine: str = "mass") -> nn.Module:
+                         linear_scope: str = "marginal", backend: str = "auto", combine: str = "mass",
+                         token_tile=None) -> nn.Module:
     """Install attention ``mode`` (see the module docstring) in every self-attention layer, in place.
     ``combine`` applies to ``sla`` only: the ablations are defined with the paper's sum (``sparse_only`` is the
     paper's rule with Proj frozen at zero, ``sum_no_proj`` its rule with the identity)."""
@@ -92,7 +93,7 @@ def apply_attention_mode(model: nn.Module, mode: str, *, critical: float = 0.05,
 
     apply_sla(model, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
               feature_map=feature_map, linear_scope=linear_scope, backend=backend,
-              combine=combine if mode == "sla" else "paper")
+              combine=combine if mode == "sla" else "paper", token_tile=token_tile)
     if mode == "sla":
         return model
     root = model.module if hasattr(model, "module") else model

@@ -212,7 +212,9 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
     captions = list(real_b["caption"])  # generated clip i is for held-out caption i, like real clip i
     save_grid_png(real, os.path.join(out_dir, "real_samples.png"), row_labels=captions)
     save_gif(real, os.path.join(out_dir, "real_samples.gif"))
-    net = load_feature_net(device=device)
+    from ..models.small_wan import feature_net_for
+
+    net = load_feature_net(feature_net_for(data), device=device)
     probe = collate([val[i] for i in range(min(2, len(val)))])
     one = collate([val[0]])
     rows = []

@@ -188,8 +188,10 @@ def main() -> int:
     return 0
 
 
-def run_gate(folder: str, device: torch.device, data_config, num_steps: int) -> dict:
-    """``sla analyze`` on the saved model: every layer, every step of a ``num_steps`` Euler run, all heads."""
+def run_gate(folder: str, device: torch.device, data_config, num_steps: int, token_tile=None,
+             query_blocks: int = 8) -> dict:
+    """``sla analyze`` on the saved model: every layer, every step of a ``num_steps`` Euler run, all heads
+    (``token_tile``: blocks over 3D token tiles, as ``apply_sla(token_tile=...)``)."""
     from sla.analysis import AnalysisConfig, analyze_model, write_outputs
     from sla.analysis.gate import gate_summary_line, premise_gate
     from sla.analysis.models import run_flow_matching
@@ -204,10 +206,14 @@ def run_gate(folder: str, device: torch.device, data_config, num_steps: int) -> 
         run_flow_matching(model, num_steps=num_steps, latent_size=size, text_len=prompt.shape[1], seed=0,
                           shift=1.0, prompt_embeds=prompt, progress=False)
 
+    patch = model.config.patch_size
+    grid = tuple(n // p for n, p in zip(size, patch))
     result = analyze_model(model, drive, layers="all", steps="all", num_steps=num_steps, heads=None,
-                           config=AnalysisConfig(), device=device, progress=False)
+                           config=AnalysisConfig(token_tile=token_tile, query_blocks=query_blocks), device=device,
+                           progress=False, token_grid=grid)
     result.meta.update({"model": folder, "num_steps": num_steps, "shift": 1.0})
-    write_outputs(result, folder.rstrip("/") + "_analysis", plots=False)  # beside, not inside, the model folder
+    suffix = "_analysis" if token_tile is None else "_analysis_tile" + "x".join(map(str, token_tile))
+    write_outputs(result, folder.rstrip("/") + suffix, plots=False)  # beside, not inside, the model folder
     gate = premise_gate(result.entries)
     print(gate_summary_line(gate), flush=True)
     return {k: v for k, v in gate.items() if k != "captures"}

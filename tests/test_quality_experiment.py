@@ -1,0 +1,55 @@
+"""scripts/quality_experiment.py: one job end to end at smoke size on CPU, the report, the evaluation backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("quality_experiment", ROOT / "scripts" / "quality_experiment.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
+    qe = _script()
+    for arm in ("full", "sparse_only_tile", "sla_mass_tile"):
+        r = qe.run_job(arm, 0, tmp_path, "small", smoke=True, backend="auto", threads=1)
+        assert r["heldout_loss"] > 0 and r["eval_backend"] == "auto"
+    saved = json.loads((tmp_path / "sla_mass_tile" / "seed0" / "result.json").read_text())
+    assert saved["settings"]["token_tile"] == [4, 4, 4] and saved["sparsity"] > 0.9
+    final = tmp_path / "sla_mass_tile" / "seed0" / "train" / "final" / "sla_config.json"
+    assert json.loads(final.read_text())["config"]["token_tile"] == [4, 4, 4]
+
+    class Args:
+        out = str(tmp_path)
+
+    assert qe.cmd_report(Args()) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["verdicts"]["sla_mass_tile"]["baseline"] == "sparse_only_tile"
+    assert set(report["verdicts"]["sla_mass_tile"]) >= {"gap_closed", "criterion_met", "beats_per_seed"}
+    assert "| sla_mass_tile | sparse_only_tile |" in (tmp_path / "results.md").read_text()
+
+
+def test_float32_evaluation_of_wide_heads_runs_on_the_pytorch_path_on_cuda():
+    qe = _script()
+
+    class Config:
+        attention_head_dim = 128
+
+    class Model:
+        config = Config()
+
+    assert qe.evaluation_backend(Model(), "auto", "cuda") == "torch"
+    assert qe.evaluation_backend(Model(), "auto", "cpu") == "auto"
+    Config.attention_head_dim = 64
+    assert qe.evaluation_backend(Model(), "triton", "cuda") == "triton"

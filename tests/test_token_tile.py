@@ -10,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _tolerances import assert_close_to_rounding  # noqa: E402
 
 import sla  # noqa: E402
 from sla.ops.sla.tiles import check_token_tile, tile_permutation  # noqa: E402
@@ -81,7 +82,8 @@ def test_wan_token_tile_feeds_sla_the_tiled_tokens_and_restores_the_order():
     tiled.get_submodule(first).sla.register_forward_pre_hook(record("tiled"), with_kwargs=True)
     out_raster, out_tiled = _run(raster, inputs), _run(tiled, inputs)
     for a, b in zip(seen["raster"], seen["tiled"]):
-        assert torch.equal(a[:, :, perm], b)  # the same q, k, v, listed tile by tile
+        # The same q, k, v, listed tile by tile (to rounding: two model instances, other allocations).
+        assert_close_to_rounding(b, a[:, :, perm])
     # A different grouping of tokens into blocks selects different blocks: the outputs differ, both finite.
     assert torch.isfinite(out_tiled).all() and not torch.allclose(out_raster, out_tiled)
     # The first layer's SLA output, permuted back, is what the layer returns: check one layer by hand.
@@ -105,7 +107,7 @@ def test_token_tile_survives_save_and_load(tmp_path):
     fresh = _wan()
     sla.load_sla(fresh, tmp_path)
     inputs = _wan_inputs()
-    torch.testing.assert_close(_run(fresh, inputs), _run(model, inputs), rtol=0, atol=0)
+    assert_close_to_rounding(_run(fresh, inputs), _run(model, inputs))  # another instance: equal to rounding
     # A config written before the option existed has no token_tile: raster order.
     cfg = json.loads((tmp_path / "sla_config.json").read_text())
     del cfg["config"]["token_tile"]

@@ -127,7 +127,7 @@ def test_token_tile_refusals():
 
 
 def test_finetune_flag_and_config_take_a_tile():
-    from sla.commands.finetune import _tile_flag
+    from sla.commands._argtypes import token_tile as _tile_flag
     from sla.training.config import FinetuneConfig
 
     assert _tile_flag("4,4,4") == (4, 4, 4)

@@ -22,6 +22,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def token_tile(text: str) -> tuple[int, int, int]:
+    """Three integers >= 1, ``F,H,W`` (a token tile: frames, rows, columns)."""
+    try:
+        tile = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three ints F,H,W such as 4,4,4, got {text!r}") from None
+    if len(tile) != 3 or min(tile) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive ints F,H,W such as 4,4,4, got {text!r}")
+    return tile
+
+
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
     try:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._argtypes import token_tile
+
 _EPILOG = """\
 selections:
   --layers   auto = first, middle and last self-attention layer; all; or a comma list of indices into the
@@ -85,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negligible", type=float, default=0.10, help="SLA negligible fraction (paper: 0.10)")
     g.add_argument("--block-q", type=int, default=64, help="query block size (default: 64)")
     g.add_argument("--block-k", type=int, default=64, help="key block size (default: 64)")
-    g.add_argument("--token-tile", metavar="F,H,W", default=None,
+    g.add_argument("--token-tile", metavar="F,H,W", type=token_tile, default=None,
                    help="measure SLA with its blocks over 3D token tiles (as apply_sla(token_tile=...)), e.g. 4,4,4; "
                         "default: the model's raster token order")
     g.add_argument("--feature-map", default="softmax", choices=["softmax", "elu", "relu"],
@@ -170,16 +172,10 @@ def run(args: argparse.Namespace) -> int:
         sparsities = tuple(float(s) for s in _csv(args.sparsities))
     except ValueError:
         raise ValueError(f"--sparsities must be a comma list of numbers, got {args.sparsities!r}") from None
-    token_tile = None
-    if args.token_tile:
-        try:
-            token_tile = tuple(int(x) for x in args.token_tile.split(","))
-        except ValueError:
-            raise ValueError(f"--token-tile must be three ints F,H,W such as 4,4,4, got {args.token_tile!r}") from None
     config = AnalysisConfig(sparsities=sparsities, critical=args.critical, negligible=args.negligible,
                             block_q=args.block_q, block_k=args.block_k, feature_map=args.feature_map,
                             linear_scope=args.linear_scope, rank_top=args.rank_top, query_blocks=qb,
-                            seed=args.seed, token_tile=token_tile)
+                            seed=args.seed, token_tile=args.token_tile)
     config.validate()
     device = _resolve_device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from ._argtypes import token_tile
+
 EPILOG = """examples:
   # the embedded default: shipped small Wan, synthetic videos, SLA at 95% sparsity, 200 steps on CPU
   sla finetune --output-dir runs/sla
@@ -104,17 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # Fields whose default is None (meaning "the model's own") still take a number on the command line.
-def _tile_flag(text: str) -> tuple[int, int, int]:
-    try:
-        tile = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three ints F,H,W such as 4,4,4, got {text!r}") from None
-    if len(tile) != 3 or min(tile) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive ints F,H,W such as 4,4,4, got {text!r}")
-    return tile
-
-
-_FLAG_TYPES = {"frames": int, "height": int, "width": int, "token_tile": _tile_flag}
+_FLAG_TYPES = {"frames": int, "height": int, "width": int, "token_tile": token_tile}
 
 
 def _as_flag(message: str, keys: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""Output paths: user-given names as safe file names, and output folders checked before the work starts.
+"""Output paths: user-given names as safe file names, output folders checked before the work starts, and atomic
+writes (a reader sees the whole new file or the old one, never half of it).
 
 Light on purpose (standard library only): the commands call these before they import torch or load a model,
 so that a bad ``--out`` fails in a second, not after minutes of fine-tuning or sampling.
@@ -6,11 +7,15 @@ so that a bad ``--out`` fails in a second, not after minutes of fine-tuning or s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
+
+TMP_PREFIX = ".tmp-"  # temp files of atomic writes; one left behind means a write was killed
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -65,3 +70,30 @@ def prepare_output_dir(path: str | os.PathLike, flag: str) -> Path:
         raise ValueError(f"{flag} {os.fspath(path)!r} is not writable ({e.strerror or e}); pass a folder you can "
                          f"write to") from None
     return folder
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, tmp_name: str | None = None) -> Iterator[Path]:
+    """``with atomic_path(path) as tmp: write(tmp)`` writes ``path`` atomically.
+
+    ``tmp`` is a file beside ``path`` (same folder, so the rename cannot cross file systems), named
+    ``.tmp-<pid>-<name>`` unless ``tmp_name`` is given. After the block the file is fsynced (its bytes must be on
+    disk before the rename makes them visible) and renamed to ``path``; if the block raises, the temp file is
+    removed and the error propagates. The folder must exist.
+    """
+    path = Path(path)
+    tmp = path.with_name(tmp_name or f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

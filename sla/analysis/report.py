@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from .._paths import atomic_write_text
 from .gate import gate_summary_line, premise_gate
 from .runner import AnalysisResult
 
@@ -17,18 +17,6 @@ PAPER_REFERENCE = {
     "error_top_8_percent": 0.33,
     "stable_rank": {"full": 6226, "top_8_percent": 6230, "rest": 9},
 }
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -65,9 +53,9 @@ def write_outputs(result: AnalysisResult, out_dir: str | os.PathLike, *, plots: 
         "plots": [p.name for p in written_plots],
     }
     summary_path = out / "summary.json"
-    _atomic_write_text(summary_path, json.dumps(summary, indent=1))
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
     report_path = out / "report.md"
-    _atomic_write_text(report_path, render_markdown(result, [p.name for p in written_plots]))
+    atomic_write_text(report_path, render_markdown(result, [p.name for p in written_plots]))
     return {"summary": summary_path, "report": report_path, "plots": written_plots}
 
 

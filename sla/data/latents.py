@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .._paths import atomic_path
+
 REQUIRED_KEYS = ("latents", "text_embeds")
 PREPARE_KEY = "sla_prepare"  # metadata entry written by `sla prepare`
 
@@ -120,17 +122,11 @@ def write_latents_example(path: str | os.PathLike, latents: torch.Tensor, text_e
         raise ValueError(f"latents must be (C, F, H, W) and text_embeds (text_len, text_dim), got "
                          f"{tuple(latents.shape)} and {tuple(text_embeds.shape)}")
     path = Path(path)
-    # The temp name does not end in .safetensors, so LatentsDataset never lists a half-written file.
-    tmp = path.with_name(path.name + ".tmp")
     metadata = {"caption": caption}
     if prepare_info is not None:
         metadata[PREPARE_KEY] = json.dumps(prepare_info, sort_keys=True)
-    try:
+    # The temp name does not end in .safetensors, so LatentsDataset never lists a half-written file (and a resumed
+    # `sla prepare` finds a killed run's leftovers by it).
+    with atomic_path(path, tmp_name=path.name + ".tmp") as tmp:
         save_file({"latents": latents.contiguous().cpu(), "text_embeds": text_embeds.contiguous().cpu()}, str(tmp),
                   metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

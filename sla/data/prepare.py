@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from .._paths import atomic_write_text
 from .latents import PREPARE_KEY, read_metadata, read_prepare_info, write_latents_example
 from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, image_files, load_clip
 
@@ -354,10 +355,7 @@ def prepare_latents(s: PrepareSettings, log=print) -> PrepareReport:
 
 
 def _write_report(out: Path, report: PrepareReport) -> None:
-    path = out / REPORT_NAME
-    tmp = out / f".tmp-{REPORT_NAME}"
-    tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(out / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 def summarize(report: PrepareReport) -> str:

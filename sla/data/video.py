@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._paths import atomic_path
+
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -131,8 +133,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16, crf: i
         raise ValueError(f"an H.264 mp4 needs an even height and width, got {h}x{w}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=int(fps))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -142,12 +143,6 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16, crf: i
                     container.mux(packet)
             for packet in stream.encode():  # flush the frames the encoder still holds
                 container.mux(packet)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return str(path)
 
 

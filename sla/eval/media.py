@@ -12,6 +12,8 @@ import os
 import numpy as np
 import torch
 
+from .._paths import atomic_path
+
 
 def _to_uint8(videos: torch.Tensor) -> np.ndarray:
     """``(N, C, F, H, W)`` in [-1, 1] -> ``(N, F, H, W, C)`` uint8."""
@@ -152,12 +154,6 @@ def save_contact_sheet(frames: np.ndarray, path: str | os.PathLike, count: int =
         if (cw, ch) != (w, h):
             cell = cell.resize((cw, ch), Image.BICUBIC)
         sheet.paste(cell, (c * (cw + pad), r * (ch + pad)))
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
+    with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return os.fspath(path)

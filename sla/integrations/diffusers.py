@@ -30,12 +30,12 @@ import contextlib
 import inspect
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from .._paths import atomic_path, atomic_write_text
 from ._common import check_head_dim, check_integration_config, make_sla_module
 
 SLA_ATTRIBUTE = "sla"  # name of the SLA submodule on each patched attention module
@@ -92,8 +92,8 @@ class SLAConfig:
             raise ValueError(f"unknown SLA config keys {sorted(unknown)}; this file was written by a newer version")
         d = dict(d)
         d["dense_layers"] = tuple(d.get("dense_layers", ()))
-        if d.get("token_tile") is not None:
-            d["token_tile"] = tuple(d["token_tile"]) if isinstance(d["token_tile"], list) else d["token_tile"]
+        if isinstance(d.get("token_tile"), list):  # JSON has no tuples
+            d["token_tile"] = tuple(d["token_tile"])
         # Files written before the combine option existed hold the paper's rule, whatever today's default is.
         d.setdefault("combine", "paper")
         return cls(**d)
@@ -242,7 +242,7 @@ class _SLAProcessorBase:
 
         from .context_parallel import heads_to_sequence, sequence_to_heads
 
-        n, rank = dist.get_world_size(group), dist.get_rank(group)
+        rank = dist.get_rank(group)
         q, k, v = sequence_to_heads([query, key, value], group)
         per_rank = q.shape[1]
         out = self._attend(attn, q, k, v, heads=slice(rank * per_rank, (rank + 1) * per_rank))
@@ -624,21 +624,6 @@ def _sla_state(model: nn.Module) -> dict:
     return state
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:  # the bytes must be on disk before the rename makes them visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_sla(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the SLA settings and weights of ``model`` into directory ``path`` (created if missing):
     ``sla_config.json`` (settings, family, patched layer names) and ``sla_weights.safetensors`` (every
@@ -663,12 +648,9 @@ def save_sla(model: nn.Module, path: str | os.PathLike) -> None:
         "layers": list(controller.layer_names),
         "config": controller.config.to_dict(),
     }
-    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"}))
-    def write_config(p: str) -> None:
-        with open(p, "w", encoding="utf-8") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-
-    _atomic_write(os.path.join(path, CONFIG_NAME), write_config)
+    with atomic_path(os.path.join(path, WEIGHTS_NAME)) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(os.path.join(path, CONFIG_NAME), json.dumps(meta, indent=2) + "\n")
 
 
 def read_sla_config(path: str | os.PathLike) -> dict:

@@ -41,26 +41,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._paths import TMP_PREFIX, atomic_path, atomic_write_text
+
 CHECKPOINT_RE = re.compile(r"^step-(\d+)(\.pt)?$")  # a file: one process's checkpoint; a folder: sharded
 INFO_NAME = "finetune_info.json"
 _CKPT_FORMAT = "sla-finetune-checkpoint-v2"  # v2: RNG states as tensors, loadable with weights_only=True
 _OLD_FORMATS = ("sla-finetune-checkpoint-v1",)  # NumPy's RNG state as an ndarray (see _numpy_array_globals)
-TMP_PREFIX = ".tmp-"  # temp files of atomic writes; one left behind means a save was killed
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_state() -> dict:
@@ -434,9 +427,8 @@ def export_model(model, folder: str | os.PathLike, info: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     root = model.module if hasattr(model, "module") else model
     root.save_config(str(folder))
-    tmp = folder / ".tmp-diffusion_pytorch_model.safetensors"
-    save_file(_base_state_dict(root), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "diffusion_pytorch_model.safetensors")
+    with atomic_path(folder / "diffusion_pytorch_model.safetensors") as tmp:
+        save_file(_base_state_dict(root), str(tmp), metadata={"format": "pt"})
     from ..integrations.diffusers import is_sla_applied, save_sla
 
     if is_sla_applied(root) and any(p.numel() for n, p in root.named_parameters() if ".sla." in n):
@@ -450,12 +442,8 @@ def export_model(model, folder: str | os.PathLike, info: dict) -> Path:
         except (FileNotFoundError, ValueError):
             source = None
         if source is not None and source.is_file():
-            tmp_data = folder / f".tmp-{DATA_CONFIG_NAME}"
-            tmp_data.write_text(source.read_text())
-            os.replace(tmp_data, folder / DATA_CONFIG_NAME)
-    tmp_info = folder / f".tmp-{INFO_NAME}"
-    tmp_info.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp_info, folder / INFO_NAME)
+            atomic_write_text(folder / DATA_CONFIG_NAME, source.read_text())
+    atomic_write_text(folder / INFO_NAME, json.dumps(info, indent=2) + "\n")
     return folder
 
 

@@ -153,97 +153,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _finish(mode, args) -> int:
-    """Run ``mode``; then end the process group that ``--context-parallel`` started, if it did (NCCL warns at exit
-    otherwise), after every rank is done (rank 0 writes the outputs while the others wait)."""
-    result = mode(args)
-    if getattr(args, "_started_process_group", False):
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
-
-
-def _context_parallel(args, device):
-    """``(mesh, device, rank)`` for ``--context-parallel N`` (N > 1: the process group is started here, and a CUDA
-    ``device`` becomes this process's GPU), ``(None, device, 0)`` for one process. All N processes generate the same
-    clips together; only rank 0 writes."""
-    import os
-
-    import torch
-
-    degree = args.context_parallel or 1
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if degree == 1:
-        if world > 1:
-            raise ValueError(f"sla sample runs on one process, but {world} were launched; pass --context-parallel "
-                             f"{world} to share the work, or launch one")
-        return None, device, 0
-    if world != degree:
-        raise ValueError(f"--context-parallel {degree} needs exactly {degree} processes (torchrun --nproc_per_node "
-                         f"{degree} -m sla.cli sample ...), got {world}")
-    import torch.distributed as dist
-
-    from sla.integrations.context_parallel import parallel_mesh
-
-    if device.type == "cuda":  # one GPU per process
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        args._started_process_group = True
-    return parallel_mesh(degree, device.type), device, dist.get_rank()
-
-
-def _enable_context_parallel(model, mesh, device, tokens: int) -> None:
-    from sla.integrations.context_parallel import check_divisible, enable_context_parallel
-
-    check_divisible(heads=model.config.num_attention_heads, tokens=tokens, degree=mesh["ulysses"].size(),
-                    what=f"the {type(model).__name__}")
-    enable_context_parallel(model, mesh, device)
-
-
-def _given(args, names) -> list[str]:
-    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.pipeline is not None:
-        wrong = _given(args, MODEL_ONLY)
-        if wrong:
-            raise ValueError(f"{', '.join(wrong)} belong to the --model mode; with --pipeline drop them")
-        return _finish(run_pipeline, args)
-    wrong = _given(args, PIPELINE_ONLY) + ([] if args.sparsity else ["--no-sparsity"])
-    if wrong:
-        raise ValueError(f"{', '.join(wrong)} need --pipeline DIR (the Wan pipeline mode); without it `sla sample` "
-                         "runs the small synthetic model")
-    return _finish(run_small, args)
-
-
-def _finish(mode, args) -> int:
-    """Run ``mode``; end the process group ``--context-parallel`` started (NCCL warns at exit otherwise)."""
-    started = False
+    """Run ``mode``; then, also after an error, end the process group that ``--context-parallel`` started, if it
+    did (NCCL warns at exit otherwise), after every rank is done (rank 0 writes the outputs while the others wait)."""
     try:
-        import sys
-
-        torch_dist = sys.modules.get("torch.distributed")
-        started = torch_dist is not None and torch_dist.is_initialized()
-        result = mode(args)
-        return result
+        return mode(args)
     finally:
-        import sys
+        if getattr(args, "_started_process_group", False):
+            import torch.distributed as dist
 
-        torch_dist = sys.modules.get("torch.distributed")
-        if not started and torch_dist is not None and torch_dist.is_initialized() and (args.context_parallel or 1) > 1:
-            torch_dist.barrier()  # rank 0 may still be writing; the others wait before the group ends
-            torch_dist.destroy_process_group()
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
     import json
-    import os
     from pathlib import Path
 
+    from sla._paths import atomic_write_text
     from sla.data.video import require_av, write_mp4
     from sla.eval.media import save_contact_sheet
     from sla.integrations.wan_pipeline import generate_video, load_pipeline, resolve_device, resolve_dtype
@@ -301,9 +227,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
                   dtype=str(dtype).replace("torch.", ""), context_parallel=args.context_parallel or 1,
                   video=str(out), contact_sheet=str(sheet),
                   frames=int(frames.shape[0]), height=int(frames.shape[1]), width=int(frames.shape[2]), **res)
-    tmp = report_path.with_name(f".tmp-{report_path.name}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, report_path)
+    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     print(format_timings(report))
     print(f"wrote {out} ({frames.shape[0]} frames), {sheet} and {report_path}")
     return 0

@@ -46,6 +46,7 @@ from provenance import git_commit  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import sla  # noqa: E402
+from sla._paths import atomic_write_text  # noqa: E402
 from sla.integrations.diffusers import SLA_ATTRIBUTE, sla_modules  # noqa: E402
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -319,11 +320,15 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def write_results(out: str, result: dict, md: str) -> None:
+    """``result`` as JSON to ``out`` and ``md`` beside it (same stem, ``.md``), each written atomically; prints
+    the table and both paths."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    md_path = os.path.splitext(out)[0] + ".md"
+    atomic_write_text(md_path, md)
+    print(md)
+    print(f"wrote {out} and {md_path}")
 
 
 def parse_args(argv=None):
@@ -368,14 +373,7 @@ def main(argv=None) -> int:
     if args.tiny and args.block_q == 64 and args.block_k == 64:
         args.block_q = args.block_k = 16  # the tiny video has 192 tokens
     result = run(args)
-    md = to_markdown(result)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    md_path = os.path.splitext(args.out)[0] + ".md"
-    _write_atomic(md_path, md)
-    print(md)
-    print(f"wrote {args.out} and {md_path}")
+    write_results(args.out, result, to_markdown(result))
     return 0
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -53,7 +52,7 @@ from bench_e2e import (  # noqa: E402
     WAN_1_3B,
     _is_oom,
     _sla_block_counts,
-    _write_atomic,
+    write_results,
     build_model,
 )
 
@@ -325,13 +324,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    md = to_markdown(result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    _write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    md_path = os.path.splitext(args.out)[0] + ".md"
-    _write_atomic(md_path, md)
-    print(md)
-    print(f"wrote {args.out} and {md_path}")
+    write_results(args.out, result, to_markdown(result))
     return 0
 
 

@@ -87,8 +87,6 @@ def main() -> int:
     ap.add_argument("--out", default="sla/assets/wan8k")
     args = ap.parse_args()
 
-    from dataclasses import replace
-
     from sla.data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset, collate
     from sla.models.small_wan import build_small_model, embedded_model, write_data_config
     from sla.training.flow_matching import noisy_input_and_target, predict, sample_sigmas

@@ -110,7 +110,7 @@ class _MicroBatchSampler(torch.utils.data.Sampler):
 def build_dataset(cfg: FinetuneConfig, text_dim: int, split: str = "train", size: int | None = None):
     """The configured dataset; ``text_dim`` comes from the model (synthetic captions are embedded to it)."""
     from ..data.latents import LatentsDataset
-    from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset
+    from ..data.synthetic import SyntheticVideoDataset
 
     if cfg.data == "synthetic":
         from dataclasses import replace
@@ -419,14 +419,18 @@ def _build_models(cfg: FinetuneConfig, layout):
     from ..integrations.context_parallel import enable_context_parallel
     from .checkpoint import meta_base_model
 
+    def checked_dataset(model):
+        dataset = build_dataset(cfg, model.config.text_dim)
+        check_data_fits_model(dataset, model, cfg)
+        if cfg.context_parallel > 1:
+            _check_context_parallel_fits(model, dataset, cfg)
+        return dataset
+
     torch.manual_seed(cfg.seed)
     if not cfg.fsdp:
         base = load_base_model(cfg.model)
         model_cls = type(base)
-        dataset = build_dataset(cfg, base.config.text_dim)
-        check_data_fits_model(dataset, base, cfg)
-        if cfg.context_parallel > 1:
-            _check_context_parallel_fits(base, dataset, cfg)
+        dataset = checked_dataset(base)
         teacher = None
         if cfg.loss != "flow":
             teacher = copy.deepcopy(base).to(layout.device).eval().requires_grad_(False)
@@ -443,10 +447,7 @@ def _build_models(cfg: FinetuneConfig, layout):
 
     meta = meta_base_model(cfg.model)
     model_cls = type(meta)
-    dataset = build_dataset(cfg, meta.config.text_dim)
-    check_data_fits_model(dataset, meta, cfg)
-    if cfg.context_parallel > 1:
-        _check_context_parallel_fits(meta, dataset, cfg)
+    dataset = checked_dataset(meta)
     cpu_student = full = None
     if layout.is_main:
         cpu_student = prepare_student(load_base_model(cfg.model), cfg)

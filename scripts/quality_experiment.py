@@ -151,9 +151,9 @@ def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: st
                                     for n_, p in sla_params.items() if n_.endswith("proj.weight")},
         mass_offsets={n_: p.tolist() for n_, p in sla_params.items() if n_.endswith("mass_offset")},
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__)
-    tmp = job_dir / ".tmp-result.json"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, job_dir / "result.json")
+    from sla._paths import atomic_write_text
+
+    atomic_write_text(job_dir / "result.json", json.dumps(result, indent=1) + "\n")
     return result
 
 

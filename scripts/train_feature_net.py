@@ -75,11 +75,12 @@ def main() -> int:
     acc = ((logits.sigmoid() > 0.5).float().cpu() == vb["labels"]).float().mean().item()
     print(f"feature-net held-out attribute accuracy {acc:.4f} after {step} steps", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, tmp,
-              metadata={"steps": str(step), "val_attribute_accuracy": f"{acc:.4f}", "data": json.dumps(data.to_dict()),
-                        "attributes": json.dumps(ATTRIBUTE_NAMES)})
-    os.replace(tmp, args.out)
+    from sla._paths import atomic_path
+
+    with atomic_path(args.out) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata={"steps": str(step), "val_attribute_accuracy": f"{acc:.4f}",
+                            "data": json.dumps(data.to_dict()), "attributes": json.dumps(ATTRIBUTE_NAMES)})
     return 0
 
 

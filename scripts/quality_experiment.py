@@ -112,8 +112,19 @@ def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: st
     t0 = time.time()
     cfg = make_config(model=model, output_dir=str(job_dir / "train"), seed=seed, save_every=0, device=device,
                       bf16=device == "cuda", progress=False, backend=backend, **settings)
-    summary = finetune(cfg)
-    train_seconds = time.time() - t0
+    # A job cut off during its evaluation (a time-limited GPU call) keeps its training: the marker is written
+    # only after the final model is exported, and a re-run of the job evaluates that model again.
+    trained = job_dir / "trained.json"
+    if trained.is_file():
+        done = json.loads(trained.read_text())
+        summary, train_seconds = done["summary"], done["train_seconds"]
+    else:
+        summary = finetune(cfg)
+        train_seconds = time.time() - t0
+        from sla._paths import atomic_write_text
+
+        atomic_write_text(trained, json.dumps(dict(summary=summary, train_seconds=round(train_seconds, 1)),
+                                              default=str) + "\n")
     ft, info = load_finetuned(job_dir / "train" / "final")
     ft.to(device).eval()
     eval_backend = evaluation_backend(ft, backend, device)

@@ -29,6 +29,10 @@ def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
     assert saved["settings"]["token_tile"] == [4, 4, 4] and saved["sparsity"] > 0.9
     final = tmp_path / "sla_mass_tile" / "seed0" / "train" / "final" / "sla_config.json"
     assert json.loads(final.read_text())["config"]["token_tile"] == [4, 4, 4]
+    # A job cut off after training re-runs only its evaluation.
+    (tmp_path / "sla_mass_tile" / "seed0" / "result.json").unlink()
+    again = qe.run_job("sla_mass_tile", 0, tmp_path, "small", smoke=True, backend="auto", threads=1)
+    assert again["train_seconds"] == saved["train_seconds"] and again["heldout_loss"] == saved["heldout_loss"]
 
     class Args:
         out = str(tmp_path)

@@ -127,10 +127,11 @@ def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: st
                                               default=str) + "\n")
     ft, info = load_finetuned(job_dir / "train" / "final")
     ft.to(device).eval()
-    eval_backend = evaluation_backend(ft, backend, device)
-    if eval_backend != backend:
-        from sla.integrations.diffusers import sla_modules
+    from sla.integrations.diffusers import is_sla_applied, sla_modules
 
+    # `full` has no SLA modules: its attention is the model's own, whatever the backend.
+    eval_backend = evaluation_backend(ft, backend, device) if is_sla_applied(ft) else backend
+    if eval_backend != backend:
         for module in sla_modules(ft).values():
             module.backend = eval_backend
     t_eval = time.time()

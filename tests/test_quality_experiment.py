@@ -57,3 +57,12 @@ def test_float32_evaluation_of_wide_heads_runs_on_the_pytorch_path_on_cuda():
     assert qe.evaluation_backend(Model(), "auto", "cpu") == "auto"
     Config.attention_head_dim = 64
     assert qe.evaluation_backend(Model(), "triton", "cuda") == "triton"
+
+
+def test_the_evaluation_backend_switch_leaves_a_model_without_sla_alone(tmp_path, monkeypatch):
+    # On CUDA with 128-wide heads every SLA arm switches to the PyTorch path; `full` has nothing to switch.
+    qe = _script()
+    monkeypatch.setattr(qe, "evaluation_backend", lambda model, backend, device: "torch")
+    assert qe.run_job("full", 0, tmp_path, "small", smoke=True, backend="auto", threads=1)["eval_backend"] == "auto"
+    assert qe.run_job("sparse_only", 0, tmp_path, "small", smoke=True, backend="auto",
+                      threads=1)["eval_backend"] == "torch"

@@ -42,6 +42,24 @@ def test_tile_larger_than_grid_keeps_raster_order():
     assert torch.equal(perm, torch.arange(24))
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_permute_tokens_gathers_keeps_the_layout_and_its_gradient_is_the_inverse_gather(transposed):
+    from sla.ops.sla.tiles import permute_tokens
+
+    perm, inv = tile_permutation((3, 4, 4), (1, 2, 2))
+    base = torch.randn(2, 48, 3, 5, dtype=torch.float64)  # (B, L, H, D), as diffusers' processors hold q, k, v
+    x = (base.transpose(1, 2) if transposed else base.transpose(1, 2).contiguous()).requires_grad_()
+    y = permute_tokens(x, perm, inv)
+    assert torch.equal(y, x[:, :, perm])  # a gather: no arithmetic, so bit-exact on any CPU
+    assert y.transpose(1, 2).is_contiguous() == transposed
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g[:, :, inv])
+    torch.autograd.gradcheck(lambda t: permute_tokens(t, perm, inv), (x.detach().clone().requires_grad_(),))
+    compiled = torch.compile(lambda t: permute_tokens(t, perm, inv), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), y)
+
+
 @pytest.mark.parametrize("bad", ["4,4,4", (4, 4), (4, 0, 4), (4, 4.0, 4), (True, 4, 4), 4])
 def test_bad_token_tile_is_refused_with_its_name(bad):
     with pytest.raises(ValueError, match="token_tile must be None or three positive ints"):

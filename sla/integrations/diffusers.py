@@ -219,9 +219,11 @@ class _SLAProcessorBase:
         sla = getattr(attn, SLA_ATTRIBUTE)
         if self.controller.config.token_tile is None:
             return sla(query, key, value, **kwargs)
+        from ..ops.sla.tiles import permute_tokens
+
         perm, inv = self.controller.tile_order(query.shape[2], query.device)
-        out = sla(query[:, :, perm], key[:, :, perm], value[:, :, perm], **kwargs)
-        return out[:, :, inv]
+        out = sla(*(permute_tokens(t, perm, inv) for t in (query, key, value)), **kwargs)
+        return permute_tokens(out, inv, perm)
 
     def _attend_sequence_shards(self, attn, query, key, value) -> torch.Tensor:
         """Self-attention on diffusers' ``(B, L, H, D)`` tensors; returns ``(B, L, H * D)``.

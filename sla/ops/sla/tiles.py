@@ -65,3 +65,38 @@ def tile_permutation(grid, token_tile, device: torch.device | str | None = None)
     inv = torch.empty_like(perm)
     inv[perm] = idx
     return perm, inv
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # A (B, H, L, D) tensor that is a transposed view of a (B, L, H, D) one (how diffusers' processors hold q, k
+    # and v) is gathered along its own contiguous token axis: whole H * D rows per token, a plain copy's speed.
+    # Indexing the strided view instead (x[:, :, index]) copies D-wide pieces, several times slower on a GPU
+    # (bench/RESULTS.md, "Token tiles").
+    if x.transpose(1, 2).is_contiguous():
+        return x.transpose(1, 2).index_select(1, index).transpose(1, 2)
+    return x.index_select(2, index)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    # The gradient of a permutation is the inverse permutation: a second gather, where autograd's default for
+    # index_select / advanced indexing scatters with index_add / index_put(accumulate=True).
+    @staticmethod
+    def forward(x, index, inverse):
+        return _gather_tokens(x, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _gather_tokens(grad, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[:, :, index]`` for ``x`` of layout ``(B, H, L, D)`` (any strides), with ``inverse`` the inverse
+    permutation of ``index`` (int64, length ``L``, on ``x``'s device; :func:`tile_permutation` returns both).
+    The result keeps ``x``'s memory layout when ``x`` is a transposed ``(B, L, H, D)`` tensor; its gradient is the
+    gather by ``inverse``."""
+    return _PermuteTokens.apply(x, index, inverse)

@@ -132,7 +132,7 @@ def test_token_tile_survives_save_and_load(tmp_path):
     (tmp_path / "sla_config.json").write_text(json.dumps(cfg))
     older = _wan()
     sla.load_sla(older, tmp_path)
-    from sla.integrations.diffusers import _controller
+    from sla.integrations.diffusers.apply import _controller
 
     assert _controller(older).config.token_tile is None
 

@@ -10,6 +10,10 @@ from ..ops.sla.validation import check_sla_config
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
+# Every integration installs its SLA module under this attribute of the attention module it patches, so
+# ``attn.sla`` (and the state_dict names ``...attn1.sla.proj.weight``) mean the same everywhere.
+SLA_ATTRIBUTE = "sla"
+
 # The PyTorch path runs any block size and head dim, but a model is usually patched on the CPU and moved to a GPU
 # later, so the integration refuses at apply time what the GPU kernels would refuse at the first forward (their
 # limits come from a module that does not import Triton).

@@ -40,9 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._common import check_head_dim, check_integration_config, make_sla_module
+from ._common import SLA_ATTRIBUTE, check_head_dim, check_integration_config, make_sla_module
 
-SLA_ATTRIBUTE = "sla"
 _ROUTER_ATTRIBUTE = "_sla_sdpa_router"
 _SDPA = torch._C._nn.scaled_dot_product_attention
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..integrations._common import SLA_ATTRIBUTE
+
 ATTENTION_MODES = ("full", "sla", "sparse_only", "sum_no_proj", "linear_only")
-SLA_ATTRIBUTE = "sla"
 
 
 class SumNoProjAttention(nn.Module):

@@ -18,6 +18,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -52,6 +53,17 @@ def load_base_ops(src: str):
     for path in glob.glob(os.path.join(pkg, "**", "*.py"), recursive=True):
         with open(path) as f:
             text = f.read()
+        depth = os.path.relpath(path, pkg).count(os.sep)  # 0 for the package's own modules
+
+        def absolute(match, depth=depth):
+            # A relative import that leaves the copied package (``from ...settings import`` in sla/ops/sla) names
+            # a module of the installed library: sla.ops is one level above the package, sla two.
+            above = len(match.group(1)) - 1 - depth
+            if above <= 0:
+                return match.group(0)
+            return f"from {'.'.join(['sla', 'ops', 'sla'][:3 - above])}.{match.group(2)} import"
+
+        text = re.sub(r"from (\.+)([\w.]+) import", absolute, text)
         with open(path, "w") as f:
             f.write(text.replace('"sla::', '"sla_base::'))
     sys.path.insert(0, root)

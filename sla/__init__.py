@@ -25,6 +25,7 @@ _LAZY_NAMES = {
     "SparseLinearAttention": ".layers",
     "BlockMap": ".ops.sla",
     "SLAInfo": ".ops.sla",
+    "SLASettings": ".settings",
     "build_block_map": ".ops.sla",
     "naive_sparse_linear_attention": ".ops.sla",
     "sparse_linear_attention": ".ops.sla",
@@ -35,12 +36,14 @@ _LAZY_NAMES = {
     "load_sla": ".integrations.diffusers",
 }
 # Subpackages reachable as attributes (``sla.integrations.diffusers``, ``sla.ops.sla``) after ``import sla``.
-_SUBMODULES = ("analysis", "cli", "commands", "data", "eval", "integrations", "layers", "models", "ops", "training")
+_SUBMODULES = ("analysis", "cli", "commands", "data", "eval", "integrations", "layers", "models", "ops", "settings",
+               "training")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these are imported lazily
     from .integrations.diffusers import apply_sla, load_sla, remove_sla, save_sla
     from .layers import SparseLinearAttention
     from .ops.sla import BlockMap, SLAInfo, build_block_map, naive_sparse_linear_attention, sparse_linear_attention
+    from .settings import SLASettings
 
 
 def __getattr__(name: str):
@@ -60,6 +63,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "BlockMap",
     "SLAInfo",
+    "SLASettings",
     "SparseLinearAttention",
     "build_block_map",
     "naive_sparse_linear_attention",

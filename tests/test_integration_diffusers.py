@@ -455,7 +455,7 @@ def test_integration_checks_use_the_kernels_own_limits(monkeypatch):
     assert _common.SUPPORTED_BLOCKS is limits.SUPPORTED_BLOCKS
     assert _common.SUPPORTED_HEAD_DIMS is limits.SUPPORTED_HEAD_DIMS
     with pytest.raises(ValueError, match="block_q=48 cannot run on the SLA GPU kernels"):
-        _common.check_integration_config(0.05, 0.1, 48, 64, "softmax", "marginal")
+        _common.check_integration_config(sla.SLASettings(block_q=48))
 
 
 # --------------------------------------------------------------------------------------------------- CogVideoX

@@ -23,7 +23,7 @@ from ..ops.sla.blockmap import (
 )
 from ..ops.sla.feature_maps import apply_feature_map
 from ..ops.sla.naive import expand_block_mask, mass_weight
-from ..ops.sla.validation import check_sla_config
+from ..settings import SLASettings
 from . import metrics
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.92, 0.95, 0.97)
@@ -64,8 +64,7 @@ class AnalysisConfig:
         from ..ops.sla.tiles import check_token_tile
 
         self.token_tile = check_token_tile(self.token_tile)
-        check_sla_config(self.critical, self.negligible, self.block_q, self.block_k, self.feature_map,
-                         self.linear_scope)
+        SLASettings.of(self)  # raises on a bad SLA setting, naming it
         if not self.sparsities:
             raise ValueError("sparsities must name at least one value in [0, 1), e.g. 0.5,0.9,0.95")
         for s in self.sparsities:
@@ -75,6 +74,11 @@ class AnalysisConfig:
             raise ValueError(f"rank_top must be in (0, 1), e.g. 0.08 (the paper's top 8%), got {self.rank_top!r}")
         if self.query_blocks is not None and self.query_blocks < 1:
             raise ValueError(f"query_blocks must be >= 1 or None (all), got {self.query_blocks!r}")
+
+    @property
+    def settings(self) -> SLASettings:
+        """The SLA settings of these fields (checked; the combination rule does not enter the analysis)."""
+        return SLASettings.of(self)
 
     def measured_sparsities(self) -> list[float]:
         return sorted(set(round(float(s), 6) for s in self.sparsities) | {round(1.0 - self.critical, 6)})

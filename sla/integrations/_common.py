@@ -6,7 +6,7 @@ import torch
 
 from ..layers.sla import SparseLinearAttention
 from ..ops.sla.triton.limits import SUPPORTED_BLOCKS, SUPPORTED_HEAD_DIMS
-from ..ops.sla.validation import check_sla_config
+from ..settings import SLASettings
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -19,10 +19,10 @@ SLA_ATTRIBUTE = "sla"
 # limits come from a module that does not import Triton).
 
 
-def check_integration_config(critical, negligible, block_q, block_k, feature_map, linear_scope) -> None:
-    """Operator checks plus the block sizes the GPU kernels accept; raises ValueError/TypeError naming the fix."""
-    check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
-    for name, val in (("block_q", block_q), ("block_k", block_k)):
+def check_integration_config(settings: SLASettings) -> None:
+    """The block sizes the GPU kernels accept (``settings`` is checked already); raises ValueError naming the fix."""
+    for name in ("block_q", "block_k"):
+        val = getattr(settings, name)
         if val not in SUPPORTED_BLOCKS:
             raise ValueError(
                 f"{name}={val} cannot run on the SLA GPU kernels, which take block sizes {SUPPORTED_BLOCKS} "
@@ -63,15 +63,12 @@ class SparseLinearAttentionFP32Proj(SparseLinearAttention):
         return super()._apply(keep_fp32, recurse)
 
 
-def make_sla_module(head_dim: int, *, critical, negligible, block_q, block_k, feature_map, linear_scope, backend,
-                    keep_proj_fp32: bool, device=None, combine: str = "mass",
+def make_sla_module(head_dim: int, settings: SLASettings, *, backend: str, keep_proj_fp32: bool, device=None,
                     num_heads: int | None = None) -> SparseLinearAttention:
-    """One SLA module with its fp32 ``proj`` (zero for ``combine="paper"``, identity for ``"mass"``, which also
-    gets its ``mass_offset``), placed on ``device``."""
+    """One SLA module for ``settings`` with its fp32 ``proj`` (zero for ``combine="paper"``, identity for
+    ``"mass"``, which also gets its ``mass_offset``), placed on ``device``."""
     cls = SparseLinearAttentionFP32Proj if keep_proj_fp32 else SparseLinearAttention
-    module = cls(head_dim, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-                 feature_map=feature_map, linear_scope=linear_scope, backend=backend, combine=combine,
-                 num_heads=num_heads)
+    module = cls.from_settings(head_dim, settings, backend=backend, num_heads=num_heads)
     if device is not None:
         module.to(device)
     return module

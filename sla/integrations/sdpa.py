@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..settings import SLASettings, check_backend_name
 from ._common import SLA_ATTRIBUTE, check_head_dim, check_integration_config, make_sla_module
 
 _ROUTER_ATTRIBUTE = "_sla_sdpa_router"
@@ -158,7 +159,9 @@ def wrap_sdpa_self_attention(
         keep_proj_fp32: keep ``module.sla.proj`` in float32 through half-precision casts (see
             :func:`sla.apply_sla`).
     """
-    check_integration_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
+    settings = SLASettings(critical, negligible, block_q, block_k, feature_map, linear_scope)
+    check_integration_config(settings)
+    check_backend_name(backend)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
     check_head_dim(head_dim, backend, type(module).__name__)
@@ -169,9 +172,7 @@ def wrap_sdpa_self_attention(
     if hasattr(module, SLA_ATTRIBUTE):
         raise ValueError(f"{type(module).__name__} already has an attribute {SLA_ATTRIBUTE!r}")
     ref = next(module.parameters(), None)
-    sla_module = make_sla_module(head_dim, critical=critical, negligible=negligible, block_q=block_q,
-                                 block_k=block_k, feature_map=feature_map, linear_scope=linear_scope,
-                                 backend=backend, keep_proj_fp32=keep_proj_fp32)
+    sla_module = make_sla_module(head_dim, settings, backend=backend, keep_proj_fp32=keep_proj_fp32)
     if ref is not None:
         sla_module.to(device=ref.device, dtype=None if keep_proj_fp32 else ref.dtype)
     module.add_module(SLA_ATTRIBUTE, sla_module)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.sla.interface import BACKENDS, sparse_linear_attention
-from ..ops.sla.validation import COMBINE_RULES, check_sla_config
+from ..ops.sla.interface import sparse_linear_attention
+from ..settings import SLASettings, check_backend_name
 
 
 class SparseLinearAttention(nn.Module):
@@ -32,6 +32,9 @@ class SparseLinearAttention(nn.Module):
         num_heads (int, optional): heads of q, for one mass offset per head (``combine="mass"``); ``None`` gives
             one offset shared by all heads. :func:`sla.apply_sla` passes each layer's head count.
 
+    The settings are kept as one frozen :class:`~sla.ops.sla.settings.SLASettings`, ``module.settings`` (its fields
+    also read as ``module.critical`` and so on); :meth:`from_settings` builds a module from one.
+
     ``forward(q, k, v)`` takes ``(B, H, L, D)`` tensors and returns the same layout and dtype as q.
     ``forward(q, k, v, heads=slice(a, b))`` says that q, k, v hold heads ``a .. b-1`` of the layer only (Ulysses
     context parallelism gives each rank a slice of the heads with every token): the per-head mass offsets of those
@@ -44,30 +47,39 @@ class SparseLinearAttention(nn.Module):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-        check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is unknown; choose one of {('auto',) + tuple(BACKENDS)}")
-        if combine not in COMBINE_RULES:
-            raise ValueError(f"combine={combine!r} is unknown; choose one of {COMBINE_RULES}")
+        settings = SLASettings(critical, negligible, block_q, block_k, feature_map, linear_scope, combine)
+        check_backend_name(backend)
         if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
             raise ValueError(f"num_heads must be a positive int (the heads of q) or None (one mass offset shared by "
                              f"all heads), got num_heads={num_heads!r}")
         self.head_dim = head_dim
-        self.critical = critical
-        self.negligible = negligible
-        self.block_q = block_q
-        self.block_k = block_k
-        self.feature_map = feature_map
-        self.linear_scope = linear_scope
-        self.backend = backend
-        self.combine = combine
+        self.settings = settings  # frozen: the parameters below were made for these settings
+        self.backend = backend  # a run-time choice (same result), may be changed on the module
         self.num_heads = num_heads
         self.proj = nn.Linear(head_dim, head_dim, bias=True, dtype=torch.float32)
-        if combine == "mass":
+        if settings.combine == "mass":
             self.mass_offset = nn.Parameter(torch.zeros(num_heads or 1, dtype=torch.float32))
         else:
             self.register_parameter("mass_offset", None)
         self.reset_parameters()
+
+    @classmethod
+    def from_settings(cls, head_dim: int, settings: SLASettings, *, backend: str = "auto",
+                      num_heads: int | None = None) -> "SparseLinearAttention":
+        """The module for ``settings`` (an :class:`~sla.ops.sla.settings.SLASettings`)."""
+        if not isinstance(settings, SLASettings):
+            raise TypeError(f"settings must be an SLASettings, got {type(settings).__name__}")
+        return cls(head_dim, **settings.to_dict(), backend=backend, num_heads=num_heads)
+
+    # The settings read as attributes, as before they were one object (read-only: changing one would not change
+    # the parameters made for it; build a new module instead).
+    critical = property(lambda self: self.settings.critical)
+    negligible = property(lambda self: self.settings.negligible)
+    block_q = property(lambda self: self.settings.block_q)
+    block_k = property(lambda self: self.settings.block_k)
+    feature_map = property(lambda self: self.settings.feature_map)
+    linear_scope = property(lambda self: self.settings.linear_scope)
+    combine = property(lambda self: self.settings.combine)
 
     def reset_parameters(self) -> None:
         if self.combine == "mass":
@@ -99,9 +111,7 @@ class SparseLinearAttention(nn.Module):
                 if heads is not None:
                     offset = offset[heads]
         return sparse_linear_attention(
-            q, k, v, critical=self.critical, negligible=self.negligible, block_q=self.block_q,
-            block_k=self.block_k, feature_map=self.feature_map, linear_scope=self.linear_scope,
-            proj_weight=self.proj.weight, proj_bias=self.proj.bias, scale=scale, combine=self.combine,
+            q, k, v, **self.settings.to_dict(), proj_weight=self.proj.weight, proj_bias=self.proj.bias, scale=scale,
             mass_offset=offset, return_info=return_info, block_map=block_map, backend=self.backend)
 
     def extra_repr(self) -> str:

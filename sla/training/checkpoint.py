@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .._paths import TMP_PREFIX, atomic_path, atomic_write_text
+from ..settings import SLASettings
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)(\.pt)?$")  # a file: one process's checkpoint; a folder: sharded
 INFO_NAME = "finetune_info.json"
@@ -546,7 +547,8 @@ def load_finetuned(folder: str | os.PathLike, torch_dtype=None):
         raise ValueError(f"{info_path} is not valid JSON ({e})") from e
     s = dict(info.get("sla", {}))
     s.setdefault("combine", "paper")  # models fine-tuned before the option existed used the paper's rule
-    apply_attention_mode(model, info["attention"], **s)
+    apply_attention_mode(model, info["attention"], SLASettings.of(s), backend=s.get("backend", "auto"),
+                         token_tile=s.get("token_tile"))
     if (folder / "sla_config.json").is_file():
         from ..integrations.diffusers import load_sla
 

@@ -11,6 +11,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
+from ..settings import BACKEND_NAMES, SLASettings
+
 
 @dataclass
 class FinetuneConfig:
@@ -75,6 +77,10 @@ class FinetuneConfig:
     progress: bool = True
     stop_after: int = 0  # >0: stop (as if interrupted) after this many optimizer steps; for tests and budgets
 
+    def sla_settings(self) -> SLASettings:
+        """The SLA settings of the flat fields ``critical`` ... ``combine``, as one checked object."""
+        return SLASettings.of(self)
+
     def validate(self) -> "FinetuneConfig":
         from .variants import ATTENTION_MODES
 
@@ -102,9 +108,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.sla_weight_decay >= 0:
             raise ValueError(f"sla_weight_decay must be >= 0, got {self.sla_weight_decay!r}")
-        from ..ops.sla.validation import COMBINE_RULES
-
-        choice("combine", COMBINE_RULES)
+        self.sla_settings()  # checks critical ... combine, naming the bad one
+        choice("backend", BACKEND_NAMES)
         from ..ops.sla.tiles import check_token_tile
 
         self.token_tile = check_token_tile(self.token_tile)

@@ -169,9 +169,8 @@ def check_data_fits_model(dataset, model, cfg: FinetuneConfig) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 def sla_settings(cfg: FinetuneConfig) -> dict:
-    return dict(critical=cfg.critical, negligible=cfg.negligible, block_q=cfg.block_q, block_k=cfg.block_k,
-                feature_map=cfg.feature_map, linear_scope=cfg.linear_scope, backend=cfg.backend,
-                combine=cfg.combine, token_tile=cfg.token_tile)
+    """The ``"sla"`` record of an exported model's info: the SLA settings, the backend and the token tile."""
+    return dict(cfg.sla_settings().to_dict(), backend=cfg.backend, token_tile=cfg.token_tile)
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -179,7 +178,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2
 
 def prepare_student(model, cfg: FinetuneConfig):
     """Install the attention mode and choose the trainable parameters (in place)."""
-    apply_attention_mode(model, cfg.attention, **sla_settings(cfg))
+    apply_attention_mode(model, cfg.attention, cfg.sla_settings(), backend=cfg.backend, token_tile=cfg.token_tile)
     if cfg.trainable == "full":
         for name, p in model.named_parameters():
             # sparse_only keeps its projections frozen at zero (that is what makes it sparse-only).

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..integrations._common import SLA_ATTRIBUTE
+from ..settings import SLASettings
 
 ATTENTION_MODES = ("full", "sla", "sparse_only", "sum_no_proj", "linear_only")
 
@@ -79,22 +80,22 @@ class LinearOnlyAttention(nn.Module):
         return f"feature_map={self.feature_map!r}"
 
 
-def apply_attention_mode(model: nn.Module, mode: str, *, critical: float = 0.05, negligible: float = 0.10,
-                         block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                         linear_scope: str = "marginal", backend: str = "auto", combine: str = "mass",
+def apply_attention_mode(model: nn.Module, mode: str, settings: SLASettings | None = None, *, backend: str = "auto",
                          token_tile=None) -> nn.Module:
-    """Install attention ``mode`` (see the module docstring) in every self-attention layer, in place.
-    ``combine`` applies to ``sla`` only: the ablations are defined with the paper's sum (``sparse_only`` is the
-    paper's rule with Proj frozen at zero, ``sum_no_proj`` its rule with the identity)."""
+    """Install attention ``mode`` (see the module docstring) in every self-attention layer, in place, with
+    ``settings`` (default: :class:`~sla.ops.sla.settings.SLASettings`'s defaults). ``settings.combine`` applies to
+    ``sla`` only: the ablations are defined with the paper's sum (``sparse_only`` is the paper's rule with Proj
+    frozen at zero, ``sum_no_proj`` its rule with the identity)."""
+    settings = SLASettings() if settings is None else settings
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     if mode == "full":
         return model
     from ..integrations.diffusers import apply_sla, sla_modules
 
-    apply_sla(model, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-              feature_map=feature_map, linear_scope=linear_scope, backend=backend,
-              combine=combine if mode == "sla" else "paper", token_tile=token_tile)
+    if mode != "sla":
+        settings = settings.replace(combine="paper")
+    apply_sla(model, **settings.to_dict(), backend=backend, token_tile=token_tile)
     if mode == "sla":
         return model
     root = model.module if hasattr(model, "module") else model
@@ -105,7 +106,7 @@ def apply_attention_mode(model: nn.Module, mode: str, *, critical: float = 0.05,
         elif mode == "sum_no_proj":
             attn.add_module(SLA_ATTRIBUTE, SumNoProjAttention(module))
         elif mode == "linear_only":
-            attn.add_module(SLA_ATTRIBUTE, LinearOnlyAttention(feature_map))
+            attn.add_module(SLA_ATTRIBUTE, LinearOnlyAttention(settings.feature_map))
     return model
 
 

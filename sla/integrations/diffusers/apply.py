@@ -6,8 +6,9 @@ import contextlib
 
 from torch import nn
 
+from ...settings import SLASettings, check_backend_name
 from .._common import SLA_ATTRIBUTE, check_head_dim, check_integration_config, make_sla_module
-from .config import CONTROLLER_ATTRIBUTE, KNOWN_BACKENDS, SLAConfig, _SLAController
+from .config import CONTROLLER_ATTRIBUTE, SLAConfig, _SLAController
 from .families import _families, _head_dim, _unwrap, find_self_attention_layers
 
 
@@ -63,13 +64,9 @@ def apply_sla(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_sla takes the transformer module (e.g. pipe.transformer), got {type(model).__name__}")
-    check_integration_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
-    if backend not in KNOWN_BACKENDS:
-        raise ValueError(f"backend={backend!r} is unknown; choose one of {KNOWN_BACKENDS}")
-    from ...ops.sla.validation import COMBINE_RULES
-
-    if combine not in COMBINE_RULES:
-        raise ValueError(f"combine={combine!r} is unknown; choose one of {COMBINE_RULES}")
+    settings = SLASettings(critical, negligible, block_q, block_k, feature_map, linear_scope, combine)
+    check_integration_config(settings)
+    check_backend_name(backend)
     if dense_timestep_threshold is not None and (
             isinstance(dense_timestep_threshold, bool) or not isinstance(dense_timestep_threshold, (int, float))):
         raise TypeError(f"dense_timestep_threshold must be a number or None, got {dense_timestep_threshold!r}")
@@ -120,20 +117,17 @@ def apply_sla(
             raise ValueError(f"layer {name!r} already has an attribute {SLA_ATTRIBUTE!r}; cannot install SLA there")
         check_head_dim(_head_dim(attn), backend, f"layer {name!r}")
 
-    config = SLAConfig(critical=float(critical), negligible=float(negligible), block_q=block_q, block_k=block_k,
-                       feature_map=feature_map, linear_scope=linear_scope, backend=backend, combine=combine,
-                       keep_proj_fp32=bool(keep_proj_fp32), dense_layers=tuple(sorted(dense)),
+    config = SLAConfig(sla=settings, backend=backend, keep_proj_fp32=bool(keep_proj_fp32),
+                       dense_layers=tuple(sorted(dense)), token_tile=token_tile,
                        dense_timestep_threshold=None if dense_timestep_threshold is None
-                       else float(dense_timestep_threshold), token_tile=token_tile)
+                       else float(dense_timestep_threshold))
     controller = _SLAController(config=config, family=family)
     for i, (name, attn, _) in enumerate(layers):
         if i in dense:
             continue
         ref = attn.to_q.weight
-        sla_module = make_sla_module(
-            _head_dim(attn), critical=critical, negligible=negligible, block_q=block_q, block_k=block_k,
-            feature_map=feature_map, linear_scope=linear_scope, backend=backend, keep_proj_fp32=keep_proj_fp32,
-            combine=combine, num_heads=attn.heads)
+        sla_module = make_sla_module(_head_dim(attn), settings, backend=backend, keep_proj_fp32=keep_proj_fp32,
+                                     num_heads=attn.heads)
         sla_module.to(device=ref.device, dtype=None if keep_proj_fp32 or not ref.is_floating_point() else ref.dtype)
         attn.add_module(SLA_ATTRIBUTE, sla_module)
         attn.set_processor(sla_cls(attn.processor, controller, i))

@@ -4,54 +4,56 @@ and the per-model state its processors share (:class:`_SLAController`, stored on
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
+
+from ...settings import SLASettings
 
 CONFIG_NAME = "sla_config.json"
 WEIGHTS_NAME = "sla_weights.safetensors"
 FORMAT = "sla-diffusers"
 FORMAT_VERSION = 1
 CONTROLLER_ATTRIBUTE = "_sla_controller"
-KNOWN_BACKENDS = ("auto", "torch", "triton", "reference")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SLAConfig:
-    """What :func:`apply_sla` installed; written to ``sla_config.json`` by :func:`save_sla`."""
+    """What :func:`apply_sla` installed; written to ``sla_config.json`` by :func:`save_sla`.
 
-    critical: float = 0.05
-    negligible: float = 0.10
-    block_q: int = 64
-    block_k: int = 64
-    feature_map: str = "softmax"
-    linear_scope: str = "marginal"
+    ``sla``: the operator's settings (:class:`~sla.ops.sla.settings.SLASettings`); the other fields are the
+    integration's own. The JSON form is flat (``{"critical": ..., "backend": ..., ...}``), as it always was.
+    """
+
+    sla: SLASettings = field(default_factory=SLASettings)
     backend: str = "auto"
-    combine: str = "mass"
     keep_proj_fp32: bool = True
     dense_layers: tuple = ()
     dense_timestep_threshold: float | None = None
     token_tile: tuple | None = None  # None: raster token order; (tf, th, tw): blocks over 3D tiles (sla/ops/sla/tiles.py)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["dense_layers"] = list(self.dense_layers)
-        d["token_tile"] = None if self.token_tile is None else list(self.token_tile)
-        return d
+        return {**self.sla.to_dict(), "backend": self.backend, "keep_proj_fp32": self.keep_proj_fp32,
+                "dense_layers": list(self.dense_layers), "dense_timestep_threshold": self.dense_timestep_threshold,
+                "token_tile": None if self.token_tile is None else list(self.token_tile)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SLAConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
+        """The config of a flat dict as :meth:`to_dict` writes it; raises ``TypeError``/``ValueError`` for unknown
+        keys or bad SLA settings."""
+        own = {f for f in cls.__dataclass_fields__ if f != "sla"}
+        unknown = set(d) - own - set(SLASettings.names())
         if unknown:
             raise ValueError(f"unknown SLA config keys {sorted(unknown)}; this file was written by a newer version")
         d = dict(d)
-        d["dense_layers"] = tuple(d.get("dense_layers", ()))
-        if isinstance(d.get("token_tile"), list):  # JSON has no tuples
-            d["token_tile"] = tuple(d["token_tile"])
         # Files written before the combine option existed hold the paper's rule, whatever today's default is.
         d.setdefault("combine", "paper")
-        return cls(**d)
+        settings = SLASettings.of({k: v for k, v in d.items() if k in SLASettings.names()})
+        rest = {k: v for k, v in d.items() if k in own}
+        rest["dense_layers"] = tuple(rest.get("dense_layers", ()))
+        if isinstance(rest.get("token_tile"), list):  # JSON has no tuples
+            rest["token_tile"] = tuple(rest["token_tile"])
+        return cls(sla=settings, **rest)
 
 
 @dataclass

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..._paths import atomic_path, atomic_write_text
+from ...settings import check_backend_name
 from .._common import SLA_ATTRIBUTE, check_integration_config, make_sla_module
 from .apply import _controller, apply_sla, is_sla_applied, remove_sla, sla_modules
 from .config import (
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
-    KNOWN_BACKENDS,
     WEIGHTS_NAME,
     SLAConfig,
 )
@@ -94,11 +94,9 @@ def read_sla_config(path: str | os.PathLike) -> dict:
 def _saved_settings(meta: dict, cfg_path: str) -> SLAConfig:
     """The ``config`` entry as an :class:`SLAConfig`, with every value checked as :func:`apply_sla` would."""
     try:
-        saved = SLAConfig.from_dict(meta["config"])
-        check_integration_config(saved.critical, saved.negligible, saved.block_q, saved.block_k, saved.feature_map,
-                                 saved.linear_scope)
-        if saved.backend not in KNOWN_BACKENDS:
-            raise ValueError(f"backend={saved.backend!r} is unknown; choose one of {KNOWN_BACKENDS}")
+        saved = SLAConfig.from_dict(meta["config"])  # checks the SLA settings
+        check_integration_config(saved.sla)
+        check_backend_name(saved.backend)
         for idx in saved.dense_layers:
             if isinstance(idx, bool) or not isinstance(idx, int):
                 raise TypeError(f"dense_layers must hold ints (layer indices), got {idx!r}")
@@ -154,11 +152,9 @@ def _plan_load(model: nn.Module, path: str | os.PathLike, meta: dict, saved: SLA
     attn_by_name = {name: attn for name, attn, _ in layers}
     expected = {}
     for name in names:
-        template = make_sla_module(
-            _head_dim(attn_by_name[name]), critical=saved.critical, negligible=saved.negligible,
-            block_q=saved.block_q, block_k=saved.block_k, feature_map=saved.feature_map,
-            linear_scope=saved.linear_scope, backend=saved.backend, keep_proj_fp32=saved.keep_proj_fp32,
-            combine=saved.combine, num_heads=attn_by_name[name].heads, device="meta")
+        template = make_sla_module(_head_dim(attn_by_name[name]), saved.sla, backend=saved.backend,
+                                   keep_proj_fp32=saved.keep_proj_fp32, num_heads=attn_by_name[name].heads,
+                                   device="meta")
         for pname, tensor in template.state_dict().items():
             expected[f"{name}.{SLA_ATTRIBUTE}.{pname}"] = tuple(tensor.shape)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -195,19 +191,18 @@ def load_sla(model: nn.Module, path: str | os.PathLike, *, backend: str | None =
     meta = read_sla_config(path)
     cfg_path = os.path.join(os.fspath(path), CONFIG_NAME)
     saved = _saved_settings(meta, cfg_path)
-    if backend is not None and backend not in KNOWN_BACKENDS:
-        raise ValueError(f"backend={backend!r} is unknown; choose one of {KNOWN_BACKENDS}")
+    if backend is not None:
+        check_backend_name(backend)
     if is_sla_applied(model):
         current = _controller(model).config
-        if asdict(current) | {"backend": None} != asdict(saved) | {"backend": None}:
+        if replace(current, backend=None) != replace(saved, backend=None):
             raise ValueError(f"model already has SLA with settings {current} but {os.fspath(path)!r} holds {saved}; "
                              f"call sla.remove_sla(model) before load_sla")
     tensors = _plan_load(model, path, meta, saved)
     if is_sla_applied(model):
         _write_sla_weights(model, tensors)
         return model
-    apply_sla(model, saved.critical, saved.negligible, saved.block_q, saved.block_k, saved.feature_map,
-              saved.linear_scope, combine=saved.combine, dense_layers=saved.dense_layers,
+    apply_sla(model, **saved.sla.to_dict(), dense_layers=saved.dense_layers,
               dense_timestep_threshold=saved.dense_timestep_threshold, keep_proj_fp32=saved.keep_proj_fp32,
               backend=saved.backend if backend is None else backend, token_tile=saved.token_tile)
     try:

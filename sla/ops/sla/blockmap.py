@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import check_attention_inputs, check_sla_config
+from ...settings import check_sla_config
+from .validation import check_attention_inputs
 
 CRITICAL, MARGINAL, NEGLIGIBLE = 1, 0, -1
 

@@ -15,9 +15,10 @@ import torch
 from .backend import Backend, map_needs
 from .blockmap import BlockMap
 from .naive import REFERENCE_BACKEND
+from ...settings import SLASettings
 from .torch_impl import TORCH_BACKEND
 from .triton.backend import TRITON_BACKEND
-from .validation import check_attention_inputs, check_combine, check_projection, check_scale, check_sla_config
+from .validation import check_attention_inputs, check_combine, check_projection, check_scale
 
 # backend name -> backend object (sla/ops/sla/backend.py). The values are also callable as
 # ``BACKENDS[name](q, k, v, block_map, feature_map=..., ...)``, i.e. ``attend``.
@@ -147,7 +148,7 @@ def sparse_linear_attention(
     raise ``ValueError`` (see ``docs/semantics.md``).
     """
     check_attention_inputs(q, k, v)
-    check_sla_config(critical, negligible, block_q, block_k, feature_map, linear_scope)
+    SLASettings(critical, negligible, block_q, block_k, feature_map, linear_scope, combine)  # checks them
     check_projection(proj_weight, proj_bias, q.shape[-1], q.device)
     check_combine(combine, mass_offset, q.shape[1], q.device)
     check_scale(scale)

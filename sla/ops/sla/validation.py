@@ -1,6 +1,6 @@
 """Argument checks shared by every SLA implementation.
 
-Every public entry point calls :func:`check_attention_inputs` and :func:`check_sla_config` before any
+Every public entry point calls :func:`check_attention_inputs` (and makes a checked :class:`~.settings.SLASettings`) before any
 work, so a bad call fails with a message that names the argument and the fix instead of failing deep
 inside a matmul or, worse, returning a wrong result.
 """
@@ -11,12 +11,8 @@ import math
 
 import torch
 
-FEATURE_MAPS = ("softmax", "elu", "relu")
-LINEAR_SCOPES = ("marginal", "noncritical", "all")
-# How the two branches are combined: "paper" = o_s + Proj(o_l) (arXiv 2509.24006, Eq. 6); "mass" =
-# a * o_s + (1 - a) * Proj(o_l) with a the estimated share of the attention mass in the critical blocks
-# (docs/semantics.md).
-COMBINE_RULES = ("paper", "mass")
+from ...settings import check_combine_rule
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -86,45 +82,9 @@ def check_scale(scale) -> None:
         )
 
 
-def check_sla_config(
-    critical: float,
-    negligible: float,
-    block_q: int,
-    block_k: int,
-    feature_map: str,
-    linear_scope: str,
-) -> None:
-    """Check SLA hyperparameters; see ``docs/semantics.md`` for what each one means."""
-    for name, val in (("critical", critical), ("negligible", negligible)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)):
-            raise TypeError(f"{name} must be a float fraction of key blocks in [0, 1], got {val!r}")
-        if not 0.0 <= float(val) <= 1.0:
-            raise ValueError(f"{name}={val} is outside [0, 1]; it is a fraction of key blocks (0.05 means 5%)")
-    if float(critical) + float(negligible) > 1.0 + 1e-12:
-        raise ValueError(
-            f"critical + negligible = {critical} + {negligible} > 1; lower one of them so that every key block "
-            f"gets exactly one class"
-        )
-    for name, val in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise TypeError(f"{name} must be an int number of tokens per block, got {val!r}")
-        if val < 1:
-            raise ValueError(f"{name}={val} must be >= 1 (tokens per block; the paper uses 64)")
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map={feature_map!r} is unknown; choose one of {FEATURE_MAPS}")
-    if linear_scope not in LINEAR_SCOPES:
-        raise ValueError(
-            f"linear_scope={linear_scope!r} is unknown; choose one of {LINEAR_SCOPES} "
-            f"('marginal' is the paper, 'noncritical' the public SLA-1 code, 'all' the public main branch)"
-        )
-
-
 def check_combine(combine: str, mass_offset: torch.Tensor | None, num_heads: int, device: torch.device) -> None:
     """Check the branch-combination rule and its per-head offset ``mass_offset`` (``(H,)``, ``"mass"`` only)."""
-    if combine not in COMBINE_RULES:
-        raise ValueError(f"combine={combine!r} is unknown; choose one of {COMBINE_RULES} ('paper' = o_s + Proj(o_l) "
-                         f"as in the paper, 'mass' = a * o_s + (1 - a) * Proj(o_l) with a the critical blocks' "
-                         f"estimated attention mass)")
+    check_combine_rule(combine)
     if mass_offset is None:
         return
     if combine != "mass":

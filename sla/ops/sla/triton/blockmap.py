@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ..blockmap import CRITICAL, NEGLIGIBLE, BlockMap, class_counts, num_blocks
-from ..validation import check_attention_inputs, check_sla_config
+from ....settings import check_sla_config
+from ..validation import check_attention_inputs
 from .limits import check_triton_inputs, interpreting
 
 

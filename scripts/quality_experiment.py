@@ -39,7 +39,14 @@ ARMS = {
     # Blocks over 4x4x4 token tiles instead of raster runs (apply_sla(token_tile=...)); the wan8k experiment.
     "sparse_only_tile": dict(attention="sparse_only", token_tile=(4, 4, 4)),
     "sla_mass_tile": dict(attention="sla", combine="mass", token_tile=(4, 4, 4)),
+    # Block shapes (issue 12's secondary table; the fastest GPU kernels prefer 128-wide blocks): the same tiled SLA
+    # with 128-token query blocks, and with 128-token key blocks too. Same token budget: 5% of 64 key blocks of
+    # 128 tokens is 3 blocks = 384 keys, as 6 blocks of 64.
+    "sla_mass_tile_128x64": dict(attention="sla", combine="mass", token_tile=(4, 4, 4), block_q=128, block_k=64),
+    "sla_mass_tile_128x128": dict(attention="sla", combine="mass", token_tile=(4, 4, 4), block_q=128, block_k=128),
 }
+# Arms that differ from "sla_mass_tile" only in their block shape (the report's block table).
+BLOCK_ARMS = ("sla_mass_tile", "sla_mass_tile_128x64", "sla_mass_tile_128x128")
 # Which sparse-only arm a rule's share of the gap is measured against (same block layout).
 BASELINE = {"sla_mass_tile": "sparse_only_tile"}
 SHARED = dict(steps=400, batch_size=8, lr=2e-4, warmup_steps=20, critical=0.05, negligible=0.10)
@@ -235,7 +242,8 @@ def cmd_report(args) -> int:
                          frechet_distance=_mean([r["frechet_distance"] for r in rs]),
                          fd_per_seed=[r["frechet_distance"] for r in rs],
                          rel_error_vs_dense=_mean([r["rel_error_vs_dense"] for r in rs]),
-                         sparsity=_mean([r["sparsity"] for r in rs]), critical=rs[0]["settings"].get("critical")))
+                         sparsity=_mean([r["sparsity"] for r in rs]), critical=rs[0]["settings"].get("critical"),
+                         blocks=f"{rs[0]['settings'].get('block_q', 64)}x{rs[0]['settings'].get('block_k', 64)}"))
     verdicts = {}
     for new in ("sla_mass", "sla_paper", "sla_mass_plain", "sla_paper_plain", "sla_mass_tile"):
         base = BASELINE.get(new, "sparse_only")
@@ -252,19 +260,26 @@ def cmd_report(args) -> int:
         if all((a, s) in by for a in (tiled, raster) for s in seeds):
             better = [by[(tiled, s)]["heldout_loss"] < by[(raster, s)]["heldout_loss"] for s in seeds]
             tiles[tiled] = dict(against=raster, better_every_seed=all(better), better_per_seed=better)
+    blocks = {}
+    ref = BLOCK_ARMS[0]
+    for arm in BLOCK_ARMS[1:]:
+        paired = [s for s in seeds if (arm, s) in by and (ref, s) in by]
+        if paired:
+            diff = [by[(arm, s)]["heldout_loss"] - by[(ref, s)]["heldout_loss"] for s in paired]
+            blocks[arm] = dict(against=ref, seeds=paired, loss_minus_64x64_per_seed=diff, mean_difference=_mean(diff))
     st = results[0]["settings"]
     ev = dict(clips=results[0]["heldout_clips"], samples=results[0]["samples"])
     meta = dict(model=results[0]["model"], device=results[0]["device"], torch=results[0]["torch"],
                 steps=st["steps"], batch_size=st["batch_size"], lr=st["lr"], eval=ev, seeds=seeds)
-    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, verdicts=verdicts, token_tiles=tiles),
-                                                 indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, verdicts=verdicts, token_tiles=tiles,
+                                                      block_shapes=blocks), indent=1) + "\n")
     lines = [f"Model `{meta['model']}`, {meta['device']}, torch {meta['torch']}; seeds {seeds}; "
              f"{st['steps']} steps x batch {st['batch_size']}, lr {st['lr']}; held-out loss on "
              f"{ev['clips']} clips x 5 sigmas (fixed noise), FD on {ev['samples']} samples.", "",
-             "| arm | critical | held-out loss (mean) | per seed | FD (mean) | FD per seed | rel. error vs dense | "
-             "sparsity |", "|---|---|---|---|---|---|---|---|"]
+             "| arm | blocks | critical | held-out loss (mean) | per seed | FD (mean) | FD per seed | "
+             "rel. error vs dense | sparsity |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['arm']} | {r['critical']} | {r['heldout_loss']:.4f} | "
+        lines.append(f"| {r['arm']} | {r['blocks']} | {r['critical']} | {r['heldout_loss']:.4f} | "
                      f"{', '.join(f'{x:.4f}' for x in r['heldout_loss_per_seed'])} | {r['frechet_distance']:.1f} | "
                      f"{', '.join(f'{x:.1f}' for x in r['fd_per_seed'])} | {r['rel_error_vs_dense']:.3f} | "
                      f"{r['sparsity']:.3f} |")
@@ -277,6 +292,12 @@ def cmd_report(args) -> int:
         lines += ["", "| token tiles | against raster arm | lower held-out loss in every seed |", "|---|---|---|"]
         for k, v in tiles.items():
             lines.append(f"| {k} | {v['against']} | {v['better_every_seed']} ({v['better_per_seed']}) |")
+    if blocks:
+        lines += ["", "| block shape arm | against | held-out loss minus the 64x64 arm's, per seed | mean |",
+                  "|---|---|---|---|"]
+        for k, v in blocks.items():
+            lines.append(f"| {k} | {v['against']} | {', '.join(f'{x:+.4f}' for x in v['loss_minus_64x64_per_seed'])} "
+                         f"| {v['mean_difference']:+.4f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

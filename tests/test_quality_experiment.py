@@ -22,7 +22,7 @@ def _script():
 
 def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
     qe = _script()
-    for arm in ("full", "sparse_only_tile", "sla_mass_tile"):
+    for arm in ("full", "sparse_only_tile", "sla_mass_tile", "sla_mass_tile_128x128"):
         r = qe.run_job(arm, 0, tmp_path, "small", smoke=True, backend="auto", threads=1)
         assert r["heldout_loss"] > 0 and r["eval_backend"] == "auto"
     saved = json.loads((tmp_path / "sla_mass_tile" / "seed0" / "result.json").read_text())
@@ -42,6 +42,9 @@ def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
     assert report["verdicts"]["sla_mass_tile"]["baseline"] == "sparse_only_tile"
     assert set(report["verdicts"]["sla_mass_tile"]) >= {"gap_closed", "criterion_met", "beats_per_seed"}
     assert "| sla_mass_tile | sparse_only_tile |" in (tmp_path / "results.md").read_text()
+    block = report["block_shapes"]["sla_mass_tile_128x128"]
+    assert block["against"] == "sla_mass_tile" and block["seeds"] == [0]
+    assert [r["blocks"] for r in report["rows"] if r["arm"] == "sla_mass_tile_128x128"] == ["128x128"]
 
 
 def test_float32_evaluation_of_wide_heads_runs_on_the_pytorch_path_on_cuda():

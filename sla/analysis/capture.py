@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..integrations.sdpa import bind_sdpa_arguments
 from .layer import OwnProjection
 
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 @dataclass
@@ -180,12 +180,6 @@ def _own_projection(sla) -> OwnProjection:
         mass_offset=None if offset is None else offset.detach().float().cpu())
 
 
-def _bind_sdpa(args, kwargs) -> dict:
-    bound = dict(zip(_SDPA_ARGS, args))
-    bound.update(kwargs)
-    return bound
-
-
 class _SDPARecorder(TorchFunctionMode):
     """Calls ``on_call(bound_arguments)`` for every scaled_dot_product_attention call, then runs it unchanged."""
 
@@ -196,7 +190,7 @@ class _SDPARecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            self.on_call(_bind_sdpa(args, kwargs))
+            self.on_call(bind_sdpa_arguments(args, kwargs))
         return func(*args, **kwargs)
 
 

@@ -49,7 +49,8 @@ _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", 
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
-def _bind_sdpa(args, kwargs) -> dict:
+def bind_sdpa_arguments(args, kwargs) -> dict:
+    """The arguments of one ``scaled_dot_product_attention(*args, **kwargs)`` call by name, defaults filled in."""
     bound = dict(_SDPA_DEFAULTS)
     bound.update(zip(_SDPA_PARAMS, args))
     bound.update(kwargs)
@@ -72,7 +73,7 @@ class _SDPAToSLA(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention and func is not _SDPA:
             return func(*args, **kwargs)
         self.sdpa_calls += 1
-        call = _bind_sdpa(args, kwargs)
+        call = bind_sdpa_arguments(args, kwargs)
         q, k, v = call["query"], call["key"], call["value"]
         if q.dim() == 4 and k.dim() == 4 and q.shape[-2] != k.shape[-2]:
             if self.router.on_cross_attention == "dense":

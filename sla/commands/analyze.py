@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..settings import FEATURE_MAPS, LINEAR_SCOPES
 from ._argtypes import token_tile
 
 _EPILOG = """\
@@ -90,9 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token-tile", metavar="F,H,W", type=token_tile, default=None,
                    help="measure SLA with its blocks over 3D token tiles (as apply_sla(token_tile=...)), e.g. 4,4,4; "
                         "default: the model's raster token order")
-    g.add_argument("--feature-map", default="softmax", choices=["softmax", "elu", "relu"],
+    g.add_argument("--feature-map", default="softmax", choices=FEATURE_MAPS,
                    help="phi of SLA's linear branch (default: softmax)")
-    g.add_argument("--linear-scope", default="marginal", choices=["marginal", "noncritical", "all"],
+    g.add_argument("--linear-scope", default="marginal", choices=LINEAR_SCOPES,
                    help="key blocks of SLA's linear branch (default: marginal, the paper's)")
     g.add_argument("--rank-top", type=float, default=0.08,
                    help="the top-x%% part for stable ranks, per row (paper: 0.08)")

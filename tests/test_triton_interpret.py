@@ -240,6 +240,36 @@ def test_torch_compile_fullgraph_public_entry_point():
     assert_outputs_within_rule(o, torch.autograd.grad(o, leaves, do), ref, gradient_names(True, False)[:4])
 
 
+def test_compiled_and_eager_runs_build_the_same_block_map():
+    # One builder for both (the op sla::triton_block_map): the compiled graph calls the same kernels, so the maps are
+    # equal field by field (the same kernels on the same inputs; nothing here depends on which CPU runs it).
+    from sla.ops.sla.triton import build_block_map_triton
+
+    q, k = torch.randn(1, 2, 300, 64), torch.randn(1, 2, 257, 64)
+
+    def build(q, k):
+        bm = build_block_map_triton(q, k, critical=0.3, negligible=0.3)
+        return tuple(getattr(bm, f) for f in BLOCKMAP_FIELDS)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(build, fullgraph=True, backend="aot_eager")(q, k)
+    for name, a, b in zip(BLOCKMAP_FIELDS, build(q, k), compiled):
+        assert torch.equal(a, b), name
+    # The public operator under compile builds its map with that op too.
+    f = torch.compile(lambda q, k: sla.sparse_linear_attention(q, k, k, critical=0.3, negligible=0.3, backend="triton",
+                                                               return_info=True)[1].class_map,
+                      fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(q, k), build(q, k)[0])
+
+
+def test_block_map_op_passes_opcheck():
+    from sla.ops.sla.triton.blockmap import sla_triton_block_map
+
+    q, k = torch.randn(1, 2, 130, 32), torch.randn(1, 2, 100, 32)
+    for transposes in ("all", "critical", "none"):
+        torch.library.opcheck(sla_triton_block_map, (q, k, 0.25, 0.25, 32, 32, transposes))
+
+
 BLOCKMAP_FIELDS = ("class_map", "critical_lut", "negligible_lut", "critical_lut_t_offsets", "critical_lut_t",
                    "negligible_lut_t_offsets", "negligible_lut_t")
 

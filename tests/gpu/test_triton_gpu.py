@@ -186,9 +186,25 @@ def test_torch_compile_fullgraph_inductor():
     torch.testing.assert_close(out, f(q, k, v))
 
 
+def test_compiled_and_eager_block_maps_are_identical():
+    # One builder (the op sla::triton_block_map) serves eager and compiled runs: the same kernels pick the same
+    # blocks, field by field (issue 16, item 2; a compiled run once traced the PyTorch builder instead).
+    import sla
+
+    q, k, v = (torch.randn(2, 3, 3000, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+
+    def info(q, k, v):
+        bm = sla.sparse_linear_attention(q, k, v, backend="triton", return_info=True)[1].block_map
+        return [getattr(bm, f) for f in ("class_map", "critical_lut", "negligible_lut", "critical_lut_t_offsets",
+                                         "critical_lut_t", "negligible_lut_t_offsets", "negligible_lut_t")]
+
+    torch._dynamo.reset()
+    for eager, compiled in zip(info(q, k, v), torch.compile(info, fullgraph=True)(q, k, v)):
+        assert torch.equal(eager, compiled)
+
+
 def test_torch_compile_gradients_within_the_rule():
-    # Compiled with inductor and eager on one block map (under compile the public API builds the map with the
-    # PyTorch builder, which may rank near-ties differently): output and every gradient meet the rule, both.
+    # Compiled with inductor and eager on one block map: output and every gradient meet the rule, both.
     build_block_map, sla_triton, t = _imports()
     q, k, v, do = (torch.randn(1, 2, 1500, 128, device=DEV, dtype=torch.bfloat16) for _ in range(4))
     w, b = 0.1 * torch.randn(128, 128, device=DEV), torch.randn(128, device=DEV)
@@ -241,6 +257,10 @@ def test_opcheck_gpu():
         torch.library.opcheck(sla_triton_fwd, grad_args)
         o, o_s, o_l, lse, a = sla_triton_fwd(*args)
         torch.library.opcheck(sla_triton_bwd, [torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:-1]])
+    from sla.ops.sla.triton.blockmap import sla_triton_block_map
+
+    for transposes in ("all", "critical", "none"):
+        torch.library.opcheck(sla_triton_block_map, (q, k, 0.3, 0.2, 64, 64, transposes))
 
 
 @pytest.mark.parametrize("block_q", [64, 128])

@@ -36,7 +36,7 @@ _FLOOR_SLACK = 1e-9
 
 def num_blocks(seq_len: int, block: int) -> int:
     """Number of blocks of ``block`` tokens needed to cover ``seq_len`` tokens (last one may be short)."""
-    return -(-seq_len // block)
+    return (seq_len + block - 1) // block  # not -(-a // b): symbolic sizes under torch.compile need a >= 0 form
 
 
 def class_counts(critical: float, negligible: float, num_key_blocks: int) -> tuple[int, int]:

@@ -48,12 +48,8 @@ class TritonBackend(Backend):
         check_triton_inputs(q, block_q, block_k)
 
     def build_block_map(self, q, k, *, critical, negligible, block_q, block_k, needs="complete"):
-        if torch.compiler.is_compiling():
-            # The builder's raw kernel launches cannot be traced by dynamo, so torch.compile traces the PyTorch
-            # builder instead, which computes the same classification from the same scores (up to fp32 rounding,
-            # which can only swap blocks whose scores tie to rounding).
-            return super().build_block_map(q, k, critical=critical, negligible=negligible, block_q=block_q,
-                                           block_k=block_k, needs=needs)
+        # One builder for eager and compiled runs: under torch.compile the builder is the opaque op
+        # sla::triton_block_map, so both pick the same blocks.
         from .blockmap import build_block_map_triton
 
         return build_block_map_triton(q.detach(), k.detach(), critical=critical, negligible=negligible,

@@ -173,6 +173,45 @@ def _lut_transpose(class_map: torch.Tensor, cls: int, count: int) -> tuple[torch
     return offsets, out
 
 
+@torch.library.custom_op("sla::triton_block_map", mutates_args=())
+def sla_triton_block_map(
+    q: torch.Tensor, k: torch.Tensor, critical: float, negligible: float, block_q: int, block_k: int, transposes: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The builder's launches as one op, so that eager and ``torch.compile`` runs use the same kernels (a compiled
+    run once traced the PyTorch builder, which agrees only up to fp32 rounding). Returns the :class:`BlockMap`'s
+    tensors in field order: class map, critical LUT, negligible LUT, the critical transpose's offsets and indices,
+    the negligible transpose's offsets and indices (size-0 int32 where ``transposes`` skips them). Inputs are
+    checked by :func:`build_block_map_triton`."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    n_crit, n_negl = class_counts(critical, negligible, num_blocks(Lk, block_k))
+    scores = _block_scores(_mean_pool(q, block_q), *_mean_pool(k, block_k, with_sums=True), Lk)
+    class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl)
+
+    def not_built():  # two distinct empty tensors: a custom op's outputs must not alias each other
+        return tuple(torch.empty(B, H, 0, dtype=torch.int32, device=q.device) for _ in range(2))
+
+    ct_off, ct = _lut_transpose(class_map, CRITICAL, n_crit) if transposes != "none" else not_built()
+    nt_off, nt = _lut_transpose(class_map, NEGLIGIBLE, n_negl) if transposes == "all" else not_built()
+    return class_map, crit_lut, negl_lut, ct_off, ct, nt_off, nt
+
+
+@sla_triton_block_map.register_fake
+def _(q, k, critical, negligible, block_q, block_k, transposes):
+    B, H, Lq, _ = q.shape
+    Tm, Tn = num_blocks(Lq, block_q), num_blocks(k.shape[2], block_k)
+    n_crit, n_negl = class_counts(critical, negligible, Tn)
+
+    def int32(*shape):
+        return q.new_empty(shape, dtype=torch.int32)
+
+    def transpose(count, built):  # CSR offsets and indices, or two size-0 tensors
+        return (int32(B, H, Tn + 1), int32(B, H, Tm * count)) if built else (int32(B, H, 0), int32(B, H, 0))
+
+    return (q.new_empty(B, H, Tm, Tn, dtype=torch.int8), int32(B, H, Tm, n_crit), int32(B, H, Tm, n_negl),
+            *transpose(n_crit, transposes != "none"), *transpose(n_negl, transposes == "all"))
+
+
 @torch.no_grad()
 def build_block_map_triton(
     q: torch.Tensor,
@@ -187,7 +226,8 @@ def build_block_map_triton(
     """GPU version of :func:`sla.build_block_map` (same arguments, same result up to fp32 score rounding).
 
     q ``(B, H, Lq, D)`` and k ``(B, H, Lk, D)`` with a contiguous last dim (other strides free), on CUDA or
-    on CPU under ``TRITON_INTERPRET=1``.
+    on CPU under ``TRITON_INTERPRET=1``. Runs the op ``sla::triton_block_map``, in eager mode and under
+    ``torch.compile`` alike (the same kernels, so the same map).
 
     ``transposes``: which CSR transposes (per key block) to build. ``"all"`` (default) gives the complete map;
     ``"critical"`` only the critical one, all that the backward kernels read; ``"none"`` neither, all that
@@ -199,19 +239,13 @@ def build_block_map_triton(
     check_attention_inputs(q, k, k)
     check_sla_config(critical, negligible, block_q, block_k, "softmax", "marginal")
     check_triton_inputs(q, block_q, block_k)
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    Tn = num_blocks(Lk, block_k)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
-    n_crit, n_negl = class_counts(critical, negligible, Tn)
-    scores = _block_scores(_mean_pool(q, block_q), *_mean_pool(k, block_k, with_sums=True), Lk)
-    class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl)
-    not_built = (torch.empty(B, H, 0, dtype=torch.int32, device=q.device),) * 2
-    ct_off, ct = _lut_transpose(class_map, CRITICAL, n_crit) if transposes != "none" else not_built
-    nt_off, nt = _lut_transpose(class_map, NEGLIGIBLE, n_negl) if transposes == "all" else not_built
+    fields = sla_triton_block_map(q, k, float(critical), float(negligible), block_q, block_k, transposes)
+    class_map, crit_lut, negl_lut, ct_off, ct, nt_off, nt = fields
     return BlockMap(class_map=class_map, critical_lut=crit_lut, negligible_lut=negl_lut,
                     critical_lut_t_offsets=ct_off, critical_lut_t=ct, negligible_lut_t_offsets=nt_off,
-                    negligible_lut_t=nt, seq_len_q=Lq, seq_len_k=Lk, block_q=block_q, block_k=block_k)
+                    negligible_lut_t=nt, seq_len_q=q.shape[2], seq_len_k=k.shape[2], block_q=block_q,
+                    block_k=block_k)

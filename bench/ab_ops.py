@@ -14,7 +14,6 @@ torch.profiler for both. This is how a change that spans kernels and launchers i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -31,16 +30,6 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 from bench_kernels import Runner, bench, kernel_profile, peak_memory_gb  # noqa: E402
 from provenance import git_commit  # noqa: E402
-
-
-@contextlib.contextmanager
-def launch_overrides(launch, overrides: dict):
-    """``launch.LAUNCH_CONFIG_OVERRIDES`` set to ``overrides`` while entered (read by every launch)."""
-    launch.LAUNCH_CONFIG_OVERRIDES.update(overrides)
-    try:
-        yield
-    finally:
-        launch.LAUNCH_CONFIG_OVERRIDES.clear()
 
 
 def load_base_ops(src: str):
@@ -87,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="64x64", help="block_qxblock_k, comma separated")
     p.add_argument("--launch-configs", nargs="*", default=[],
                    help="more variants of the new op with other launch configs, e.g. 'dq:4,3' or "
-                        "'dq:4,3+dkdv:4,3' (kernel:num_warps,num_stages; kernel names as in launch._launch_config)")
+                        "'dq:4,3+dkdv:4,3' (kernel:num_warps,num_stages; kernel names as in launch_config.KERNELS)")
     p.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
@@ -97,7 +86,7 @@ def main(argv=None) -> int:
     import triton
 
     import sla.ops.sla as new_package
-    from sla.ops.sla.triton import launch as new_launch
+    from sla.ops.sla.triton.launch_config import launch_overrides
 
     base_package = load_base_ops(args.base)
     # name -> (the op, launch-config overrides of the new op's kernels while it runs)
@@ -108,10 +97,11 @@ def main(argv=None) -> int:
             kernel, config = item.split(":")
             warps, stages = (int(x) for x in config.split(","))
             overrides[kernel] = {"num_warps": warps, "num_stages": stages}
+        launch_overrides(overrides)  # checks the names now, before any variant has run
         impls[f"new, {spec}"] = (triton_entry(new_package), overrides)
 
-    def variant(name):
-        return launch_overrides(new_launch, impls[name][1])
+    def variant(name):  # the overrides of the new op's kernels; the base copy always runs its own table
+        return launch_overrides(impls[name][1])
 
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "commit": git_commit(), "base": os.path.abspath(args.base), "runs": []}

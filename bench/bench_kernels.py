@@ -203,9 +203,11 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
 
 
 def launch_config_sweep(r, critical, negligible, block_q, block_k):
-    """Times of the forward and backward ops under other num_warps/num_stages (for tuning the table)."""
+    """Times of the forward and backward ops under other num_warps/num_stages (for tuning
+    ``launch_config.LAUNCH_TABLE``), each run inside ``launch_overrides``."""
     from sla.ops.sla.triton import build_block_map_triton, launch
     from sla.ops.sla.triton.api import scope_mask_for
+    from sla.ops.sla.triton.launch_config import launch_overrides
 
     q, k, v = (x.detach() for x in (r.q, r.k, r.v))
     bm = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
@@ -223,15 +225,13 @@ def launch_config_sweep(r, critical, negligible, block_q, block_k):
                               ("linear_q", lambda: launch.backward(*bwd_args), [(2, 1), (4, 1), (4, 2), (8, 1)]),
                               ("state", lambda: launch.forward(*fwd_args), [(2, 1), (4, 1), (4, 2), (8, 1)])):
         for warps, stages in configs:
-            launch.LAUNCH_CONFIG_OVERRIDES[name] = {"num_warps": warps, "num_stages": stages}
             try:
-                fn()
-                op = "fwd" if name in ("fwd", "state") else "bwd"
-                out[f"{name} warps={warps} stages={stages} (whole {op} op)"] = bench(fn)
+                with launch_overrides({name: {"num_warps": warps, "num_stages": stages}}):
+                    fn()
+                    op = "fwd" if name in ("fwd", "state") else "bwd"
+                    out[f"{name} warps={warps} stages={stages} (whole {op} op)"] = bench(fn)
             except Exception as exc:
                 out[f"{name} warps={warps} stages={stages} failed: {type(exc).__name__}"] = float("nan")
-            finally:
-                launch.LAUNCH_CONFIG_OVERRIDES.clear()
     return out
 
 

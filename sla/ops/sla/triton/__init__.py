@@ -1,7 +1,8 @@
 """Fused Triton kernels of SLA (forward and backward) for CUDA GPUs.
 
 Modules, by responsibility: ``kernels.py`` (the attention kernels, ``@triton.jit`` only), ``blockmap.py`` (the block
-classification's kernels and builder), ``launch.py`` (buffers, strides, launch configurations, the forward's and the
+classification's kernels and builder), ``launch_config.py`` (``num_warps``/``num_stages`` per launch: the table,
+the shared-memory check, the benchmarks' overrides), ``launch.py`` (buffers, strides, the forward's and the
 backward's launch sequences), ``custom_ops.py`` (``torch.library`` ops, fake implementations, autograd), ``api.py``
 (the entry point for a given block map), ``limits.py`` (what the kernels run, and the checks), ``backend.py`` (the
 ``"triton"`` backend object), ``testing.py`` (helpers shared by the CPU and GPU test suites).

@@ -1,6 +1,6 @@
-"""Launchers of the SLA Triton kernels: buffers, strides, launch configurations, and the launch sequence of one
-forward (:func:`forward`) and one backward (:func:`backward`). No autograd here (``custom_ops.py``), no argument
-checks (``api.py`` and ``limits.py``): callers pass checked tensors.
+"""Launchers of the SLA Triton kernels: buffers, strides, and the launch sequence of one forward (:func:`forward`)
+and one backward (:func:`backward`), each launch with its ``num_warps``/``num_stages`` from ``launch_config.py``. No
+autograd here (``custom_ops.py``), no argument checks (``api.py`` and ``limits.py``): callers pass checked tensors.
 
 What runs, per SLA call (layout ``(B, H, L, D)``; the variant is chosen by ``linear_scope``):
 
@@ -36,7 +36,7 @@ from .kernels import (
     sla_fwd_kernel,
     sla_linear_state_kernel,
 )
-from .limits import interpreting
+from .launch_config import launch_config
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,29 +54,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the forward kernel takes scale * log2(e)
-
-# kernel name -> {"num_warps": .., "num_stages": ..}; set only by the benchmark's launch-config sweep.
-LAUNCH_CONFIG_OVERRIDES: dict = {}
-
-
-def _launch_config(kernel: str, block_q: int, block_k: int, head_dim: int) -> dict:
-    """num_warps / num_stages per kernel (one table; no autotuning, so runs are reproducible)."""
-    if interpreting():
-        return {}
-    if kernel in LAUNCH_CONFIG_OVERRIDES:
-        return dict(LAUNCH_CONFIG_OVERRIDES[kernel])
-    # Chosen from the launch-config sweeps of bench/bench_kernels.py at (1, 12, 32760, 128) bf16: the best or
-    # within noise of it for each kernel and block shape (bench/RESULTS.md, "Measurements behind code choices";
-    # a table per device is issue 16's item 4).
-    if kernel == "fwd":
-        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 3}
-    if kernel == "state":  # 8 warps beat 4 (bench/RESULTS.md, "Backward experiments")
-        return {"num_warps": 8, "num_stages": 1}
-    if kernel == "dkdv":
-        return {"num_warps": 4, "num_stages": 2}
-    if kernel == "linear_q":
-        return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 1}
-    return {"num_warps": 8 if block_q >= 128 else 4, "num_stages": 2}
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -98,7 +75,7 @@ def linear_states(k: torch.Tensor, v: torch.Tensor, block_k: int, feature_map: s
     sla_linear_state_kernel[(Tn, B * H)](
         k, v, hs, zs, *_strides(k), *_strides(v), Lk, Tn,
         H=H, D=D, BN=block_k, FEATURE=feature_map, PREC=_dot_precision(v.dtype),
-        **_launch_config("state", block_k, block_k, D))
+        **launch_config("state", None, block_k, D, k.dtype, k.device))
     return hs, zs
 
 
@@ -165,7 +142,7 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
         scale * LOG2_E, math.log(D), Lq, Lk, Tm, n_crit,
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
         HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, PREC=_dot_precision(q.dtype),
-        **_launch_config("fwd", block_q, block_k, D))
+        **launch_config("fwd", block_q, block_k, D, q.dtype, q.device))
     return o, o_s, o_l, lse, a
 
 
@@ -214,7 +191,7 @@ def _sparse_dq(do, q, k, v, o_s, o_l, lse, a, critical_lut, proj_weight, proj_bi
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(o_s), *_strides(dq),
         scale, Lq, Lk, Tm, critical_lut.shape[-1],
         H=H, D=D, BM=block_q, BN=block_k, HAS_PROJ=proj_weight is not None, HAS_BIAS=proj_bias is not None,
-        MASS=mass, PREC=_dot_precision(q.dtype), **_launch_config("dq", block_q, block_k, D))
+        MASS=mass, PREC=_dot_precision(q.dtype), **launch_config("dq", block_q, block_k, D, q.dtype, q.device))
     return dq, delta, g
 
 
@@ -236,7 +213,7 @@ def _linear_dq(do, q, k, v, o_l, a, g, dq, scope_mask, proj_weight, proj_bias, b
         Lq, Tm,
         H=H, D=D, BM=block_q, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
         HAS_BIAS=proj_bias is not None, MASS=mass, PREC=_dot_precision(q.dtype),
-        **_launch_config("linear_q", block_q, block_k, D))
+        **launch_config("linear_q", block_q, None, D, q.dtype, q.device))
     return d_big_h, d_big_z, db_part
 
 
@@ -267,7 +244,7 @@ def _dkdv(do, q, k, v, a, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, b
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_state_strides(d_hs, d_zs),
         scale, Lq, Lk, Tm, Tn, n_crit,
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, MASS=mass, PREC=_dot_precision(q.dtype),
-        **_launch_config("dkdv", block_q, block_k, D))
+        **launch_config("dkdv", block_q, block_k, D, q.dtype, q.device))
     return dk, dv
 
 

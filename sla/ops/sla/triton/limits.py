@@ -17,7 +17,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_BLOCKS = (16, 32, 64, 128)
 # fp32 inputs on a GPU: the fp32 tiles of the dQ kernel need more shared memory than a GPU has above this head
-# dim (bench/RESULTS.md, "Measurements behind code choices"); the interpreter has no such limit.
+# dim (bench/RESULTS.md, "Measurements behind code choices"); the interpreter has no such limit. Measured, not
+# derived from launch_config's estimate, which leaves out the extra copies that tf32x3 dots make; and a constant,
+# so the integrations can check a configuration on the CPU before there is a device to ask.
 MAX_FP32_HEAD_DIM_ON_GPU = 64
 
 

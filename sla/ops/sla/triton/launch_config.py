@@ -1,0 +1,258 @@
+"""Launch configurations of the SLA Triton kernels: the ``num_warps`` and ``num_stages`` of every launch.
+
+* :data:`LAUNCH_TABLE`: a fixed table, looked up by (kernel, block_q, block_k, head_dim, dtype). No autotuning:
+  the same call always runs the same configuration, so runs are reproducible and nothing is timed at run time.
+* :func:`estimate_shared_memory` and :func:`fit_shared_memory`: on a GPU, a configuration whose estimated shared
+  memory exceeds the device's opt-in limit per block runs with fewer pipeline stages, or raises ``ValueError``
+  when even one stage does not fit (:func:`device_shared_memory`).
+* :func:`launch_overrides`: benchmarks try other configurations inside a ``with`` block; they end with it.
+
+Imports torch only, never Triton, and touches no GPU when imported; the device's limit is read at the first
+launch on that device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from types import MappingProxyType
+from typing import Iterator, Mapping, Optional
+
+import torch
+
+from .limits import interpreting
+
+# The kernels of kernels.py, by the names the table, the estimate and the overrides use.
+KERNELS = {
+    "state": "sla_linear_state_kernel",
+    "fwd": "sla_fwd_kernel",
+    "dq": "sla_bwd_dq_kernel",
+    "linear_q": "sla_bwd_linear_q_kernel",
+    "dkdv": "sla_bwd_dkdv_kernel",
+}
+CONFIG_KEYS = ("num_warps", "num_stages")
+ANY = None  # a table key field that matches every value
+
+# Key: (kernel, block_q, block_k, head_dim, dtype): the kernel's name (KERNELS), its query and key tile sizes (the
+# state kernel has no query tile and the linear-q kernel no key tile: they are looked up with None there), the
+# head dim and the inputs' dtype; ANY matches every value. Value: (num_warps, num_stages) for triton's launch.
+# Rows are read top to bottom and the first whose fields all match wins, so a more specific row goes above the
+# rows it refines; every kernel ends with a row of ANYs, its default.
+#
+# Chosen from the launch-config sweeps of bench/bench_kernels.py at (1, 12, 32760, 128) bf16, the best or within
+# noise of it for each kernel and block shape, on two cards that agreed (bench/RESULTS.md, "Measurements behind
+# code choices"). Head dims and dtypes other than 128 and bf16 use the same rows until measured.
+LAUNCH_TABLE: tuple = (
+    (("state", ANY, ANY, ANY, ANY), (8, 1)),  # 8 warps beat 4 (bench/RESULTS.md, "Backward experiments")
+    (("fwd", 128, ANY, ANY, ANY), (8, 3)),
+    (("fwd", ANY, ANY, ANY, ANY), (4, 3)),
+    (("dq", 128, ANY, ANY, ANY), (8, 2)),
+    (("dq", ANY, ANY, ANY, ANY), (4, 2)),
+    (("linear_q", 128, ANY, ANY, ANY), (8, 1)),
+    (("linear_q", ANY, ANY, ANY, ANY), (4, 1)),
+    (("dkdv", ANY, ANY, ANY, ANY), (4, 2)),
+)
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; the SLA kernels are {sorted(KERNELS)}")
+
+
+def table_config(kernel: str, block_q: Optional[int], block_k: Optional[int], head_dim: int,
+                 dtype: torch.dtype) -> dict:
+    """``{"num_warps": .., "num_stages": ..}`` of the first row of :data:`LAUNCH_TABLE` that matches, before any
+    shared-memory check or override."""
+    _check_kernel(kernel)
+    key = (kernel, block_q, block_k, head_dim, dtype)
+    for row, (num_warps, num_stages) in LAUNCH_TABLE:
+        if all(want is ANY or want == got for want, got in zip(row, key)):
+            return {"num_warps": num_warps, "num_stages": num_stages}
+    raise ValueError(f"LAUNCH_TABLE has no row for {key}; every kernel needs a last row of ANYs")
+
+
+# Shared memory, estimated. Per kernel, the phases of one program (the loop, and the code before or after it);
+# a phase lists the tiles that feed a tl.dot from shared memory at the same time, as (rows, cols, element type,
+# loaded inside the pipelined loop). The estimate is the largest phase, a tile loaded inside the loop counted
+# num_stages times (the software pipeline keeps one copy per stage). Element types: "input" (q's dtype),
+# "state" (launch.state_dtype: bf16 for bf16 inputs, fp32 otherwise), "fp32".
+#
+# It is an estimate, not what the compiler allocates: tiles computed in registers that are the first operand of
+# a dot (P, dS, phi(Q_i)) are not counted, as the tensor cores read them from registers; neither are the
+# compiler's layout-conversion scratch, barriers, or the extra copies of float32 tiles that "tf32x3" dots make
+# (which is why float32 has its own head-dim limit, limits.MAX_FP32_HEAD_DIM_ON_GPU). For the half dtypes at
+# the table's stages it is at or above (or within 2 KB of) what the compiler allocates, and for every launch the
+# input checks accept it fits the cards the table was tuned on, so the table runs unchanged there
+# (bench/RESULTS.md, "Shared memory of the kernels, compiled offline"; tests/test_launch_config.py).
+_SMEM_PHASES = {
+    "state": (
+        (("BN", "D", "input", False), ("BN", "D", "input", False)),  # phi(K_j)^T (a transpose) and V_j
+        (("D", "D", "state", False),),  # h_j on its way to memory (a layout change)
+    ),
+    "fwd": (
+        (("BM", "D", "input", False), ("BN", "D", "input", True), ("BN", "D", "input", True)),  # Q_i; K_j, V_j
+        (("D", "D", "state", False), ("D", "D", "fp32", False)),  # H_i, then Proj's W^T
+    ),
+    "dq": (
+        (("BM", "D", "input", False), ("BM", "D", "input", False),  # Q_i, dO_i
+         ("BN", "D", "input", True), ("BN", "D", "input", True)),  # K_j, V_j
+        (("D", "D", "fp32", False),),  # Proj(o_l) for combine="mass", before the loop
+    ),
+    "linear_q": (
+        (("D", "D", "fp32", False),),  # dO W
+        (("D", "D", "state", False),),  # dO_l H_i^T
+        (("BM", "D", "state", False), ("BM", "D", "state", False)),  # (phi(Q_i) / den)^T (a transpose), dO_l
+        (("BM", "D", "state", False), ("D", "D", "state", False)),  # dH_i on its way to memory, phi(Q_i) / den
+    ),
+    "dkdv": (
+        (("BN", "D", "input", False), ("BN", "D", "input", False),  # K_j, V_j
+         ("BM", "D", "input", True), ("BM", "D", "input", True)),  # Q_i, dO_i of each query block that chose j
+        (("BN", "D", "input", False), ("BN", "D", "input", False),  # K_j, V_j, still held
+         ("D", "D", "state", False), ("D", "D", "state", False)),  # dh_j and its transpose
+    ),
+}
+
+
+def _element_size(kind: str, dtype: torch.dtype) -> int:
+    if kind == "input":
+        return dtype.itemsize
+    if kind == "state":  # launch.state_dtype, which imports Triton
+        return 2 if dtype == torch.bfloat16 else 4
+    return 4
+
+
+def estimate_shared_memory(kernel: str, block_q: Optional[int], block_k: Optional[int], head_dim: int,
+                           dtype: torch.dtype, num_stages: int) -> int:
+    """Estimated shared memory in bytes of one launch of ``kernel`` (a name of :data:`KERNELS`) with tiles
+    ``block_q x head_dim`` and ``block_k x head_dim``, inputs of ``dtype`` and ``num_stages`` pipeline stages:
+    the largest of the kernel's phases in ``_SMEM_PHASES`` (the comment above it says what is counted)."""
+    _check_kernel(kernel)
+    sizes = {"BM": block_q, "BN": block_k, "D": head_dim}
+
+    def tile_bytes(rows: str, cols: str, kind: str, pipelined: bool) -> int:
+        if sizes[rows] is None or sizes[cols] is None:
+            raise ValueError(f"the {kernel!r} kernel has a {rows} x {cols} tile: pass its block size")
+        return sizes[rows] * sizes[cols] * _element_size(kind, dtype) * (num_stages if pipelined else 1)
+
+    return max(sum(tile_bytes(*tile) for tile in phase) for phase in _SMEM_PHASES[kernel])
+
+
+def fit_shared_memory(kernel: str, block_q: Optional[int], block_k: Optional[int], head_dim: int,
+                      dtype: torch.dtype, config: Mapping[str, int], limit: int) -> dict:
+    """``config`` with ``num_stages`` lowered to the largest whose estimate fits ``limit`` bytes (pure: the limit
+    is an argument). Fewer stages are the only smaller setting: ``num_warps`` does not change the tiles.
+
+    Raises:
+        ValueError: even one stage does not fit; it names the launch and what to change.
+    """
+    for num_stages in range(config["num_stages"], 0, -1):
+        if estimate_shared_memory(kernel, block_q, block_k, head_dim, dtype, num_stages) <= limit:
+            return {**config, "num_stages": num_stages}
+    need = estimate_shared_memory(kernel, block_q, block_k, head_dim, dtype, 1)
+    raise ValueError(
+        f"backend='triton': the {kernel!r} kernel with block_q={block_q}, block_k={block_k}, head_dim={head_dim} and "
+        f"{dtype} inputs needs an estimated {need} bytes of shared memory even with num_stages=1, more than this "
+        f"GPU's {limit} per block; use smaller block_q/block_k, a smaller head dim or bfloat16 inputs, or "
+        f"backend='torch'")
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_of(index: int) -> Optional[int]:
+    # Older torch builds and ROCm have no opt-in figure: no check there (the launch fails as before if too big).
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+
+
+def device_shared_memory(device: torch.device) -> Optional[int]:
+    """The opt-in shared memory per block of a CUDA ``device`` in bytes (what a kernel may use), read once per
+    device index; None for other devices, or where torch does not report it."""
+    if device.type != "cuda":
+        return None
+    return _shared_memory_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _fitted(kernel, block_q, block_k, head_dim, dtype, limit) -> tuple:
+    config = table_config(kernel, block_q, block_k, head_dim, dtype)
+    if limit is not None:
+        config = fit_shared_memory(kernel, block_q, block_k, head_dim, dtype, config, limit)
+    return tuple(config.items())
+
+
+# kernel name -> {"num_warps": .., "num_stages": ..}: the overrides in force, read-only mappings. Changed only by
+# launch_overrides, which restores the previous value when its block ends. Process-wide on purpose, not a
+# ContextVar: on CUDA the autograd engine runs a backward in a device thread of its own, which would not see a
+# ContextVar set in the caller's thread (torch copies the caller's context there only for compiled backwards).
+_overrides: Mapping[str, Mapping[str, int]] = MappingProxyType({})
+
+
+def active_overrides() -> Mapping[str, Mapping[str, int]]:
+    """The overrides in force (read-only): ``{kernel: {"num_warps": .., "num_stages": ..}}``."""
+    return _overrides
+
+
+def _checked_overrides(overrides: Mapping) -> dict:
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"launch overrides are a dict {{kernel: {{'num_warps': .., 'num_stages': ..}}}}, got "
+                         f"{type(overrides).__name__}")
+    unknown = sorted(set(overrides) - set(KERNELS))
+    if unknown:
+        raise ValueError(f"unknown kernel(s) {unknown} in launch overrides; the SLA kernels are {sorted(KERNELS)}")
+    checked = {}
+    for kernel, config in overrides.items():
+        if not isinstance(config, Mapping):
+            raise ValueError(f"launch override of {kernel!r} must be a dict with keys {CONFIG_KEYS}, got "
+                             f"{type(config).__name__}")
+        bad = sorted(set(config) - set(CONFIG_KEYS))
+        if bad:
+            raise ValueError(f"unknown key(s) {bad} in the launch override of {kernel!r}; allowed: {CONFIG_KEYS}")
+        for key, value in config.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"launch override {kernel!r} {key} must be a positive int, got {value!r}")
+        checked[kernel] = MappingProxyType(dict(config))
+    return checked
+
+
+def launch_overrides(overrides: Mapping[str, Mapping[str, int]]) -> contextlib.AbstractContextManager:
+    """A context manager that runs the kernels named in ``overrides`` with other launch settings while its
+    ``with`` block runs, e.g. ``with launch_overrides({"fwd": {"num_warps": 8, "num_stages": 2}}):``. For
+    benchmarks and tuning.
+
+    ``overrides`` maps kernel names (:data:`KERNELS`) to ``num_warps`` and/or ``num_stages``; a key left out keeps
+    the table's value. An override is used as given, without the shared-memory check (a sweep times exactly what
+    it asked for; Triton raises if it does not fit). Nested blocks: the inner one's kernels replace the outer
+    one's, the others stay. It applies to every launch in the process while the block runs (autograd's
+    backward included, which runs in a thread of its own on CUDA), so it is not for concurrent use from several
+    threads; it ends with the block, also on an exception. Under Triton's interpreter launch settings are ignored,
+    overrides included.
+
+    Raises:
+        ValueError: an unknown kernel or key, or a value that is not a positive int (checked here, before the
+            block runs).
+    """
+    return _overriding(_checked_overrides(overrides))
+
+
+@contextlib.contextmanager
+def _overriding(checked: Mapping[str, Mapping[str, int]]) -> Iterator[None]:
+    global _overrides
+    before = _overrides
+    _overrides = MappingProxyType({**before, **checked})
+    try:
+        yield
+    finally:
+        _overrides = before
+
+
+def launch_config(kernel: str, block_q: Optional[int], block_k: Optional[int], head_dim: int,
+                  dtype: torch.dtype, device: torch.device) -> dict:
+    """The ``num_warps``/``num_stages`` keyword arguments of one launch: an active override
+    (:func:`launch_overrides`) over the table's row (:func:`table_config`), the latter with its stages lowered to
+    fit ``device``'s shared memory (:func:`fit_shared_memory`). ``{}`` under Triton's interpreter, which ignores
+    them. Arguments as the table's key; ``device`` that of the launch's tensors.
+    """
+    if interpreting():
+        return {}
+    override = _overrides.get(kernel)
+    if override is not None:
+        return {**table_config(kernel, block_q, block_k, head_dim, dtype), **override}
+    return dict(_fitted(kernel, block_q, block_k, head_dim, dtype, device_shared_memory(device)))

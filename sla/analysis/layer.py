@@ -75,11 +75,6 @@ class AnalysisConfig:
         if self.query_blocks is not None and self.query_blocks < 1:
             raise ValueError(f"query_blocks must be >= 1 or None (all), got {self.query_blocks!r}")
 
-    @property
-    def settings(self) -> SLASettings:
-        """The SLA settings of these fields (checked; the combination rule does not enter the analysis)."""
-        return SLASettings.of(self)
-
     def measured_sparsities(self) -> list[float]:
         return sorted(set(round(float(s), 6) for s in self.sparsities) | {round(1.0 - self.critical, 6)})
 

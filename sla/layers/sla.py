@@ -32,7 +32,7 @@ class SparseLinearAttention(nn.Module):
         num_heads (int, optional): heads of q, for one mass offset per head (``combine="mass"``); ``None`` gives
             one offset shared by all heads. :func:`sla.apply_sla` passes each layer's head count.
 
-    The settings are kept as one frozen :class:`~sla.ops.sla.settings.SLASettings`, ``module.settings`` (its fields
+    The settings are kept as one frozen :class:`~sla.settings.SLASettings`, ``module.settings`` (its fields
     also read as ``module.critical`` and so on); :meth:`from_settings` builds a module from one.
 
     ``forward(q, k, v)`` takes ``(B, H, L, D)`` tensors and returns the same layout and dtype as q.
@@ -66,7 +66,7 @@ class SparseLinearAttention(nn.Module):
     @classmethod
     def from_settings(cls, head_dim: int, settings: SLASettings, *, backend: str = "auto",
                       num_heads: int | None = None) -> "SparseLinearAttention":
-        """The module for ``settings`` (an :class:`~sla.ops.sla.settings.SLASettings`)."""
+        """The module for ``settings`` (an :class:`~sla.settings.SLASettings`)."""
         if not isinstance(settings, SLASettings):
             raise TypeError(f"settings must be an SLASettings, got {type(settings).__name__}")
         return cls(head_dim, **settings.to_dict(), backend=backend, num_heads=num_heads)

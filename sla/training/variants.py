@@ -83,7 +83,7 @@ class LinearOnlyAttention(nn.Module):
 def apply_attention_mode(model: nn.Module, mode: str, settings: SLASettings | None = None, *, backend: str = "auto",
                          token_tile=None) -> nn.Module:
     """Install attention ``mode`` (see the module docstring) in every self-attention layer, in place, with
-    ``settings`` (default: :class:`~sla.ops.sla.settings.SLASettings`'s defaults). ``settings.combine`` applies to
+    ``settings`` (default: :class:`~sla.settings.SLASettings`'s defaults). ``settings.combine`` applies to
     ``sla`` only: the ablations are defined with the paper's sum (``sparse_only`` is the paper's rule with Proj
     frozen at zero, ``sum_no_proj`` its rule with the identity)."""
     settings = SLASettings() if settings is None else settings

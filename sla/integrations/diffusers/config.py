@@ -21,7 +21,7 @@ CONTROLLER_ATTRIBUTE = "_sla_controller"
 class SLAConfig:
     """What :func:`apply_sla` installed; written to ``sla_config.json`` by :func:`save_sla`.
 
-    ``sla``: the operator's settings (:class:`~sla.ops.sla.settings.SLASettings`); the other fields are the
+    ``sla``: the operator's settings (:class:`~sla.settings.SLASettings`); the other fields are the
     integration's own. The JSON form is flat (``{"critical": ..., "backend": ..., ...}``), as it always was.
     """
 
@@ -48,7 +48,7 @@ class SLAConfig:
         d = dict(d)
         # Files written before the combine option existed hold the paper's rule, whatever today's default is.
         d.setdefault("combine", "paper")
-        settings = SLASettings.of({k: v for k, v in d.items() if k in SLASettings.names()})
+        settings = SLASettings.of(d)  # reads only its own keys
         rest = {k: v for k, v in d.items() if k in own}
         rest["dense_layers"] = tuple(rest.get("dense_layers", ()))
         if isinstance(rest.get("token_tile"), list):  # JSON has no tuples

@@ -1,8 +1,8 @@
 """Argument checks shared by every SLA implementation.
 
-Every public entry point calls :func:`check_attention_inputs` (and makes a checked :class:`~.settings.SLASettings`) before any
-work, so a bad call fails with a message that names the argument and the fix instead of failing deep
-inside a matmul or, worse, returning a wrong result.
+Every public entry point calls :func:`check_attention_inputs` and makes a (checked) :class:`sla.settings.SLASettings`
+before any work, so a bad call fails with a message that names the argument and the fix instead of failing
+deep inside a matmul or, worse, returning a wrong result.
 """
 
 from __future__ import annotations

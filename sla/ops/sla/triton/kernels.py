@@ -16,9 +16,11 @@ Kernels:
   ``phi(Q_i) H_i / (phi(Q_i) . Z_i)`` from the block's aggregated state, then ``Proj`` and the combination:
   the sum (``combine="paper"``) or the mass-weighted mix ``a o_s + (1 - a) Proj(o_l)`` (``MASS``), with
   ``a = sigmoid(lse - log(den) - log(D) - mass_offset[h])`` from the two normalisers the kernel already has.
-* ``sla_bwd_dq_kernel``: ``delta = rowsum(dO * O_s)`` and dQ of the sparse branch over the critical LUT.
+* ``sla_bwd_dq_kernel``: ``delta = rowsum(dO * O_s)`` and dQ of the sparse branch over the critical LUT. For
+  ``MASS`` it reads ``delta`` and ``a`` per row instead (the linear-q kernel ran first) and adds into dq.
 * ``sla_bwd_linear_q_kernel``: the linear branch's backward per query block (paper Eq. 8): its share of dq
-  (through dphi(Q_i)), dH_i, dZ_i, and the block's partial sum of dO for the bias gradient.
+  (through dphi(Q_i)), dH_i, dZ_i, and the block's partial sum of dO for the bias gradient. For ``MASS`` also
+  ``g``, the gradient of ``a``'s logit, and the sparse branch's ``delta``, from ``dO W`` it forms anyway.
 * ``sla_bwd_dkdv_kernel``: dK and dV of the sparse branch per key block over the transposed (CSR) LUT,
   plus the linear branch's share of dV_j and dK_j (through dphi(K_j)).
 
@@ -205,7 +207,7 @@ def _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, i_n, s_k_l, s_v_l, qk
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT"])
 def sla_bwd_dq_kernel(
-    Q, K, V, DO, OS, OL, W, BIAS, A, LSE, LUT, DELTA, G, DQ,
+    Q, K, V, DO, OS, A, LSE, LUT, DELTA, DQ,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -213,9 +215,11 @@ def sla_bwd_dq_kernel(
     s_aux_b, s_aux_h, s_aux_l,
     s_dq_b, s_dq_h, s_dq_l,
     scale, Lq, Lk, Tm, N_CRIT,
-    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_PROJ: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MASS: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MASS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
+    # combine="paper": writes DELTA and DQ. MASS: reads DELTA (already minus g) and A, and adds to the linear
+    # branch's dq that sla_bwd_linear_q_kernel stored in DQ before; OS is not read.
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -226,32 +230,21 @@ def sla_bwd_dq_kernel(
     b_q = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
     b_do = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
                    other=0.)
-    b_os = tl.load(OS + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
-                   other=0.)
     if MASS:
-        # o = a o_s + (1 - a) p with p = Proj(o_l): the sparse branch sees dO_s = a dO, and a = sigmoid(x) with
-        # x = lse - log(den) - ... passes g = dO.(o_s - p) a (1 - a) on to lse (here: delta - g, as d lse / d s
-        # = P) and, with the opposite sign, to log(den) (the linear kernel reads g) and to mass_offset.
+        # o = a o_s + (1 - a) Proj(o_l): the sparse branch sees dO_s = a dO, rounded to the input dtype once as in
+        # the linear-q kernel (which took delta from these rounded values) and the dK/dV kernel, so that delta
+        # and the loop's dP = dO_s V^T stay consistent. delta - g arrives precomputed: forming g here needed
+        # Proj(o_l), i.e. the o_l tile and the D x D projection beside the loop's tiles (bench/RESULTS.md, "What
+        # `combine="mass"` costs").
         b_a = tl.load(A + i_bh * Lq + o_m, mask=m_q, other=0.)
-        b_ol = tl.load(OL + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
-                       other=0.).to(tl.float32)
-        if HAS_PROJ:
-            b_p = tl.dot(b_ol, tl.trans(tl.load(W + o_d[:, None] * D + o_d[None, :])), input_precision=PREC)
-            if HAS_BIAS:
-                b_p += tl.load(BIAS + o_d)[None, :]
-        else:
-            b_p = b_ol
-        b_dof = b_do.to(tl.float32)
-        b_g = tl.sum(b_dof * (b_os.to(tl.float32) - b_p), axis=1) * b_a * (1. - b_a)
-        tl.store(G + i_bh * Lq + o_m, b_g, mask=m_q)
-        # dO_s rounded to the input dtype once, here and in the dK/dV kernel, and delta taken from the rounded
-        # values, so that delta and the dP = dO_s V^T of the loop stay consistent.
-        b_do = (b_dof * b_a[:, None]).to(b_do.dtype)
-        b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1) - b_g
+        b_do = (b_do.to(tl.float32) * b_a[:, None]).to(b_do.dtype)
+        b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
     else:
         # D^s of Algorithm 2, computed here once per query block and reused by the dK/dV kernel.
+        b_os = tl.load(OS + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :],
+                       mask=m_q[:, None], other=0.)
         b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1)
-    tl.store(DELTA + i_bh * Lq + o_m, b_delta, mask=m_q)
+        tl.store(DELTA + i_bh * Lq + o_m, b_delta, mask=m_q)
     b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
 
     p_k0 = K + i_b * s_k_b + i_h * s_k_h
@@ -262,13 +255,16 @@ def sla_bwd_dq_kernel(
     for i_c in range(N_CRIT):  # one loop, masked every iteration (see sla_fwd_kernel)
         b_dq = _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, tl.load(p_lut + i_c), s_k_l, s_v_l, qk_scale,
                          Lk, D, BN, PREC)
+    b_dq = b_dq * scale
     p_dq = DQ + i_b * s_dq_b + i_h * s_dq_h + o_m[:, None] * s_dq_l + o_d[None, :]
-    tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
+    if MASS:  # read after the loop, so the linear branch's share holds no registers during it
+        b_dq += tl.load(p_dq, mask=m_q[:, None], other=0.).to(tl.float32)
+    tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_q[:, None])
 
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "s_hs_m", "s_zs_m"])
 def sla_bwd_linear_q_kernel(
-    Q, DO, W, OL, A, G, HS, ZS, DQ, DHS, DZS, DB_PART,
+    Q, DO, W, BIAS, OS, OL, A, DELTA, G, HS, ZS, DQ, DHS, DZS, DB_PART,
     s_q_b, s_q_h, s_q_l,
     s_do_b, s_do_h, s_do_l,
     s_aux_b, s_aux_h, s_aux_l,
@@ -280,18 +276,31 @@ def sla_bwd_linear_q_kernel(
 ):
     # Linear branch backward per query block (paper Eq. 8) with dO_l = dO W (through Proj) and
     # D^l = rowsum(dO_l * O_l), from recomputed (not saved) H_i, Z_i: dphi(Q_i) = (dO_l H_i^T - D^l Z_i^T) / den,
-    # dH_i = (phi(Q_i) / den)^T dO_l, dZ_i = -(phi(Q_i) / den)^T D^l. dphi(Q_i) goes through phi's backward and
-    # is added to the sparse branch's dq already in DQ. Also this block's share of the bias gradient, sum(dO).
+    # dH_i = (phi(Q_i) / den)^T dO_l, dZ_i = -(phi(Q_i) / den)^T D^l. dphi(Q_i) goes through phi's backward; with
+    # combine="paper" it is added to the sparse branch's dq already in DQ, with MASS this kernel runs first and
+    # stores it (the dQ kernel adds). Also this block's share of the bias gradient, sum(dO).
+    # OS and OL share the strides s_aux_* (the forward allocates both like q).
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_q = o_m < Lq
-    b_do = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
-                   other=0.).to(tl.float32)
-    if MASS:  # the projected linear branch enters o as (1 - a) Proj(o_l)
-        b_do = b_do * (1. - tl.load(A + i_bh * Lq + o_m, mask=m_q, other=1.))[:, None]
+    b_do_in = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
+                      other=0.)
+    b_do = b_do_in.to(tl.float32)
+    if MASS:
+        # o = a o_s + (1 - a) p, p = Proj(o_l), a = sigmoid(x) with x = lse - log(den) - ...: the logit's gradient
+        # is g = dO.(o_s - p) a (1 - a). It goes to lse as delta - g (dQ and dK/dV kernels), to log(den) as
+        # D^l + g (here) and to mass_offset as -g. Its dO.p part is the row sum this kernel forms anyway from
+        # dO W; only dO.o_s needs o_s, read once here (and no longer by the dQ kernel, which gets delta).
+        b_a = tl.load(A + i_bh * Lq + o_m, mask=m_q, other=1.)
+        b_os = tl.load(OS + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :],
+                       mask=m_q[:, None], other=0.).to(tl.float32)
+        b_dot_os = tl.sum(b_do * b_os, axis=1)
+        # The sparse branch's D^s from dO_s = a dO rounded to the input dtype, as the dQ and dK/dV kernels use it.
+        b_delta = tl.sum((b_do * b_a[:, None]).to(b_do_in.dtype).to(tl.float32) * b_os, axis=1)
+        b_do = b_do * (1. - b_a)[:, None]  # the projected linear branch enters o as (1 - a) Proj(o_l)
     i_row = i_bh * Tm + i_m
     if HAS_BIAS:
         tl.store(DB_PART + i_row * D + o_d, tl.sum(b_do, axis=0))
@@ -303,8 +312,16 @@ def sla_bwd_linear_q_kernel(
     b_ol = tl.load(OL + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
                    other=0.).to(tl.float32)
     b_dl = tl.sum(b_dol * b_ol, axis=1)
-    if MASS:  # log(den) gets -g from the mixing weight (see sla_bwd_dq_kernel): D^l - d log(den) = D^l + g
-        b_dl += tl.load(G + i_bh * Lq + o_m, mask=m_q, other=0.)
+    if MASS:
+        # (1 - a) dO.p = ((1 - a) dO W).o_l + (1 - a) dO.b = D^l (+ the bias term). Written without dividing by
+        # 1 - a, so rows with a = 1 (nothing in scope) get g = 0 exactly.
+        b_dot_p = b_dl
+        if HAS_BIAS:
+            b_dot_p = b_dot_p + tl.sum(b_do * tl.load(BIAS + o_d)[None, :], axis=1)
+        b_g = b_a * ((1. - b_a) * b_dot_os - b_dot_p)
+        tl.store(G + i_bh * Lq + o_m, b_g, mask=m_q)
+        tl.store(DELTA + i_bh * Lq + o_m, b_delta - b_g, mask=m_q)
+        b_dl += b_g  # log(den) gets -g: D^l - d log(den) = D^l + g
     b_x = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
     b_phi = _feature_map(b_x.to(tl.float32), FEATURE)
     b_pq = b_phi.to(b_x.dtype).to(tl.float32)  # the forward's rounding of phi(q)
@@ -315,8 +332,9 @@ def sla_bwd_linear_q_kernel(
     b_dpq = tl.dot(b_dol.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC) - b_dl[:, None] * b_zs[None, :]
     b_dpq = b_dpq / b_den[:, None]
     p_dq = DQ + i_b * s_dq_b + i_h * s_dq_h + o_m[:, None] * s_dq_l + o_d[None, :]
-    b_dq = tl.load(p_dq, mask=m_q[:, None], other=0.).to(tl.float32)
-    b_dq += _feature_map_grad(b_x.to(tl.float32), b_phi, b_dpq, FEATURE)
+    b_dq = _feature_map_grad(b_x.to(tl.float32), b_phi, b_dpq, FEATURE)
+    if not MASS:  # the dQ kernel ran first (see above)
+        b_dq += tl.load(p_dq, mask=m_q[:, None], other=0.).to(tl.float32)
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_q[:, None])
     b_qn = b_pq / b_den[:, None]
     b_dhs = tl.dot(tl.trans(b_qn.to(b_hs.dtype)), b_dol.to(b_hs.dtype), input_precision=PREC)  # [D, D]

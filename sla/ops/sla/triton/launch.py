@@ -33,6 +33,7 @@ import torch
 import triton
 
 from .kernels import (
+    LOG2E,
     sla_bwd_dkdv_kernel,
     sla_bwd_dq_kernel,
     sla_bwd_linear_q_kernel,
@@ -56,7 +57,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the forward kernel takes scale * log2(e)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -142,7 +142,7 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
     sla_fwd_kernel[(Tm, B * H)](
         q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o, o_s, o_l, lse, a,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s), *_state_strides(big_h, big_z),
-        scale * LOG2_E, math.log(D), Lq, Lk, Tm, n_crit,
+        scale * LOG2E.value, math.log(D), Lq, Lk, Tm, n_crit,  # the forward takes qk_scale (kernels.LOG2E)
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
         HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, PREC=_dot_precision(q.dtype),
         **launch_config("fwd", block_q, block_k, D, q.dtype, q.device))

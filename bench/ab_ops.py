@@ -1,13 +1,14 @@
 """A/B of the whole SLA Triton op against another commit's, in one process on one GPU.
 
     git archive REV sla/ops/sla | tar -x -C .ab     # the other commit's operator package (.ab is git-ignored)
-    python bench/ab_ops.py --base .ab/sla/ops/sla --out ab.json
+    python bench/ab_ops.py --base .ab/sla/ops/sla --out ab.json [--combine mass|paper]
 
 The base package is imported under another name (its ``torch.library`` namespace renamed so both can be
 registered), and both run their package's ``sparse_linear_attention(..., backend="triton")`` (GPU block map, both
-branches, projection) on the same inputs: the forward (inference and training) and the forward+backward through
-autograd. Rounds alternate A and B and the medians over rounds are reported, so drifting clocks hit both alike.
-The outputs and gradients of A and B are compared, and each kernel's device time per forward+backward comes from
+branches, projection; the rule ``--combine`` names, else each package's default, mass offsets at their zero
+default) on the same inputs: the forward (inference and training) and the forward+backward through autograd.
+Rounds alternate A and B and the medians over rounds are reported, so drifting clocks hit both alike. The outputs
+and gradients of A and B are compared, and each kernel's device time per forward+backward comes from
 torch.profiler for both. This is how a change that spans kernels and launchers is measured before it stays.
 """
 
@@ -77,6 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--launch-configs", nargs="*", default=[],
                    help="more variants of the new op with other launch configs, e.g. 'dq:4,3' or "
                         "'dq:4,3+dkdv:4,3' (kernel:num_warps,num_stages; kernel names as in launch_config.KERNELS)")
+    p.add_argument("--combine", choices=("mass", "paper"), default=None,
+                   help="combination rule of both ops (default: not passed, each package's own default; a base "
+                        "from before commit fff4491 has no combine argument)")
     p.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
@@ -104,7 +108,8 @@ def main(argv=None) -> int:
         return launch_overrides(impls[name][1])
 
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "commit": git_commit(), "base": os.path.abspath(args.base), "runs": []}
+               "commit": git_commit(), "base": os.path.abspath(args.base), "combine": args.combine, "runs": []}
+    rule = {} if args.combine is None else {"combine": args.combine}
     for shape in args.shapes.split(";"):
         B, H, L, D = (int(x) for x in shape.split(","))
         r = Runner(B, H, L, D)
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
             def call(name):
                 op = impls[name][0]
                 return lambda: op(r.q, r.k, r.v, critical=0.05, negligible=0.10, block_q=bq, block_k=bk,
-                                  linear_scope="marginal", proj_weight=r.w, proj_bias=r.b)
+                                  linear_scope="marginal", proj_weight=r.w, proj_bias=r.b, **rule)
 
             row = {"shape": [B, H, L, D], "blocks": blocks}
             grads = {}

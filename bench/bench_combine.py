@@ -4,9 +4,11 @@ combination) with the paper's rule and with the mass-consistent one, timed in on
     python bench/bench_combine.py --out results_combine.json      # CUDA machine
 
 The mass rule adds, per query row: one more fp32 value written in the forward and read in the backward (the
-mixing weight), a sigmoid, the projection recomputed in the dQ kernel's prologue (one BM x D x D product per
-query block) and an elementwise pass over dO for the projection's weight gradient. Prediction (written before
-the first run): under 5% of the op's forward+backward time at (1, 12, 32760, 128) bf16, 95% sparsity.
+mixing weight), a sigmoid, the gradient of the weight's logit (formed in the linear-q kernel, which then also
+reads o_s, and read by the dQ kernel with delta; until issue 12's "mass rule backward" commit the dQ kernel
+recomputed the projection in its prologue), dO scaled by the weight in the dK/dV loop, and an elementwise pass
+over dO for the projection's weight gradient. Prediction (written before the first run): under 5% of the op's
+forward+backward time at (1, 12, 32760, 128) bf16, 95% sparsity (bench/RESULTS.md has the runs).
 """
 
 from __future__ import annotations

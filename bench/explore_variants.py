@@ -78,11 +78,9 @@ VARIANTS = [
 """)]),
     ("bwd: dK/dV with q loaded transposed ([D, BM] tile, as Triton's attention tutorial)", "bwd",
      [(first_loop("sla_bwd_dkdv_kernel"), """    for i_t in range(i_start, i_end):
-        i_m = tl.load(p_lut_t + i_t)
-        o_m = i_m * BM + o_mb
-        m_q = o_m < Lq
+        o_m, m_q, m_qt = _block_rows(tl.load(p_lut_t + i_t), BM, Lq)
         b_qt = tl.load(p_q0 + o_m[None, :] * s_q_l + o_d[:, None], mask=m_q[None, :], other=0.)  # [D, BM]
-        b_do = tl.load(p_do0 + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
+        b_do = _load_tile(p_do0, o_m, s_do_l, m_qt, D)  # [BM, D]
         b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
         b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
         b_st = tl.dot(b_k, b_qt, input_precision=PREC)  # [BN, BM]

@@ -46,7 +46,7 @@ def _seed():
 
 
 def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, critical=0.4,
-              negligible=0.3, guard=True, combine="paper"):
+              negligible=0.3, guard=True, combine="paper", with_bias=None):
     # critical=0.4 keeps >= 2 critical blocks per row: with a single one-token critical block the softmax is
     # exactly 1, the fp64 dK is exactly 0 and the fp32 kernel's ~1e-6 cancellation residue would be judged
     # against an ulp floor taken at the (much smaller) output magnitude.
@@ -58,7 +58,8 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     else:
         q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
     w = (0.2 * torch.randn(D, D)).requires_grad_() if with_proj else None
-    b = torch.randn(D).requires_grad_() if with_proj else None
+    with_bias = with_proj if with_bias is None else with_bias
+    b = torch.randn(D).requires_grad_() if with_bias else None
     # Offsets around the values a trained layer reaches (docs/semantics.md): a in (0, 1), neither saturated.
     mo = torch.randn(H).requires_grad_() if combine == "mass" else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
@@ -66,12 +67,13 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     with nan_poisoned_allocations():
         o = triton_sparse_linear_attention(q, k, v, bm, feature_map=feature_map, linear_scope=linear_scope,
                                            proj_weight=w, proj_bias=b, combine=combine, mass_offset=mo)
-        wrt = [q, k, v] + ([w, b] if with_proj else []) + ([mo] if mo is not None else [])
+        wrt = [x for x in (q, k, v, w, b, mo) if x is not None]
         grads = torch.autograd.grad(o, wrt, do)
     ref = reference_outputs(q0, k0, v0, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w,
                             proj_bias=b, scale=None, do=do, combine=combine, mass_offset=mo)
     assert o.dtype == dtype and o.shape == (B, H, Lq, D)
-    assert_outputs_within_rule(o, grads, ref, gradient_names(with_proj, mo is not None))
+    names = [n for n in gradient_names(with_proj, mo is not None) if n != "db" or with_bias]
+    assert_outputs_within_rule(o, grads, ref, names)
 
 
 CASES = [
@@ -89,26 +91,40 @@ def test_kernels_match_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope
 
 
 MASS_CASES = [
-    pytest.param(1, 2, 200, 200, 64, 64, 64, "marginal", "softmax", True, id="mass-marginal-softmax-64x64-proj"),
-    pytest.param(2, 1, 130, 257, 32, 32, 64, "all", "elu", False, id="mass-all-elu-32x64-Lq130-Lk257-noproj"),
+    # (..., with_proj, with_bias): the linear-q kernel forms the mass rule's g from dO W and, with a bias, dO . b
+    pytest.param(1, 2, 200, 200, 64, 64, 64, "marginal", "softmax", True, True, id="mass-marginal-softmax-64x64-proj"),
+    pytest.param(2, 1, 130, 257, 32, 32, 64, "all", "elu", False, False, id="mass-all-elu-32x64-Lq130-Lk257-noproj"),
+    pytest.param(1, 2, 300, 190, 64, 128, 64, "noncritical", "relu", True, False,
+                 id="mass-noncritical-relu-128x64-Lq300-Lk190-weight-no-bias"),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj", MASS_CASES)
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, with_bias",
+                         MASS_CASES)
 def test_mass_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj,
-                                        dtype):
-    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine="mass")
+                                        with_bias, dtype):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine="mass",
+              with_bias=with_bias)
 
 
 def test_mass_combine_all_critical_equals_dense_attention():
-    # Nothing in the linear scope: the mixing weight is exactly 1 and SLA is dense attention, whatever Proj is.
-    q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
-    bm = build_block_map(q, k, critical=1.0, negligible=0.0, block_q=64, block_k=64)
-    o = triton_sparse_linear_attention(q, k, v, bm, proj_weight=torch.randn(64, 64), combine="mass",
-                                       mass_offset=torch.randn(2))
-    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    # Nothing in the linear scope: the mixing weight is exactly 1 and SLA is dense attention, whatever Proj is;
+    # so are its gradients, and the logit's gradient g = dO.(o_s - Proj(o_l)) a (1 - a) is exactly 0, which leaves
+    # nothing for the projection and the offsets.
+    q, k, v = (torch.randn(1, 2, 150, 64, requires_grad=True) for _ in range(3))
+    w, b, mo = (torch.randn(*shape, requires_grad=True) for shape in ((64, 64), (64,), (2,)))
+    bm = build_block_map(q.detach(), k.detach(), critical=1.0, negligible=0.0, block_q=64, block_k=64)
+    o = triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b, combine="mass", mass_offset=mo)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    dense = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd)
     torch.testing.assert_close(o.double(), dense, atol=2e-5, rtol=1e-5)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v, w, b, mo), do)
+    for got, want in zip(grads[:3], torch.autograd.grad(dense, (qd, kd, vd), do.double())):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    for got in grads[3:]:
+        assert torch.equal(got, torch.zeros_like(got))
 
 
 def test_head_dim_128_fp16():

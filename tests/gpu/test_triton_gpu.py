@@ -36,7 +36,7 @@ def _imports():
 
 
 def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj=True, critical=0.2,
-              negligible=0.2, guard=True, gold_impl="naive", combine="paper"):
+              negligible=0.2, guard=True, gold_impl="naive", combine="paper", with_bias=None):
     build_block_map, sla_triton, t = _imports()
     q0, k0, v0 = (torch.randn(B, H, L, D, dtype=dtype, device=DEV) for L in (Lq, Lk, Lk))
     if guard:
@@ -44,18 +44,20 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     else:
         q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
     w = (0.2 * torch.randn(D, D, device=DEV)).requires_grad_() if with_proj else None
-    b = torch.randn(D, device=DEV).requires_grad_() if with_proj else None
+    with_bias = with_proj if with_bias is None else with_bias
+    b = torch.randn(D, device=DEV).requires_grad_() if with_bias else None
     mo = torch.randn(H, device=DEV).requires_grad_() if combine == "mass" else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     do = torch.randn(B, H, Lq, D, dtype=dtype, device=DEV)
     with t.nan_poisoned_allocations():
         o = sla_triton(q, k, v, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w, proj_bias=b,
                        combine=combine, mass_offset=mo)
-        wrt = [q, k, v] + ([w, b] if with_proj else []) + ([mo] if mo is not None else [])
+        wrt = [x for x in (q, k, v, w, b, mo) if x is not None]
         grads = torch.autograd.grad(o, wrt, do)
     ref = t.reference_outputs(q0, k0, v0, bm, feature_map=feature_map, linear_scope=linear_scope, proj_weight=w,
                               proj_bias=b, scale=None, do=do, gold_impl=gold_impl, combine=combine, mass_offset=mo)
-    t.assert_outputs_within_rule(o, grads, ref, t.gradient_names(with_proj, mo is not None))
+    names = [n for n in t.gradient_names(with_proj, mo is not None) if n != "db" or with_bias]
+    t.assert_outputs_within_rule(o, grads, ref, names)
 
 
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
@@ -74,6 +76,12 @@ CASES = [
 @pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map", CASES[:2] + CASES[3:])
 def test_mass_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, dtype):
     _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, combine="mass")
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+def test_mass_combine_weight_without_bias(dtype):
+    # The linear-q kernel forms the mass rule's g from dO W plus, only with a bias, dO . b: the path without one.
+    _run_case(1, 2, 1000, 777, 128, 128, 64, dtype, "noncritical", "elu", combine="mass", with_bias=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

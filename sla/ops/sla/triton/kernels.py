@@ -16,9 +16,11 @@ Kernels:
   ``phi(Q_i) H_i / (phi(Q_i) . Z_i)`` from the block's aggregated state, then ``Proj`` and the combination:
   the sum (``combine="paper"``) or the mass-weighted mix ``a o_s + (1 - a) Proj(o_l)`` (``MASS``), with
   ``a = sigmoid(lse - log(den) - log(D) - mass_offset[h])`` from the two normalisers the kernel already has.
-* ``sla_bwd_dq_kernel``: ``delta = rowsum(dO * O_s)`` and dQ of the sparse branch over the critical LUT.
+* ``sla_bwd_dq_kernel``: ``delta = rowsum(dO * O_s)`` and dQ of the sparse branch over the critical LUT. For
+  ``MASS`` it reads ``delta`` and ``a`` per row instead (the linear-q kernel ran first) and adds into dq.
 * ``sla_bwd_linear_q_kernel``: the linear branch's backward per query block (paper Eq. 8): its share of dq
-  (through dphi(Q_i)), dH_i, dZ_i, and the block's partial sum of dO for the bias gradient.
+  (through dphi(Q_i)), dH_i, dZ_i, and the block's partial sum of dO for the bias gradient. For ``MASS`` also
+  ``g``, the gradient of ``a``'s logit, and the sparse branch's ``delta``, from ``dO W`` it forms anyway.
 * ``sla_bwd_dkdv_kernel``: dK and dV of the sparse branch per key block over the transposed (CSR) LUT,
   plus the linear branch's share of dV_j and dK_j (through dphi(K_j)).
 
@@ -28,6 +30,49 @@ top-k count does not compile a new kernel.
 
 import triton
 import triton.language as tl
+
+# exp(x) = exp2(x * LOG2E) and log(x) = log2(x) * LN2: the kernels work in base 2 (exp2 and log2 are the native
+# instructions). The forward receives the product ``scale * LOG2E`` from the launcher (launch.py, in double
+# precision) since it needs nothing else; the dQ and dK/dV kernels also scale their results by ``scale`` itself,
+# so they take ``scale`` and form the product in-kernel (in fp32). Making them agree would change the backward's
+# rounding of qk_scale, hence its results bit for bit, for no gain.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _program_ids(H: tl.constexpr):
+    """Every kernel's grid is ``(blocks, B * H)``: this program's block index, its (batch * head) row, batch and head.
+    The row is int64 so that ``batch * stride`` offsets of large tensors do not overflow int32."""
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    return i_blk, i_bh, i_bh // H, i_bh % H
+
+
+@triton.jit
+def _block_rows(i_blk, BLOCK: tl.constexpr, L):
+    """Token indices of block ``i_blk`` of ``BLOCK`` tokens, the mask of those below the length ``L``, and that mask
+    as a column ``[BLOCK, 1]`` for the block's ``[BLOCK, D]`` tiles. The column is formed here, before any tile's
+    pointers, because that is where the inline ``tl.load(ptrs, mask=m[:, None])`` put it (Triton evaluates keyword
+    arguments first): the kernels then compile to the same instruction order as before the helpers."""
+    o_rows = i_blk * BLOCK + tl.arange(0, BLOCK)
+    m_rows = o_rows < L
+    return o_rows, m_rows, m_rows[:, None]
+
+
+@triton.jit
+def _tile_ptrs(p0, o_rows, s_l, D: tl.constexpr):
+    """Pointers ``[rows, D]`` to rows ``o_rows`` (stride ``s_l``, last dimension contiguous) from ``p0``, the address
+    of row 0: a (batch, head) slice of a ``(B, H, L, D)`` tensor, or a ``D x D`` state with ``o_rows = arange(D)`` and
+    ``s_l = D``. Built as one chain of pointer additions, as the kernels wrote it inline."""
+    return p0 + o_rows[:, None] * s_l + tl.arange(0, D)[None, :]
+
+
+@triton.jit
+def _load_tile(p0, o_rows, s_l, m_tile, D: tl.constexpr):
+    """The ``[rows, D]`` tile of ``_tile_ptrs``, zeros in the rows outside ``m_tile`` (``[rows, 1]``: padding past
+    the length)."""
+    return tl.load(_tile_ptrs(p0, o_rows, s_l, D), mask=m_tile, other=0.)
 
 
 @triton.jit
@@ -62,32 +107,31 @@ def sla_linear_state_kernel(
     Lk, Tn,
     H: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = i_n * BN + tl.arange(0, BN)
+    i_n, i_bh, i_b, i_h = _program_ids(H)
+    o_k, m_k, m_kt = _block_rows(i_n, BN, Lk)
     o_d = tl.arange(0, D)
-    m_k = o_k < Lk
-    b_k = tl.load(K + i_b * s_k_b + i_h * s_k_h + o_k[:, None] * s_k_l + o_d[None, :], mask=m_k[:, None], other=0.)
-    b_v = tl.load(V + i_b * s_v_b + i_h * s_v_h + o_k[:, None] * s_v_l + o_d[None, :], mask=m_k[:, None], other=0.)
+    # _load_key_block's two loads, with each base pointer formed just before its load as the forward's loop has
+    # them: passing both to _load_key_block would compute them first and reorder the compiled code.
+    b_k = _load_tile(K + i_b * s_k_b + i_h * s_k_h, o_k, s_k_l, m_kt, D)
+    b_v = _load_tile(V + i_b * s_v_b + i_h * s_v_h, o_k, s_v_l, m_kt, D)
     # phi rounded to the input dtype once, as the PyTorch paths compute it; padded key rows are zeroed (phi(0) of
     # softmax is 1/D, not 0), so they add nothing to h_j or z_j.
-    b_pk = tl.where(m_k[:, None], _feature_map(b_k.to(tl.float32), FEATURE), 0.).to(b_k.dtype)
+    b_pk = tl.where(m_kt, _feature_map(b_k.to(tl.float32), FEATURE), 0.).to(b_k.dtype)
     b_h = tl.dot(tl.trans(b_pk), b_v, input_precision=PREC)  # [D, D]
     b_z = tl.sum(b_pk.to(tl.float32), axis=0)  # [D]
     i_state = i_bh * Tn + i_n
-    tl.store(HS + i_state * D * D + o_d[:, None] * D + o_d[None, :], b_h.to(HS.dtype.element_ty))
+    tl.store(_tile_ptrs(HS + i_state * D * D, o_d, D, D), b_h.to(HS.dtype.element_ty))
     tl.store(ZS + i_state * D + o_d, b_z)
 
 
 @triton.jit
 def _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D: tl.constexpr, BN: tl.constexpr):
-    """K and V tiles ``[BN, D]`` of key block ``i_n`` (zeros past Lk) and the mask of its real keys."""
-    o_k = i_n * BN + tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    m_k = o_k < Lk
-    b_k = tl.load(p_k0 + o_k[:, None] * s_k_l + o_d[None, :], mask=m_k[:, None], other=0.)
-    b_v = tl.load(p_v0 + o_k[:, None] * s_v_l + o_d[None, :], mask=m_k[:, None], other=0.)
+    """K and V tiles ``[BN, D]`` of key block ``i_n`` (zeros past Lk) and the mask of its real keys; ``p_k0``, ``p_v0``
+    address token 0 of this (batch, head). The forward and dQ loops call it; the state and dK/dV kernels load their
+    one key block with the same helpers inline (see sla_linear_state_kernel)."""
+    o_k, m_k, m_kt = _block_rows(i_n, BN, Lk)
+    b_k = _load_tile(p_k0, o_k, s_k_l, m_kt, D)
+    b_v = _load_tile(p_v0, o_k, s_v_l, m_kt, D)
     return b_k, b_v, m_k
 
 
@@ -112,7 +156,7 @@ def _mass_weight(b_lse2, b_den, beta, log_d):
     linear branch's normaliser; ``den = 0`` gives ``log = -inf`` and ``a = 1`` (sla/ops/sla/naive.py is the spec)."""
     pos = b_den > 0.
     log_den = tl.where(pos, tl.log(tl.where(pos, b_den, 1.)), float("-inf"))
-    x = b_lse2 * 0.6931471805599453 - log_den - log_d - beta
+    x = b_lse2 * LN2 - log_den - log_d - beta
     return 1. / (1. + tl.exp(-x))
 
 
@@ -131,15 +175,13 @@ def sla_fwd_kernel(
     HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, MASS: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # qk_scale = softmax scale * log2(e) (> 0): exp(x) = exp2(x * log2(e)), folded into one multiply-add.
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_m = i_m * BM + tl.arange(0, BM)
+    # qk_scale = softmax scale * LOG2E (> 0): exp(x) = exp2(x * log2(e)), folded into one multiply-add.
+    i_m, i_bh, i_b, i_h = _program_ids(H)
+    o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
     o_d = tl.arange(0, D)
-    m_q = o_m < Lq
 
-    b_q = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
+    p_q0 = Q + i_b * s_q_b + i_h * s_q_h
+    b_q = _load_tile(p_q0, o_m, s_q_l, m_qt, D)
     p_k0 = K + i_b * s_k_b + i_h * s_k_h
     p_v0 = V + i_b * s_v_b + i_h * s_v_h
     p_lut = LUT + (i_bh * Tm + i_m) * N_CRIT
@@ -157,9 +199,9 @@ def sla_fwd_kernel(
     # Linear branch: H_i and Z_i are this query block's aggregated states over the key blocks in scope.
     # phi(Q_i) from a second load of the tile (an L2 hit) rather than keeping b_q live past the loop; the two
     # ran at the same speed (bench/RESULTS.md, "Kernels at commit 0f20e68": what was tried on the way).
-    b_x = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
+    b_x = _load_tile(p_q0, o_m, s_q_l, m_qt, D)
     b_pq = _feature_map(b_x.to(tl.float32), FEATURE).to(b_x.dtype).to(tl.float32)
-    b_hs = tl.load(HS + i_bh * s_hs_bh + i_m * s_hs_m + o_d[:, None] * D + o_d[None, :])  # [D, D]
+    b_hs = tl.load(_tile_ptrs(HS + i_bh * s_hs_bh + i_m * s_hs_m, o_d, D, D))  # [D, D]
     b_zs = tl.load(ZS + i_bh * s_zs_bh + i_m * s_zs_m + o_d)  # [D] fp32
     b_num = tl.dot(b_pq.to(b_hs.dtype), b_hs, input_precision=PREC)
     b_den = tl.sum(b_pq * b_zs[None, :], axis=1)
@@ -180,12 +222,11 @@ def sla_fwd_kernel(
     else:
         b_o = b_os + b_proj
 
-    tl.store(O + i_b * s_o_b + i_h * s_o_h + o_m[:, None] * s_o_l + o_d[None, :], b_o.to(O.dtype.element_ty),
-             mask=m_q[:, None])
+    tl.store(_tile_ptrs(O + i_b * s_o_b + i_h * s_o_h, o_m, s_o_l, D), b_o.to(O.dtype.element_ty), mask=m_qt)
     if STORE_AUX:  # only when backward will run: inference writes o alone
         p_aux = i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :]
-        tl.store(OS + p_aux, b_os.to(OS.dtype.element_ty), mask=m_q[:, None])
-        tl.store(OL + p_aux, b_ol.to(OL.dtype.element_ty), mask=m_q[:, None])
+        tl.store(OS + p_aux, b_os.to(OS.dtype.element_ty), mask=m_qt)
+        tl.store(OL + p_aux, b_ol.to(OL.dtype.element_ty), mask=m_qt)
         tl.store(LSE + i_bh * Lq + o_m, b_lse2, mask=m_q)
         if MASS:
             tl.store(A + i_bh * Lq + o_m, b_a, mask=m_q)
@@ -205,7 +246,7 @@ def _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, i_n, s_k_l, s_v_l, qk
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT"])
 def sla_bwd_dq_kernel(
-    Q, K, V, DO, OS, OL, W, BIAS, A, LSE, LUT, DELTA, G, DQ,
+    Q, K, V, DO, OS, A, LSE, LUT, DELTA, DQ,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -213,62 +254,50 @@ def sla_bwd_dq_kernel(
     s_aux_b, s_aux_h, s_aux_l,
     s_dq_b, s_dq_h, s_dq_l,
     scale, Lq, Lk, Tm, N_CRIT,
-    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_PROJ: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MASS: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MASS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_d = tl.arange(0, D)
-    m_q = o_m < Lq
+    # combine="paper": writes DELTA and DQ. MASS: reads DELTA (already minus g) and A, and adds to the linear
+    # branch's dq that sla_bwd_linear_q_kernel stored in DQ before; OS is not read.
+    i_m, i_bh, i_b, i_h = _program_ids(H)
+    o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
 
-    b_q = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
-    b_do = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
-                   other=0.)
-    b_os = tl.load(OS + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
-                   other=0.)
+    b_q = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
+    b_do = _load_tile(DO + i_b * s_do_b + i_h * s_do_h, o_m, s_do_l, m_qt, D)
     if MASS:
-        # o = a o_s + (1 - a) p with p = Proj(o_l): the sparse branch sees dO_s = a dO, and a = sigmoid(x) with
-        # x = lse - log(den) - ... passes g = dO.(o_s - p) a (1 - a) on to lse (here: delta - g, as d lse / d s
-        # = P) and, with the opposite sign, to log(den) (the linear kernel reads g) and to mass_offset.
+        # o = a o_s + (1 - a) Proj(o_l): the sparse branch sees dO_s = a dO, rounded to the input dtype once as in
+        # the linear-q kernel (which took delta from these rounded values) and the dK/dV kernel, so that delta
+        # and the loop's dP = dO_s V^T stay consistent. delta - g arrives precomputed: forming g here needed
+        # Proj(o_l), i.e. the o_l tile and the D x D projection beside the loop's tiles (bench/RESULTS.md, "What
+        # `combine="mass"` costs").
         b_a = tl.load(A + i_bh * Lq + o_m, mask=m_q, other=0.)
-        b_ol = tl.load(OL + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
-                       other=0.).to(tl.float32)
-        if HAS_PROJ:
-            b_p = tl.dot(b_ol, tl.trans(tl.load(W + o_d[:, None] * D + o_d[None, :])), input_precision=PREC)
-            if HAS_BIAS:
-                b_p += tl.load(BIAS + o_d)[None, :]
-        else:
-            b_p = b_ol
-        b_dof = b_do.to(tl.float32)
-        b_g = tl.sum(b_dof * (b_os.to(tl.float32) - b_p), axis=1) * b_a * (1. - b_a)
-        tl.store(G + i_bh * Lq + o_m, b_g, mask=m_q)
-        # dO_s rounded to the input dtype once, here and in the dK/dV kernel, and delta taken from the rounded
-        # values, so that delta and the dP = dO_s V^T of the loop stay consistent.
-        b_do = (b_dof * b_a[:, None]).to(b_do.dtype)
-        b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1) - b_g
+        b_do = (b_do.to(tl.float32) * b_a[:, None]).to(b_do.dtype)
+        b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
     else:
         # D^s of Algorithm 2, computed here once per query block and reused by the dK/dV kernel.
+        b_os = _load_tile(OS + i_b * s_aux_b + i_h * s_aux_h, o_m, s_aux_l, m_qt, D)
         b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1)
-    tl.store(DELTA + i_bh * Lq + o_m, b_delta, mask=m_q)
+        tl.store(DELTA + i_bh * Lq + o_m, b_delta, mask=m_q)
     b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
 
     p_k0 = K + i_b * s_k_b + i_h * s_k_h
     p_v0 = V + i_b * s_v_b + i_h * s_v_h
     p_lut = LUT + (i_bh * Tm + i_m) * N_CRIT
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     b_dq = tl.zeros([BM, D], dtype=tl.float32)
     for i_c in range(N_CRIT):  # one loop, masked every iteration (see sla_fwd_kernel)
         b_dq = _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, tl.load(p_lut + i_c), s_k_l, s_v_l, qk_scale,
                          Lk, D, BN, PREC)
-    p_dq = DQ + i_b * s_dq_b + i_h * s_dq_h + o_m[:, None] * s_dq_l + o_d[None, :]
-    tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
+    b_dq = b_dq * scale
+    p_dq = _tile_ptrs(DQ + i_b * s_dq_b + i_h * s_dq_h, o_m, s_dq_l, D)
+    if MASS:  # read after the loop, so the linear branch's share holds no registers during it
+        b_dq += tl.load(p_dq, mask=m_qt, other=0.).to(tl.float32)
+    tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_qt)
 
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "s_hs_m", "s_zs_m"])
 def sla_bwd_linear_q_kernel(
-    Q, DO, W, OL, A, G, HS, ZS, DQ, DHS, DZS, DB_PART,
+    Q, DO, W, BIAS, OS, OL, A, DELTA, G, HS, ZS, DQ, DHS, DZS, DB_PART,
     s_q_b, s_q_h, s_q_l,
     s_do_b, s_do_h, s_do_l,
     s_aux_b, s_aux_h, s_aux_l,
@@ -280,48 +309,64 @@ def sla_bwd_linear_q_kernel(
 ):
     # Linear branch backward per query block (paper Eq. 8) with dO_l = dO W (through Proj) and
     # D^l = rowsum(dO_l * O_l), from recomputed (not saved) H_i, Z_i: dphi(Q_i) = (dO_l H_i^T - D^l Z_i^T) / den,
-    # dH_i = (phi(Q_i) / den)^T dO_l, dZ_i = -(phi(Q_i) / den)^T D^l. dphi(Q_i) goes through phi's backward and
-    # is added to the sparse branch's dq already in DQ. Also this block's share of the bias gradient, sum(dO).
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_m = i_m * BM + tl.arange(0, BM)
+    # dH_i = (phi(Q_i) / den)^T dO_l, dZ_i = -(phi(Q_i) / den)^T D^l. dphi(Q_i) goes through phi's backward; with
+    # combine="paper" it is added to the sparse branch's dq already in DQ, with MASS this kernel runs first and
+    # stores it (the dQ kernel adds). Also this block's share of the bias gradient, sum(dO).
+    # OS and OL share the strides s_aux_* (the forward allocates both like q).
+    i_m, i_bh, i_b, i_h = _program_ids(H)
+    o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
     o_d = tl.arange(0, D)
-    m_q = o_m < Lq
-    b_do = tl.load(DO + i_b * s_do_b + i_h * s_do_h + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None],
-                   other=0.).to(tl.float32)
-    if MASS:  # the projected linear branch enters o as (1 - a) Proj(o_l)
-        b_do = b_do * (1. - tl.load(A + i_bh * Lq + o_m, mask=m_q, other=1.))[:, None]
+    b_do_in = _load_tile(DO + i_b * s_do_b + i_h * s_do_h, o_m, s_do_l, m_qt, D)
+    b_do = b_do_in.to(tl.float32)
+    if MASS:
+        # o = a o_s + (1 - a) p, p = Proj(o_l), a = sigmoid(x) with x = lse - log(den) - ...: the logit's gradient
+        # is g = dO.(o_s - p) a (1 - a). It goes to lse as delta - g (dQ and dK/dV kernels), to log(den) as
+        # D^l + g (here) and to mass_offset as -g. Its dO.p part is the row sum this kernel forms anyway from
+        # dO W; only dO.o_s needs o_s, read once here (and no longer by the dQ kernel, which gets delta).
+        b_a = tl.load(A + i_bh * Lq + o_m, mask=m_q, other=1.)
+        b_os = _load_tile(OS + i_b * s_aux_b + i_h * s_aux_h, o_m, s_aux_l, m_qt, D).to(tl.float32)
+        b_dot_os = tl.sum(b_do * b_os, axis=1)
+        # The sparse branch's D^s from dO_s = a dO rounded to the input dtype, as the dQ and dK/dV kernels use it.
+        b_delta = tl.sum((b_do * b_a[:, None]).to(b_do_in.dtype).to(tl.float32) * b_os, axis=1)
+        b_do = b_do * (1. - b_a)[:, None]  # the projected linear branch enters o as (1 - a) Proj(o_l)
     i_row = i_bh * Tm + i_m
     if HAS_BIAS:
         tl.store(DB_PART + i_row * D + o_d, tl.sum(b_do, axis=0))
     if HAS_PROJ:
-        b_w = tl.load(W + o_d[:, None] * D + o_d[None, :])  # [D_out, D_in]
+        b_w = tl.load(_tile_ptrs(W, o_d, D, D))  # [D_out, D_in]
         b_dol = tl.dot(b_do, b_w, input_precision=PREC)
     else:
         b_dol = b_do
-    b_ol = tl.load(OL + i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :], mask=m_q[:, None],
-                   other=0.).to(tl.float32)
+    b_ol = _load_tile(OL + i_b * s_aux_b + i_h * s_aux_h, o_m, s_aux_l, m_qt, D).to(tl.float32)
     b_dl = tl.sum(b_dol * b_ol, axis=1)
-    if MASS:  # log(den) gets -g from the mixing weight (see sla_bwd_dq_kernel): D^l - d log(den) = D^l + g
-        b_dl += tl.load(G + i_bh * Lq + o_m, mask=m_q, other=0.)
-    b_x = tl.load(Q + i_b * s_q_b + i_h * s_q_h + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)
+    if MASS:
+        # (1 - a) dO.p = ((1 - a) dO W).o_l + (1 - a) dO.b = D^l (+ the bias term). Written without dividing by
+        # 1 - a, so rows with a = 1 (nothing in scope) get g = 0 exactly.
+        b_dot_p = b_dl
+        if HAS_BIAS:
+            b_dot_p = b_dot_p + tl.sum(b_do * tl.load(BIAS + o_d)[None, :], axis=1)
+        b_g = b_a * ((1. - b_a) * b_dot_os - b_dot_p)
+        tl.store(G + i_bh * Lq + o_m, b_g, mask=m_q)
+        tl.store(DELTA + i_bh * Lq + o_m, b_delta - b_g, mask=m_q)
+        b_dl += b_g  # log(den) gets -g: D^l - d log(den) = D^l + g
+    b_x = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
     b_phi = _feature_map(b_x.to(tl.float32), FEATURE)
     b_pq = b_phi.to(b_x.dtype).to(tl.float32)  # the forward's rounding of phi(q)
-    b_hs = tl.load(HS + i_bh * s_hs_bh + i_m * s_hs_m + o_d[:, None] * D + o_d[None, :])  # [D, D]
+    b_hs = tl.load(_tile_ptrs(HS + i_bh * s_hs_bh + i_m * s_hs_m, o_d, D, D))  # [D, D]
     b_zs = tl.load(ZS + i_bh * s_zs_bh + i_m * s_zs_m + o_d)
     b_den = tl.sum(b_pq * b_zs[None, :], axis=1)
     b_den = tl.where(b_den == 0., 1., b_den)  # rows whose o_l is 0 (see sla_fwd_kernel)
     b_dpq = tl.dot(b_dol.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC) - b_dl[:, None] * b_zs[None, :]
     b_dpq = b_dpq / b_den[:, None]
-    p_dq = DQ + i_b * s_dq_b + i_h * s_dq_h + o_m[:, None] * s_dq_l + o_d[None, :]
-    b_dq = tl.load(p_dq, mask=m_q[:, None], other=0.).to(tl.float32)
-    b_dq += _feature_map_grad(b_x.to(tl.float32), b_phi, b_dpq, FEATURE)
-    tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_q[:, None])
+    p_dq = _tile_ptrs(DQ + i_b * s_dq_b + i_h * s_dq_h, o_m, s_dq_l, D)
+    b_dq = _feature_map_grad(b_x.to(tl.float32), b_phi, b_dpq, FEATURE)
+    if not MASS:  # the dQ kernel ran first (see above)
+        b_dq += tl.load(p_dq, mask=m_qt, other=0.).to(tl.float32)
+    tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_qt)
     b_qn = b_pq / b_den[:, None]
     b_dhs = tl.dot(tl.trans(b_qn.to(b_hs.dtype)), b_dol.to(b_hs.dtype), input_precision=PREC)  # [D, D]
     b_dzs = -tl.sum(b_qn * b_dl[:, None], axis=0)
-    tl.store(DHS + i_row * D * D + o_d[:, None] * D + o_d[None, :], b_dhs.to(DHS.dtype.element_ty))
+    tl.store(_tile_ptrs(DHS + i_row * D * D, o_d, D, D), b_dhs.to(DHS.dtype.element_ty))
     tl.store(DZS + i_row * D + o_d, b_dzs)
 
 
@@ -338,31 +383,25 @@ def sla_bwd_dkdv_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
     MASS: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = i_n * BN + tl.arange(0, BN)
-    o_mb = tl.arange(0, BM)
+    i_n, i_bh, i_b, i_h = _program_ids(H)
+    o_k, m_k, m_kt = _block_rows(i_n, BN, Lk)
     o_d = tl.arange(0, D)
-    m_k = o_k < Lk
 
-    b_k = tl.load(K + i_b * s_k_b + i_h * s_k_h + o_k[:, None] * s_k_l + o_d[None, :], mask=m_k[:, None], other=0.)
-    b_v = tl.load(V + i_b * s_v_b + i_h * s_v_h + o_k[:, None] * s_v_l + o_d[None, :], mask=m_k[:, None], other=0.)
+    b_k = _load_tile(K + i_b * s_k_b + i_h * s_k_h, o_k, s_k_l, m_kt, D)  # as _load_key_block (see the state kernel)
+    b_v = _load_tile(V + i_b * s_v_b + i_h * s_v_h, o_k, s_v_l, m_kt, D)
     p_q0 = Q + i_b * s_q_b + i_h * s_q_h
     p_do0 = DO + i_b * s_do_b + i_h * s_do_h
     # Only the query blocks that chose this key block as critical: the CSR transpose of the LUT.
     i_start = tl.load(LUT_T_OFF + i_bh * (Tn + 1) + i_n)
     i_end = tl.load(LUT_T_OFF + i_bh * (Tn + 1) + i_n + 1)
     p_lut_t = LUT_T + i_bh * Tm * N_CRIT
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
     for i_t in range(i_start, i_end):
-        i_m = tl.load(p_lut_t + i_t)
-        o_m = i_m * BM + o_mb
-        m_q = o_m < Lq
-        b_q = tl.load(p_q0 + o_m[:, None] * s_q_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
-        b_do = tl.load(p_do0 + o_m[:, None] * s_do_l + o_d[None, :], mask=m_q[:, None], other=0.)  # [BM, D]
+        o_m, m_q, m_qt = _block_rows(tl.load(p_lut_t + i_t), BM, Lq)
+        b_q = _load_tile(p_q0, o_m, s_q_l, m_qt, D)  # [BM, D]
+        b_do = _load_tile(p_do0, o_m, s_do_l, m_qt, D)  # [BM, D]
         if MASS:  # the sparse branch's share of dO (see sla_bwd_dq_kernel)
             b_do = (b_do.to(tl.float32) * tl.load(A + i_bh * Lq + o_m, mask=m_q, other=0.)[:, None]).to(b_do.dtype)
         b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
@@ -376,7 +415,7 @@ def sla_bwd_dkdv_kernel(
     # Linear branch, per key block j: dV_j += phi(K_j) dh_j and dphi(K_j) = V_j dh_j^T + dz_j, where dh_j, dz_j
     # are the sums of dH_i, dZ_i over the query blocks that have j in scope (M^T @ dH, formed beforehand);
     # dphi(K_j) reaches dK_j through phi's backward.
-    b_dhs = tl.load(DHS + i_bh * s_dhs_bh + i_n * s_dhs_n + o_d[:, None] * D + o_d[None, :])  # [D, D]
+    b_dhs = tl.load(_tile_ptrs(DHS + i_bh * s_dhs_bh + i_n * s_dhs_n, o_d, D, D))  # [D, D]
     b_dzs = tl.load(DZS + i_bh * s_dzs_bh + i_n * s_dzs_n + o_d)
     b_x = b_k.to(tl.float32)
     b_phi = _feature_map(b_x, FEATURE)
@@ -384,6 +423,6 @@ def sla_bwd_dkdv_kernel(
     b_dpk = tl.dot(b_v.to(b_dhs.dtype), tl.trans(b_dhs), input_precision=PREC) + b_dzs[None, :]
     b_dk = b_dk * scale + _feature_map_grad(b_x, b_phi, b_dpk, FEATURE)
 
-    p_dk = i_b * s_dk_b + i_h * s_dk_h + o_k[:, None] * s_dk_l + o_d[None, :]
-    tl.store(DK + p_dk, b_dk.to(DK.dtype.element_ty), mask=m_k[:, None])
-    tl.store(DV + p_dk, b_dv.to(DV.dtype.element_ty), mask=m_k[:, None])
+    p_dk = i_b * s_dk_b + i_h * s_dk_h + o_k[:, None] * s_dk_l + o_d[None, :]  # DV has DK's strides
+    tl.store(DK + p_dk, b_dk.to(DK.dtype.element_ty), mask=m_kt)
+    tl.store(DV + p_dk, b_dv.to(DV.dtype.element_ty), mask=m_kt)

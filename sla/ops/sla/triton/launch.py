@@ -14,11 +14,14 @@ Forward:
    ``Proj`` and the combination, in one pass over each query block. ``o_s``, ``o_l``, the LSE and ``a`` are
    written only when autograd will need them.
 
-Backward (:func:`backward`, five steps): the sparse dQ kernel (``delta``, and ``g`` for ``combine="mass"``), the
-linear per-query-block kernel (adds its dq through phi's backward, writes dH_i, dZ_i and the bias gradient's
-per-block sums), ``dh = M^T dH``, the per-key-block dK/dV kernel over the LUT's CSR transpose (deterministic, no
-atomics), then the projection's and offsets' gradients. ``H_i`` is recomputed: nothing of size ``T_m x D x D`` is
-saved between forward and backward, and no ``phi(q)``/``phi(k)`` tensor exists at all.
+Backward (:func:`backward`, five steps): the sparse dQ kernel (``delta``), the linear per-query-block kernel (adds
+its dq through phi's backward, writes dH_i, dZ_i and the bias gradient's per-block sums), ``dh = M^T dH``, the
+per-key-block dK/dV kernel over the LUT's CSR transpose (deterministic, no atomics), then the projection's and
+offsets' gradients. For ``combine="mass"`` the first two swap: the linear kernel runs first and also writes ``g``
+(the gradient of ``a``'s logit, which needs ``dO . Proj(o_l)``, a row sum of the ``dO W`` it forms anyway) and
+``delta``; the dQ kernel then reads ``delta`` and ``a`` per row and adds its dq to the linear kernel's. ``H_i`` is
+recomputed: nothing of size ``T_m x D x D`` is saved between forward and backward, and no ``phi(q)``/``phi(k)``
+tensor exists at all.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import triton
 
 from .kernels import (
+    LOG2E,
     sla_bwd_dkdv_kernel,
     sla_bwd_dq_kernel,
     sla_bwd_linear_q_kernel,
@@ -53,7 +57,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the forward kernel takes scale * log2(e)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -139,7 +142,7 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
     sla_fwd_kernel[(Tm, B * H)](
         q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o, o_s, o_l, lse, a,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s), *_state_strides(big_h, big_z),
-        scale * LOG2_E, math.log(D), Lq, Lk, Tm, n_crit,
+        scale * LOG2E.value, math.log(D), Lq, Lk, Tm, n_crit,  # the forward takes qk_scale (kernels.LOG2E)
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
         HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, PREC=_dot_precision(q.dtype),
         **launch_config("fwd", block_q, block_k, D, q.dtype, q.device))
@@ -158,47 +161,57 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
     """
     do = last_dim_contiguous(do)
     mass = combine == "mass"
-    # 1. sparse branch, per query block: delta = rowsum(dO * O_s) (and g for the mass rule) and its dq
-    dq, delta, g = _sparse_dq(do, q, k, v, o_s, o_l, lse, a, critical_lut, proj_weight, proj_bias, scale, block_q,
-                              block_k, mass)
-    # 2. linear branch, per query block: adds its dq; dH_i, dZ_i; per-block sums of dO for the bias gradient
-    d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_l, a, g, dq, scope_mask, proj_weight, proj_bias, block_q,
-                                           block_k, feature_map, mass)
+    B, H, Lq, _ = q.shape
+    dq = torch.empty_like(q)
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    g = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device) if mass else None
+    if mass:
+        # 1-2. The mass rule's g needs dO . Proj(o_l) = (dO W) . o_l + dO . b: the linear kernel forms dO W anyway,
+        # so it runs first, writes g and delta and stores its dq; the dQ kernel then reads a and delta per row and
+        # adds its dq (no o_l tile, no projection beside its loop).
+        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, scope_mask, proj_weight,
+                                               proj_bias, block_q, block_k, feature_map, mass)
+        _sparse_dq(do, q, k, v, o_s, lse, a, dq, delta, critical_lut, scale, block_q, block_k, mass)
+    else:
+        # 1. sparse branch, per query block: delta = rowsum(dO * O_s) and its dq
+        _sparse_dq(do, q, k, v, o_s, lse, a, dq, delta, critical_lut, scale, block_q, block_k, mass)
+        # 2. linear branch, per query block: adds its dq; dH_i, dZ_i; per-block sums of dO for the bias gradient
+        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, scope_mask, proj_weight,
+                                               proj_bias, block_q, block_k, feature_map, mass)
     # 3. each key block's dh_j, dz_j: the sum of dH_i over the query blocks that have it in scope
     d_hs, d_zs = _to_key_blocks(d_big_h, d_big_z, scope_mask)
     # 4. per key block: the sparse dK, dV over the query blocks that chose it, plus the linear branch's share
     dk, dv = _dkdv(do, q, k, v, a, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, block_q, block_k,
                    critical_lut.shape[-1], feature_map, mass)
     # 5. the parameters: Proj's weight and bias, the mass offsets
-    d_w, d_b, d_off = _parameter_grads(do, o_l, a, g if mass else None, db_part, proj_weight, proj_bias, mass_offset)
+    d_w, d_b, d_off = _parameter_grads(do, o_l, a, g, db_part, proj_weight, proj_bias, mass_offset)
     return dq, dk, dv, d_w, d_b, d_off
 
 
-def _sparse_dq(do, q, k, v, o_s, o_l, lse, a, critical_lut, proj_weight, proj_bias, scale, block_q, block_k, mass):
-    """``dq`` of the sparse branch (q's dtype and layout), ``delta`` ``(B, H, Lq)`` fp32 and, for the mass rule,
-    ``g`` ``(B, H, Lq)`` fp32, the gradient of ``a``'s logit (``delta`` stands in for it otherwise)."""
+def _sparse_dq(do, q, k, v, o_s, lse, a, dq, delta, critical_lut, scale, block_q, block_k, mass):
+    """The sparse branch's dq (q's dtype and layout) into ``dq``. ``combine="paper"``: stores it, and writes
+    ``delta = rowsum(dO * o_s)`` ``(B, H, Lq)`` fp32 into ``delta``. Mass rule: reads ``a`` and ``delta`` (written by
+    :func:`_linear_dq`, which ran first) and adds to the linear branch's dq already in ``dq``."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm = triton.cdiv(Lq, block_q)
-    dq = torch.empty_like(q)
-    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    g = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device) if mass else delta  # placeholder when unused
-    w_ptr = proj_weight if proj_weight is not None else delta
-    b_ptr = proj_bias if proj_bias is not None else delta
-    a_ptr = a if mass else delta
     sla_bwd_dq_kernel[(Tm, B * H)](
-        q, k, v, do, o_s, o_l, w_ptr, b_ptr, a_ptr, lse, critical_lut, delta, g, dq,
+        q, k, v, do, o_s, a if mass else delta, lse, critical_lut, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(o_s), *_strides(dq),
         scale, Lq, Lk, Tm, critical_lut.shape[-1],
-        H=H, D=D, BM=block_q, BN=block_k, HAS_PROJ=proj_weight is not None, HAS_BIAS=proj_bias is not None,
-        MASS=mass, PREC=_dot_precision(q.dtype), **launch_config("dq", block_q, block_k, D, q.dtype, q.device))
-    return dq, delta, g
+        H=H, D=D, BM=block_q, BN=block_k, MASS=mass, PREC=_dot_precision(q.dtype),
+        **launch_config("dq", block_q, block_k, D, q.dtype, q.device))
 
 
-def _linear_dq(do, q, k, v, o_l, a, g, dq, scope_mask, proj_weight, proj_bias, block_q, block_k, feature_map, mass):
-    """Adds the linear branch's dq into ``dq``; returns ``dH_i`` ``(B, H, T_m, D, D)`` (state dtype), ``dZ_i``
-    ``(B, H, T_m, D)`` fp32 and the per-query-block sums of dO ``(B*H*T_m, D)`` fp32 for the bias gradient
-    (a placeholder without a bias). ``H_i`` and ``Z_i`` are recomputed, not saved by the forward."""
+def _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, scope_mask, proj_weight, proj_bias, block_q, block_k,
+               feature_map, mass):
+    """The linear branch's dq into ``dq``: added to the sparse branch's (``combine="paper"``) or stored (mass rule,
+    where this runs first). Mass rule only: writes ``g`` ``(B, H, Lq)`` fp32, the gradient of ``a``'s logit, and
+    ``delta`` ``(B, H, Lq)`` fp32 (``rowsum(dO_s * o_s) - g``, for the sparse kernels); ``o_s``, ``a`` and ``g``
+    are not read otherwise. ``o_s`` and ``o_l`` must have the same strides (the forward allocates both like q).
+    Returns ``dH_i`` ``(B, H, T_m, D, D)`` (state dtype), ``dZ_i`` ``(B, H, T_m, D)`` fp32 and the per-query-block
+    sums of dO ``(B*H*T_m, D)`` fp32 for the bias gradient (a placeholder without a bias). ``H_i`` and ``Z_i`` are
+    recomputed, not saved by the forward."""
     B, H, Lq, D = q.shape
     Tm = triton.cdiv(Lq, block_q)
     big_h, big_z = aggregate_states(*linear_states(k, v, block_k, feature_map), scope_mask)
@@ -206,9 +219,10 @@ def _linear_dq(do, q, k, v, o_l, a, g, dq, scope_mask, proj_weight, proj_bias, b
     d_big_z = torch.empty(B, H, Tm, D, dtype=torch.float32, device=q.device)
     # Per query block partial sums of dO: the bias gradient without a slow column reduction over every token.
     db_part = torch.empty(B * H * Tm, D, dtype=torch.float32, device=q.device) if proj_bias is not None else big_z
+    unused = big_z  # placeholder pointer for what this call's constexprs never read or write
     sla_bwd_linear_q_kernel[(Tm, B * H)](
-        q, do, proj_weight if proj_weight is not None else big_z, o_l, a if mass else big_z, g, big_h, big_z, dq,
-        d_big_h, d_big_z, db_part,
+        q, do, proj_weight if proj_weight is not None else unused, proj_bias if proj_bias is not None else unused,
+        o_s, o_l, a if mass else unused, delta, g if mass else unused, big_h, big_z, dq, d_big_h, d_big_z, db_part,
         *_strides(q), *_strides(do), *_strides(o_l), *_strides(dq), *_state_strides(big_h, big_z),
         Lq, Tm,
         H=H, D=D, BM=block_q, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,

@@ -7,9 +7,15 @@ Usage (on a CUDA machine; see bench/gpu_check.sh, which runs the GPU tests first
 For each shape (B, H, L, D), bf16:
 
 * ``sdpa-flash`` / ``sdpa-cudnn``: dense ``scaled_dot_product_attention`` pinned to one backend.
-* ``flex``: ``torch.compile(flex_attention)`` with a ``BlockMask`` of exactly SLA's critical blocks (the sparse
-  part only, mask given, not predicted). Tried with SLA's block size first; where FlexAttention cannot
-  compile that block size, the row says so and uses 128x128 blocks at the same block sparsity.
+* ``flex-triton``: ``torch.compile(flex_attention)`` with a ``BlockMask`` of exactly SLA's critical blocks (the
+  sparse part only, mask given, not predicted). Tried with SLA's block size first; where FlexAttention cannot
+  compile that block size, the row says so and uses 128x128 blocks at the same block sparsity. (Rows before
+  2026-12-01 call this provider ``flex``.)
+* ``flex-flash``: the same mask through FlexAttention's FlashAttention-4 backend (``kernel_options={"BACKEND":
+  "FLASH"}``; needs the ``flash-attn-4`` and ``nvidia-cutlass-dsl`` wheels, see
+  ``../shared/reference/hopper-anchors.md``), at 128x128 blocks (its Hopper backward needs 128-wide key blocks).
+  The kept blocks go into the full-block lists with a non-trivial ``mask_mod``: with the default no-op mask_mod the
+  backend runs dense. Skipped with a note where the backend is not installed.
 * ``sla``: ``sla.sparse_linear_attention(..., backend="triton")`` end to end: block classification on the GPU
   (``build_block_map_triton``), both branches and the fp32 projection.
 * ``sla-pytorch-blockmap``: the same, with the block map from the PyTorch ``build_block_map`` (what
@@ -25,6 +31,7 @@ configuration a per-stage breakdown of SLA's time is measured too.
 from __future__ import annotations
 
 import argparse
+import importlib
 import datetime
 import json
 import os
@@ -54,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--no-sweep", action="store_true", help="skip the num_warps/num_stages sweep")
     p.add_argument("--out", default="bench/results_kernels.json", help="JSON output path")
     p.add_argument("--md", default=None, help="also write the Markdown tables here")
+    p.add_argument("--current", default="bench/results/current.json",
+                   help="the compact summary rewritten at every GPU run: card, torch, commit, date and one row per "
+                        "provider at the first shape, 95%% sparsity (default: %(default)s; '' to skip)")
     return p.parse_args(argv)
 
 
@@ -120,7 +130,14 @@ def sdpa_fn(r, backend):
 _FLEX = {}
 
 
-def flex_fn(r, block_map):
+def _keep_all(b, h, q_idx, kv_idx):
+    # Not the default no-op mask_mod: with that one the FLASH backend treats the mask as absent and runs dense.
+    return q_idx >= 0
+
+
+def flex_fn(r, block_map, backend="triton"):
+    """FlexAttention over exactly ``block_map``'s critical blocks. ``backend="triton"`` is the default template (kept
+    blocks as partial blocks, no mask_mod); ``"flash"`` is FlashAttention-4 (kept blocks as full blocks)."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     if "fn" not in _FLEX:
@@ -132,10 +149,50 @@ def flex_fn(r, block_map):
     kv_num = torch.full((B, H, Tm), n, dtype=torch.int32, device="cuda")
     kv_idx = torch.zeros(B, H, Tm, Tn, dtype=torch.int32, device="cuda")
     kv_idx[..., :n] = lut
-    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(block_map.block_q, block_map.block_k),
-                                    seq_lengths=(L, L))
+    size = (block_map.block_q, block_map.block_k)
     fn = _FLEX["fn"]
-    return lambda: fn(r.q, r.k, r.v, block_mask=mask)
+    if backend == "triton":
+        mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=size, seq_lengths=(L, L))
+        return lambda: fn(r.q, r.k, r.v, block_mask=mask)
+    mask = BlockMask.from_kv_blocks(torch.zeros_like(kv_num), torch.zeros_like(kv_idx), kv_num, kv_idx,
+                                    BLOCK_SIZE=size, mask_mod=_keep_all, seq_lengths=(L, L))
+    return lambda: fn(r.q, r.k, r.v, block_mask=mask, kernel_options={"BACKEND": "FLASH"})
+
+
+def flash4_available() -> str | None:
+    """None if FlexAttention's FLASH backend can be imported, else why not."""
+    try:
+        importlib.import_module("flash_attn.cute.interface")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+def write_current(path, meta, rows):
+    """``bench/results/current.json``: one row per provider at the first shape and 95% sparsity (dense providers
+    with sparsity 0.0). SLA's row is its 64x64 ``marginal`` configuration, the default."""
+    picked, first = [], None
+    for row in rows:
+        first = first or row["shape"]
+        if row["shape"] != first:
+            continue
+        p = row["provider"]
+        dense = p.startswith("sdpa")
+        if not dense and row.get("sparsity") != 0.95:
+            continue
+        if p == "sla" and (row.get("scope") != "marginal" or (row["block_q"], row["block_k"]) != (64, 64)):
+            continue
+        if p not in ("sdpa-flash", "sdpa-cudnn", "flex-triton", "flex-flash", "sla"):
+            continue
+        picked.append({"provider": p, "shape": row["shape"], "sparsity": 0.0 if dense else 0.95,
+                       "blocks": "-" if dense else f"{row['block_q']}x{row['block_k']}",
+                       "fwd_ms": round(row["fwd_ms"], 4), "fwdbwd_ms": round(row["fwd_bwd_ms"], 4)})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"card": meta["card"], "torch": meta["torch"], "commit": meta["commit"], "date": meta["date"],
+                   "rows": picked}, fh, indent=1)
+    os.replace(tmp, path)
 
 
 def sla_fn(r, critical, negligible, block_q, block_k, scope, pytorch_block_map=False):
@@ -360,9 +417,27 @@ def main(argv=None) -> int:
                         _FLEX.clear()
                         flex_block = (128, 128)
                         continue
-                    add("flex", {"sparsity": sparsity, "critical": crit, "block_q": attempt[0],
+                    add("flex-triton", {"sparsity": sparsity, "critical": crit, "block_q": attempt[0],
                                  "block_k": attempt[1], "n_critical_blocks": bm.n_critical}, *t)
                     break
+            why = flash4_available()
+            if why is not None:
+                notes.append(f"flex-flash skipped: FlashAttention-4 is not importable ({why})")
+                print(notes[-1])
+            else:
+                for sparsity in flex_sparsities:
+                    crit = round(1.0 - sparsity, 6)
+                    bm = build_block_map(r.q.detach(), r.k.detach(), critical=crit, negligible=0.0, block_q=128,
+                                         block_k=128)
+                    try:
+                        t = r.time_pair(flex_fn(r, bm, backend="flash"))
+                    except Exception as exc:
+                        notes.append(f"flex-flash 128x128 at {(B, H, L, D)} failed: {type(exc).__name__}: "
+                                     f"{str(exc)[:300]}")
+                        print(notes[-1])
+                        break
+                    add("flex-flash", {"sparsity": sparsity, "critical": crit, "block_q": 128, "block_k": 128,
+                                       "n_critical_blocks": bm.n_critical}, *t)
         if full and not args.no_sweep:
             for bq, bk in blocks:
                 key = f"launch-config sweep {(B, H, L, D)} sparsity=0.95 marginal {bq}x{bk} (ms)"
@@ -388,6 +463,9 @@ def main(argv=None) -> int:
         with open(args.md, "w") as fh:
             fh.write(md)
     save()
+    if args.current:
+        write_current(args.current, meta, rows)
+        print(f"wrote {args.current}")
     return 0
 
 

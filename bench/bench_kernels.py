@@ -53,6 +53,8 @@ def parse_args(argv=None):
                         "configuration only (default: %(default)s)")
     p.add_argument("--sparsities", default="0.90,0.95,0.97", help="block sparsities (1 - critical) for the sweep")
     p.add_argument("--negligible", type=float, default=0.10, help="negligible fraction (default: %(default)s)")
+    p.add_argument("--combine", choices=("mass", "paper"), default="mass",
+                   help="SLA's combination rule in the sla rows (default: %(default)s, the library's default)")
     p.add_argument("--scopes", default="marginal,noncritical,all", help="linear scopes for the sweep")
     p.add_argument("--blocks", default="64x64,128x64", help="block configs block_qxblock_k")
     p.add_argument("--time-budget", type=float, default=330.0,
@@ -186,7 +188,8 @@ def write_current(path, meta, rows):
             continue
         picked.append({"provider": p, "shape": row["shape"], "sparsity": 0.0 if dense else 0.95,
                        "blocks": "-" if dense else f"{row['block_q']}x{row['block_k']}",
-                       "fwd_ms": round(row["fwd_ms"], 4), "fwdbwd_ms": round(row["fwd_bwd_ms"], 4)})
+                       "fwd_ms": round(row["fwd_ms"], 4), "fwdbwd_ms": round(row["fwd_bwd_ms"], 4),
+                       **({"combine": row["combine"]} if "combine" in row else {})})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
@@ -195,7 +198,7 @@ def write_current(path, meta, rows):
     os.replace(tmp, path)
 
 
-def sla_fn(r, critical, negligible, block_q, block_k, scope, pytorch_block_map=False):
+def sla_fn(r, critical, negligible, block_q, block_k, scope, pytorch_block_map=False, combine="mass"):
     """SLA end to end through ``sla.sparse_linear_attention(backend="triton")`` (GPU classification), or with
     ``pytorch_block_map`` the block map built by the PyTorch ``build_block_map`` inside the timed call."""
     import sla
@@ -207,7 +210,7 @@ def sla_fn(r, critical, negligible, block_q, block_k, scope, pytorch_block_map=F
                                      block_q=block_q, block_k=block_k)
         return sla.sparse_linear_attention(r.q, r.k, r.v, critical=critical, negligible=negligible, block_q=block_q,
                                            block_k=block_k, linear_scope=scope, proj_weight=r.w, proj_bias=r.b,
-                                           block_map=bm, backend="triton")
+                                           block_map=bm, backend="triton", combine=combine)
 
     return fn
 
@@ -375,17 +378,18 @@ def main(argv=None) -> int:
         for sparsity, scope, (bq, bk) in sweep:
             crit = round(1.0 - sparsity, 6)
             try:
-                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope))
+                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, combine=args.combine))
             except Exception as exc:
                 notes.append(f"sla {sparsity} {scope} {bq}x{bk} at {(B, H, L, D)} failed: {type(exc).__name__}: "
                              f"{str(exc)[:300]}")
                 print(notes[-1])
                 continue
             config = {"sparsity": sparsity, "critical": crit, "negligible": args.negligible, "scope": scope,
-                      "block_q": bq, "block_k": bk}
+                      "block_q": bq, "block_k": bk, "combine": args.combine}
             add("sla", config, *t)
             if sparsity == 0.95 and scope == "marginal":
-                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, pytorch_block_map=True))
+                t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, pytorch_block_map=True,
+                                       combine=args.combine))
                 add("sla-pytorch-blockmap", config, *t)
         if full or L <= 40000:
             targets = [(0.95, (64, 64)), (0.95, (128, 64))] if full else [(0.95, (64, 64))]

@@ -56,3 +56,41 @@ def test_ab_ops_loads_a_second_copy_of_the_operator(tmp_path):
     # the same source on the same inputs in one process: the same numbers
     torch.testing.assert_close(ab_ops.triton_entry(base_package)(q, k, v, **kwargs),
                                ab_ops.triton_entry(new_package)(q, k, v, **kwargs), rtol=0, atol=0)
+
+
+def test_bench_kernels_writes_the_current_summary_in_the_issue_schema(tmp_path):
+    """``bench/results/current.json`` keeps issue 13's schema: one row per provider at the first shape, 95%
+    sparsity, SLA's default 64x64 marginal configuration, dense providers with sparsity 0 and blocks "-"."""
+    import bench_kernels
+
+    shape = [1, 12, 32760, 128]
+    rows = [
+        {"shape": shape, "provider": "sdpa-flash", "fwd_ms": 18.0, "fwd_bwd_ms": 70.0},
+        {"shape": shape, "provider": "sdpa-cudnn", "fwd_ms": 11.0, "fwd_bwd_ms": 43.0},
+        {"shape": shape, "provider": "sla", "sparsity": 0.95, "scope": "marginal", "block_q": 64, "block_k": 64,
+         "combine": "mass", "fwd_ms": 2.0, "fwd_bwd_ms": 7.0},
+        {"shape": shape, "provider": "sla", "sparsity": 0.95, "scope": "marginal", "block_q": 128, "block_k": 64,
+         "combine": "mass", "fwd_ms": 1.8, "fwd_bwd_ms": 8.7},
+        {"shape": shape, "provider": "sla", "sparsity": 0.90, "scope": "marginal", "block_q": 64, "block_k": 64,
+         "combine": "mass", "fwd_ms": 3.0, "fwd_bwd_ms": 9.0},
+        {"shape": shape, "provider": "sla-pytorch-blockmap", "sparsity": 0.95, "scope": "marginal", "block_q": 64,
+         "block_k": 64, "fwd_ms": 3.5, "fwd_bwd_ms": 8.5},
+        {"shape": shape, "provider": "flex-triton", "sparsity": 0.95, "block_q": 128, "block_k": 128, "fwd_ms": 0.8,
+         "fwd_bwd_ms": 3.3},
+        {"shape": shape, "provider": "flex-flash", "sparsity": 0.95, "block_q": 128, "block_k": 128, "fwd_ms": 0.55,
+         "fwd_bwd_ms": 2.2},
+        {"shape": [2, 16, 32760, 128], "provider": "sdpa-flash", "fwd_ms": 36.0, "fwd_bwd_ms": 140.0},
+    ]
+    meta = {"card": "NVIDIA H200", "torch": "2.11.0+cu130", "commit": "abc1234", "date": "2026-12-01 05:34 UTC"}
+    path = str(tmp_path / "results" / "current.json")
+    bench_kernels.write_current(path, meta, rows)
+    with open(path) as fh:
+        got = json.load(fh)
+    assert {k: got[k] for k in ("card", "torch", "commit", "date")} == meta
+    assert [r["provider"] for r in got["rows"]] == ["sdpa-flash", "sdpa-cudnn", "sla", "flex-triton", "flex-flash"]
+    by = {r["provider"]: r for r in got["rows"]}
+    assert by["sdpa-flash"] == {"provider": "sdpa-flash", "shape": shape, "sparsity": 0.0, "blocks": "-",
+                                "fwd_ms": 18.0, "fwdbwd_ms": 70.0}
+    assert by["sla"]["blocks"] == "64x64" and by["sla"]["fwd_ms"] == 2.0 and by["sla"]["combine"] == "mass"
+    assert by["flex-flash"]["blocks"] == "128x128" and by["flex-flash"]["fwdbwd_ms"] == 2.2
+    assert not os.path.exists(path + ".tmp")

@@ -27,7 +27,7 @@ TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 POINTERS = {"HS": "state", "DHS": "state", "ZS": "fp32", "DZS": "fp32", "W": "fp32", "BIAS": "fp32",
             "MASS_OFF": "fp32", "LSE": "fp32", "A": "fp32", "DELTA": "fp32", "G": "fp32", "DB_PART": "fp32",
             "LUT": "i32", "LUT_T": "i32", "LUT_T_OFF": "i32"}
-INPUT_POINTERS = {"Q", "K", "V", "O", "OS", "OL", "DO", "DQ", "DK", "DV"}
+INPUT_POINTERS = {"Q", "K", "V", "O", "OS", "OL", "DO", "DQ", "DK", "DV", "DO_S", "DO_L"}
 FLOATS = {"scale", "qk_scale", "log_d"}
 
 

@@ -246,7 +246,7 @@ def _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, i_n, s_k_l, s_v_l, qk
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT"])
 def sla_bwd_dq_kernel(
-    Q, K, V, DO, OS, A, LSE, LUT, DELTA, DQ,
+    Q, K, V, DO, OS, LSE, LUT, DELTA, DQ,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -257,21 +257,19 @@ def sla_bwd_dq_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MASS: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # combine="paper": writes DELTA and DQ. MASS: reads DELTA (already minus g) and A, and adds to the linear
-    # branch's dq that sla_bwd_linear_q_kernel stored in DQ before; OS is not read.
+    # combine="paper": writes DELTA and DQ. MASS: DO is the sparse branch's share dO_s = a dO and DELTA is
+    # already minus g, both written by sla_bwd_linear_q_kernel, which also stored the linear branch's dq in DQ
+    # (added here); OS is not read.
     i_m, i_bh, i_b, i_h = _program_ids(H)
     o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
 
     b_q = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
     b_do = _load_tile(DO + i_b * s_do_b + i_h * s_do_h, o_m, s_do_l, m_qt, D)
     if MASS:
-        # o = a o_s + (1 - a) Proj(o_l): the sparse branch sees dO_s = a dO, rounded to the input dtype once as in
-        # the linear-q kernel (which took delta from these rounded values) and the dK/dV kernel, so that delta
-        # and the loop's dP = dO_s V^T stay consistent. delta - g arrives precomputed: forming g here needed
-        # Proj(o_l), i.e. the o_l tile and the D x D projection beside the loop's tiles (bench/RESULTS.md, "What
-        # `combine="mass"` costs").
-        b_a = tl.load(A + i_bh * Lq + o_m, mask=m_q, other=0.)
-        b_do = (b_do.to(tl.float32) * b_a[:, None]).to(b_do.dtype)
+        # o = a o_s + (1 - a) Proj(o_l): the sparse branch's dO_s = a dO arrives scaled and rounded to the input
+        # dtype, the values delta was taken from, so that delta and the loop's dP = dO_s V^T stay consistent.
+        # delta - g arrives precomputed: forming g here needed Proj(o_l), i.e. the o_l tile and the D x D
+        # projection beside the loop's tiles (bench/RESULTS.md, "What `combine="mass"` costs").
         b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
     else:
         # D^s of Algorithm 2, computed here once per query block and reused by the dK/dV kernel.
@@ -297,7 +295,7 @@ def sla_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "s_hs_m", "s_zs_m"])
 def sla_bwd_linear_q_kernel(
-    Q, DO, W, BIAS, OS, OL, A, DELTA, G, HS, ZS, DQ, DHS, DZS, DB_PART,
+    Q, DO, W, BIAS, OS, OL, A, DELTA, G, HS, ZS, DQ, DHS, DZS, DB_PART, DO_S, DO_L,
     s_q_b, s_q_h, s_q_l,
     s_do_b, s_do_h, s_do_l,
     s_aux_b, s_aux_h, s_aux_l,
@@ -312,7 +310,10 @@ def sla_bwd_linear_q_kernel(
     # dH_i = (phi(Q_i) / den)^T dO_l, dZ_i = -(phi(Q_i) / den)^T D^l. dphi(Q_i) goes through phi's backward; with
     # combine="paper" it is added to the sparse branch's dq already in DQ, with MASS this kernel runs first and
     # stores it (the dQ kernel adds). Also this block's share of the bias gradient, sum(dO).
-    # OS and OL share the strides s_aux_* (the forward allocates both like q).
+    # OS and OL share the strides s_aux_* (the forward allocates both like q). With MASS it also writes the two
+    # branches' shares of dO in the input dtype, DO_S = a dO (for the dQ and dK/dV kernels) and, with a projection,
+    # DO_L = (1 - a) dO (for its weight gradient), with DO's strides: scaling dO inside the dK/dV loop and in a
+    # separate pass for the weight cost more than writing both here (bench/RESULTS.md).
     i_m, i_bh, i_b, i_h = _program_ids(H)
     o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
     o_d = tl.arange(0, D)
@@ -326,9 +327,15 @@ def sla_bwd_linear_q_kernel(
         b_a = tl.load(A + i_bh * Lq + o_m, mask=m_q, other=1.)
         b_os = _load_tile(OS + i_b * s_aux_b + i_h * s_aux_h, o_m, s_aux_l, m_qt, D).to(tl.float32)
         b_dot_os = tl.sum(b_do * b_os, axis=1)
-        # The sparse branch's D^s from dO_s = a dO rounded to the input dtype, as the dQ and dK/dV kernels use it.
-        b_delta = tl.sum((b_do * b_a[:, None]).to(b_do_in.dtype).to(tl.float32) * b_os, axis=1)
+        # The sparse branch's D^s from dO_s = a dO rounded to the input dtype, the values the dQ and dK/dV kernels
+        # read.
+        b_dos = (b_do * b_a[:, None]).to(b_do_in.dtype)
+        p_do = _tile_ptrs(i_b * s_do_b + i_h * s_do_h, o_m, s_do_l, D)
+        tl.store(DO_S + p_do, b_dos, mask=m_qt)
+        b_delta = tl.sum(b_dos.to(tl.float32) * b_os, axis=1)
         b_do = b_do * (1. - b_a)[:, None]  # the projected linear branch enters o as (1 - a) Proj(o_l)
+        if HAS_PROJ:
+            tl.store(DO_L + p_do, b_do.to(b_do_in.dtype), mask=m_qt)
     i_row = i_bh * Tm + i_m
     if HAS_BIAS:
         tl.store(DB_PART + i_row * D + o_d, tl.sum(b_do, axis=0))
@@ -372,7 +379,7 @@ def sla_bwd_linear_q_kernel(
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn", "N_CRIT", "s_dhs_n", "s_dzs_n"])
 def sla_bwd_dkdv_kernel(
-    Q, K, V, DO, A, LSE, DELTA, LUT_T_OFF, LUT_T, DHS, DZS, DK, DV,
+    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, DHS, DZS, DK, DV,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -381,8 +388,10 @@ def sla_bwd_dkdv_kernel(
     s_dhs_bh, s_dhs_n, s_dzs_bh, s_dzs_n,
     scale, Lq, Lk, Tm, Tn, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
-    MASS: tl.constexpr, PREC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
+    # Both combination rules: with combine="mass" DO is the sparse branch's share a dO and DELTA is minus g, as
+    # sla_bwd_linear_q_kernel wrote them.
     i_n, i_bh, i_b, i_h = _program_ids(H)
     o_k, m_k, m_kt = _block_rows(i_n, BN, Lk)
     o_d = tl.arange(0, D)
@@ -402,8 +411,6 @@ def sla_bwd_dkdv_kernel(
         o_m, m_q, m_qt = _block_rows(tl.load(p_lut_t + i_t), BM, Lq)
         b_q = _load_tile(p_q0, o_m, s_q_l, m_qt, D)  # [BM, D]
         b_do = _load_tile(p_do0, o_m, s_do_l, m_qt, D)  # [BM, D]
-        if MASS:  # the sparse branch's share of dO (see sla_bwd_dq_kernel)
-            b_do = (b_do.to(tl.float32) * tl.load(A + i_bh * Lq + o_m, mask=m_q, other=0.)[:, None]).to(b_do.dtype)
         b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
         b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]

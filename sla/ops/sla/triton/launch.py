@@ -165,50 +165,56 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
     dq = torch.empty_like(q)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     g = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device) if mass else None
+    do_s = do_l = do
     if mass:
         # 1-2. The mass rule's g needs dO . Proj(o_l) = (dO W) . o_l + dO . b: the linear kernel forms dO W anyway,
-        # so it runs first, writes g and delta and stores its dq; the dQ kernel then reads a and delta per row and
-        # adds its dq (no o_l tile, no projection beside its loop).
-        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, scope_mask, proj_weight,
-                                               proj_bias, block_q, block_k, feature_map, mass)
-        _sparse_dq(do, q, k, v, o_s, lse, a, dq, delta, critical_lut, scale, block_q, block_k, mass)
+        # so it runs first, writes g, delta and the branches' shares of dO (a dO, (1 - a) dO) and stores its dq;
+        # the dQ kernel then reads a dO and delta per row and adds its dq (no o_l tile, no projection beside its
+        # loop).
+        do_s = torch.empty_like(do)
+        do_l = torch.empty_like(do) if proj_weight is not None else None
+        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, do_s, do_l, scope_mask,
+                                               proj_weight, proj_bias, block_q, block_k, feature_map, mass)
+        _sparse_dq(do_s, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass)
     else:
         # 1. sparse branch, per query block: delta = rowsum(dO * O_s) and its dq
-        _sparse_dq(do, q, k, v, o_s, lse, a, dq, delta, critical_lut, scale, block_q, block_k, mass)
+        _sparse_dq(do, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass)
         # 2. linear branch, per query block: adds its dq; dH_i, dZ_i; per-block sums of dO for the bias gradient
-        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, scope_mask, proj_weight,
-                                               proj_bias, block_q, block_k, feature_map, mass)
+        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, None, None, scope_mask,
+                                               proj_weight, proj_bias, block_q, block_k, feature_map, mass)
     # 3. each key block's dh_j, dz_j: the sum of dH_i over the query blocks that have it in scope
     d_hs, d_zs = _to_key_blocks(d_big_h, d_big_z, scope_mask)
     # 4. per key block: the sparse dK, dV over the query blocks that chose it, plus the linear branch's share
-    dk, dv = _dkdv(do, q, k, v, a, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, block_q, block_k,
-                   critical_lut.shape[-1], feature_map, mass)
+    dk, dv = _dkdv(do_s, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, block_q, block_k,
+                   critical_lut.shape[-1], feature_map)
     # 5. the parameters: Proj's weight and bias, the mass offsets
-    d_w, d_b, d_off = _parameter_grads(do, o_l, a, g, db_part, proj_weight, proj_bias, mass_offset)
+    d_w, d_b, d_off = _parameter_grads(do_l, o_l, g, db_part, proj_weight, proj_bias, mass_offset)
     return dq, dk, dv, d_w, d_b, d_off
 
 
-def _sparse_dq(do, q, k, v, o_s, lse, a, dq, delta, critical_lut, scale, block_q, block_k, mass):
+def _sparse_dq(do, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass):
     """The sparse branch's dq (q's dtype and layout) into ``dq``. ``combine="paper"``: stores it, and writes
-    ``delta = rowsum(dO * o_s)`` ``(B, H, Lq)`` fp32 into ``delta``. Mass rule: reads ``a`` and ``delta`` (written by
-    :func:`_linear_dq`, which ran first) and adds to the linear branch's dq already in ``dq``."""
+    ``delta = rowsum(dO * o_s)`` ``(B, H, Lq)`` fp32 into ``delta``. Mass rule: ``do`` is the sparse branch's share
+    ``a dO`` and ``delta`` is read, both written by :func:`_linear_dq`, which ran first; adds to the linear branch's
+    dq already in ``dq``."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm = triton.cdiv(Lq, block_q)
     sla_bwd_dq_kernel[(Tm, B * H)](
-        q, k, v, do, o_s, a if mass else delta, lse, critical_lut, delta, dq,
+        q, k, v, do, o_s, lse, critical_lut, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(o_s), *_strides(dq),
         scale, Lq, Lk, Tm, critical_lut.shape[-1],
         H=H, D=D, BM=block_q, BN=block_k, MASS=mass, PREC=_dot_precision(q.dtype),
         **launch_config("dq", block_q, block_k, D, q.dtype, q.device))
 
 
-def _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, scope_mask, proj_weight, proj_bias, block_q, block_k,
-               feature_map, mass):
+def _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, do_s, do_l, scope_mask, proj_weight, proj_bias, block_q,
+               block_k, feature_map, mass):
     """The linear branch's dq into ``dq``: added to the sparse branch's (``combine="paper"``) or stored (mass rule,
-    where this runs first). Mass rule only: writes ``g`` ``(B, H, Lq)`` fp32, the gradient of ``a``'s logit, and
-    ``delta`` ``(B, H, Lq)`` fp32 (``rowsum(dO_s * o_s) - g``, for the sparse kernels); ``o_s``, ``a`` and ``g``
-    are not read otherwise. ``o_s`` and ``o_l`` must have the same strides (the forward allocates both like q).
+    where this runs first). Mass rule only: writes ``g`` ``(B, H, Lq)`` fp32, the gradient of ``a``'s logit,
+    ``delta`` ``(B, H, Lq)`` fp32 (``rowsum(dO_s * o_s) - g``, for the sparse kernels), ``do_s = a dO`` and, with a
+    projection, ``do_l = (1 - a) dO`` (both like ``do``, in its dtype); ``o_s``, ``a``, ``g``, ``do_s`` and ``do_l``
+    are not read or written otherwise. ``o_s`` and ``o_l`` must have the same strides (the forward allocates both like q).
     Returns ``dH_i`` ``(B, H, T_m, D, D)`` (state dtype), ``dZ_i`` ``(B, H, T_m, D)`` fp32 and the per-query-block
     sums of dO ``(B*H*T_m, D)`` fp32 for the bias gradient (a placeholder without a bias). ``H_i`` and ``Z_i`` are
     recomputed, not saved by the forward."""
@@ -223,6 +229,7 @@ def _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, scope_mask, proj_weight, 
     sla_bwd_linear_q_kernel[(Tm, B * H)](
         q, do, proj_weight if proj_weight is not None else unused, proj_bias if proj_bias is not None else unused,
         o_s, o_l, a if mass else unused, delta, g if mass else unused, big_h, big_z, dq, d_big_h, d_big_z, db_part,
+        do_s if mass else unused, do_l if do_l is not None else unused,
         *_strides(q), *_strides(do), *_strides(o_l), *_strides(dq), *_state_strides(big_h, big_z),
         Lq, Tm,
         H=H, D=D, BM=block_q, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
@@ -244,37 +251,37 @@ def _to_key_blocks(d_big_h, d_big_z, scope_mask):
     return d_hs, torch.matmul(m_t.to(torch.float32), d_big_z)
 
 
-def _dkdv(do, q, k, v, a, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, block_q, block_k, n_crit, feature_map,
-          mass):
+def _dkdv(do, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, block_q, block_k, n_crit, feature_map):
     """dk and dv (k's dtype; written with the same strides): the sparse branch's over the CSR transpose of the
-    critical LUT, plus the linear branch's through ``dh_j``, ``dz_j`` and phi's backward."""
+    critical LUT, plus the linear branch's through ``dh_j``, ``dz_j`` and phi's backward. ``do`` is the sparse
+    branch's share of dO (``a dO`` under the mass rule) and ``delta`` what the dQ or linear-q kernel wrote."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm, Tn = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
     dk = torch.empty_like(k)
     dv = torch.empty_like(k)  # the kernel writes dk and dv with the same strides
     sla_bwd_dkdv_kernel[(Tn, B * H)](
-        q, k, v, do, a if mass else delta, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, dk, dv,
+        q, k, v, do, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_state_strides(d_hs, d_zs),
         scale, Lq, Lk, Tm, Tn, n_crit,
-        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, MASS=mass, PREC=_dot_precision(q.dtype),
+        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, PREC=_dot_precision(q.dtype),
         **launch_config("dkdv", block_q, block_k, D, q.dtype, q.device))
     return dk, dv
 
 
-def _parameter_grads(do, o_l, a, g, db_part, proj_weight, proj_bias, mass_offset):
+def _parameter_grads(do_l, o_l, g, db_part, proj_weight, proj_bias, mass_offset):
     """Gradients of ``proj_weight`` ``(D, D)``, ``proj_bias`` ``(D,)`` and ``mass_offset`` ``(H,)`` in their dtypes;
-    size-0 tensors for the absent ones. ``g`` is None for ``combine="paper"``."""
+    size-0 tensors for the absent ones. ``do_l`` is the projection's share of dO (dO itself for
+    ``combine="paper"``, ``(1 - a) dO`` from the linear-q kernel for the mass rule); ``g`` is None for "paper"."""
     if proj_weight is not None:
         # One GEMM over all tokens in the input dtype (fp32 accumulation inside cuBLAS, one rounding of the
         # D x D result), as autocast's Linear backward does; no fp32 copies of dO and o_l, whose cost showed in
         # the backward's time (bench/RESULTS.md, "Measurements behind code choices").
-        do_l = do if g is None else (do * (1 - a).unsqueeze(-1)).to(do.dtype)  # the projection's share of dO
         do2, ol2 = _token_rows(do_l, o_l)
         d_w = (do2.transpose(0, 1) @ ol2).to(proj_weight.dtype)
     else:
-        d_w = do.new_empty(0)
-    d_b = db_part.sum(0).to(proj_bias.dtype) if proj_bias is not None else do.new_empty(0)
+        d_w = o_l.new_empty(0)
+    d_b = db_part.sum(0).to(proj_bias.dtype) if proj_bias is not None else o_l.new_empty(0)
     # a = sigmoid(... - mass_offset[h]): its gradient is minus the sum of g over the head's rows.
-    d_off = -g.sum(dim=(0, 2)).to(mass_offset.dtype) if g is not None else do.new_empty(0)
+    d_off = -g.sum(dim=(0, 2)).to(mass_offset.dtype) if g is not None else o_l.new_empty(0)
     return d_w, d_b, d_off

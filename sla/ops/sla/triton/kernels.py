@@ -17,12 +17,14 @@ Kernels:
   the sum (``combine="paper"``) or the mass-weighted mix ``a o_s + (1 - a) Proj(o_l)`` (``MASS``), with
   ``a = sigmoid(lse - log(den) - log(D) - mass_offset[h])`` from the two normalisers the kernel already has.
 * ``sla_bwd_dq_kernel``: ``delta = rowsum(dO * O_s)`` and dQ of the sparse branch over the critical LUT. For
-  ``MASS`` it reads ``delta`` and ``a`` per row instead (the linear-q kernel ran first) and adds into dq.
+  ``MASS`` it reads ``delta`` per row and ``a dO`` in place of dO (the linear-q kernel ran first and wrote both)
+  and adds into dq.
 * ``sla_bwd_linear_q_kernel``: the linear branch's backward per query block (paper Eq. 8): its share of dq
   (through dphi(Q_i)), dH_i, dZ_i, and the block's partial sum of dO for the bias gradient. For ``MASS`` also
-  ``g``, the gradient of ``a``'s logit, and the sparse branch's ``delta``, from ``dO W`` it forms anyway.
-* ``sla_bwd_dkdv_kernel``: dK and dV of the sparse branch per key block over the transposed (CSR) LUT,
-  plus the linear branch's share of dV_j and dK_j (through dphi(K_j)).
+  ``g``, the gradient of ``a``'s logit, the sparse branch's ``delta`` (from ``dO W`` it forms anyway) and the
+  branches' shares of dO, ``a dO`` and ``(1 - a) dO``.
+* ``sla_bwd_dkdv_kernel``: dK and dV of the sparse branch per key block over the transposed (CSR) LUT (from the
+  sparse branch's share of dO), plus the linear branch's share of dV_j and dK_j (through dphi(K_j)).
 
 Sequence lengths and the critical count are runtime integers (``do_not_specialize``): a new length or
 top-k count does not compile a new kernel.

@@ -159,6 +159,52 @@ def test_analysis_matches_the_operator_reference():
     assert len(errs["sla_lstsq_projection"]) == 3
 
 
+@pytest.mark.parametrize("linear_scope", ["marginal", "noncritical"])
+def test_mass_rule_decomposition_against_direct_computation(linear_scope):
+    """The mass rule's error with its critical mass ``a`` and its linear branch ``o_l`` replaced, one at a time and
+    together, by the exact quantities, recomputed here from dense probabilities and the operator's reference. Over
+    every non-critical block (``noncritical``) the exact mix is dense attention itself."""
+    from sla.ops.sla.blockmap import CRITICAL, in_linear_scope
+    from sla.ops.sla.naive import expand_block_mask
+
+    g = torch.Generator().manual_seed(5)
+    L, D = 200, 16
+    q, k, v = (torch.randn(2, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    cfg = AnalysisConfig(sparsities=(0.5, 0.75), critical=0.25, negligible=0.25, query_blocks=None,
+                         linear_scope=linear_scope)
+    errs = analyze_attention(q, k, v, cfg)[0]["errors"]
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1)
+    dense = probs @ v
+
+    def err(out):
+        return sum(metrics.relative_l1(out[h], dense[h]) for h in range(2)) / 2
+
+    for i, s in enumerate(errs["sparsity"]):
+        bm = build_block_map(q[None], k[None], critical=1 - s, negligible=min(0.25, s))
+        crit = expand_block_mask(bm.class_map[0] == CRITICAL, L, L, 64, 64)
+        scope = expand_block_mask(in_linear_scope(bm.class_map[0], linear_scope), L, L, 64, 64)
+        a_true = (probs * crit).sum(-1, keepdim=True)
+        o_s = (probs * crit) @ v / a_true
+        o_rest = torch.nan_to_num((probs * scope) @ v / (probs * scope).sum(-1, keepdim=True))
+        # The operator's o_l (identity Proj, paper rule: o_s + o_l) and its estimated a (mass rule, solved per row).
+        o_l = naive_sparse_linear_attention(q[None], k[None], v[None], bm, combine="paper",
+                                            linear_scope=linear_scope)[0] - o_s
+        mixed = naive_sparse_linear_attention(q[None], k[None], v[None], bm, combine="mass",
+                                              linear_scope=linear_scope)[0]
+        diff = o_s - o_l
+        a_est = ((mixed - o_l) * diff).sum(-1, keepdim=True) / (diff * diff).sum(-1, keepdim=True)
+        assert torch.allclose(a_est * o_s + (1 - a_est) * o_l, mixed, atol=1e-12)
+        assert errs["sla_mass_rule"][i] == pytest.approx(err(mixed), rel=1e-9)
+        assert errs["mass_rule_true_a"][i] == pytest.approx(err(a_true * o_s + (1 - a_true) * o_l), rel=1e-9)
+        assert errs["mass_rule_exact_rest"][i] == pytest.approx(err(a_est * o_s + (1 - a_est) * o_rest), rel=1e-9)
+        assert errs["mass_rule_true_a_exact_rest"][i] == pytest.approx(
+            err(a_true * o_s + (1 - a_true) * o_rest), rel=1e-9, abs=1e-12)
+        want = float(sum((a_est[h] - a_true[h]).abs().mean() for h in range(2)) / 2)
+        assert errs["mass_estimate_error"][i] == pytest.approx(want, rel=1e-9)
+        if linear_scope == "noncritical":
+            assert errs["mass_rule_true_a_exact_rest"][i] < 1e-12
+
+
 def test_own_projection_zero_and_identity():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 256, 8, generator=g) for _ in range(3))

@@ -249,10 +249,13 @@ def analyze_attention(
         scores = pooled_block_scores(q_sub[h][None, None], k[h][None, None], bq, bk)[0, 0]
         mass = metrics.block_attention_mass(probs, bq, bk)
         del probs
+        lse_all = torch.logsumexp(logits, dim=-1, keepdim=True)
         linear = _LinearBranch(q_sub[h], k[h], v[h], lin_feature, bq, bk)
         curves = {name: [] for name in ("block_pooled_sparse_only", "block_oracle_sparse_only",
                                         "sla_identity_projection", "sla_mass_rule", "sla_own_projection",
-                                        "block_achieved_sparsity", "recall", "mass_pooled", "mass_oracle")}
+                                        "mass_rule_true_a", "mass_rule_exact_rest", "mass_rule_true_a_exact_rest",
+                                        "mass_estimate_error", "block_achieved_sparsity", "recall", "mass_pooled",
+                                        "mass_oracle")}
         for s in sparsities:
             n_crit, n_negl = class_counts(1.0 - s, min(negl_cfg, s), tn)
             crit_p, negl_p = select_blocks(scores, n_crit, n_negl)
@@ -273,6 +276,17 @@ def analyze_attention(
             # combine="mass" as it starts (identity Proj, zero offsets): the mix by the estimated critical mass.
             a0 = mass_weight(lse, den, D, None)
             curves["sla_mass_rule"].append(metrics.relative_l1(a0 * o_s + (1 - a0) * o_l, dense))
+            # Where the mass rule's error comes from: its two approximations replaced, one at a time, by the exact
+            # quantity. a_true = the exact attention mass in the critical blocks (per row); o_rest = exact softmax
+            # attention over the linear branch's blocks only (what o_l stands in for).
+            a_true = torch.exp(lse - lse_all)
+            o_rest = _block_sparse(logits, v[h], _scope(class_sub, lin_scope).bool(), R, N, bq, bk)[0]
+            o_rest = torch.nan_to_num(o_rest)  # rows with no block in scope: nothing to add, as o_l = 0 there
+            curves["mass_rule_true_a"].append(metrics.relative_l1(a_true * o_s + (1 - a_true) * o_l, dense))
+            curves["mass_rule_exact_rest"].append(metrics.relative_l1(a0 * o_s + (1 - a0) * o_rest, dense))
+            curves["mass_rule_true_a_exact_rest"].append(
+                metrics.relative_l1(a_true * o_s + (1 - a_true) * o_rest, dense))
+            curves["mass_estimate_error"].append(float((a0 - a_true).abs().mean()))
             if sla is not None:
                 proj = torch.nn.functional.linear(o_l, sla.weight.to(o_l), None if sla.bias is None
                                                   else sla.bias.to(o_l))
@@ -354,6 +368,10 @@ def analyze_attention(
             "block_oracle_sparse_only": curve_mean("block_oracle_sparse_only"),
             "sla_identity_projection": curve_mean("sla_identity_projection"),
             "sla_mass_rule": curve_mean("sla_mass_rule"),
+            "mass_rule_true_a": curve_mean("mass_rule_true_a"),
+            "mass_rule_exact_rest": curve_mean("mass_rule_exact_rest"),
+            "mass_rule_true_a_exact_rest": curve_mean("mass_rule_true_a_exact_rest"),
+            "mass_estimate_error": curve_mean("mass_estimate_error"),
             "sla_lstsq_projection": curve_mean("sla_lstsq_projection"),
             "sla_own_projection": curve_mean("sla_own_projection"),
         },

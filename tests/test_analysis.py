@@ -201,6 +201,25 @@ def test_mass_rule_decomposition_against_direct_computation(linear_scope):
             err(a_true * o_s + (1 - a_true) * o_rest), rel=1e-9, abs=1e-12)
         want = float(sum((a_est[h] - a_true[h]).abs().mean() for h in range(2)) / 2)
         assert errs["mass_estimate_error"][i] == pytest.approx(want, rel=1e-9)
+        # The pooled-key candidate: each key block as n_j keys at its mean key, with its mean value.
+        n = torch.tensor([64.0, 64.0, 64.0, 8.0], dtype=torch.float64)
+        k_mean = torch.stack([k[:, j * 64:(j + 1) * 64].mean(1) for j in range(4)], 1)  # (H, T_n, D)
+        v_mean = torch.stack([v[:, j * 64:(j + 1) * 64].mean(1) for j in range(4)], 1)
+        pooled = torch.exp(q @ k_mean.transpose(-1, -2) / math.sqrt(D)) * n  # (H, L, T_n)
+        row_class = bm.class_map[0].repeat_interleave(64, dim=-2)[:, :L]
+        rest_mass = (pooled * (row_class != CRITICAL)).sum(-1, keepdim=True)
+        exact_crit_mass = (torch.exp(q @ k.transpose(-1, -2) / math.sqrt(D)) * crit).sum(-1, keepdim=True)
+        a_pooled = exact_crit_mass / (exact_crit_mass + rest_mass)
+        in_scope = in_linear_scope(row_class, linear_scope)
+        w = pooled * in_scope
+        o_pooled = torch.nan_to_num(w @ v_mean / w.sum(-1, keepdim=True))
+        assert errs["mass_rule_pooled_a"][i] == pytest.approx(err(a_pooled * o_s + (1 - a_pooled) * o_l), rel=1e-9)
+        assert errs["mass_rule_pooled"][i] == pytest.approx(err(a_pooled * o_s + (1 - a_pooled) * o_pooled),
+                                                            rel=1e-9)
+        assert errs["mass_rule_true_a_pooled_rest"][i] == pytest.approx(
+            err(a_true * o_s + (1 - a_true) * o_pooled), rel=1e-9)
+        want = float(sum((a_pooled[h] - a_true[h]).abs().mean() for h in range(2)) / 2)
+        assert errs["pooled_mass_estimate_error"][i] == pytest.approx(want, rel=1e-9)
         if linear_scope == "noncritical":
             assert errs["mass_rule_true_a_exact_rest"][i] < 1e-12
 

@@ -123,6 +123,19 @@ def _scope(class_rows: torch.Tensor, linear_scope: str) -> torch.Tensor:
     return in_linear_scope(class_rows, linear_scope)
 
 
+def _block_means(x: torch.Tensor, lengths: torch.Tensor, bk: int) -> torch.Tensor:
+    """``(T_n, D)`` mean of ``x`` ``(N, D)`` over each key block (the last one may be short)."""
+    N, D = x.shape
+    tn = lengths.shape[0]
+    padded = torch.nn.functional.pad(x, (0, 0, 0, tn * bk - N))
+    return padded.reshape(tn, bk, D).sum(1) / lengths[:, None]
+
+
+def _pooled_key_logits(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, bk: int, scale: float) -> torch.Tensor:
+    """``(R, T_n)``: ``log n_j + scale q_i . mean(K_j)``, each key block standing in for its ``n_j`` keys."""
+    return scale * (q @ _block_means(k, lengths, bk).T) + torch.log(lengths)[None, :]
+
+
 def _block_sparse(logits, v, critical_blocks, R, N, bq, bk):
     """SLA's sparse branch from precomputed logits: softmax over the tokens of the critical blocks only, and
     its log-sum-exp ``(R, 1)`` (what ``combine="mass"`` weighs it by)."""
@@ -250,12 +263,18 @@ def analyze_attention(
         mass = metrics.block_attention_mass(probs, bq, bk)
         del probs
         lse_all = torch.logsumexp(logits, dim=-1, keepdim=True)
+        # A candidate estimate of the attention outside the critical blocks from the key blocks' means (the block
+        # map's pooled keys, here at row resolution): key block j stands for n_j keys with logit q . mean(K_j)
+        # (Jensen: a lower bound of their summed exp), and its value for mean(V_j).
+        pooled_logits = _pooled_key_logits(q_sub[h], k[h], klen, bk, D ** -0.5 if scale is None else scale)
+        v_mean = _block_means(v[h], klen, bk)
         linear = _LinearBranch(q_sub[h], k[h], v[h], lin_feature, bq, bk)
         curves = {name: [] for name in ("block_pooled_sparse_only", "block_oracle_sparse_only",
                                         "sla_identity_projection", "sla_mass_rule", "sla_own_projection",
                                         "mass_rule_true_a", "mass_rule_exact_rest", "mass_rule_true_a_exact_rest",
-                                        "mass_estimate_error", "block_achieved_sparsity", "recall", "mass_pooled",
-                                        "mass_oracle")}
+                                        "mass_estimate_error", "mass_rule_pooled_a", "mass_rule_pooled",
+                                        "mass_rule_true_a_pooled_rest", "pooled_mass_estimate_error",
+                                        "block_achieved_sparsity", "recall", "mass_pooled", "mass_oracle")}
         for s in sparsities:
             n_crit, n_negl = class_counts(1.0 - s, min(negl_cfg, s), tn)
             crit_p, negl_p = select_blocks(scores, n_crit, n_negl)
@@ -287,6 +306,19 @@ def analyze_attention(
             curves["mass_rule_true_a_exact_rest"].append(
                 metrics.relative_l1(a_true * o_s + (1 - a_true) * o_rest, dense))
             curves["mass_estimate_error"].append(float((a0 - a_true).abs().mean()))
+            row_classes = class_sub.repeat_interleave(bq, dim=0)[:R]
+            log_rest = torch.logsumexp(pooled_logits.masked_fill(row_classes == CRITICAL, float("-inf")), -1,
+                                       keepdim=True)
+            a_pooled = torch.sigmoid(lse - log_rest)
+            in_scope = _scope(row_classes, lin_scope)
+            w_rest = torch.softmax(pooled_logits.masked_fill(~in_scope, float("-inf")), dim=-1)
+            o_pooled = torch.nan_to_num(w_rest) @ v_mean
+            curves["mass_rule_pooled_a"].append(metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_l, dense))
+            curves["mass_rule_pooled"].append(
+                metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_pooled, dense))
+            curves["mass_rule_true_a_pooled_rest"].append(
+                metrics.relative_l1(a_true * o_s + (1 - a_true) * o_pooled, dense))
+            curves["pooled_mass_estimate_error"].append(float((a_pooled - a_true).abs().mean()))
             if sla is not None:
                 proj = torch.nn.functional.linear(o_l, sla.weight.to(o_l), None if sla.bias is None
                                                   else sla.bias.to(o_l))
@@ -372,6 +404,10 @@ def analyze_attention(
             "mass_rule_exact_rest": curve_mean("mass_rule_exact_rest"),
             "mass_rule_true_a_exact_rest": curve_mean("mass_rule_true_a_exact_rest"),
             "mass_estimate_error": curve_mean("mass_estimate_error"),
+            "mass_rule_pooled_a": curve_mean("mass_rule_pooled_a"),
+            "mass_rule_pooled": curve_mean("mass_rule_pooled"),
+            "mass_rule_true_a_pooled_rest": curve_mean("mass_rule_true_a_pooled_rest"),
+            "pooled_mass_estimate_error": curve_mean("pooled_mass_estimate_error"),
             "sla_lstsq_projection": curve_mean("sla_lstsq_projection"),
             "sla_own_projection": curve_mean("sla_own_projection"),
         },

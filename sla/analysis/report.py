@@ -153,19 +153,23 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
         decomposition = [("mass rule (untrained)", "sla_mass_rule"),
                          ("... with the exact critical mass a", "mass_rule_true_a"),
                          ("... with exact attention over the linear blocks", "mass_rule_exact_rest"),
-                         ("... with both exact", "mass_rule_true_a_exact_rest")]
-        for key in [k for _, k in decomposition] + ["mass_estimate_error"]:
+                         ("... with both exact", "mass_rule_true_a_exact_rest"),
+                         ("key-block means for a and the rest", "mass_rule_pooled")]
+        a_errors = ["mass_estimate_error", "pooled_mass_estimate_error"]
+        for key in [k for _, k in decomposition] + a_errors:
             curves = [e["errors"][key] for e in entries if e["errors"].get(key) is not None]
             mean[key] = [sum(v) / len(v) for v in zip(*curves)] if curves else None
-        if all(mean[k] is not None for _, k in decomposition):
-            lines += ["Where the mass rule's error comes from (relative L1 against dense attention; each column "
-                      "replaces an estimate by the exact quantity; with the marginal scope the last one misses only the "
-                      "negligible blocks):", ""]
-            lines.append("| sparsity | " + " | ".join(n for n, _ in decomposition) + " | mean abs. error of a |")
+        if all(mean[k] is not None for k in [k for _, k in decomposition] + a_errors):
+            lines += ["Where the mass rule's error comes from (relative L1 against dense attention; the middle "
+                      "columns replace an estimate by the exact quantity, and with the marginal scope 'both exact' "
+                      "misses only the negligible blocks; the last column is a candidate that estimates both from the "
+                      "key blocks' mean keys and values):", ""]
+            lines.append("| sparsity | " + " | ".join(n for n, _ in decomposition)
+                         + " | mean abs. error of a: normalisers / key-block means |")
             lines.append("|---" * (2 + len(decomposition)) + "|")
             for i, s in enumerate(sp):
                 lines.append(f"| {_pct(s)} | " + " | ".join(_pct(mean[k][i]) for _, k in decomposition)
-                             + f" | {mean['mass_estimate_error'][i]:.3f} |")
+                             + " | " + " / ".join(f"{mean[k][i]:.3f}" for k in a_errors) + " |")
             lines.append("")
     if plot_names:
         lines += ["## Pictures", ""]

@@ -44,11 +44,16 @@ ARMS = {
     # 128 tokens is 3 blocks = 384 keys, as 6 blocks of 64.
     "sla_mass_tile_128x64": dict(attention="sla", combine="mass", token_tile=(4, 4, 4), block_q=128, block_k=64),
     "sla_mass_tile_128x128": dict(attention="sla", combine="mass", token_tile=(4, 4, 4), block_q=128, block_k=128),
+    # combine="pooled" (a and a coarse attention from the key blocks' means, docs/semantics.md): no Triton kernels
+    # yet, so the arm runs the PyTorch path whatever --backend says (recorded in result.json).
+    "sla_pooled_tile": dict(attention="sla", combine="pooled", token_tile=(4, 4, 4), backend="torch"),
 }
 # Arms that differ from "sla_mass_tile" only in their block shape (the report's block table).
 BLOCK_ARMS = ("sla_mass_tile", "sla_mass_tile_128x64", "sla_mass_tile_128x128")
 # Which sparse-only arm a rule's share of the gap is measured against (same block layout).
-BASELINE = {"sla_mass_tile": "sparse_only_tile"}
+BASELINE = {"sla_mass_tile": "sparse_only_tile", "sla_pooled_tile": "sparse_only_tile"}
+# A new rule is also compared, seed by seed, with the rule it means to replace.
+RIVAL = {"sla_pooled_tile": "sla_mass_tile"}
 SHARED = dict(steps=400, batch_size=8, lr=2e-4, warmup_steps=20, critical=0.05, negligible=0.10)
 EVAL = dict(clips=256, samples=256, sample_steps=20, batch_size=32)
 SMOKE = dict(steps=2, batch_size=1, warmup_steps=1), dict(clips=2, samples=2, sample_steps=1, batch_size=2)
@@ -110,6 +115,7 @@ def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: st
 
     train_kw, eval_kw = (SMOKE if smoke else (SHARED, EVAL))
     settings = {**SHARED, **train_kw, **ARMS[arm]}
+    backend = settings.pop("backend", backend)  # an arm that names its backend runs there
     if steps:  # a longer (or shorter) run than the pre-registered one, reported as such
         settings["steps"] = steps
     if settings.get("critical") == "FLOPS":
@@ -245,7 +251,7 @@ def cmd_report(args) -> int:
                          sparsity=_mean([r["sparsity"] for r in rs]), critical=rs[0]["settings"].get("critical"),
                          blocks=f"{rs[0]['settings'].get('block_q', 64)}x{rs[0]['settings'].get('block_k', 64)}"))
     verdicts = {}
-    for new in ("sla_mass", "sla_paper", "sla_mass_plain", "sla_paper_plain", "sla_mass_tile"):
+    for new in ("sla_mass", "sla_paper", "sla_mass_plain", "sla_paper_plain", "sla_mass_tile", "sla_pooled_tile"):
         base = BASELINE.get(new, "sparse_only")
         if not all((a, s) in by for a in (new, base, "full") for s in seeds):
             continue
@@ -255,6 +261,10 @@ def cmd_report(args) -> int:
         verdicts[new] = dict(baseline=base, beats_sparse_only_every_seed=all(beats), beats_per_seed=beats,
                              gap_closed=closed / gap if gap > 0 else float("nan"),
                              criterion_met=all(beats) and gap > 0 and closed / gap >= 0.5)
+        rival = RIVAL.get(new)
+        if rival and all((rival, s) in by for s in seeds):
+            better = [by[(new, s)]["heldout_loss"] < by[(rival, s)]["heldout_loss"] for s in seeds]
+            verdicts[new].update(rival=rival, beats_rival_every_seed=all(better), beats_rival_per_seed=better)
     tiles = {}
     for tiled, raster in (("sparse_only_tile", "sparse_only"), ("sla_mass_tile", "sla_mass")):
         if all((a, s) in by for a in (tiled, raster) for s in seeds):
@@ -288,6 +298,12 @@ def cmd_report(args) -> int:
     for k, v in verdicts.items():
         lines.append(f"| {k} | {v['baseline']} | {v['beats_sparse_only_every_seed']} ({v['beats_per_seed']}) | "
                      f"{100 * v['gap_closed']:.0f}% | {v['criterion_met']} |")
+    rivals = {k: v for k, v in verdicts.items() if "rival" in v}
+    if rivals:
+        lines += ["", "| rule | against the rule it would replace | lower held-out loss in every seed |",
+                  "|---|---|---|"]
+        for k, v in rivals.items():
+            lines.append(f"| {k} | {v['rival']} | {v['beats_rival_every_seed']} ({v['beats_rival_per_seed']}) |")
     if tiles:
         lines += ["", "| token tiles | against raster arm | lower held-out loss in every seed |", "|---|---|---|"]
         for k, v in tiles.items():

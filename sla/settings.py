@@ -18,9 +18,12 @@ from dataclasses import dataclass, fields, replace
 FEATURE_MAPS = ("softmax", "elu", "relu")
 LINEAR_SCOPES = ("marginal", "noncritical", "all")
 # How the two branches are combined: "paper" = o_s + Proj(o_l) (arXiv 2509.24006, Eq. 6); "mass" =
-# a * o_s + (1 - a) * Proj(o_l) with a the estimated share of the attention mass in the critical blocks
+# a * o_s + (1 - a) * Proj(o_l) with a the estimated share of the attention mass in the critical blocks;
+# "pooled" = a * o_s + (1 - a) * (o_c + Proj(o_l)) with a and the coarse attention o_c from the key blocks' means
 # (docs/semantics.md).
-COMBINE_RULES = ("paper", "mass")
+COMBINE_RULES = ("paper", "mass", "pooled")
+# The rules that mix the branches by a per-row weight a, with a learnable per-head offset ``mass_offset``.
+MIXING_RULES = ("mass", "pooled")
 # Implementations: "auto" picks by device (sla.ops.sla.interface.resolve_backend); the others are the names in
 # the interface's BACKENDS table (a test keeps the two lists equal).
 BACKEND_NAMES = ("auto", "torch", "triton", "reference")
@@ -56,7 +59,8 @@ def check_combine_rule(combine) -> None:
     if combine not in COMBINE_RULES:
         raise ValueError(f"combine={combine!r} is unknown; choose one of {COMBINE_RULES} ('paper' = o_s + Proj(o_l) "
                          f"as in the paper, 'mass' = a * o_s + (1 - a) * Proj(o_l) with a the critical blocks' "
-                         f"estimated attention mass)")
+                         f"estimated attention mass, 'pooled' = the same with a and a coarse attention over the key "
+                         f"blocks' means)")
 
 
 def check_backend_name(backend) -> None:

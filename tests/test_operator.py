@@ -2,6 +2,7 @@
 layouts and bad input."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -459,3 +460,108 @@ def test_bad_combine_arguments_raise(kwargs, error, match):
     q = torch.randn(1, 2, 64, 16)
     with pytest.raises(error, match=match):
         sla.sparse_linear_attention(q, q, q, **kwargs)
+
+
+# --- combine="pooled" ----------------------------------------------------------------------------------------
+
+def _pooled_oracle(q, k, v, class_map, bq, bk, linear_scope, w, b, mo):
+    """combine="pooled" from its definition (docs/semantics.md), token by token in float64, written apart from
+    naive.py: loops over key blocks, no shared helper."""
+    from sla.ops.sla.blockmap import CRITICAL, in_linear_scope
+
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    tn = -(-Lk // bk)
+    scale = D ** -0.5
+    rows = class_map.repeat_interleave(bq, dim=-2)[..., :Lq, :]  # (B, H, Lq, T_n)
+    logits = torch.empty(B, H, Lq, tn, dtype=q.dtype)
+    v_mean = torch.empty(B, H, tn, D, dtype=q.dtype)
+    crit_tok = torch.zeros(B, H, Lq, Lk, dtype=torch.bool)
+    for j in range(tn):
+        kj, vj = k[:, :, j * bk:(j + 1) * bk], v[:, :, j * bk:(j + 1) * bk]
+        logits[..., j] = scale * (q @ kj.mean(2, keepdim=True).transpose(-1, -2))[..., 0] + math.log(kj.shape[2])
+        v_mean[:, :, j] = vj.mean(2)
+        crit_tok[..., j * bk:(j + 1) * bk] = (rows[..., j] == CRITICAL)[..., None]
+    s = (q @ k.transpose(-1, -2)) * scale
+    p_crit = torch.exp(s) * crit_tok
+    o_s = p_crit @ v / p_crit.sum(-1, keepdim=True)
+    crit_mass = p_crit.sum(-1, keepdim=True)
+    rest = (torch.exp(logits) * (rows != CRITICAL)).sum(-1, keepdim=True) * torch.exp(mo).view(1, -1, 1, 1)
+    a = crit_mass / (crit_mass + rest)
+    scope = in_linear_scope(rows, linear_scope).to(q.dtype)
+    e = torch.exp(logits) * scope
+    o_c = torch.nan_to_num(e @ v_mean / e.sum(-1, keepdim=True))
+    phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)
+    scope_tok = scope.repeat_interleave(bk, dim=-1)[..., :Lk]
+    wl = (phi_q @ phi_k.transpose(-1, -2)) * scope_tok
+    den = wl.sum(-1, keepdim=True)
+    o_l = (wl @ v) / torch.where(den == 0, torch.ones_like(den), den)
+    return a * o_s + (1 - a) * (o_c + o_l @ w.T + b)
+
+
+@pytest.mark.parametrize("linear_scope", ["marginal", "noncritical", "all"])
+def test_pooled_reference_matches_an_independent_oracle(linear_scope):
+    q, k, v = _mass_inputs(seed=3)
+    bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(16, generator=g, dtype=torch.float64)
+    mo = torch.randn(3, generator=g, dtype=torch.float64)
+    ref = naive_sparse_linear_attention(q, k, v, bm, linear_scope=linear_scope, proj_weight=w, proj_bias=b,
+                                        combine="pooled", mass_offset=mo)
+    want = _pooled_oracle(q, k, v, bm.class_map, 32, 16, linear_scope, w, b, mo)
+    torch.testing.assert_close(ref, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("linear_scope", ["marginal", "noncritical", "all"])
+def test_pooled_torch_path_matches_reference_with_gradients(linear_scope):
+    q, k, v = (x.requires_grad_() for x in _mass_inputs(seed=5))
+    bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 16, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(16, generator=g, dtype=torch.float64).requires_grad_()
+    mo = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    kw = dict(linear_scope=linear_scope, proj_weight=w, proj_bias=b, combine="pooled", mass_offset=mo)
+    ref = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="reference", **kw)
+    got = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="torch", **kw)
+    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    g_ref = torch.autograd.grad(ref, (q, k, v, w, b, mo), do)
+    g_got = torch.autograd.grad(got, (q, k, v, w, b, mo), do)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for name, x, y in zip(("dq", "dk", "dv", "dW", "db", "d_mass_offset"), g_got, g_ref):
+        torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-11, msg=name)
+
+
+def test_pooled_reference_gradcheck():
+    q, k, v = (x.requires_grad_() for x in _mass_inputs(B=1, H=2, Lq=24, Lk=20, D=4))
+    bm = sla.build_block_map(q, k, critical=0.4, negligible=0.2, block_q=8, block_k=4)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64).requires_grad_()
+    mo = torch.randn(2, generator=g, dtype=torch.float64).requires_grad_()
+
+    def f(q, k, v, w, mo):
+        return naive_sparse_linear_attention(q, k, v, bm, proj_weight=w, combine="pooled", mass_offset=mo)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, w, mo))
+
+
+def test_pooled_is_dense_at_critical_one_and_the_module_starts_at_sparse_plus_coarse():
+    q, k, v = _mass_inputs(B=1, H=2)
+    full = sla.build_block_map(q, k, critical=1.0, negligible=0.0, block_q=32, block_k=16)
+    dense = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
+    for backend in ("reference", "torch"):
+        o = sla.sparse_linear_attention(q, k, v, block_map=full, combine="pooled",
+                                        mass_offset=torch.randn(2).double(), proj_weight=torch.randn(16, 16).double(),
+                                        backend=backend)
+        torch.testing.assert_close(o, dense, rtol=1e-12, atol=1e-12)
+    m = sla.SparseLinearAttention(16, critical=0.2, negligible=0.2, block_q=32, block_k=16, combine="pooled",
+                                  num_heads=2, backend="torch").double()
+    assert not m.proj.weight.any() and not m.proj.bias.any() and m.mass_offset.shape == (2,)
+    assert not m.mass_offset.any() and "combine='pooled', num_heads=2" in repr(m)
+    bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
+    want = _pooled_oracle(q, k, v, bm.class_map, 32, 16, "marginal", torch.zeros(16, 16, dtype=torch.float64),
+                          torch.zeros(16, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(m(q, k, v), want, rtol=1e-12, atol=1e-12)
+    # the offsets learn: a finite gradient per head
+    m(q.requires_grad_(), k, v).sum().backward()
+    assert m.mass_offset.grad.shape == (2,) and torch.isfinite(m.mass_offset.grad).all()

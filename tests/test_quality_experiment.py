@@ -45,6 +45,14 @@ def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
     block = report["block_shapes"]["sla_mass_tile_128x128"]
     assert block["against"] == "sla_mass_tile" and block["seeds"] == [0]
     assert [r["blocks"] for r in report["rows"] if r["arm"] == "sla_mass_tile_128x128"] == ["128x128"]
+    # The pooled rule's arm names its backend (no Triton kernels yet) and is compared with the mass rule too.
+    r = qe.run_job("sla_pooled_tile", 0, tmp_path, "small", smoke=True, backend="auto", threads=1)
+    assert r["backend"] == "torch" and r["eval_backend"] == "torch" and r["settings"]["combine"] == "pooled"
+    assert qe.cmd_report(Args()) == 0
+    verdict = json.loads((tmp_path / "results.json").read_text())["verdicts"]["sla_pooled_tile"]
+    assert verdict["baseline"] == "sparse_only_tile" and verdict["rival"] == "sla_mass_tile"
+    assert len(verdict["beats_rival_per_seed"]) == 1
+    assert "| sla_pooled_tile | sla_mass_tile |" in (tmp_path / "results.md").read_text()
 
 
 def test_float32_evaluation_of_wide_heads_runs_on_the_pytorch_path_on_cuda():

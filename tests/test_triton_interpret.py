@@ -108,6 +108,15 @@ def test_mass_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linea
               with_bias=with_bias)
 
 
+def test_pooled_combine_is_refused_with_the_backends_that_run_it():
+    q = torch.randn(1, 2, 128, 64)
+    bm = build_block_map(q, q, critical=0.25, negligible=0.25, block_q=64, block_k=64)
+    with pytest.raises(ValueError, match="combine='pooled' has no Triton kernels yet; run it with backend='torch'"):
+        triton_sparse_linear_attention(q, q, q, bm, combine="pooled")
+    with pytest.raises(ValueError, match="no Triton kernels yet"):
+        sla.sparse_linear_attention(q, q, q, critical=0.25, negligible=0.25, combine="pooled", backend="triton")
+
+
 def test_mass_combine_all_critical_equals_dense_attention():
     # Nothing in the linear scope: the mixing weight is exactly 1 and SLA is dense attention, whatever Proj is;
     # so are its gradients, and the logit's gradient g = dO.(o_s - Proj(o_l)) a (1 - a) is exactly 0, which leaves

@@ -97,7 +97,7 @@ class OwnProjection:
     feature_map: str
     linear_scope: str
     combine: str = "paper"
-    # combine="mass": the offsets of the captured heads, in the order of the captured q, k, v (float32).
+    # combine="mass" or "pooled": the offsets of the captured heads, in the order of the captured q, k, v (float32).
     mass_offset: torch.Tensor | None = None
 
 
@@ -326,6 +326,12 @@ def analyze_attention(
                     offset = None if sla.mass_offset is None else sla.mass_offset[h:h + 1].to(o_l)
                     a = mass_weight(lse, den, D, offset)
                     own = a * o_s + (1 - a) * proj
+                elif sla.combine == "pooled":  # the rule's a and o_c are the key-block-mean estimates above
+                    x = lse - log_rest
+                    if sla.mass_offset is not None:
+                        x = x - sla.mass_offset[h].to(o_l)
+                    a = torch.sigmoid(x)
+                    own = a * o_s + (1 - a) * (o_pooled + proj)
                 else:
                     own = o_s + proj
                 curves["sla_own_projection"].append(metrics.relative_l1(own, dense))

@@ -65,8 +65,8 @@ class SparseLinearAttentionFP32Proj(SparseLinearAttention):
 
 def make_sla_module(head_dim: int, settings: SLASettings, *, backend: str, keep_proj_fp32: bool, device=None,
                     num_heads: int | None = None) -> SparseLinearAttention:
-    """One SLA module for ``settings`` with its fp32 ``proj`` (zero for ``combine="paper"``, identity for
-    ``"mass"``, which also gets its ``mass_offset``), placed on ``device``."""
+    """One SLA module for ``settings`` with its fp32 ``proj`` (identity for ``combine="mass"``, zero otherwise;
+    ``"mass"`` and ``"pooled"`` also get their ``mass_offset``), placed on ``device``."""
     cls = SparseLinearAttentionFP32Proj if keep_proj_fp32 else SparseLinearAttention
     module = cls.from_settings(head_dim, settings, backend=backend, num_heads=num_heads)
     if device is not None:

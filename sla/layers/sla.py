@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.sla.interface import sparse_linear_attention
-from ..settings import SLASettings, check_backend_name
+from ..settings import MIXING_RULES, SLASettings, check_backend_name
 
 
 class SparseLinearAttention(nn.Module):
@@ -22,14 +22,20 @@ class SparseLinearAttention(nn.Module):
     to zero: the per-head log-scale of the linear branch's mass estimate (one shared offset, ``(1,)``, when
     ``num_heads`` is not given).
 
+    ``combine="pooled"``: ``o = a * o_s + (1 - a) * (o_c + Proj(o_l))`` with ``a`` and the coarse attention ``o_c``
+    estimated from the key blocks' mean keys and values. ``Proj`` starts at zero (the module then computes sparse
+    plus coarse attention), with ``mass_offset`` as for ``"mass"``. Runs on the PyTorch and reference backends
+    (no Triton kernels yet).
+
     Args:
         head_dim (int): D of q, k, v.
         critical, negligible, block_q, block_k, feature_map, linear_scope: see
             :func:`sla.sparse_linear_attention`. Defaults are the paper's (0.05, 0.10, 64, 64, softmax,
             marginal).
         backend (str): implementation choice, see :func:`sla.sparse_linear_attention`. Default ``"auto"``.
-        combine (str): ``"mass"`` or ``"paper"``. Default ``"mass"`` (docs/results.md has the experiment).
-        num_heads (int, optional): heads of q, for one mass offset per head (``combine="mass"``); ``None`` gives
+        combine (str): ``"mass"``, ``"paper"`` or ``"pooled"``. Default ``"mass"`` (docs/results.md has the
+            experiments).
+        num_heads (int, optional): heads of q, for one mass offset per head (``"mass"``, ``"pooled"``); ``None`` gives
             one offset shared by all heads. :func:`sla.apply_sla` passes each layer's head count.
 
     The settings are kept as one frozen :class:`~sla.settings.SLASettings`, ``module.settings`` (its fields
@@ -57,7 +63,7 @@ class SparseLinearAttention(nn.Module):
         self.backend = backend  # a run-time choice (same result), may be changed on the module
         self.num_heads = num_heads
         self.proj = nn.Linear(head_dim, head_dim, bias=True, dtype=torch.float32)
-        if settings.combine == "mass":
+        if settings.combine in MIXING_RULES:
             self.mass_offset = nn.Parameter(torch.zeros(num_heads or 1, dtype=torch.float32))
         else:
             self.register_parameter("mass_offset", None)
@@ -85,9 +91,10 @@ class SparseLinearAttention(nn.Module):
         if self.combine == "mass":
             with torch.no_grad():
                 self.proj.weight.copy_(torch.eye(self.head_dim))
-            nn.init.zeros_(self.mass_offset)
-        else:
+        else:  # "paper" (the paper's zero init) and "pooled" (starts as sparse + coarse attention)
             nn.init.zeros_(self.proj.weight)
+        if self.mass_offset is not None:
+            nn.init.zeros_(self.mass_offset)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -115,7 +122,7 @@ class SparseLinearAttention(nn.Module):
             mass_offset=offset, return_info=return_info, block_map=block_map, backend=self.backend)
 
     def extra_repr(self) -> str:
-        heads = f", num_heads={self.num_heads}" if self.combine == "mass" else ""
+        heads = f", num_heads={self.num_heads}" if self.combine in MIXING_RULES else ""
         return (f"head_dim={self.head_dim}, critical={self.critical}, negligible={self.negligible}, "
                 f"block_q={self.block_q}, block_k={self.block_k}, feature_map={self.feature_map!r}, "
                 f"linear_scope={self.linear_scope!r}, combine={self.combine!r}{heads}, backend={self.backend!r}")

@@ -32,7 +32,7 @@ class FinetuneConfig:
     block_k: int = 64
     feature_map: str = "softmax"
     linear_scope: str = "marginal"
-    combine: str = "mass"  # paper (o_s + Proj(o_l)) | mass (a o_s + (1 - a) Proj(o_l)), see sla.sparse_linear_attention
+    combine: str = "mass"  # paper | mass | pooled (experimental), see sla.sparse_linear_attention
     backend: str = "auto"
     token_tile: tuple | None = None  # None: raster order; (tf, th, tw): SLA's blocks over 3D token tiles (Wan)
     # --- what trains ----------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ class FinetuneConfig:
     # O(1) within a short fine-tune; Adam moves a weight by at most ~lr per step, so they get larger learning
     # rates and no weight decay (docs/results.md, "recipe").
     proj_lr_scale: float = 10.0  # learning-rate multiplier for the SLA projections
-    mass_lr_scale: float = 100.0  # learning-rate multiplier for the per-head mass offsets (combine="mass")
+    mass_lr_scale: float = 100.0  # learning-rate multiplier for the per-head mass offsets (mass, pooled)
     sla_weight_decay: float = 0.0  # weight decay of the SLA parameters (weight_decay applies to the rest)
     weight_decay: float = 0.01
     beta1: float = 0.9

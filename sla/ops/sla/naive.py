@@ -20,6 +20,12 @@ What it computes, per (batch, head), for a :class:`~sla.ops.sla.blockmap.BlockMa
   linear branch's normaliser, rescaled: for flat attention and a softmax feature map, ``phi(q).phi(k) ~ 1/D``
   while ``exp(q.k) ~ 1``). Written as ``a = sigmoid(lse - log(den) - log(D) - mass_offset[h])``. With nothing
   in the linear scope (``den = 0``) ``a = 1``, so ``critical=1`` gives dense attention.
+* ``combine="pooled"``: ``o = a * o_s + (1 - a) * (o_c + o_l W^T + b)``. Each key block ``j`` stands in for its
+  ``n_j`` keys at its mean key and mean value: per row, ``l_j = scale * q . mean(K_j) + log(n_j)``. The coarse
+  attention ``o_c = sum_j softmax(l)_j mean(V_j)`` runs over the key blocks in the linear scope (0 with none), and
+  ``a = S / (S + R)`` with ``R = exp(mass_offset[h]) * sum_j exp(l_j)`` over every non-critical block (the
+  estimated mass outside the critical blocks), i.e. ``a = sigmoid(lse - logsumexp(l) - mass_offset[h])``; ``a = 1``
+  when every block is critical. Zero-initialise ``W`` to start from sparse + coarse attention alone.
 """
 
 from __future__ import annotations
@@ -105,11 +111,15 @@ def naive_sparse_linear_attention(
     if combine == "mass":
         a = mass_weight(lse, normaliser, D, mass_offset)
         out = a * o_s + (1 - a) * projected
+    elif combine == "pooled":
+        o_c, log_rest = coarse_branch(q, k, v, block_map.class_map, bq, bk, scale, linear_scope)
+        a = pooled_weight(lse, log_rest, mass_offset)
+        out = a * o_s + (1 - a) * (o_c + projected)
     elif combine == "paper":
         a = torch.ones_like(lse)
         out = o_s + projected
     else:
-        raise ValueError(f"combine={combine!r} is unknown; choose 'paper' or 'mass'")
+        raise ValueError(f"combine={combine!r} is unknown; choose 'paper', 'mass' or 'pooled'")
     out = out.to(out_dtype)
     if return_branches:
         return out, (o_s, o_l, a)
@@ -128,6 +138,45 @@ def mass_weight(lse: torch.Tensor, den: torch.Tensor, head_dim: int, mass_offset
     if mass_offset is not None:
         x = x - mass_offset.to(x.dtype).view(1, -1, 1, 1)
     return torch.sigmoid(x)
+
+
+def coarse_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_map: torch.Tensor, block_q: int,
+                  block_k: int, scale: float, linear_scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``combine="pooled"``'s estimates from the key blocks' means, for q ``(B, H, Lq, D)``, k and v
+    ``(B, H, Lk, D)`` in the compute dtype and the block map's ``class_map`` ``(B, H, T_m, T_n)``.
+
+    Returns ``o_c`` ``(B, H, Lq, D)``, the coarse attention over the key blocks in the linear scope (0 for rows
+    with none), and ``log_rest`` ``(B, H, Lq, 1)``, the log of the estimated attention mass outside the critical
+    blocks (``-inf`` when every block is critical). Memory O(Lq * T_n) per head; shared by the reference and the
+    PyTorch path so both state the rule once."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    tn = -(-Lk // block_k)
+    lengths = torch.clamp(Lk - block_k * torch.arange(tn, device=q.device), max=block_k).to(q.dtype)
+
+    def means(x):
+        padded = torch.nn.functional.pad(x, (0, 0, 0, tn * block_k - Lk))
+        return padded.unflatten(2, (tn, block_k)).sum(3) / lengths[:, None]
+
+    logits = (q @ means(k).transpose(-1, -2)) * scale + torch.log(lengths)  # (B, H, Lq, T_n)
+    rows = class_map.repeat_interleave(block_q, dim=-2)[..., :Lq, :]
+    log_rest = torch.logsumexp(logits.masked_fill(rows == CRITICAL, float("-inf")), dim=-1, keepdim=True)
+    in_scope = in_linear_scope(rows, linear_scope)
+    # A row with nothing in scope gets o_c = 0: its softmax over no block is replaced, not NaN-masked, so that no
+    # NaN reaches the gradient either.
+    has_scope = in_scope.any(dim=-1, keepdim=True)
+    masked = logits.masked_fill(~in_scope, float("-inf")).masked_fill(~has_scope, 0.0)
+    o_c = (torch.softmax(masked, dim=-1) @ means(v)) * has_scope.to(q.dtype)
+    return o_c, log_rest
+
+
+def pooled_weight(lse: torch.Tensor, log_rest: torch.Tensor, mass_offset: torch.Tensor | None) -> torch.Tensor:
+    """``a = sigmoid(lse - log_rest - mass_offset[h])`` for ``(B, H, L, 1)`` tensors; ``a = 1`` where ``log_rest``
+    is ``-inf`` (every block critical)."""
+    finite = torch.isfinite(log_rest)
+    x = lse - torch.where(finite, log_rest, torch.zeros_like(log_rest))
+    if mass_offset is not None:
+        x = x - mass_offset.to(x.dtype).view(1, -1, 1, 1)
+    return torch.where(finite, torch.sigmoid(x), torch.ones_like(x))
 
 
 class ReferenceBackend(Backend):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .backend import Backend
 from .blockmap import MARGINAL, BlockMap, block_lengths
 from .feature_maps import apply_feature_map
-from .naive import mass_weight
+from .naive import coarse_branch, mass_weight, pooled_weight
 
 # Upper bound on the elements of one chunk's gathered K/V and score tensors. On CPU the chunk should stay
 # cache-resident (4 MB in float32 beat 64 MB: bench/RESULTS.md, "Measurements behind code choices"); GPUs want
@@ -256,6 +256,12 @@ def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_
         a = mass_weight(lse.reshape(B, H, Tm * bq, 1), den.reshape(B, H, Tm * bq, 1), D,
                         None if mass_offset is None else mass_offset.to(cdt))
         out = a * o_s.reshape(B, H, Tm * bq, D) + (1 - a) * o_l.reshape(B, H, Tm * bq, D)
+    elif combine == "pooled":
+        o_c, log_rest = coarse_branch(qc, kc, vc, block_map.class_map, bq, bk, scale, linear_scope)
+        a = pooled_weight(lse.reshape(B, H, Tm * bq, 1)[:, :, :Lq], log_rest,
+                          None if mass_offset is None else mass_offset.to(cdt))
+        out = a * o_s.reshape(B, H, Tm * bq, D)[:, :, :Lq] + (1 - a) * (o_c + o_l.reshape(B, H, Tm * bq, D)[:, :, :Lq])
+        return out.to(q.dtype)
     else:
         out = (o_s + o_l).reshape(B, H, Tm * bq, D)
     return out[:, :, :Lq].to(q.dtype)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ...settings import check_combine_rule
+from ...settings import MIXING_RULES, check_combine_rule
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -83,13 +83,14 @@ def check_scale(scale) -> None:
 
 
 def check_combine(combine: str, mass_offset: torch.Tensor | None, num_heads: int, device: torch.device) -> None:
-    """Check the branch-combination rule and its per-head offset ``mass_offset`` (``(H,)``, ``"mass"`` only)."""
+    """Check the branch-combination rule and its per-head offset ``mass_offset`` (``(H,)``, ``"mass"`` and
+    ``"pooled"`` only)."""
     check_combine_rule(combine)
     if mass_offset is None:
         return
-    if combine != "mass":
-        raise ValueError("mass_offset was given with combine='paper'; it is the per-head offset of combine='mass' "
-                         "only: pass combine='mass' or drop mass_offset")
+    if combine not in MIXING_RULES:
+        raise ValueError(f"mass_offset was given with combine={combine!r}; it is the per-head offset of the rules "
+                         f"{MIXING_RULES} only: pass one of them or drop mass_offset")
     if not isinstance(mass_offset, torch.Tensor) or not mass_offset.is_floating_point():
         raise TypeError(f"mass_offset must be a float tensor of shape (num_heads,) = ({num_heads},)")
     if tuple(mass_offset.shape) != (num_heads,):

@@ -67,8 +67,11 @@ def triton_sparse_linear_attention(
     if combine == "mass":
         mass_offset = (torch.zeros(q.shape[1], dtype=torch.float32, device=q.device) if mass_offset is None
                        else mass_offset.to(torch.float32))
+    elif combine == "pooled":
+        raise ValueError("combine='pooled' has no Triton kernels yet; run it with backend='torch' (any device) or "
+                         "backend='reference'")
     elif combine != "paper":
-        raise ValueError(f"combine must be 'paper' or 'mass', got {combine!r}")
+        raise ValueError(f"combine must be 'paper', 'mass' or 'pooled', got {combine!r}")
     else:
         mass_offset = None
     if feature_map not in FEATURE_MAP_FNS:  # the kernels implement each map by name (kernels.py)

@@ -22,7 +22,7 @@ from ..ops.sla.blockmap import (
     select_blocks,
 )
 from ..ops.sla.feature_maps import apply_feature_map
-from ..ops.sla.naive import expand_block_mask, mass_weight
+from ..ops.sla.naive import coarse_branch, expand_block_mask, mass_weight, pooled_weight
 from ..settings import SLASettings
 from . import metrics
 
@@ -121,19 +121,6 @@ def _class_rows(crit: torch.Tensor, negl: torch.Tensor, tn: int) -> torch.Tensor
 
 def _scope(class_rows: torch.Tensor, linear_scope: str) -> torch.Tensor:
     return in_linear_scope(class_rows, linear_scope)
-
-
-def _block_means(x: torch.Tensor, lengths: torch.Tensor, bk: int) -> torch.Tensor:
-    """``(T_n, D)`` mean of ``x`` ``(N, D)`` over each key block (the last one may be short)."""
-    N, D = x.shape
-    tn = lengths.shape[0]
-    padded = torch.nn.functional.pad(x, (0, 0, 0, tn * bk - N))
-    return padded.reshape(tn, bk, D).sum(1) / lengths[:, None]
-
-
-def _pooled_key_logits(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, bk: int, scale: float) -> torch.Tensor:
-    """``(R, T_n)``: ``log n_j + scale q_i . mean(K_j)``, each key block standing in for its ``n_j`` keys."""
-    return scale * (q @ _block_means(k, lengths, bk).T) + torch.log(lengths)[None, :]
 
 
 def _block_sparse(logits, v, critical_blocks, R, N, bq, bk):
@@ -263,11 +250,6 @@ def analyze_attention(
         mass = metrics.block_attention_mass(probs, bq, bk)
         del probs
         lse_all = torch.logsumexp(logits, dim=-1, keepdim=True)
-        # A candidate estimate of the attention outside the critical blocks from the key blocks' means (the block
-        # map's pooled keys, here at row resolution): key block j stands for n_j keys with logit q . mean(K_j)
-        # (Jensen: a lower bound of their summed exp), and its value for mean(V_j).
-        pooled_logits = _pooled_key_logits(q_sub[h], k[h], klen, bk, D ** -0.5 if scale is None else scale)
-        v_mean = _block_means(v[h], klen, bk)
         linear = _LinearBranch(q_sub[h], k[h], v[h], lin_feature, bq, bk)
         curves = {name: [] for name in ("block_pooled_sparse_only", "block_oracle_sparse_only",
                                         "sla_identity_projection", "sla_mass_rule", "sla_own_projection",
@@ -306,13 +288,12 @@ def analyze_attention(
             curves["mass_rule_true_a_exact_rest"].append(
                 metrics.relative_l1(a_true * o_s + (1 - a_true) * o_rest, dense))
             curves["mass_estimate_error"].append(float((a0 - a_true).abs().mean()))
-            row_classes = class_sub.repeat_interleave(bq, dim=0)[:R]
-            log_rest = torch.logsumexp(pooled_logits.masked_fill(row_classes == CRITICAL, float("-inf")), -1,
-                                       keepdim=True)
-            a_pooled = torch.sigmoid(lse - log_rest)
-            in_scope = _scope(row_classes, lin_scope)
-            w_rest = torch.softmax(pooled_logits.masked_fill(~in_scope, float("-inf")), dim=-1)
-            o_pooled = torch.nan_to_num(w_rest) @ v_mean
+            # combine="pooled"'s estimates from the key blocks' means (each block as n_j keys at its mean key and
+            # value), on the sampled rows: the rule's own coarse_branch, sampled blocks standing as the query blocks.
+            o_pooled, log_rest = (x[0, 0] for x in coarse_branch(
+                q_sub[h][None, None], k[h][None, None], v[h][None, None], class_sub[None, None], bq, bk,
+                D ** -0.5 if scale is None else scale, lin_scope))
+            a_pooled = pooled_weight(lse[None, None], log_rest[None, None], None)[0, 0]
             curves["mass_rule_pooled_a"].append(metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_l, dense))
             curves["mass_rule_pooled"].append(
                 metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_pooled, dense))
@@ -327,10 +308,8 @@ def analyze_attention(
                     a = mass_weight(lse, den, D, offset)
                     own = a * o_s + (1 - a) * proj
                 elif sla.combine == "pooled":  # the rule's a and o_c are the key-block-mean estimates above
-                    x = lse - log_rest
-                    if sla.mass_offset is not None:
-                        x = x - sla.mass_offset[h].to(o_l)
-                    a = torch.sigmoid(x)
+                    offset = None if sla.mass_offset is None else sla.mass_offset[h:h + 1].to(o_l)
+                    a = pooled_weight(lse[None, None], log_rest[None, None], offset)[0, 0]
                     own = a * o_s + (1 - a) * (o_pooled + proj)
                 else:
                     own = o_s + proj

@@ -35,7 +35,7 @@ import math
 import torch
 
 from .backend import Backend
-from .blockmap import CRITICAL, BlockMap, in_linear_scope
+from .blockmap import CRITICAL, BlockMap, block_lengths, in_linear_scope
 from .feature_maps import apply_feature_map
 
 
@@ -151,7 +151,7 @@ def coarse_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_map: 
     PyTorch path so both state the rule once."""
     Lq, Lk = q.shape[2], k.shape[2]
     tn = -(-Lk // block_k)
-    lengths = torch.clamp(Lk - block_k * torch.arange(tn, device=q.device), max=block_k).to(q.dtype)
+    lengths = block_lengths(Lk, block_k, q.device).to(q.dtype)
 
     def means(x):
         padded = torch.nn.functional.pad(x, (0, 0, 0, tn * block_k - Lk))

@@ -251,20 +251,22 @@ def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_
     if proj_weight is not None:
         o_l = F.linear(o_l, proj_weight.to(cdt), None if proj_bias is None else proj_bias.to(cdt))
 
+    def rows(x, width):  # per query block -> (B, H, Lq, width): rows in order, the padding dropped
+        return x.reshape(B, H, Tm * bq, width)[:, :, :Lq]
+
+    o_s, o_l = rows(o_s, D), rows(o_l, D)
+    offset = None if mass_offset is None else mass_offset.to(cdt)
+    # The rules are stated once, in naive.py (mass_weight, coarse_branch, pooled_weight).
     if combine == "mass":
-        # (G, T_m, bq, 1) -> (B, H, T_m * bq, 1): the rule is stated once, in naive.mass_weight.
-        a = mass_weight(lse.reshape(B, H, Tm * bq, 1), den.reshape(B, H, Tm * bq, 1), D,
-                        None if mass_offset is None else mass_offset.to(cdt))
-        out = a * o_s.reshape(B, H, Tm * bq, D) + (1 - a) * o_l.reshape(B, H, Tm * bq, D)
+        a = mass_weight(rows(lse, 1), rows(den, 1), D, offset)
+        out = a * o_s + (1 - a) * o_l
     elif combine == "pooled":
         o_c, log_rest = coarse_branch(qc, kc, vc, block_map.class_map, bq, bk, scale, linear_scope)
-        a = pooled_weight(lse.reshape(B, H, Tm * bq, 1)[:, :, :Lq], log_rest,
-                          None if mass_offset is None else mass_offset.to(cdt))
-        out = a * o_s.reshape(B, H, Tm * bq, D)[:, :, :Lq] + (1 - a) * (o_c + o_l.reshape(B, H, Tm * bq, D)[:, :, :Lq])
-        return out.to(q.dtype)
+        a = pooled_weight(rows(lse, 1), log_rest, offset)
+        out = a * o_s + (1 - a) * (o_c + o_l)
     else:
-        out = (o_s + o_l).reshape(B, H, Tm * bq, D)
-    return out[:, :, :Lq].to(q.dtype)
+        out = o_s + o_l
+    return out.to(q.dtype)
 
 
 class TorchBackend(Backend):

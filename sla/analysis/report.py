@@ -125,19 +125,19 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
     lines += ["", "## Error vs sparsity (mean over captures and heads)", ""]
     if entries:
         sp = entries[0]["errors"]["sparsity"]
-        mean = {}
-        for key in ("block_achieved_sparsity", "token_topk_renormalised", "token_topk_masked",
-                    "block_pooled_sparse_only", "block_oracle_sparse_only", "sla_identity_projection",
-                    "sla_mass_rule", "sla_lstsq_projection", "sla_own_projection"):
+
+        def curve_mean(key):  # per sparsity, over the captures that have the curve (None if none has it)
             curves = [e["errors"][key] for e in entries if e["errors"].get(key) is not None]
-            mean[key] = [sum(v) / len(v) for v in zip(*curves)] if curves else None
+            return [sum(v) / len(v) for v in zip(*curves)] if curves else None
+
+        mean = {key: curve_mean(key) for key in {k for e in entries for k in e["errors"]} - {"sparsity"}}
         cols = [("top-x% renorm.", "token_topk_renormalised"), ("top-x% P*M", "token_topk_masked"),
                 ("block sparse (pooled)", "block_pooled_sparse_only"),
                 ("block sparse (oracle)", "block_oracle_sparse_only"),
                 ("SLA mass rule (untrained)", "sla_mass_rule"),
                 ("SLA paper rule, least-sq. Proj", "sla_lstsq_projection"),
                 ("SLA own Proj", "sla_own_projection")]
-        cols = [(n, k) for n, k in cols if mean[k] is not None]
+        cols = [(n, k) for n, k in cols if mean.get(k) is not None]
         lines.append("| sparsity | block sparsity achieved | " + " | ".join(n for n, _ in cols) + " |")
         lines.append("|---" * (2 + len(cols)) + "|")
         for i, s in enumerate(sp):
@@ -156,10 +156,7 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
                          ("... with both exact", "mass_rule_true_a_exact_rest"),
                          ("key-block means for a and the rest", "mass_rule_pooled")]
         a_errors = ["mass_estimate_error", "pooled_mass_estimate_error"]
-        for key in [k for _, k in decomposition] + a_errors:
-            curves = [e["errors"][key] for e in entries if e["errors"].get(key) is not None]
-            mean[key] = [sum(v) / len(v) for v in zip(*curves)] if curves else None
-        if all(mean[k] is not None for k in [k for _, k in decomposition] + a_errors):
+        if all(mean.get(key) is not None for key in [k for _, k in decomposition] + a_errors):
             lines += ["Where the mass rule's error comes from (relative L1 against dense attention; the middle "
                       "columns replace an estimate by the exact quantity, and with the marginal scope 'both exact' "
                       "misses only the negligible blocks; the last column is a candidate that estimates both from the "

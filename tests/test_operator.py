@@ -364,15 +364,16 @@ def _mass_inputs(seed=0, B=2, H=3, Lq=150, Lk=131, D=16):
     return q, k, v
 
 
+@pytest.mark.parametrize("combine, seeds", [("mass", (0, 1)), ("pooled", (5, 6))])
 @pytest.mark.parametrize("linear_scope", ["marginal", "noncritical", "all"])
-def test_mass_combine_torch_path_matches_reference_with_gradients(linear_scope):
-    q, k, v = (x.requires_grad_() for x in _mass_inputs())
+def test_mixing_rules_torch_path_matches_reference_with_gradients(combine, seeds, linear_scope):
+    q, k, v = (x.requires_grad_() for x in _mass_inputs(seed=seeds[0]))
     bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seeds[1])
     w = torch.randn(16, 16, generator=g, dtype=torch.float64).requires_grad_()
     b = torch.randn(16, generator=g, dtype=torch.float64).requires_grad_()
     mo = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
-    kw = dict(linear_scope=linear_scope, proj_weight=w, proj_bias=b, combine="mass", mass_offset=mo)
+    kw = dict(linear_scope=linear_scope, proj_weight=w, proj_bias=b, combine=combine, mass_offset=mo)
     ref = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="reference", **kw)
     got = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="torch", **kw)
     do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
@@ -384,16 +385,17 @@ def test_mass_combine_torch_path_matches_reference_with_gradients(linear_scope):
         torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-11, msg=name)
 
 
-def test_mass_combine_reference_gradcheck():
+@pytest.mark.parametrize("combine, seed", [("mass", 2), ("pooled", 7)])
+def test_mixing_rules_reference_gradcheck(combine, seed):
     # The specification itself: autograd of the dense fp64 reference against finite differences.
     q, k, v = (x.requires_grad_() for x in _mass_inputs(B=1, H=2, Lq=24, Lk=20, D=4))
     bm = sla.build_block_map(q, k, critical=0.4, negligible=0.2, block_q=8, block_k=4)
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     w = torch.randn(4, 4, generator=g, dtype=torch.float64).requires_grad_()
     mo = torch.randn(2, generator=g, dtype=torch.float64).requires_grad_()
 
     def f(q, k, v, w, mo):
-        return naive_sparse_linear_attention(q, k, v, bm, proj_weight=w, combine="mass", mass_offset=mo)
+        return naive_sparse_linear_attention(q, k, v, bm, proj_weight=w, combine=combine, mass_offset=mo)
 
     assert torch.autograd.gradcheck(f, (q, k, v, w, mo))
 
@@ -511,38 +513,6 @@ def test_pooled_reference_matches_an_independent_oracle(linear_scope):
                                         combine="pooled", mass_offset=mo)
     want = _pooled_oracle(q, k, v, bm.class_map, 32, 16, linear_scope, w, b, mo)
     torch.testing.assert_close(ref, want, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("linear_scope", ["marginal", "noncritical", "all"])
-def test_pooled_torch_path_matches_reference_with_gradients(linear_scope):
-    q, k, v = (x.requires_grad_() for x in _mass_inputs(seed=5))
-    bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
-    g = torch.Generator().manual_seed(6)
-    w = torch.randn(16, 16, generator=g, dtype=torch.float64).requires_grad_()
-    b = torch.randn(16, generator=g, dtype=torch.float64).requires_grad_()
-    mo = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
-    kw = dict(linear_scope=linear_scope, proj_weight=w, proj_bias=b, combine="pooled", mass_offset=mo)
-    ref = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="reference", **kw)
-    got = sla.sparse_linear_attention(q, k, v, block_map=bm, backend="torch", **kw)
-    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    g_ref = torch.autograd.grad(ref, (q, k, v, w, b, mo), do)
-    g_got = torch.autograd.grad(got, (q, k, v, w, b, mo), do)
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-    for name, x, y in zip(("dq", "dk", "dv", "dW", "db", "d_mass_offset"), g_got, g_ref):
-        torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-11, msg=name)
-
-
-def test_pooled_reference_gradcheck():
-    q, k, v = (x.requires_grad_() for x in _mass_inputs(B=1, H=2, Lq=24, Lk=20, D=4))
-    bm = sla.build_block_map(q, k, critical=0.4, negligible=0.2, block_q=8, block_k=4)
-    g = torch.Generator().manual_seed(7)
-    w = torch.randn(4, 4, generator=g, dtype=torch.float64).requires_grad_()
-    mo = torch.randn(2, generator=g, dtype=torch.float64).requires_grad_()
-
-    def f(q, k, v, w, mo):
-        return naive_sparse_linear_attention(q, k, v, bm, proj_weight=w, combine="pooled", mass_offset=mo)
-
-    assert torch.autograd.gradcheck(f, (q, k, v, w, mo))
 
 
 def test_pooled_is_dense_at_critical_one_and_the_module_starts_at_sparse_plus_coarse():

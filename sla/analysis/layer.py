@@ -281,7 +281,7 @@ def analyze_attention(
             # quantity. a_true = the exact attention mass in the critical blocks (per row); o_rest = exact softmax
             # attention over the linear branch's blocks only (what o_l stands in for).
             a_true = torch.exp(lse - lse_all)
-            o_rest = _block_sparse(logits, v[h], _scope(class_sub, lin_scope).bool(), R, N, bq, bk)[0]
+            o_rest = _block_sparse(logits, v[h], _scope(class_sub, lin_scope), R, N, bq, bk)[0]
             o_rest = torch.nan_to_num(o_rest)  # rows with no block in scope: nothing to add, as o_l = 0 there
             curves["mass_rule_true_a"].append(metrics.relative_l1(a_true * o_s + (1 - a_true) * o_l, dense))
             curves["mass_rule_exact_rest"].append(metrics.relative_l1(a0 * o_s + (1 - a0) * o_rest, dense))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ BASELINE = {"sla_mass_tile": "sparse_only_tile", "sla_pooled_tile": "sparse_only
 RIVAL = {"sla_pooled_tile": "sla_mass_tile"}
 SHARED = dict(steps=400, batch_size=8, lr=2e-4, warmup_steps=20, critical=0.05, negligible=0.10)
 EVAL = dict(clips=256, samples=256, sample_steps=20, batch_size=32)
+SAVE_EVERY = 100
 SMOKE = dict(steps=2, batch_size=1, warmup_steps=1), dict(clips=2, samples=2, sample_steps=1, batch_size=2)
 
 
@@ -97,7 +99,7 @@ def evaluation_backend(model, backend: str, device: str) -> str:
 
 
 def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: str, threads: int = 0,
-            steps: int = 0) -> dict:
+            steps: int = 0, stop_after: int = 0) -> dict:
     import torch
 
     if threads:
@@ -123,19 +125,34 @@ def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: st
     device = "cuda" if torch.cuda.is_available() else "cpu"
     job_dir = out / arm / f"seed{seed}"
     t0 = time.time()
-    cfg = make_config(model=model, output_dir=str(job_dir / "train"), seed=seed, save_every=0, device=device,
-                      bf16=device == "cuda", progress=False, backend=backend, **settings)
+    # Checkpoints every SAVE_EVERY steps, and on SIGINT (``run --time-limit``): a job stopped during training
+    # resumes from its newest checkpoint when run again (exact resume: the same losses as an unbroken run).
+    cfg = make_config(model=model, output_dir=str(job_dir / "train"), seed=seed, save_every=SAVE_EVERY,
+                      device=device, bf16=device == "cuda", progress=False, backend=backend, stop_after=stop_after,
+                      **settings)
     # A job cut off during its evaluation (a time-limited GPU call) keeps its training: the marker is written
     # only after the final model is exported, and a re-run of the job evaluates that model again.
     trained = job_dir / "trained.json"
+    from sla._paths import atomic_write_text
+
     if trained.is_file():
         done = json.loads(trained.read_text())
         summary, train_seconds = done["summary"], done["train_seconds"]
     else:
-        summary = finetune(cfg)
-        train_seconds = time.time() - t0
-        from sla._paths import atomic_write_text
+        from sla.training.trainer import TrainingInterrupted
 
+        # Training time summed over the segments of a job stopped and resumed.
+        spent_file = job_dir / "train_seconds_before_resume.json"
+        spent = json.loads(spent_file.read_text())["seconds"] if spent_file.is_file() else 0.0
+        try:
+            summary = finetune(cfg, resume="auto")
+        except TrainingInterrupted:
+            atomic_write_text(spent_file, json.dumps(dict(seconds=spent + time.time() - t0)) + "\n")
+            raise
+        if "final" not in summary:  # stop_after ended training early: a checkpoint, no model to evaluate yet
+            atomic_write_text(spent_file, json.dumps(dict(seconds=spent + time.time() - t0)) + "\n")
+            return dict(arm=arm, seed=seed, stopped_after=summary["end_step"])
+        train_seconds = spent + time.time() - t0
         atomic_write_text(trained, json.dumps(dict(summary=summary, train_seconds=round(train_seconds, 1)),
                                               default=str) + "\n")
     ft, info = load_finetuned(job_dir / "train" / "final")
@@ -176,8 +193,6 @@ def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: st
                                     for n_, p in sla_params.items() if n_.endswith("proj.weight")},
         mass_offsets={n_: p.tolist() for n_, p in sla_params.items() if n_.endswith("mass_offset")},
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__)
-    from sla._paths import atomic_write_text
-
     atomic_write_text(job_dir / "result.json", json.dumps(result, indent=1) + "\n")
     return result
 
@@ -192,7 +207,16 @@ def cmd_run(args) -> int:
     running: list[tuple[subprocess.Popen, tuple, float]] = []
     log = open(out / "run.log", "a")
     t0 = time.time()
+    stopping = False
     while jobs or running:
+        if args.time_limit and not stopping and time.time() - t0 > args.time_limit:
+            # SIGINT: a training job finishes its step, saves a checkpoint and exits; an evaluating one stops at
+            # once (its training is kept). A later run with the same --out resumes both.
+            print(f"[{time.time() - t0:6.0f} s] --time-limit {args.time_limit:.0f} s reached: stopping "
+                  f"{len(running)} job(s) (SIGINT), {len(jobs)} not started", file=log, flush=True)
+            for proc, _, _ in running:
+                proc.send_signal(signal.SIGINT)
+            jobs, stopping = [], True
         if jobs and args.start_before and time.time() - t0 > args.start_before:
             print(f"[{time.time() - t0:6.0f} s] --start-before {args.start_before:.0f} s passed: {len(jobs)} job(s) "
                   f"left for the next run", file=log, flush=True)
@@ -224,6 +248,12 @@ def cmd_run(args) -> int:
                 running.remove((proc, (gpu, arm, seed), started))
                 print(f"[{time.time() - t0:6.0f} s] done {arm} seed {seed}: exit {proc.returncode} after "
                       f"{time.time() - started:.0f} s", file=log, flush=True)
+    left = [f"{arm} seed {s}" for s in args.seeds for arm in (args.arms or list(ARMS))
+            if not (out / arm / f"seed{s}" / "result.json").is_file()]
+    if left:
+        print(f"{len(left)} job(s) not finished ({', '.join(left)}); run the same command again to continue them "
+              f"(logs: {out}/<arm>/seed<s>/job.log)", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -234,6 +264,16 @@ def _mean(xs):
 def cmd_report(args) -> int:
     out = Path(args.out)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/seed*/result.json"))]
+    for path in args.include:
+        # Jobs of an earlier run (its results.json keeps every job's result.json under "jobs"), for the arms
+        # and seeds this run did not redo.
+        try:
+            earlier = json.loads(Path(path).read_text())["jobs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"--include {path}: not a results.json written by this script's report ({e})", file=sys.stderr)
+            return 2
+        have = {(r["arm"], r["seed"]) for r in results}
+        results += [r for r in earlier if (r["arm"], r["seed"]) not in have]
     if not results:
         print(f"no result.json under {out}", file=sys.stderr)
         return 2
@@ -282,7 +322,9 @@ def cmd_report(args) -> int:
     meta = dict(model=results[0]["model"], device=results[0]["device"], torch=results[0]["torch"],
                 steps=st["steps"], batch_size=st["batch_size"], lr=st["lr"], eval=ev, seeds=seeds)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, verdicts=verdicts, token_tiles=tiles,
-                                                      block_shapes=blocks), indent=1) + "\n")
+                                                      block_shapes=blocks, jobs=sorted(
+                                                          results, key=lambda r: (r["arm"], r["seed"]))),
+                                                 indent=1) + "\n")
     lines = [f"Model `{meta['model']}`, {meta['device']}, torch {meta['torch']}; seeds {seeds}; "
              f"{st['steps']} steps x batch {st['batch_size']}, lr {st['lr']}; held-out loss on "
              f"{ev['clips']} clips x 5 sigmas (fixed noise), FD on {ev['samples']} samples.", "",
@@ -335,6 +377,10 @@ def main() -> int:
     r.add_argument("--start-before", type=float, default=0.0,
                    help="start no job after this many seconds (0 = no limit): lets a time-limited call end with "
                         "every started job finished; a later run with the same --out does the rest")
+    r.add_argument("--time-limit", type=float, default=0.0,
+                   help="after this many seconds (0 = none) stop every running job with SIGINT: training saves a "
+                        "checkpoint, and the same command run again resumes it exactly; exit status 3 while jobs "
+                        "are left")
     j = sub.add_parser("job", help="one (arm, seed): fine-tune, evaluate, write result.json")
     j.add_argument("--arm", required=True, choices=list(ARMS))
     j.add_argument("--seed", type=int, required=True)
@@ -346,11 +392,21 @@ def main() -> int:
     j.add_argument("--steps", type=int, default=0, help="fine-tuning steps (0 = the pre-registered 400)")
     p = sub.add_parser("report", help="aggregate result.json files into results.json and results.md")
     p.add_argument("out")
+    p.add_argument("--include", nargs="*", default=[], metavar="RESULTS_JSON",
+                   help="also use the jobs kept in earlier results.json files (for arms and seeds not under OUT): "
+                        "e.g. bench/results_quality_wan8k.json to compare a new arm with the committed ones")
     args = ap.parse_args()
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "job":
-        run_job(args.arm, args.seed, Path(args.out), args.model, args.smoke, args.backend, args.threads, args.steps)
+        from sla.training.trainer import TrainingInterrupted
+
+        try:
+            run_job(args.arm, args.seed, Path(args.out), args.model, args.smoke, args.backend, args.threads,
+                    args.steps)
+        except TrainingInterrupted as e:
+            print(f"quality_experiment job {args.arm} seed {args.seed}: {e}; run it again to resume", file=sys.stderr)
+            return e.exit_code
         return 0
     return cmd_report(args)
 

@@ -36,6 +36,7 @@ def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
 
     class Args:
         out = str(tmp_path)
+        include = []
 
     assert qe.cmd_report(Args()) == 0
     report = json.loads((tmp_path / "results.json").read_text())
@@ -53,6 +54,39 @@ def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
     assert verdict["baseline"] == "sparse_only_tile" and verdict["rival"] == "sla_mass_tile"
     assert len(verdict["beats_rival_per_seed"]) == 1
     assert "| sla_pooled_tile | sla_mass_tile |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_job_stopped_during_training_resumes_exactly_and_report_includes_earlier_jobs(tmp_path, monkeypatch):
+    qe = _script()
+    monkeypatch.setitem(qe.SMOKE[0], "steps", 3)
+    whole = qe.run_job("sla_mass_tile", 0, tmp_path / "whole", "small", smoke=True, backend="auto", threads=1)
+    part = qe.run_job("sla_mass_tile", 0, tmp_path / "split", "small", smoke=True, backend="auto", threads=1,
+                      stop_after=2)
+    job = tmp_path / "split" / "sla_mass_tile" / "seed0"
+    assert part == dict(arm="sla_mass_tile", seed=0, stopped_after=2)
+    assert not (job / "trained.json").exists() and (job / "train_seconds_before_resume.json").is_file()
+    rest = qe.run_job("sla_mass_tile", 0, tmp_path / "split", "small", smoke=True, backend="auto", threads=1)
+    # Same code path, same machine: the resumed run reproduces the unbroken one.
+    assert rest["final_train_loss"] == whole["final_train_loss"] and rest["heldout_loss"] == whole["heldout_loss"]
+    assert rest["train_seconds"] >= json.loads((job / "train_seconds_before_resume.json").read_text())["seconds"]
+
+    class Args:
+        out = str(tmp_path / "whole")
+        include = []
+
+    assert qe.cmd_report(Args()) == 0
+    # A new arm's run compared with the arms of an earlier one, through that run's results.json.
+    for arm in ("full", "sparse_only_tile"):
+        qe.run_job(arm, 0, tmp_path / "earlier", "small", smoke=True, backend="auto", threads=1)
+    Args.out = str(tmp_path / "earlier")
+    assert qe.cmd_report(Args()) == 0
+    Args.out, Args.include = str(tmp_path / "whole"), [str(tmp_path / "earlier" / "results.json")]
+    assert qe.cmd_report(Args()) == 0
+    report = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert sorted(j["arm"] for j in report["jobs"]) == ["full", "sla_mass_tile", "sparse_only_tile"]
+    assert report["verdicts"]["sla_mass_tile"]["baseline"] == "sparse_only_tile"
+    Args.include = [str(tmp_path / "whole" / "sla_mass_tile" / "seed0" / "result.json")]  # not a results.json
+    assert qe.cmd_report(Args()) == 2
 
 
 def test_float32_evaluation_of_wide_heads_runs_on_the_pytorch_path_on_cuda():

@@ -48,6 +48,8 @@ ARMS = {
     # combine="pooled" (a and a coarse attention from the key blocks' means, docs/semantics.md): no Triton kernels
     # yet, so the arm runs the PyTorch path whatever --backend says (recorded in result.json).
     "sla_pooled_tile": dict(attention="sla", combine="pooled", token_tile=(4, 4, 4), backend="torch"),
+    # The control of the third experiment: the mass rule on the PyTorch path too, separating rule from backend.
+    "sla_mass_tile_torch": dict(attention="sla", combine="mass", token_tile=(4, 4, 4), backend="torch"),
 }
 # Arms that differ from "sla_mass_tile" only in their block shape (the report's block table).
 BLOCK_ARMS = ("sla_mass_tile", "sla_mass_tile_128x64", "sla_mass_tile_128x128")
@@ -55,6 +57,8 @@ BLOCK_ARMS = ("sla_mass_tile", "sla_mass_tile_128x64", "sla_mass_tile_128x128")
 BASELINE = {"sla_mass_tile": "sparse_only_tile", "sla_pooled_tile": "sparse_only_tile"}
 # A new rule is also compared, seed by seed, with the rule it means to replace.
 RIVAL = {"sla_pooled_tile": "sla_mass_tile"}
+# Arm -> the same recipe on the other backend (the report's backend-control table).
+BACKEND_CONTROL = {"sla_mass_tile_torch": "sla_mass_tile"}
 SHARED = dict(steps=400, batch_size=8, lr=2e-4, warmup_steps=20, critical=0.05, negligible=0.10)
 EVAL = dict(clips=256, samples=256, sample_steps=20, batch_size=32)
 SAVE_EVERY = 100
@@ -317,12 +321,22 @@ def cmd_report(args) -> int:
         if paired:
             diff = [by[(arm, s)]["heldout_loss"] - by[(ref, s)]["heldout_loss"] for s in paired]
             blocks[arm] = dict(against=ref, seeds=paired, loss_minus_64x64_per_seed=diff, mean_difference=_mean(diff))
+    controls = {}
+    for arm, other in BACKEND_CONTROL.items():
+        paired = [s for s in seeds if (arm, s) in by and (other, s) in by]
+        if paired:
+            diff = [by[(arm, s)]["heldout_loss"] - by[(other, s)]["heldout_loss"] for s in paired]
+            controls[arm] = dict(against=other, seeds=paired, loss_difference_per_seed=diff,
+                                 mean_difference=_mean(diff))
+            if all(("sla_pooled_tile", s) in by for s in paired):
+                better = [by[("sla_pooled_tile", s)]["heldout_loss"] < by[(arm, s)]["heldout_loss"] for s in paired]
+                controls[arm].update(pooled_beats_it_every_seed=all(better), pooled_beats_it_per_seed=better)
     st = results[0]["settings"]
     ev = dict(clips=results[0]["heldout_clips"], samples=results[0]["samples"])
     meta = dict(model=results[0]["model"], device=results[0]["device"], torch=results[0]["torch"],
                 steps=st["steps"], batch_size=st["batch_size"], lr=st["lr"], eval=ev, seeds=seeds)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, verdicts=verdicts, token_tiles=tiles,
-                                                      block_shapes=blocks, jobs=sorted(
+                                                      block_shapes=blocks, backend_controls=controls, jobs=sorted(
                                                           results, key=lambda r: (r["arm"], r["seed"]))),
                                                  indent=1) + "\n")
     lines = [f"Model `{meta['model']}`, {meta['device']}, torch {meta['torch']}; seeds {seeds}; "
@@ -356,6 +370,12 @@ def cmd_report(args) -> int:
         for k, v in blocks.items():
             lines.append(f"| {k} | {v['against']} | {', '.join(f'{x:+.4f}' for x in v['loss_minus_64x64_per_seed'])} "
                          f"| {v['mean_difference']:+.4f} |")
+    if controls:
+        lines += ["", "| backend control | against | held-out loss minus it, per seed | mean | "
+                      "pooled rule lower in every seed |", "|---|---|---|---|---|"]
+        for k, v in controls.items():
+            lines.append(f"| {k} | {v['against']} | {', '.join(f'{x:+.4f}' for x in v['loss_difference_per_seed'])} "
+                         f"| {v['mean_difference']:+.4f} | {v.get('pooled_beats_it_every_seed', 'n/a')} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -54,6 +54,13 @@ def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
     assert verdict["baseline"] == "sparse_only_tile" and verdict["rival"] == "sla_mass_tile"
     assert len(verdict["beats_rival_per_seed"]) == 1
     assert "| sla_pooled_tile | sla_mass_tile |" in (tmp_path / "results.md").read_text()
+    # The backend control: the mass rule on the PyTorch path, against its Triton-path arm and the pooled rule.
+    r = qe.run_job("sla_mass_tile_torch", 0, tmp_path, "small", smoke=True, backend="auto", threads=1)
+    assert r["backend"] == "torch" and r["settings"]["combine"] == "mass"
+    assert qe.cmd_report(Args()) == 0
+    control = json.loads((tmp_path / "results.json").read_text())["backend_controls"]["sla_mass_tile_torch"]
+    assert control["against"] == "sla_mass_tile" and len(control["pooled_beats_it_per_seed"]) == 1
+    assert "| sla_mass_tile_torch | sla_mass_tile |" in (tmp_path / "results.md").read_text()
 
 
 def test_a_job_stopped_during_training_resumes_exactly_and_report_includes_earlier_jobs(tmp_path, monkeypatch):

@@ -143,18 +143,20 @@ def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: st
         done = json.loads(trained.read_text())
         summary, train_seconds = done["summary"], done["train_seconds"]
     else:
-        from sla.training.trainer import TrainingInterrupted
-
         # Training time summed over the segments of a job stopped and resumed.
         spent_file = job_dir / "train_seconds_before_resume.json"
         spent = json.loads(spent_file.read_text())["seconds"] if spent_file.is_file() else 0.0
+
+        def keep_time():  # a stopped segment's time, for the run that resumes it
+            atomic_write_text(spent_file, json.dumps(dict(seconds=spent + time.time() - t0)) + "\n")
+
         try:
             summary = finetune(cfg, resume="auto")
-        except TrainingInterrupted:
-            atomic_write_text(spent_file, json.dumps(dict(seconds=spent + time.time() - t0)) + "\n")
+        except BaseException:  # SIGINT (TrainingInterrupted) or an error: the checkpoints stay
+            keep_time()
             raise
         if "final" not in summary:  # stop_after ended training early: a checkpoint, no model to evaluate yet
-            atomic_write_text(spent_file, json.dumps(dict(seconds=spent + time.time() - t0)) + "\n")
+            keep_time()
             return dict(arm=arm, seed=seed, stopped_after=summary["end_step"])
         train_seconds = spent + time.time() - t0
         atomic_write_text(trained, json.dumps(dict(summary=summary, train_seconds=round(train_seconds, 1)),
@@ -201,11 +203,16 @@ def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: st
     return result
 
 
+def _unfinished(out: Path, args) -> list[tuple[str, int]]:
+    """The (arm, seed) jobs of this command with no result.json yet."""
+    return [(arm, s) for s in args.seeds for arm in (args.arms or list(ARMS))
+            if not (out / arm / f"seed{s}" / "result.json").is_file()]
+
+
 def cmd_run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(arm, s) for s in args.seeds for arm in (args.arms or list(ARMS))
-            if not (out / arm / f"seed{s}" / "result.json").is_file()]
+    jobs = _unfinished(out, args)
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else [""]
     slots = [g for g in gpus for _ in range(args.jobs_per_gpu)]
     running: list[tuple[subprocess.Popen, tuple, float]] = []
@@ -252,8 +259,7 @@ def cmd_run(args) -> int:
                 running.remove((proc, (gpu, arm, seed), started))
                 print(f"[{time.time() - t0:6.0f} s] done {arm} seed {seed}: exit {proc.returncode} after "
                       f"{time.time() - started:.0f} s", file=log, flush=True)
-    left = [f"{arm} seed {s}" for s in args.seeds for arm in (args.arms or list(ARMS))
-            if not (out / arm / f"seed{s}" / "result.json").is_file()]
+    left = [f"{arm} seed {s}" for arm, s in _unfinished(out, args)]
     if left:
         print(f"{len(left)} job(s) not finished ({', '.join(left)}); run the same command again to continue them "
               f"(logs: {out}/<arm>/seed<s>/job.log)", file=sys.stderr)
@@ -263,6 +269,17 @@ def cmd_run(args) -> int:
 
 def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _lower_per_seed(by: dict, seeds, arm: str, other: str) -> list[bool]:
+    """Per seed: does ``arm`` have a lower held-out loss than ``other``?"""
+    return [by[(arm, s)]["heldout_loss"] < by[(other, s)]["heldout_loss"] for s in seeds]
+
+
+def _paired_difference(by: dict, seeds, arm: str, other: str) -> tuple[list[int], list[float]]:
+    """The seeds both arms ran, and ``arm``'s held-out loss minus ``other``'s on each."""
+    paired = [s for s in seeds if (arm, s) in by and (other, s) in by]
+    return paired, [by[(arm, s)]["heldout_loss"] - by[(other, s)]["heldout_loss"] for s in paired]
 
 
 def cmd_report(args) -> int:
@@ -299,7 +316,7 @@ def cmd_report(args) -> int:
         base = BASELINE.get(new, "sparse_only")
         if not all((a, s) in by for a in (new, base, "full") for s in seeds):
             continue
-        beats = [by[(new, s)]["heldout_loss"] < by[(base, s)]["heldout_loss"] for s in seeds]
+        beats = _lower_per_seed(by, seeds, new, base)
         gap = _mean([by[(base, s)]["heldout_loss"] - by[("full", s)]["heldout_loss"] for s in seeds])
         closed = _mean([by[(base, s)]["heldout_loss"] - by[(new, s)]["heldout_loss"] for s in seeds])
         verdicts[new] = dict(baseline=base, beats_sparse_only_every_seed=all(beats), beats_per_seed=beats,
@@ -307,29 +324,27 @@ def cmd_report(args) -> int:
                              criterion_met=all(beats) and gap > 0 and closed / gap >= 0.5)
         rival = RIVAL.get(new)
         if rival and all((rival, s) in by for s in seeds):
-            better = [by[(new, s)]["heldout_loss"] < by[(rival, s)]["heldout_loss"] for s in seeds]
+            better = _lower_per_seed(by, seeds, new, rival)
             verdicts[new].update(rival=rival, beats_rival_every_seed=all(better), beats_rival_per_seed=better)
     tiles = {}
     for tiled, raster in (("sparse_only_tile", "sparse_only"), ("sla_mass_tile", "sla_mass")):
         if all((a, s) in by for a in (tiled, raster) for s in seeds):
-            better = [by[(tiled, s)]["heldout_loss"] < by[(raster, s)]["heldout_loss"] for s in seeds]
+            better = _lower_per_seed(by, seeds, tiled, raster)
             tiles[tiled] = dict(against=raster, better_every_seed=all(better), better_per_seed=better)
     blocks = {}
     ref = BLOCK_ARMS[0]
     for arm in BLOCK_ARMS[1:]:
-        paired = [s for s in seeds if (arm, s) in by and (ref, s) in by]
+        paired, diff = _paired_difference(by, seeds, arm, ref)
         if paired:
-            diff = [by[(arm, s)]["heldout_loss"] - by[(ref, s)]["heldout_loss"] for s in paired]
             blocks[arm] = dict(against=ref, seeds=paired, loss_minus_64x64_per_seed=diff, mean_difference=_mean(diff))
     controls = {}
     for arm, other in BACKEND_CONTROL.items():
-        paired = [s for s in seeds if (arm, s) in by and (other, s) in by]
+        paired, diff = _paired_difference(by, seeds, arm, other)
         if paired:
-            diff = [by[(arm, s)]["heldout_loss"] - by[(other, s)]["heldout_loss"] for s in paired]
             controls[arm] = dict(against=other, seeds=paired, loss_difference_per_seed=diff,
                                  mean_difference=_mean(diff))
             if all(("sla_pooled_tile", s) in by for s in paired):
-                better = [by[("sla_pooled_tile", s)]["heldout_loss"] < by[(arm, s)]["heldout_loss"] for s in paired]
+                better = _lower_per_seed(by, paired, "sla_pooled_tile", arm)
                 controls[arm].update(pooled_beats_it_every_seed=all(better), pooled_beats_it_per_seed=better)
     st = results[0]["settings"]
     ev = dict(clips=results[0]["heldout_clips"], samples=results[0]["samples"])

@@ -39,6 +39,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -198,6 +199,10 @@ def worker(args) -> None:
             json.dump(dict(run, losses=losses, step_seconds=seconds, peak_memory_gib=peak, tokens=tokens,
                            batch_per_data_parallel_rank=cfg.batch_size, data_parallel=dp,
                            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"), f)
+    # Without this barrier a rank that finishes first tears down its communicator while the other still has
+    # context-parallel collectives in flight; under CPU load gloo then aborts the process at exit
+    # ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -312,8 +317,14 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             if proc.returncode != 0 or not os.path.isfile(result):
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                failed.append(dict(spec=r["spec"], error=" | ".join(tail)[-600:]))
+                log = (proc.stdout or "") + (proc.stderr or "")
+                # torchrun's last lines only say which rank died; the cause is the first error line above them.
+                cause = [ln for ln in log.splitlines() if re.search(r"Error|error:|terminate called|what\(\)", ln)]
+                tail = cause[:2] + log.strip().splitlines()[-2:]
+                failed.append(dict(spec=r["spec"], returncode=proc.returncode, error=" | ".join(tail)[-1200:]))
+                if os.environ.get("SLA_BENCH_FAILED_LOG"):
+                    with open(os.environ["SLA_BENCH_FAILED_LOG"], "a") as f:
+                        f.write(f"=== run {r['spec']} exit {proc.returncode}\n{log}\n")
                 print(f"run {r['spec']} failed after {time.perf_counter() - t0:.0f} s: {failed[-1]['error']}",
                       file=sys.stderr)
                 continue

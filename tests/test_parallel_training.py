@@ -171,6 +171,7 @@ def _main(root: str) -> None:
                 "--out", str(root / "samples_cp")]) == 0
     assert cli(["sample", "--pipeline", str(root / "pipe"), *PIPELINE_ARGS, "--context-parallel", "2",
                 "--out", str(root / "video_cp.mp4")]) == 0
+    dist.barrier()  # as in bench/bench_parallel.py: no rank tears down gloo while another has collectives in flight
     dist.destroy_process_group()
 
 

@@ -18,6 +18,8 @@ For each shape (B, H, L, D), bf16:
   backend runs dense. Skipped with a note where the backend is not installed.
 * ``sla``: ``sla.sparse_linear_attention(..., backend="triton")`` end to end: block classification on the GPU
   (``build_block_map_triton``), both branches and the fp32 projection.
+* ``sla-pooled``: ``sla`` with ``combine="pooled"`` (its coarse branch over the key blocks' means on top), at 95%
+  sparsity with the marginal scope; the breakdown profiles its kernels too.
 * ``sla-pytorch-blockmap``: the same, with the block map from the PyTorch ``build_block_map`` (what
   ``torch.compile`` traces; target configuration only). Older results have ``sla-public-api`` rows instead: the
   public API, which used the PyTorch map before commit cf1a926 and the GPU map after it.
@@ -53,8 +55,9 @@ def parse_args(argv=None):
                         "configuration only (default: %(default)s)")
     p.add_argument("--sparsities", default="0.90,0.95,0.97", help="block sparsities (1 - critical) for the sweep")
     p.add_argument("--negligible", type=float, default=0.10, help="negligible fraction (default: %(default)s)")
-    p.add_argument("--combine", choices=("mass", "paper"), default="mass",
-                   help="SLA's combination rule in the sla rows (default: %(default)s, the library's default)")
+    p.add_argument("--combine", choices=("mass", "paper", "pooled"), default="mass",
+                   help="SLA's combination rule in the sla rows (default: %(default)s, the library's default); at 95%% "
+                        "sparsity with the marginal scope the pooled rule also gets a row of its own, 'sla-pooled'")
     p.add_argument("--scopes", default="marginal,noncritical,all", help="linear scopes for the sweep")
     p.add_argument("--blocks", default="64x64,128x64", help="block configs block_qxblock_k")
     p.add_argument("--time-budget", type=float, default=330.0,
@@ -235,7 +238,8 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
     hs, zs = launch.linear_states(k, v, block_k, "softmax")
     out["aggregate_M_at_h_matmul"] = bench(lambda: launch.aggregate_states(hs, zs, mask))
     w, b = r.w.detach(), r.b.detach()
-    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, q.shape[-1] ** -0.5, block_q, block_k, "softmax", "paper")
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, None, None, q.shape[-1] ** -0.5, block_q, block_k,
+                "softmax", "paper")
     t_fwd = bench(lambda: launch.forward(*fwd_args, False))
     out["fwd_kernel_only_inference"] = t_fwd - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
     t_fwd = bench(lambda: launch.forward(*fwd_args, True))
@@ -243,12 +247,14 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
     o, o_s, o_l, lse, a = launch.forward(*fwd_args, True)
     do = r.do
     bwd_args = (do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w,
-                b, None, q.shape[-1] ** -0.5, block_q, block_k, "softmax", "paper")
+                b, None, None, q.shape[-1] ** -0.5, block_q, block_k, "softmax", "paper")
     # Until issue 16 the first key timed the kernels and M matmuls without the projection's gradient GEMM; the
     # backward's launches are one function now, so both keys include it (the second adds the custom op's dispatch).
     out["bwd_launches_with_proj_grads"] = bench(lambda: launch.backward(*bwd_args))
     out["bwd_full_op_with_proj_grads"] = bench(lambda: sla_triton_bwd(*bwd_args))
     out["per_kernel_ms_fwd_bwd"] = kernel_profile(sla_fn(r, critical, negligible, block_q, block_k, scope), r)
+    out["per_kernel_ms_fwd_bwd_pooled"] = kernel_profile(sla_fn(r, critical, negligible, block_q, block_k, scope,
+                                                                combine="pooled"), r)
     n_crit = bm.n_critical
     B, H, L, D = r.shape
     Tm = bm.num_query_blocks
@@ -273,11 +279,11 @@ def launch_config_sweep(r, critical, negligible, block_q, block_k):
     bm = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     mask = scope_mask_for(bm, "marginal", launch.state_dtype(q.dtype))
     w, scale = r.w.detach(), q.shape[-1] ** -0.5
-    fwd_args = (q, k, v, bm.critical_lut, mask, w, r.b.detach(), None, scale, block_q, block_k, "softmax", "paper",
-                True)
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, r.b.detach(), None, None, None, scale, block_q, block_k, "softmax",
+                "paper", True)
     o, o_s, o_l, lse, a = launch.forward(*fwd_args)
     bwd_args = (r.do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask,
-                w, r.b.detach(), None, scale, block_q, block_k, "softmax", "paper")
+                w, r.b.detach(), None, None, scale, block_q, block_k, "softmax", "paper")
     out = {}
     for name, fn, configs in (("fwd", lambda: launch.forward(*fwd_args), [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]),
                               ("dkdv", lambda: launch.backward(*bwd_args), [(4, 1), (4, 2), (4, 3), (8, 2)]),
@@ -391,6 +397,9 @@ def main(argv=None) -> int:
                 t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, pytorch_block_map=True,
                                        combine=args.combine))
                 add("sla-pytorch-blockmap", config, *t)
+                if args.combine != "pooled":  # what the pooled rule's coarse branch costs on top
+                    t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, combine="pooled"))
+                    add("sla-pooled", {**config, "combine": "pooled"}, *t)
         if full or L <= 40000:
             targets = [(0.95, (64, 64)), (0.95, (128, 64))] if full else [(0.95, (64, 64))]
             for sparsity, (bq, bk) in targets:

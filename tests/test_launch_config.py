@@ -30,6 +30,13 @@ OLD_CHAIN = {
     "linear_q": {16: (4, 1), 32: (4, 1), 64: (4, 1), 128: (8, 1)},
     "dq": {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (8, 2)},
 }
+# The coarse kernels of combine="pooled" came after the table (chosen there, not from the chain), by block_q.
+COARSE_ROWS = {
+    "coarse_fwd": {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (8, 2)},
+    "coarse_dq": {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (8, 2)},
+    "coarse_dkdv": {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (4, 2)},
+}
+COARSE_CHUNK = 64  # launch.COARSE_CHUNK, the coarse kernels' block_k (launch.py imports Triton; this file does not)
 
 
 def _blocks(kernel):
@@ -42,6 +49,9 @@ def _blocks(kernel):
             elif kernel == "linear_q":
                 if bk == SUPPORTED_BLOCKS[0]:
                     yield bq, None
+            elif kernel.startswith("coarse"):
+                if bk == SUPPORTED_BLOCKS[0]:
+                    yield bq, COARSE_CHUNK
             else:
                 yield bq, bk
 
@@ -66,15 +76,15 @@ def on_gpu_path(monkeypatch):
 
 
 def test_the_table_reproduces_the_old_chain_for_every_supported_launch():
-    assert set(OLD_CHAIN) == set(lc.KERNELS)
+    assert set(OLD_CHAIN) | set(COARSE_ROWS) == set(lc.KERNELS)
     n = 0
     for kernel, bq, bk, d, dtype in _all_launches():
         # the old chain's argument: block_q, and block_k for the state kernel
-        expected = OLD_CHAIN[kernel][bk if kernel == "state" else bq]
+        expected = {**OLD_CHAIN, **COARSE_ROWS}[kernel][bk if kernel == "state" else bq]
         got = lc.table_config(kernel, bq, bk, d, dtype)
         assert got == {"num_warps": expected[0], "num_stages": expected[1]}, (kernel, bq, bk, d, dtype)
         n += 1
-    assert n == 3 * 4 * (16 + 4 + 16 + 4 + 16)  # dtypes x head dims x the five kernels' block shapes
+    assert n == 3 * 4 * (16 + 4 + 16 + 4 + 16 + 3 * 4)  # dtypes x head dims x the eight kernels' block shapes
 
 
 def test_every_kernel_ends_with_its_default_row():
@@ -126,9 +136,18 @@ def test_the_launchers_look_up_each_kernel_with_its_own_tiles(monkeypatch):
     o = sla.sparse_linear_attention(q, k, v, critical=0.5, negligible=0.0, block_q=32, block_k=16,
                                     backend="triton")
     o.sum().backward()
-    assert set(calls) == {("state", None, 16, 32, torch.float32, CPU), ("fwd", 32, 16, 32, torch.float32, CPU),
-                          ("dq", 32, 16, 32, torch.float32, CPU), ("linear_q", 32, None, 32, torch.float32, CPU),
-                          ("dkdv", 32, 16, 32, torch.float32, CPU)}
+    paper = {("state", None, 16, 32, torch.float32, CPU), ("fwd", 32, 16, 32, torch.float32, CPU),
+             ("dq", 32, 16, 32, torch.float32, CPU), ("linear_q", 32, None, 32, torch.float32, CPU),
+             ("dkdv", 32, 16, 32, torch.float32, CPU)}
+    assert set(calls) == paper
+    # combine="pooled" adds the coarse kernels, whose key tile is a chunk of key-block means.
+    assert launch.COARSE_CHUNK == COARSE_CHUNK
+    calls.clear()
+    o = sla.sparse_linear_attention(q, k, v, critical=0.5, negligible=0.0, block_q=32, block_k=16, combine="pooled",
+                                    backend="triton")
+    o.sum().backward()
+    assert set(calls) == paper | {(kernel, 32, COARSE_CHUNK, 32, torch.float32, CPU)
+                                  for kernel in ("coarse_fwd", "coarse_dq", "coarse_dkdv")}
 
 
 # --- the shared-memory estimate and check ------------------------------------------------------------------------

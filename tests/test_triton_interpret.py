@@ -26,10 +26,12 @@ from sla.ops.sla.blockmap import build_block_map  # noqa: E402
 from sla.ops.sla.triton import (  # noqa: E402
     build_block_map_triton,
     sla_triton_bwd,
+    sla_triton_coarse_bwd,
+    sla_triton_coarse_fwd,
     sla_triton_fwd,
     triton_sparse_linear_attention,
 )
-from sla.ops.sla.triton.api import scope_mask_for  # noqa: E402
+from sla.ops.sla.triton.api import coarse_codes, key_block_means, scope_mask_for  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
     assert_outputs_within_rule,
     assert_unchanged_under_autocast,
@@ -61,7 +63,7 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     with_bias = with_proj if with_bias is None else with_bias
     b = torch.randn(D).requires_grad_() if with_bias else None
     # Offsets around the values a trained layer reaches (docs/semantics.md): a in (0, 1), neither saturated.
-    mo = torch.randn(H).requires_grad_() if combine == "mass" else None
+    mo = torch.randn(H).requires_grad_() if combine in ("mass", "pooled") else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     do = torch.randn(B, H, Lq, D, dtype=dtype)
     with nan_poisoned_allocations():
@@ -108,13 +110,70 @@ def test_mass_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linea
               with_bias=with_bias)
 
 
-def test_pooled_combine_is_refused_with_the_backends_that_run_it():
-    q = torch.randn(1, 2, 128, 64)
-    bm = build_block_map(q, q, critical=0.25, negligible=0.25, block_q=64, block_k=64)
-    with pytest.raises(ValueError, match="combine='pooled' has no Triton kernels yet; run it with backend='torch'"):
-        triton_sparse_linear_attention(q, q, q, bm, combine="pooled")
-    with pytest.raises(ValueError, match="no Triton kernels yet"):
-        sla.sparse_linear_attention(q, q, q, critical=0.25, negligible=0.25, combine="pooled", backend="triton")
+POOLED_CASES = [
+    # The coarse kernels' chunks of 64 key-block means: T_n = 4 (one partial chunk), and T_n = 70 at block_k 16 (a
+    # full chunk and a partial one, in forward and in both backward kernels, the dK/dV kernel over split query
+    # blocks). The linear-q kernel adds dO . o_c to g with and without a bias.
+    pytest.param(1, 2, 200, 200, 64, 64, 64, "marginal", "softmax", True, True,
+                 id="pooled-marginal-softmax-64x64-proj"),
+    pytest.param(2, 1, 130, 257, 32, 32, 64, "all", "elu", False, False, id="pooled-all-elu-32x64-Lq130-Lk257-noproj"),
+    pytest.param(1, 2, 300, 190, 64, 128, 64, "noncritical", "relu", True, False,
+                 id="pooled-noncritical-relu-128x64-Lq300-Lk190-weight-no-bias"),
+    pytest.param(1, 1, 96, 1115, 16, 32, 16, "marginal", "softmax", True, True, id="pooled-two-chunks-Tn70"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, with_bias",
+                         POOLED_CASES)
+def test_pooled_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj,
+                                          with_bias, dtype):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine="pooled",
+              with_bias=with_bias)
+
+
+def test_pooled_combine_all_critical_equals_dense_attention():
+    # Every block critical: log_rest is -inf, a is exactly 1, o_c is 0 (nothing in scope): dense attention, with
+    # dense gradients; g = 0 exactly, so the projection and the offsets get nothing.
+    q, k, v = (torch.randn(1, 2, 150, 64, requires_grad=True) for _ in range(3))
+    w, b, mo = (torch.randn(*shape, requires_grad=True) for shape in ((64, 64), (64,), (2,)))
+    bm = build_block_map(q.detach(), k.detach(), critical=1.0, negligible=0.0, block_q=64, block_k=64)
+    with nan_poisoned_allocations():
+        o = triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b, combine="pooled",
+                                           mass_offset=mo)
+        do = torch.randn_like(o)
+        grads = torch.autograd.grad(o, (q, k, v, w, b, mo), do)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    dense = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd)
+    torch.testing.assert_close(o.double(), dense, atol=2e-5, rtol=1e-5)
+    for got, want in zip(grads[:3], torch.autograd.grad(dense, (qd, kd, vd), do.double())):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    for got in grads[3:]:
+        assert torch.equal(got, torch.zeros_like(got))
+
+
+def test_pooled_combine_through_the_public_operator():
+    # backend="triton" runs the rule (it was refused before its kernels existed) and agrees with the PyTorch path.
+    q, k, v = (torch.randn(1, 2, 200, 64) for _ in range(3))
+    mo = torch.randn(2)
+    o, info = sla.sparse_linear_attention(q, k, v, critical=0.25, negligible=0.25, combine="pooled", mass_offset=mo,
+                                          backend="triton", return_info=True)
+    ref = sla.sparse_linear_attention(q, k, v, combine="pooled", mass_offset=mo, backend="torch",
+                                      block_map=info.block_map)
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_key_block_means_and_codes():
+    x = torch.randn(2, 3, 150, 16).transpose(1, 2).contiguous().transpose(1, 2)  # a (B, L, H, D) buffer's view
+    m = key_block_means(x, 64)
+    want = torch.stack([x[:, :, :64].mean(2), x[:, :, 64:128].mean(2), x[:, :, 128:].mean(2)], dim=2)
+    assert m.is_contiguous() and m.shape == (2, 3, 3, 16)
+    torch.testing.assert_close(m, want, atol=1e-6, rtol=1e-6)
+    bm = build_block_map(torch.randn(1, 1, 256, 16), torch.randn(1, 1, 256, 16), critical=0.25, negligible=0.25)
+    codes = coarse_codes(bm, "marginal")
+    cm = bm.class_map
+    assert codes.dtype == torch.uint8
+    assert torch.equal(codes, (cm != 1).to(torch.uint8) + 2 * (cm == 0).to(torch.uint8))
 
 
 def test_mass_combine_all_critical_equals_dense_attention():
@@ -190,27 +249,49 @@ def test_unsupported_inputs_raise():
         triton_sparse_linear_attention(q, q, q, bm, feature_map="gelu")
 
 
+def _coarse_args(q, k, v, bm, linear_scope, store_aux=True):
+    """The inputs of sla::triton_coarse_fwd for q, k, v and a block map, as the entry point forms them."""
+    lengths = torch.clamp(k.shape[2] - torch.arange(bm.class_map.shape[3]) * bm.block_k, max=bm.block_k)
+    return (q, key_block_means(k, bm.block_k), key_block_means(v, bm.block_k), torch.log2(lengths.float()),
+            coarse_codes(bm, linear_scope), q.shape[-1] ** -0.5, bm.block_q, store_aux)
+
+
 def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store_aux=True, combine="paper"):
     B, H, L, D, blk = 1, 2, 48, 16, 16
     q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for _ in range(3))
     bm = build_block_map(q, k, critical=0.34, negligible=0.34, block_q=blk, block_k=blk)
     w, b = (torch.randn(D, D), torch.randn(D)) if with_proj else (None, None)
-    mo = torch.randn(H) if combine == "mass" else None
+    mo = torch.randn(H) if combine in ("mass", "pooled") else None
+    o_c = log_rest = None
+    if combine == "pooled":
+        o_c, log_rest, _ = sla_triton_coarse_fwd(*_coarse_args(q, k, v, bm, linear_scope, store_aux=False))
     return (q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
-            scope_mask_for(bm, linear_scope, torch.float32), w, b, mo, D ** -0.5, blk, blk, "softmax", combine,
-            store_aux)
+            scope_mask_for(bm, linear_scope, torch.float32), w, b, mo, o_c, log_rest, D ** -0.5, blk, blk, "softmax",
+            combine, store_aux)
 
 
 @pytest.mark.parametrize("linear_scope, with_proj, combine",
-                         [("marginal", True, "paper"), ("all", False, "paper"), ("marginal", True, "mass")])
+                         [("marginal", True, "paper"), ("all", False, "paper"), ("marginal", True, "mass"),
+                          ("marginal", True, "pooled"), ("noncritical", False, "pooled")])
 def test_opcheck(linear_scope, with_proj, combine):
     args = _op_args(linear_scope=linear_scope, with_proj=with_proj, combine=combine)
-    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9) and a is not None else a
+    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9, 10, 11) and a is not None else a
                  for i, a in enumerate(args)]
     torch.library.opcheck(sla_triton_fwd, grad_args)
     o, o_s, o_l, lse, a = sla_triton_fwd(*args)
-    bwd_args = (torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:-1])
+    bwd_args = (torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:11], *args[12:-1])
     torch.library.opcheck(sla_triton_bwd, bwd_args)
+
+
+def test_coarse_ops_pass_opcheck():
+    q, k, v = (torch.randn(1, 2, 100, 16) for _ in range(3))
+    bm = build_block_map(q, k, critical=0.3, negligible=0.3, block_q=32, block_k=16)
+    args = _coarse_args(q, k, v, bm, "marginal")
+    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2) else a for i, a in enumerate(args)]
+    torch.library.opcheck(sla_triton_coarse_fwd, grad_args)
+    o_c, log_rest, lse_c = sla_triton_coarse_fwd(*args)
+    torch.library.opcheck(sla_triton_coarse_bwd, (torch.randn_like(o_c), torch.randn_like(log_rest), *args[:5], o_c,
+                                                  lse_c, log_rest, *args[5:7]))
 
 
 def test_inference_writes_output_only():
@@ -224,7 +305,8 @@ def test_inference_writes_output_only():
         sla_triton_fwd(q, k, v, *args[3:])
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("combine", ["mass", "pooled"])
+def test_torch_compile_fullgraph(combine):
     # Compiled (fullgraph, aot_eager on CPU) and eager: the output and every gradient meet the rule against the
     # fp64 reference, both of them (not compared with each other bit for bit: a traced graph may decompose the
     # PyTorch ops around the kernels differently).
@@ -232,10 +314,11 @@ def test_torch_compile_fullgraph():
     w, b, mo = torch.randn(64, 64) * 0.1, torch.randn(64), torch.randn(2)
     bm = build_block_map(q, k, critical=0.5, negligible=0.25)
     ref = reference_outputs(q, k, v, bm, feature_map="softmax", linear_scope="marginal", proj_weight=w, proj_bias=b,
-                            scale=None, do=do, combine="mass", mass_offset=mo)
+                            scale=None, do=do, combine=combine, mass_offset=mo)
 
     def f(q, k, v, w, b, mo):
-        return triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b, combine="mass", mass_offset=mo)
+        return triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b, combine=combine,
+                                              mass_offset=mo)
 
     for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
         leaves = [x.clone().requires_grad_() for x in (q, k, v, w, b, mo)]

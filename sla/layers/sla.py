@@ -24,8 +24,7 @@ class SparseLinearAttention(nn.Module):
 
     ``combine="pooled"``: ``o = a * o_s + (1 - a) * (o_c + Proj(o_l))`` with ``a`` and the coarse attention ``o_c``
     estimated from the key blocks' mean keys and values. ``Proj`` starts at zero (the module then computes sparse
-    plus coarse attention), with ``mass_offset`` as for ``"mass"``. Runs on the PyTorch and reference backends
-    (no Triton kernels yet).
+    plus coarse attention), with ``mass_offset`` as for ``"mass"``. Runs on every backend.
 
     Args:
         head_dim (int): D of q, k, v.

@@ -46,7 +46,7 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     w = (0.2 * torch.randn(D, D, device=DEV)).requires_grad_() if with_proj else None
     with_bias = with_proj if with_bias is None else with_bias
     b = torch.randn(D, device=DEV).requires_grad_() if with_bias else None
-    mo = torch.randn(H, device=DEV).requires_grad_() if combine == "mass" else None
+    mo = torch.randn(H, device=DEV).requires_grad_() if combine in ("mass", "pooled") else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     do = torch.randn(B, H, Lq, D, dtype=dtype, device=DEV)
     with t.nan_poisoned_allocations():
@@ -82,6 +82,26 @@ def test_mass_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linea
 def test_mass_combine_weight_without_bias(dtype):
     # The linear-q kernel forms the mass rule's g from dO W plus, only with a bias, dO . b: the path without one.
     _run_case(1, 2, 1000, 777, 128, 128, 64, dtype, "noncritical", "elu", combine="mass", with_bias=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map", CASES)
+def test_pooled_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, dtype):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, combine="pooled")
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+def test_pooled_combine_without_bias_and_without_projection(dtype):
+    # g's dO . o_c term with a weight and no bias, and with no projection at all.
+    _run_case(1, 2, 1000, 777, 128, 128, 64, dtype, "noncritical", "elu", combine="pooled", with_bias=False)
+    _run_case(1, 2, 1000, 777, 128, 64, 64, dtype, "marginal", "softmax", combine="pooled", with_proj=False)
+
+
+@pytest.mark.parametrize("block_q", [64, 128])
+def test_pooled_long_sequence_bf16(block_q):
+    # 32760 tokens: T_n = 512 key-block means, eight chunks of the coarse kernels, the dK/dV kernel's split sums.
+    _run_case(1, 1, 32760, 32760, 128, block_q, 64, torch.bfloat16, "marginal", "softmax", critical=0.05,
+              negligible=0.10, guard=False, gold_impl="torch", combine="pooled")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -211,7 +231,8 @@ def test_compiled_and_eager_block_maps_are_identical():
         assert torch.equal(eager, compiled)
 
 
-def test_torch_compile_gradients_within_the_rule():
+@pytest.mark.parametrize("combine", ["mass", "pooled"])
+def test_torch_compile_gradients_within_the_rule(combine):
     # Compiled with inductor and eager on one block map: output and every gradient meet the rule, both.
     build_block_map, sla_triton, t = _imports()
     q, k, v, do = (torch.randn(1, 2, 1500, 128, device=DEV, dtype=torch.bfloat16) for _ in range(4))
@@ -219,10 +240,10 @@ def test_torch_compile_gradients_within_the_rule():
     mo = torch.randn(2, device=DEV)
     bm = build_block_map(q, k, critical=0.1, negligible=0.1)
     ref = t.reference_outputs(q, k, v, bm, feature_map="softmax", linear_scope="marginal", proj_weight=w, proj_bias=b,
-                              scale=None, do=do, combine="mass", mass_offset=mo)
+                              scale=None, do=do, combine=combine, mass_offset=mo)
 
     def f(q, k, v, w, b, mo):
-        return sla_triton(q, k, v, bm, proj_weight=w, proj_bias=b, combine="mass", mass_offset=mo)
+        return sla_triton(q, k, v, bm, proj_weight=w, proj_bias=b, combine=combine, mass_offset=mo)
 
     for fn in (f, torch.compile(f, fullgraph=True)):
         leaves = [x.clone().requires_grad_() for x in (q, k, v, w, b, mo)]
@@ -249,22 +270,33 @@ def test_bf16_autocast_training_step():
 
 
 def test_opcheck_gpu():
-    from sla.ops.sla.triton import sla_triton_bwd, sla_triton_fwd
-    from sla.ops.sla.triton.api import scope_mask_for
+    from sla.ops.sla.blockmap import block_lengths
+    from sla.ops.sla.triton import sla_triton_bwd, sla_triton_coarse_bwd, sla_triton_coarse_fwd, sla_triton_fwd
+    from sla.ops.sla.triton.api import coarse_codes, key_block_means, scope_mask_for
 
     build_block_map, _, _ = _imports()
     q, k, v = (torch.randn(1, 2, 300, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     bm = build_block_map(q, k, critical=0.3, negligible=0.2)
     w, b = torch.randn(64, 64, device=DEV), torch.randn(64, device=DEV)
-    for combine in ("paper", "mass"):
-        mo = torch.randn(2, device=DEV) if combine == "mass" else None
+    log2_n = torch.log2(block_lengths(300, 64, DEV).float())
+    coarse = [q, key_block_means(k, 64), key_block_means(v, 64), log2_n, coarse_codes(bm, "marginal"), 0.125, 64, True]
+    torch.library.opcheck(sla_triton_coarse_fwd, [a.clone().requires_grad_() if i < 3 else a
+                                                  for i, a in enumerate(coarse)])
+    o_c, log_rest, lse_c = sla_triton_coarse_fwd(*coarse)
+    torch.library.opcheck(sla_triton_coarse_bwd, [torch.randn_like(o_c), torch.randn_like(log_rest), *coarse[:5], o_c,
+                                                  lse_c, log_rest, 0.125, 64])
+    for combine in ("paper", "mass", "pooled"):
+        mo = torch.randn(2, device=DEV) if combine != "paper" else None
+        pooled = [o_c, log_rest] if combine == "pooled" else [None, None]
         args = [q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
-                scope_mask_for(bm, "marginal", torch.bfloat16), w, b, mo, 0.125, 64, 64, "softmax", combine, True]
-        grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9) and a is not None else a
+                scope_mask_for(bm, "marginal", torch.bfloat16), w, b, mo, *pooled, 0.125, 64, 64, "softmax", combine,
+                True]
+        grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9, 10, 11) and a is not None else a
                      for i, a in enumerate(args)]
         torch.library.opcheck(sla_triton_fwd, grad_args)
         o, o_s, o_l, lse, a = sla_triton_fwd(*args)
-        torch.library.opcheck(sla_triton_bwd, [torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:-1]])
+        torch.library.opcheck(sla_triton_bwd, [torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:11],
+                                               *args[12:-1]])
     from sla.ops.sla.triton.blockmap import sla_triton_block_map
 
     for transposes in ("all", "critical", "none"):

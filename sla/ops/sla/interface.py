@@ -131,7 +131,7 @@ def sparse_linear_attention(
             ``a = sigmoid(lse - log(den) - log(D) - mass_offset[h])`` from the sparse branch's log-sum-exp and
             the linear branch's normaliser ``den`` (docs/semantics.md). Default: ``"mass"``: it beat the paper's
             rule in the project's controlled fine-tuning experiment (docs/results.md). ``"pooled"`` (experimental,
-            backends ``"torch"`` and ``"reference"``): ``a * o_s + (1 - a) * (o_c + Proj(o_l))`` with ``a`` and a
+            every backend): ``a * o_s + (1 - a) * (o_c + Proj(o_l))`` with ``a`` and a
             coarse attention ``o_c`` over the key blocks' mean keys and values (docs/semantics.md).
         mass_offset (torch.Tensor, optional): ``(H,)`` float, the learned per-head log-scale of the estimated mass
             outside the critical blocks (``combine="mass"`` and ``"pooled"``). Default: zeros.

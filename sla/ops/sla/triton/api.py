@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 
 from ..backend import grad_will_flow
-from ..blockmap import BlockMap, in_linear_scope
+from ..blockmap import CRITICAL, BlockMap, block_lengths, in_linear_scope
 from ..feature_maps import FEATURE_MAP_FNS
-from .custom_ops import sla_triton_fwd
+from .custom_ops import sla_triton_coarse_fwd, sla_triton_fwd
 from .launch import last_dim_contiguous, state_dtype
 from .limits import check_triton_inputs
 
@@ -21,6 +21,27 @@ from .limits import check_triton_inputs
 def scope_mask_for(block_map: BlockMap, linear_scope: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """The 0/1 ``(B, H, T_m, T_n)`` matrix of key blocks in the linear scope, or None for ``"all"``."""
     return None if linear_scope == "all" else in_linear_scope(block_map.class_map, linear_scope).to(dtype)
+
+
+def key_block_means(x: torch.Tensor, block_k: int) -> torch.Tensor:
+    """The mean of each key block of ``x`` ``(B, H, Lk, D)`` (any strides), ``(B, H, T_n, D)`` contiguous in x's
+    dtype, summed in fp32; the last block, if short, over its real tokens. Differentiable (plain PyTorch), read
+    without a padded copy of ``x``."""
+    Lk = x.shape[2]
+    full = Lk // block_k
+    sums = x[:, :, :full * block_k].unflatten(2, (full, block_k)).sum(3, dtype=torch.float32)
+    if Lk % block_k:
+        sums = torch.cat([sums, x[:, :, full * block_k:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
+    lengths = block_lengths(Lk, block_k, x.device).to(torch.float32)
+    return (sums / lengths[:, None]).to(x.dtype).contiguous()
+
+
+def coarse_codes(block_map: BlockMap, linear_scope: str) -> torch.Tensor:
+    """``(B, H, T_m, T_n)`` uint8 for the coarse kernels: bit 0 set for key blocks outside the critical ones (the
+    mass estimate sums over them), bit 1 for those in the linear scope (the coarse attention runs over them)."""
+    class_map = block_map.class_map
+    rest = (class_map != CRITICAL).to(torch.uint8)
+    return (rest + 2 * in_linear_scope(class_map, linear_scope).to(torch.uint8)).contiguous()
 
 
 def triton_sparse_linear_attention(
@@ -64,12 +85,9 @@ def triton_sparse_linear_attention(
         proj_weight = proj_weight.to(torch.float32)
     if proj_bias is not None:
         proj_bias = proj_bias.to(torch.float32)
-    if combine == "mass":
+    if combine in ("mass", "pooled"):
         mass_offset = (torch.zeros(q.shape[1], dtype=torch.float32, device=q.device) if mass_offset is None
                        else mass_offset.to(torch.float32))
-    elif combine == "pooled":
-        raise ValueError("combine='pooled' has no Triton kernels yet; run it with backend='torch' (any device) or "
-                         "backend='reference'")
     elif combine != "paper":
         raise ValueError(f"combine must be 'paper', 'mass' or 'pooled', got {combine!r}")
     else:
@@ -83,8 +101,16 @@ def triton_sparse_linear_attention(
         raise ValueError("block_map was built with transposes='none' (inference only) but a gradient will flow; "
                          "build it with build_block_map_triton(..., transposes='critical') or 'all', or let "
                          "sla.sparse_linear_attention build it")
+    o_c = log_rest = None
+    if combine == "pooled":
+        # The coarse branch (its own op, its own backward) feeds the main kernels o_c and log_rest; the block means
+        # are plain PyTorch, so their backward spreads each mean's gradient over its block's tokens.
+        lengths = block_lengths(k.shape[2], block_map.block_k, k.device).to(torch.float32)
+        o_c, log_rest, _ = sla_triton_coarse_fwd(
+            q, key_block_means(k, block_map.block_k), key_block_means(v, block_map.block_k), torch.log2(lengths),
+            coarse_codes(block_map, linear_scope), scale, block_map.block_q, store_aux)
     o, _, _, _, _ = sla_triton_fwd(
         q, k, v, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t, scope_mask,
-        proj_weight, proj_bias, mass_offset, scale, block_map.block_q, block_map.block_k, feature_map, combine,
-        store_aux)
+        proj_weight, proj_bias, mass_offset, o_c, log_rest, scale, block_map.block_q, block_map.block_k, feature_map,
+        combine, store_aux)
     return o

@@ -26,6 +26,14 @@ Kernels:
 * ``sla_bwd_dkdv_kernel``: dK and dV of the sparse branch per key block over the transposed (CSR) LUT (from the
   sparse branch's share of dO), plus the linear branch's share of dV_j and dK_j (through dphi(K_j)).
 
+``combine="pooled"`` (``POOLED``, with ``MASS``): the forward reads ``o_c`` and ``log_rest`` from the coarse
+kernels below and takes ``a = sigmoid(lse - log_rest - mass_offset[h])``; the linear-q kernel adds ``dO . o_c`` to
+``g``, writes ``(1 - a) dO`` (o_c's gradient) and gives ``log(den)`` no share of ``g``.
+
+* ``sla_coarse_fwd_kernel``: per query block, ``o_c`` (softmax over the in-scope key-block logits
+  ``scale q . mean(K_j) + log(n_j)`` of the mean values) and ``log_rest`` (log-sum-exp over the non-critical ones).
+* ``sla_coarse_bwd_dq_kernel`` / ``sla_coarse_bwd_dkdv_kernel``: their gradients with respect to q and the means.
+
 Sequence lengths and the critical count are runtime integers (``do_not_specialize``): a new length or
 top-k count does not compile a new kernel.
 """
@@ -164,18 +172,19 @@ def _mass_weight(b_lse2, b_den, beta, log_d):
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT", "s_hs_m", "s_zs_m"])
 def sla_fwd_kernel(
-    Q, K, V, LUT, HS, ZS, W, BIAS, MASS_OFF,
+    Q, K, V, LUT, HS, ZS, W, BIAS, MASS_OFF, OC, LOG_REST,
     O, OS, OL, LSE, A,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
     s_o_b, s_o_h, s_o_l,
     s_aux_b, s_aux_h, s_aux_l,
+    s_oc_b, s_oc_h, s_oc_l,
     s_hs_bh, s_hs_m, s_zs_bh, s_zs_m,
     qk_scale, log_d, Lq, Lk, Tm, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, MASS: tl.constexpr,
-    PREC: tl.constexpr,
+    POOLED: tl.constexpr, PREC: tl.constexpr,
 ):
     # qk_scale = softmax scale * LOG2E (> 0): exp(x) = exp2(x * log2(e)), folded into one multiply-add.
     i_m, i_bh, i_b, i_h = _program_ids(H)
@@ -218,7 +227,16 @@ def sla_fwd_kernel(
     else:
         b_proj = b_ol
     b_lse2 = b_mx + tl.math.log2(b_l)
-    if MASS:
+    if POOLED:
+        # combine="pooled" (MASS is set too): a from log_rest, the coarse branch's estimate of the mass outside the
+        # critical blocks (a = 1 where it is -inf), and o_c joins the (1 - a) side.
+        b_rest = tl.load(LOG_REST + i_bh * Lq + o_m, mask=m_q, other=0.)
+        b_fin = b_rest > float("-inf")
+        b_logit = b_lse2 * LN2 - tl.where(b_fin, b_rest, 0.) - tl.load(MASS_OFF + i_h)
+        b_a = tl.where(b_fin, 1. / (1. + tl.exp(-b_logit)), 1.)
+        b_oc = _load_tile(OC + i_b * s_oc_b + i_h * s_oc_h, o_m, s_oc_l, m_qt, D).to(tl.float32)
+        b_o = b_a[:, None] * b_os + (1. - b_a[:, None]) * (b_oc + b_proj)
+    elif MASS:
         b_a = _mass_weight(b_lse2, b_den, tl.load(MASS_OFF + i_h), log_d)
         b_o = b_a[:, None] * b_os + (1. - b_a[:, None]) * b_proj
     else:
@@ -297,15 +315,16 @@ def sla_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "s_hs_m", "s_zs_m"])
 def sla_bwd_linear_q_kernel(
-    Q, DO, W, BIAS, OS, OL, A, DELTA, G, HS, ZS, DQ, DHS, DZS, DB_PART, DO_S, DO_L,
+    Q, DO, W, BIAS, OS, OL, OC, A, DELTA, G, HS, ZS, DQ, DHS, DZS, DB_PART, DO_S, DO_L,
     s_q_b, s_q_h, s_q_l,
     s_do_b, s_do_h, s_do_l,
     s_aux_b, s_aux_h, s_aux_l,
+    s_oc_b, s_oc_h, s_oc_l,
     s_dq_b, s_dq_h, s_dq_l,
     s_hs_bh, s_hs_m, s_zs_bh, s_zs_m,
     Lq, Tm,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, FEATURE: tl.constexpr, HAS_PROJ: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MASS: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MASS: tl.constexpr, POOLED: tl.constexpr, PREC: tl.constexpr,
 ):
     # Linear branch backward per query block (paper Eq. 8) with dO_l = dO W (through Proj) and
     # D^l = rowsum(dO_l * O_l), from recomputed (not saved) H_i, Z_i: dphi(Q_i) = (dO_l H_i^T - D^l Z_i^T) / den,
@@ -336,7 +355,7 @@ def sla_bwd_linear_q_kernel(
         tl.store(DO_S + p_do, b_dos, mask=m_qt)
         b_delta = tl.sum(b_dos.to(tl.float32) * b_os, axis=1)
         b_do = b_do * (1. - b_a)[:, None]  # the projected linear branch enters o as (1 - a) Proj(o_l)
-        if HAS_PROJ:
+        if HAS_PROJ or POOLED:  # POOLED: (1 - a) dO is also o_c's gradient
             tl.store(DO_L + p_do, b_do.to(b_do_in.dtype), mask=m_qt)
     i_row = i_bh * Tm + i_m
     if HAS_BIAS:
@@ -354,10 +373,14 @@ def sla_bwd_linear_q_kernel(
         b_dot_p = b_dl
         if HAS_BIAS:
             b_dot_p = b_dot_p + tl.sum(b_do * tl.load(BIAS + o_d)[None, :], axis=1)
+        if POOLED:  # the (1 - a) side also holds o_c
+            b_oc = _load_tile(OC + i_b * s_oc_b + i_h * s_oc_h, o_m, s_oc_l, m_qt, D).to(tl.float32)
+            b_dot_p = b_dot_p + tl.sum(b_do * b_oc, axis=1)
         b_g = b_a * ((1. - b_a) * b_dot_os - b_dot_p)
         tl.store(G + i_bh * Lq + o_m, b_g, mask=m_q)
         tl.store(DELTA + i_bh * Lq + o_m, b_delta - b_g, mask=m_q)
-        b_dl += b_g  # log(den) gets -g: D^l - d log(den) = D^l + g
+        if not POOLED:  # the pooled rule's a does not depend on den: its -g goes to log_rest (the launcher's)
+            b_dl += b_g  # log(den) gets -g: D^l - d log(den) = D^l + g
     b_x = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
     b_phi = _feature_map(b_x.to(tl.float32), FEATURE)
     b_pq = b_phi.to(b_x.dtype).to(tl.float32)  # the forward's rounding of phi(q)
@@ -435,3 +458,169 @@ def sla_bwd_dkdv_kernel(
     p_dk = i_b * s_dk_b + i_h * s_dk_h + o_k[:, None] * s_dk_l + o_d[None, :]  # DV has DK's strides
     tl.store(DK + p_dk, b_dk.to(DK.dtype.element_ty), mask=m_kt)
     tl.store(DV + p_dk, b_dv.to(DV.dtype.element_ty), mask=m_kt)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# combine="pooled": the coarse branch over the key blocks' mean keys and values (sla/ops/sla/naive.py is the spec)
+# ------------------------------------------------------------------------------------------------------------------
+# Per query row, key block j enters with the logit l_j = scale * q . mean(K_j) + log(n_j) (kept in base 2 here:
+# l_j * LOG2E). CODE (B*H, T_m, T_n) uint8 says per query block which blocks count: bit 0 "outside the critical
+# blocks" (log_rest sums over those), bit 1 "in the linear scope" (o_c attends over those). Both are online
+# log-sum-exps over chunks of BT blocks, masked to -inf outside their set; a chunk that holds none of a row's set
+# keeps its running maximum at -inf, replaced by 0 where it is subtracted so that no -inf - -inf = NaN appears.
+
+
+@triton.jit
+def _coarse_chunk(b_q, KM, VM, LOGN2, p_code, i_t, Tn, qk_scale, D: tl.constexpr, BT: tl.constexpr,
+                  PREC: tl.constexpr):
+    """Chunk ``i_t`` of ``BT`` key-block means: the base-2 logits ``[BM, BT]``, the mean values ``[BT, D]`` and the
+    two set masks ``[BT]`` (outside the critical blocks; in the linear scope), false past ``Tn``."""
+    o_t = i_t + tl.arange(0, BT)
+    m_t = o_t < Tn
+    o_d = tl.arange(0, D)
+    b_km = tl.load(KM + o_t[:, None] * D + o_d[None, :], mask=m_t[:, None], other=0.)
+    b_vm = tl.load(VM + o_t[:, None] * D + o_d[None, :], mask=m_t[:, None], other=0.)
+    b_code = tl.load(p_code + o_t, mask=m_t, other=0)
+    b_logn2 = tl.load(LOGN2 + o_t, mask=m_t, other=0.)
+    b_s = tl.dot(b_q, tl.trans(b_km), input_precision=PREC) * qk_scale + b_logn2[None, :]
+    return b_s, b_km, b_vm, (b_code & 1) != 0, (b_code & 2) != 0
+
+
+@triton.jit
+def _online_lse(b_s, m_set, b_mx, b_l):
+    """One chunk of a base-2 online log-sum-exp over the columns in ``m_set``: the new maximum, sum, the chunk's
+    probabilities ``exp2(s - max)`` (0 outside the set) and the factor the old sum was rescaled by."""
+    b_s = tl.where(m_set[None, :], b_s, float("-inf"))
+    b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1))
+    b_ref = tl.where(b_mx_new == float("-inf"), 0., b_mx_new)
+    b_alpha = tl.math.exp2(b_mx - b_ref)
+    b_p = tl.math.exp2(b_s - b_ref[:, None])
+    return b_mx_new, b_l * b_alpha + tl.sum(b_p, axis=1), b_p, b_alpha
+
+
+@triton.jit(do_not_specialize=["Lq", "Tm", "Tn"])
+def sla_coarse_fwd_kernel(
+    Q, KM, VM, LOGN2, CODE, OC, LSE_C, LOG_REST,
+    s_q_b, s_q_h, s_q_l,
+    s_oc_b, s_oc_h, s_oc_l,
+    qk_scale, Lq, Tm, Tn,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, STORE_AUX: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One program per (query block, batch*head): o_c = softmax over the in-scope block logits of the mean values,
+    # and log_rest = natural log-sum-exp of the logits outside the critical blocks (-inf when there are none).
+    # KM, VM: (B*H, T_n, D) contiguous in q's dtype; LOGN2: (T_n,) fp32 log2 of each key block's length. With
+    # STORE_AUX also the base-2 log-sum-exp of o_c's softmax (LSE_C, -inf for rows with nothing in scope).
+    i_m, i_bh, i_b, i_h = _program_ids(H)
+    o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
+    b_q = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
+    p_km = KM + i_bh * Tn * D
+    p_vm = VM + i_bh * Tn * D
+    p_code = CODE + (i_bh * Tm + i_m) * Tn
+    b_mr = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_lr = tl.zeros([BM], dtype=tl.float32)
+    b_mc = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_lc = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    for i_t in range(0, Tn, BT):
+        b_s, b_km, b_vm, m_rest, m_scope = _coarse_chunk(b_q, p_km, p_vm, LOGN2, p_code, i_t, Tn, qk_scale, D, BT,
+                                                         PREC)
+        b_mr, b_lr, _, _ = _online_lse(b_s, m_rest, b_mr, b_lr)
+        b_mc, b_lc, b_p, b_alpha = _online_lse(b_s, m_scope, b_mc, b_lc)
+        b_acc = tl.dot(b_p.to(b_vm.dtype), b_vm, b_acc * b_alpha[:, None], input_precision=PREC)
+    b_oc = b_acc / tl.where(b_lc > 0., b_lc, 1.)[:, None]
+    tl.store(_tile_ptrs(OC + i_b * s_oc_b + i_h * s_oc_h, o_m, s_oc_l, D), b_oc.to(OC.dtype.element_ty), mask=m_qt)
+    # log2(0) = -inf and the maximum stays -inf for a row with an empty set: its log-sum-exp is -inf, as specified.
+    tl.store(LOG_REST + i_bh * Lq + o_m, (b_mr + tl.math.log2(b_lr)) * LN2, mask=m_q)
+    if STORE_AUX:
+        tl.store(LSE_C + i_bh * Lq + o_m, b_mc + tl.math.log2(b_lc), mask=m_q)
+
+
+@triton.jit
+def _coarse_row_stats(LSE_C, LOG_REST, D_REST, i_bh, Lq, o_m, m_q):
+    """Per row: the base-2 LSE of o_c's softmax and of log_rest, each +inf where it is -inf (so that exp2(s - lse)
+    is 0, not inf), and log_rest's incoming gradient (0 past Lq)."""
+    b_lse_c = tl.load(LSE_C + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
+    b_lse_c = tl.where(b_lse_c == float("-inf"), float("inf"), b_lse_c)
+    b_lse_r = tl.load(LOG_REST + i_bh * Lq + o_m, mask=m_q, other=float("inf")) * LOG2E
+    b_lse_r = tl.where(b_lse_r == float("-inf"), float("inf"), b_lse_r)
+    return b_lse_c, b_lse_r, tl.load(D_REST + i_bh * Lq + o_m, mask=m_q, other=0.)
+
+
+@triton.jit(do_not_specialize=["Lq", "Tm", "Tn"])
+def sla_coarse_bwd_dq_kernel(
+    Q, KM, VM, LOGN2, CODE, OC, LSE_C, LOG_REST, DOC, D_REST, DELTA_C, DQ,
+    s_q_b, s_q_h, s_q_l,
+    s_oc_b, s_oc_h, s_oc_l,
+    s_doc_b, s_doc_h, s_doc_l,
+    s_dq_b, s_dq_h, s_dq_l,
+    qk_scale, scale, Lq, Tm, Tn,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
+):
+    # dl_j = p_j (dO_c . mean(V_j) - delta_c) [in scope] + d_rest * r_j [outside the critical blocks], with p the
+    # softmax of o_c, r_j = exp(l_j - log_rest) and delta_c = dO_c . o_c (written here for the dK/dV kernel);
+    # dq = scale * sum_j dl_j mean(K_j).
+    i_m, i_bh, i_b, i_h = _program_ids(H)
+    o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
+    b_q = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
+    b_do = _load_tile(DOC + i_b * s_doc_b + i_h * s_doc_h, o_m, s_doc_l, m_qt, D)
+    b_oc = _load_tile(OC + i_b * s_oc_b + i_h * s_oc_h, o_m, s_oc_l, m_qt, D)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_oc.to(tl.float32), axis=1)
+    tl.store(DELTA_C + i_bh * Lq + o_m, b_delta, mask=m_q)
+    b_lse_c, b_lse_r, b_drest = _coarse_row_stats(LSE_C, LOG_REST, D_REST, i_bh, Lq, o_m, m_q)
+    p_km = KM + i_bh * Tn * D
+    p_vm = VM + i_bh * Tn * D
+    p_code = CODE + (i_bh * Tm + i_m) * Tn
+    b_dq = tl.zeros([BM, D], dtype=tl.float32)
+    for i_t in range(0, Tn, BT):
+        b_s, b_km, b_vm, m_rest, m_scope = _coarse_chunk(b_q, p_km, p_vm, LOGN2, p_code, i_t, Tn, qk_scale, D, BT,
+                                                         PREC)
+        b_p = tl.where(m_scope[None, :], tl.math.exp2(b_s - b_lse_c[:, None]), 0.)
+        b_r = tl.where(m_rest[None, :], tl.math.exp2(b_s - b_lse_r[:, None]), 0.)
+        b_dp = tl.dot(b_do, tl.trans(b_vm), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None]) + b_r * b_drest[:, None]
+        b_dq = tl.dot(b_ds.to(b_km.dtype), b_km, b_dq, input_precision=PREC)
+    tl.store(_tile_ptrs(DQ + i_b * s_dq_b + i_h * s_dq_h, o_m, s_dq_l, D), (b_dq * scale).to(DQ.dtype.element_ty),
+             mask=m_qt)
+
+
+@triton.jit(do_not_specialize=["Lq", "Tm", "Tn", "SPLIT"])
+def sla_coarse_bwd_dkdv_kernel(
+    Q, KM, VM, LOGN2, CODE, LSE_C, LOG_REST, DOC, D_REST, DELTA_C, DKM, DVM,
+    s_q_b, s_q_h, s_q_l,
+    s_doc_b, s_doc_h, s_doc_l,
+    qk_scale, scale, Lq, Tm, Tn, SPLIT,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
+):
+    # Gradients of BT key-block means from the query blocks i_s, i_s + SPLIT, ... (grid axis 2 is i_s): the
+    # launcher sums the SPLIT partial results (DKM, DVM: (SPLIT, B*H, T_n, D) fp32), so that a short T_n still
+    # fills the GPU, without atomics. d mean(K_j) = scale * sum_rows dl_j q, d mean(V_j) = sum_rows p_j dO_c.
+    i_t, i_bh, i_b, i_h = _program_ids(H)
+    i_s = tl.program_id(2)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < Tn
+    o_d = tl.arange(0, D)
+    b_km = tl.load(KM + i_bh * Tn * D + o_t[:, None] * D + o_d[None, :], mask=m_t[:, None], other=0.)
+    b_vm = tl.load(VM + i_bh * Tn * D + o_t[:, None] * D + o_d[None, :], mask=m_t[:, None], other=0.)
+    b_logn2 = tl.load(LOGN2 + o_t, mask=m_t, other=0.)
+    p_q0 = Q + i_b * s_q_b + i_h * s_q_h
+    p_do0 = DOC + i_b * s_doc_b + i_h * s_doc_h
+    b_dkm = tl.zeros([BT, D], dtype=tl.float32)
+    b_dvm = tl.zeros([BT, D], dtype=tl.float32)
+    for i_m in range(i_s, Tm, SPLIT):
+        o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
+        b_code = tl.load(CODE + (i_bh * Tm + i_m) * Tn + o_t, mask=m_t, other=0)
+        b_q = _load_tile(p_q0, o_m, s_q_l, m_qt, D)
+        b_do = _load_tile(p_do0, o_m, s_doc_l, m_qt, D)
+        b_lse_c, b_lse_r, b_drest = _coarse_row_stats(LSE_C, LOG_REST, D_REST, i_bh, Lq, o_m, m_q)
+        b_delta = tl.load(DELTA_C + i_bh * Lq + o_m, mask=m_q, other=0.)
+        b_st = tl.dot(b_km, tl.trans(b_q), input_precision=PREC) * qk_scale + b_logn2[:, None]  # [BT, BM]
+        b_pt = tl.where(((b_code & 2) != 0)[:, None], tl.math.exp2(b_st - b_lse_c[None, :]), 0.)
+        b_rt = tl.where(((b_code & 1) != 0)[:, None], tl.math.exp2(b_st - b_lse_r[None, :]), 0.)
+        b_dvm = tl.dot(b_pt.to(b_do.dtype), b_do, b_dvm, input_precision=PREC)
+        b_dpt = tl.dot(b_vm, tl.trans(b_do), input_precision=PREC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :]) + b_rt * b_drest[None, :]
+        b_dkm = tl.dot(b_dst.to(b_q.dtype), b_q, b_dkm, input_precision=PREC)
+    p_out = (i_s * tl.num_programs(1) + i_bh) * Tn * D + o_t[:, None] * D + o_d[None, :]
+    tl.store(DKM + p_out, b_dkm * scale, mask=m_t[:, None])
+    tl.store(DVM + p_out, b_dvm, mask=m_t[:, None])

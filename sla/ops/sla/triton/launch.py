@@ -35,6 +35,9 @@ import triton
 from .kernels import (
     LOG2E,
     sla_bwd_dkdv_kernel,
+    sla_coarse_bwd_dkdv_kernel,
+    sla_coarse_bwd_dq_kernel,
+    sla_coarse_fwd_kernel,
     sla_bwd_dq_kernel,
     sla_bwd_linear_q_kernel,
     sla_fwd_kernel,
@@ -122,15 +125,17 @@ def _token_rows(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x.reshape(-1, D) for x in xs]
 
 
-def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offset, scale, block_q, block_k,
-            feature_map, combine, store_aux):
+def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offset, o_c, log_rest, scale, block_q,
+            block_k, feature_map, combine, store_aux):
     """The forward launches: linear states, their aggregation per query block, the fused forward kernel.
     Arguments and returns as :func:`sla.ops.sla.triton.custom_ops.sla_triton_fwd` (which runs this with autocast
     off) without the transposed LUT, which only backward reads."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm = triton.cdiv(Lq, block_q)
-    mass = combine == "mass"
+    # combine="pooled" mixes as the mass rule does (a stored, the same backward kernels), with a from log_rest.
+    mass = combine in ("mass", "pooled")
+    pooled = combine == "pooled"
     hs, zs = linear_states(k, v, block_k, feature_map)
     big_h, big_z = aggregate_states(hs, zs, scope_mask)
     o = torch.empty_like(q)
@@ -140,27 +145,31 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
     bias = proj_bias if proj_bias is not None else big_z
     offsets = mass_offset if mass else big_z
     sla_fwd_kernel[(Tm, B * H)](
-        q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o, o_s, o_l, lse, a,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s), *_state_strides(big_h, big_z),
+        q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o_c if pooled else big_z,
+        log_rest if pooled else big_z, o, o_s, o_l, lse, a,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s),
+        *(_strides(o_c) if pooled else (0, 0, 0)), *_state_strides(big_h, big_z),
         scale * LOG2E.value, math.log(D), Lq, Lk, Tm, n_crit,  # the forward takes qk_scale (kernels.LOG2E)
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
-        HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, PREC=_dot_precision(q.dtype),
+        HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, POOLED=pooled, PREC=_dot_precision(q.dtype),
         **launch_config("fwd", block_q, block_k, D, q.dtype, q.device))
     return o, o_s, o_l, lse, a
 
 
 def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, scope_mask, proj_weight, proj_bias,
-             mass_offset, scale, block_q, block_k, feature_map, combine):
+             mass_offset, o_c, scale, block_q, block_k, feature_map, combine):
     """The backward launches of one SLA call. Arguments as :func:`sla.ops.sla.triton.custom_ops.sla_triton_bwd`
     (which runs this with autocast off): ``do`` ``(B, H, Lq, D)`` in q's dtype, what the forward kept (``o_s``,
     ``o_l``, ``lse``, ``a``), the block map's critical LUT and its CSR transpose, and the forward's arguments.
 
-    Returns ``(dq, dk, dv, d_proj_weight, d_proj_bias, d_mass_offset)``: the first three in the inputs' dtype and
-    layout, through both branches and the feature map; the others in their parameter's dtype, or size-0 tensors
-    where the parameter is absent.
+    Returns ``(dq, dk, dv, d_proj_weight, d_proj_bias, d_mass_offset, d_o_c, d_log_rest)``: the first three in the
+    inputs' dtype and layout, through both branches and the feature map; the next three in their parameter's dtype,
+    or size-0 tensors where the parameter is absent; for ``combine="pooled"`` the gradients of its two extra inputs,
+    ``(1 - a) dO`` in dO's dtype and ``-g`` fp32 (size 0 otherwise).
     """
     do = last_dim_contiguous(do)
-    mass = combine == "mass"
+    mass = combine in ("mass", "pooled")
+    pooled = combine == "pooled"
     B, H, Lq, _ = q.shape
     dq = torch.empty_like(q)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
@@ -172,16 +181,16 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
         # the dQ kernel then reads a dO and delta per row and adds its dq (no o_l tile, no projection beside its
         # loop).
         do_s = torch.empty_like(do)
-        do_l = torch.empty_like(do) if proj_weight is not None else None
-        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, do_s, do_l, scope_mask,
-                                               proj_weight, proj_bias, block_q, block_k, feature_map, mass)
+        do_l = torch.empty_like(do) if proj_weight is not None or pooled else None
+        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, o_c, a, dq, delta, g, do_s, do_l, scope_mask,
+                                               proj_weight, proj_bias, block_q, block_k, feature_map, mass, pooled)
         _sparse_dq(do_s, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass)
     else:
         # 1. sparse branch, per query block: delta = rowsum(dO * O_s) and its dq
         _sparse_dq(do, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass)
         # 2. linear branch, per query block: adds its dq; dH_i, dZ_i; per-block sums of dO for the bias gradient
-        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, None, None, scope_mask,
-                                               proj_weight, proj_bias, block_q, block_k, feature_map, mass)
+        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, None, a, dq, delta, g, None, None, scope_mask,
+                                               proj_weight, proj_bias, block_q, block_k, feature_map, mass, False)
     # 3. each key block's dh_j, dz_j: the sum of dH_i over the query blocks that have it in scope
     d_hs, d_zs = _to_key_blocks(d_big_h, d_big_z, scope_mask)
     # 4. per key block: the sparse dK, dV over the query blocks that chose it, plus the linear branch's share
@@ -189,7 +198,9 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
                    critical_lut.shape[-1], feature_map)
     # 5. the parameters: Proj's weight and bias, the mass offsets
     d_w, d_b, d_off = _parameter_grads(do_l, o_l, g, db_part, proj_weight, proj_bias, mass_offset)
-    return dq, dk, dv, d_w, d_b, d_off
+    if pooled:  # o = a o_s + (1 - a)(o_c + ...), a = sigmoid(lse - log_rest - ...): o_c gets (1 - a) dO, log_rest -g
+        return dq, dk, dv, d_w, d_b, d_off, do_l, -g
+    return dq, dk, dv, d_w, d_b, d_off, do.new_empty(0), delta.new_empty(0)
 
 
 def _sparse_dq(do, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass):
@@ -208,13 +219,16 @@ def _sparse_dq(do, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, b
         **launch_config("dq", block_q, block_k, D, q.dtype, q.device))
 
 
-def _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, do_s, do_l, scope_mask, proj_weight, proj_bias, block_q,
-               block_k, feature_map, mass):
+def _linear_dq(do, q, k, v, o_s, o_l, o_c, a, dq, delta, g, do_s, do_l, scope_mask, proj_weight, proj_bias, block_q,
+               block_k, feature_map, mass, pooled):
     """The linear branch's dq into ``dq``: added to the sparse branch's (``combine="paper"``) or stored (mass rule,
     where this runs first). Mass rule only: writes ``g`` ``(B, H, Lq)`` fp32, the gradient of ``a``'s logit,
     ``delta`` ``(B, H, Lq)`` fp32 (``rowsum(dO_s * o_s) - g``, for the sparse kernels), ``do_s = a dO`` and, with a
     projection, ``do_l = (1 - a) dO`` (both like ``do``, in its dtype); ``o_s``, ``a``, ``g``, ``do_s`` and ``do_l``
-    are not read or written otherwise. ``o_s`` and ``o_l`` must have the same strides (the forward allocates both like q).
+    are not read or written otherwise. ``o_s`` and ``o_l`` must have the same strides (the forward allocates both like
+    q).
+    ``pooled`` (with ``mass``): ``o_c`` joins ``g``, ``do_l`` is always written (o_c's gradient) and log(den) gets no
+    share of ``g``.
     Returns ``dH_i`` ``(B, H, T_m, D, D)`` (state dtype), ``dZ_i`` ``(B, H, T_m, D)`` fp32 and the per-query-block
     sums of dO ``(B*H*T_m, D)`` fp32 for the bias gradient (a placeholder without a bias). ``H_i`` and ``Z_i`` are
     recomputed, not saved by the forward."""
@@ -228,12 +242,12 @@ def _linear_dq(do, q, k, v, o_s, o_l, a, dq, delta, g, do_s, do_l, scope_mask, p
     unused = big_z  # placeholder pointer for what this call's constexprs never read or write
     sla_bwd_linear_q_kernel[(Tm, B * H)](
         q, do, proj_weight if proj_weight is not None else unused, proj_bias if proj_bias is not None else unused,
-        o_s, o_l, a if mass else unused, delta, g if mass else unused, big_h, big_z, dq, d_big_h, d_big_z, db_part,
-        do_s if mass else unused, do_l if do_l is not None else unused,
-        *_strides(q), *_strides(do), *_strides(o_l), *_strides(dq), *_state_strides(big_h, big_z),
-        Lq, Tm,
+        o_s, o_l, o_c if pooled else unused, a if mass else unused, delta, g if mass else unused, big_h, big_z, dq,
+        d_big_h, d_big_z, db_part, do_s if mass else unused, do_l if do_l is not None else unused,
+        *_strides(q), *_strides(do), *_strides(o_l), *(_strides(o_c) if pooled else (0, 0, 0)), *_strides(dq),
+        *_state_strides(big_h, big_z), Lq, Tm,
         H=H, D=D, BM=block_q, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
-        HAS_BIAS=proj_bias is not None, MASS=mass, PREC=_dot_precision(q.dtype),
+        HAS_BIAS=proj_bias is not None, MASS=mass, POOLED=pooled, PREC=_dot_precision(q.dtype),
         **launch_config("linear_q", block_q, None, D, q.dtype, q.device))
     return d_big_h, d_big_z, db_part
 
@@ -285,3 +299,65 @@ def _parameter_grads(do_l, o_l, g, db_part, proj_weight, proj_bias, mass_offset)
     # a = sigmoid(... - mass_offset[h]): its gradient is minus the sum of g over the head's rows.
     d_off = -g.sum(dim=(0, 2)).to(mass_offset.dtype) if g is not None else o_l.new_empty(0)
     return d_w, d_b, d_off
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# combine="pooled": the coarse branch
+# ------------------------------------------------------------------------------------------------------------------
+
+# Key-block means one step of the coarse kernels' loops reads (their "block_k" in launch_config).
+COARSE_CHUNK = 64
+# The coarse dK/dV kernel splits the query blocks into partial sums until about this many programs run: T_n / 64
+# chunks times B * H alone leaves most of a GPU idle (12 heads of 32k tokens in 64-key blocks: 96 programs).
+COARSE_DKDV_PROGRAMS = 1024
+
+
+def coarse_forward(q, k_means, v_means, log2_lengths, codes, scale, block_q, store_aux):
+    """``combine="pooled"``'s coarse branch: ``(o_c, log_rest, lse_c)``. Inputs: q ``(B, H, Lq, D)``; the key
+    blocks' mean keys and values ``(B, H, T_n, D)`` contiguous in q's dtype; ``log2_lengths`` ``(T_n,)`` fp32;
+    ``codes`` ``(B, H, T_m, T_n)`` uint8 contiguous (bit 0: outside the critical blocks, bit 1: in the linear scope).
+    Returns o_c like q, log_rest ``(B, H, Lq)`` fp32 (natural log, -inf with every block critical) and, when
+    ``store_aux``, the base-2 LSE of o_c's softmax ``(B, H, Lq)`` fp32 (else size 0) for backward."""
+    B, H, Lq, D = q.shape
+    Tn = k_means.shape[2]
+    Tm = triton.cdiv(Lq, block_q)
+    o_c = torch.empty_like(q)
+    log_rest = q.new_empty(B, H, Lq, dtype=torch.float32)
+    lse_c = q.new_empty(B, H, Lq, dtype=torch.float32) if store_aux else q.new_empty(0, 0, 0, dtype=torch.float32)
+    sla_coarse_fwd_kernel[(Tm, B * H)](
+        q, k_means, v_means, log2_lengths, codes, o_c, lse_c if store_aux else log_rest, log_rest,
+        *_strides(q), *_strides(o_c), scale * LOG2E.value, Lq, Tm, Tn,
+        H=H, D=D, BM=block_q, BT=COARSE_CHUNK, STORE_AUX=store_aux, PREC=_dot_precision(q.dtype),
+        **launch_config("coarse_fwd", block_q, COARSE_CHUNK, D, q.dtype, q.device))
+    return o_c, log_rest, lse_c
+
+
+def coarse_backward(d_o_c, d_log_rest, q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest, scale,
+                    block_q):
+    """Gradients of :func:`coarse_forward`'s o_c and log_rest (``d_o_c`` like q, any strides with a contiguous last
+    dim; ``d_log_rest`` ``(B, H, Lq)`` fp32) with respect to q and the mean keys and values: ``(dq, d_k_means,
+    d_v_means)`` in the inputs' dtypes. Two kernels: dq per query block, then the means' gradients in partial sums
+    over groups of query blocks, added here."""
+    d_o_c = last_dim_contiguous(d_o_c)
+    B, H, Lq, D = q.shape
+    Tn = k_means.shape[2]
+    Tm = triton.cdiv(Lq, block_q)
+    dq = torch.empty_like(q)
+    delta_c = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    d_log_rest = d_log_rest.contiguous()
+    sla_coarse_bwd_dq_kernel[(Tm, B * H)](
+        q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest, d_o_c, d_log_rest, delta_c, dq,
+        *_strides(q), *_strides(o_c), *_strides(d_o_c), *_strides(dq), scale * LOG2E.value, scale, Lq, Tm, Tn,
+        H=H, D=D, BM=block_q, BT=COARSE_CHUNK, PREC=_dot_precision(q.dtype),
+        **launch_config("coarse_dq", block_q, COARSE_CHUNK, D, q.dtype, q.device))
+    chunks = triton.cdiv(Tn, COARSE_CHUNK)
+    split = max(1, min(Tm, COARSE_DKDV_PROGRAMS // (chunks * B * H)))
+    d_km = torch.empty(split, B * H, Tn, D, dtype=torch.float32, device=q.device)
+    d_vm = torch.empty(split, B * H, Tn, D, dtype=torch.float32, device=q.device)
+    sla_coarse_bwd_dkdv_kernel[(chunks, B * H, split)](
+        q, k_means, v_means, log2_lengths, codes, lse_c, log_rest, d_o_c, d_log_rest, delta_c, d_km, d_vm,
+        *_strides(q), *_strides(d_o_c), scale * LOG2E.value, scale, Lq, Tm, Tn, split,
+        H=H, D=D, BM=block_q, BT=COARSE_CHUNK, PREC=_dot_precision(q.dtype),
+        **launch_config("coarse_dkdv", block_q, COARSE_CHUNK, D, q.dtype, q.device))
+    shape = (B, H, Tn, D)
+    return dq, d_km.sum(0).view(shape).to(k_means.dtype), d_vm.sum(0).view(shape).to(v_means.dtype)

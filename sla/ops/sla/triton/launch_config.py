@@ -29,6 +29,9 @@ KERNELS = {
     "dq": "sla_bwd_dq_kernel",
     "linear_q": "sla_bwd_linear_q_kernel",
     "dkdv": "sla_bwd_dkdv_kernel",
+    "coarse_fwd": "sla_coarse_fwd_kernel",
+    "coarse_dq": "sla_coarse_bwd_dq_kernel",
+    "coarse_dkdv": "sla_coarse_bwd_dkdv_kernel",
 }
 CONFIG_KEYS = ("num_warps", "num_stages")
 ANY = None  # a table key field that matches every value
@@ -51,6 +54,13 @@ LAUNCH_TABLE: tuple = (
     (("linear_q", 128, ANY, ANY, ANY), (8, 1)),
     (("linear_q", ANY, ANY, ANY, ANY), (4, 1)),
     (("dkdv", ANY, ANY, ANY, ANY), (4, 2)),
+    # combine="pooled"'s coarse branch: block_k here is the chunk of key-block means one step of its loop reads
+    # (launch.COARSE_CHUNK). Not swept yet: the fwd and dq rows of the same query tile.
+    (("coarse_fwd", 128, ANY, ANY, ANY), (8, 2)),
+    (("coarse_fwd", ANY, ANY, ANY, ANY), (4, 2)),
+    (("coarse_dq", 128, ANY, ANY, ANY), (8, 2)),
+    (("coarse_dq", ANY, ANY, ANY, ANY), (4, 2)),
+    (("coarse_dkdv", ANY, ANY, ANY, ANY), (4, 2)),
 )
 
 
@@ -109,6 +119,17 @@ _SMEM_PHASES = {
          ("BM", "D", "input", True), ("BM", "D", "input", True)),  # Q_i, dO_i of each query block that chose j
         (("BN", "D", "input", False), ("BN", "D", "input", False),  # K_j, V_j, still held
          ("D", "D", "state", False), ("D", "D", "state", False)),  # dh_j and its transpose
+    ),
+    "coarse_fwd": (
+        (("BM", "D", "input", False), ("BN", "D", "input", True), ("BN", "D", "input", True)),  # Q_i; means of K, V
+    ),
+    "coarse_dq": (
+        (("BM", "D", "input", False), ("BM", "D", "input", False),  # Q_i, dO_c
+         ("BN", "D", "input", True), ("BN", "D", "input", True)),  # means of K, V
+    ),
+    "coarse_dkdv": (
+        (("BN", "D", "input", False), ("BN", "D", "input", False),  # means of K, V
+         ("BM", "D", "input", True), ("BM", "D", "input", True)),  # Q_i, dO_c of each query block
     ),
 }
 

@@ -8,7 +8,7 @@ Usage (CUDA machine, repo root):
 For each shape (B, H, L, D), bf16, 64x64 blocks, critical 0.05, negligible 0.10:
 
 * stages, each timed on its own: mean pooling of q and k, the fp32 scores (with smooth-K), the row selection
-  (``sla_select_blocks_bisect_kernel`` with 2, 4 and 8 warps), the two CSR transposes;
+  (``sla_select_blocks_bisect_kernel`` with 2, 4 and 8 warps), the two CSR transposes (both; the critical one);
 * the whole builder with all transposes (the complete map), only the critical one (what the SLA op builds
   for training) and none (inference). The complete map must equal the PyTorch builder's at the shapes where
   that fits (``torch.equal`` on every field), or the script exits non-zero.
@@ -62,8 +62,8 @@ def bench_shape(shape, critical, negligible, block, reference_max_tokens):
     for warps in (2, 4, 8):
         st[f"select_{warps}warps"] = do_bench(lambda w=warps: bm._select_blocks(scores, n_crit, n_negl, num_warps=w))
     class_map = bm._select_blocks(scores, n_crit, n_negl)[0]
-    st["transposes"] = do_bench(lambda: (bm._lut_transpose(class_map, 1, n_crit),
-                                         bm._lut_transpose(class_map, -1, n_negl)))
+    st["transposes"] = do_bench(lambda: bm._lut_transposes(class_map, n_crit, n_negl, True, True))
+    st["transposes_critical_only"] = do_bench(lambda: bm._lut_transposes(class_map, n_crit, n_negl, True, False))
 
     for transposes in ("all", "critical", "none"):
         row["builder_ms"][f"transposes={transposes}"] = do_bench(

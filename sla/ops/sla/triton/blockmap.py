@@ -11,8 +11,10 @@ to fp32 rounding, same counts, same tie rule) with a handful of launches and no 
   pass, with the tie rule of ``blockmap.py`` (higher score first; equal scores: lower index first; NaN above
   every number). It replaced an in-register sort per row and ``torch.topk``, both measured slower
   (bench/RESULTS.md, "Block classification on the GPU").
-* ``sla_lut_transpose_kernel`` writes each column's CSR transpose by compacting the class map with a prefix
-  sum. No host synchronisation anywhere.
+* Transposes, both classes at once in two launches: ``sla_lut_column_counts_kernel`` counts each key block's
+  critical and negligible query blocks; ``sla_lut_transpose_kernel`` then writes each column's CSR offset (the sum
+  of the counts before it; the column-0 program writes the whole offsets row) and compacts the column with a
+  prefix sum. No host synchronisation anywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from ..blockmap import CRITICAL, NEGLIGIBLE, BlockMap, class_counts, num_blocks
 from ....settings import check_sla_config
 from ..validation import check_attention_inputs
 from .limits import check_triton_inputs, interpreting
+
+# The class codes of blockmap.py, as compile-time constants of the kernels.
+_CRIT = tl.constexpr(CRITICAL)
+_NEGL = tl.constexpr(NEGLIGIBLE)
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -46,25 +52,80 @@ def sla_mean_pool_kernel(
         tl.store(SUMS + (i_bh * tl.num_programs(0) + i_t) * D + o_d, b_sum)
 
 
-@triton.jit(do_not_specialize=["Tm", "Tn", "out_stride_bh"])
-def sla_lut_transpose_kernel(
-    CLASS_MAP, OFFSETS, OUT, Tm, Tn, out_stride_bh,
-    CLASS: tl.constexpr, CHUNK: tl.constexpr,
+@triton.jit(do_not_specialize=["Tm", "Tn"])
+def sla_lut_column_counts_kernel(
+    CLASS_MAP, COUNTS, Tm, Tn,
+    BM: tl.constexpr, BN: tl.constexpr, CRIT: tl.constexpr, NEGL: tl.constexpr,
 ):
-    # One program per (batch*head, key block): the query blocks whose class for this key block is CLASS,
-    # ascending, written from the column's CSR offset (a prefix-sum compaction of the class-map column).
+    # One program per (BN key blocks, batch*head): how many query blocks classed each key block critical and
+    # negligible, into COUNTS (2, B*H, T_n) int32 (rows 0 and 1).
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < Tn
+    n_crit = tl.zeros([BN], dtype=tl.int32)
+    n_negl = tl.zeros([BN], dtype=tl.int32)
+    for i_m in range(0, Tm, BM):
+        o_m = i_m + tl.arange(0, BM)
+        b_c = tl.load(CLASS_MAP + i_bh * Tm * Tn + o_m[:, None] * Tn + o_n[None, :],
+                      mask=(o_m < Tm)[:, None] & m_n[None, :], other=0)
+        if CRIT:
+            n_crit += tl.sum((b_c == _CRIT).to(tl.int32), axis=0)
+        if NEGL:
+            n_negl += tl.sum((b_c == _NEGL).to(tl.int32), axis=0)
+    if CRIT:
+        tl.store(COUNTS + i_bh * Tn + o_n, n_crit, mask=m_n)
+    if NEGL:
+        tl.store(COUNTS + (tl.num_programs(1) + i_bh) * Tn + o_n, n_negl, mask=m_n)
+
+
+@triton.jit
+def _column_offset(COUNTS, OFFSETS, i_n, i_bh, Tn, BT: tl.constexpr):
+    """This column's CSR offset: the sum of the counts of the columns before it. The column-0 program also writes
+    the whole offsets row (``T_n + 1`` entries, from 0)."""
+    o_t = tl.arange(0, BT)
+    b_n = tl.load(COUNTS + i_bh * Tn + o_t, mask=o_t < Tn, other=0)
+    if i_n == 0:
+        tl.store(OFFSETS + i_bh * (Tn + 1) + o_t + 1, tl.cumsum(b_n, axis=0), mask=o_t < Tn)
+        tl.store(OFFSETS + i_bh * (Tn + 1), 0)
+    return tl.sum(tl.where(o_t < i_n, b_n, 0), axis=0)
+
+
+@triton.jit
+def _compact_column(b_c, o_m, m_m, cls: tl.constexpr, p_out, n_done):
+    """Appends the query blocks of this chunk whose class is ``cls`` at ``p_out + n_done``; the new count."""
+    m_hit = (b_c == cls) & m_m
+    b_pos = tl.cumsum(m_hit.to(tl.int32), axis=0) - 1 + n_done
+    tl.store(p_out + b_pos, o_m.to(tl.int32), mask=m_hit)
+    return n_done + tl.sum(m_hit.to(tl.int32), axis=0)
+
+
+@triton.jit(do_not_specialize=["Tm", "Tn", "crit_stride_bh", "negl_stride_bh"])
+def sla_lut_transpose_kernel(
+    CLASS_MAP, COUNTS, CRIT_OFF, CRIT_OUT, NEGL_OFF, NEGL_OUT, Tm, Tn, crit_stride_bh, negl_stride_bh,
+    CHUNK: tl.constexpr, BT: tl.constexpr, CRIT: tl.constexpr, NEGL: tl.constexpr,
+):
+    # One program per (key block, batch*head): the query blocks that classed this key block critical (negligible),
+    # ascending, from the column's CSR offset, by a prefix-sum compaction of the class-map column; one read of the
+    # column serves both classes.
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     p_col = CLASS_MAP + i_bh * Tm * Tn + i_n
-    p_out = OUT + i_bh * out_stride_bh + tl.load(OFFSETS + i_bh * (Tn + 1) + i_n)
-    n_done = tl.full([], 0, tl.int32)
+    n_bh = tl.num_programs(1)
+    if CRIT:
+        p_crit = CRIT_OUT + i_bh * crit_stride_bh + _column_offset(COUNTS, CRIT_OFF, i_n, i_bh, Tn, BT)
+    if NEGL:
+        p_negl = NEGL_OUT + i_bh * negl_stride_bh + _column_offset(COUNTS + n_bh * Tn, NEGL_OFF, i_n, i_bh, Tn, BT)
+    n_crit = tl.full([], 0, tl.int32)
+    n_negl = tl.full([], 0, tl.int32)
     for i_c in range(0, tl.cdiv(Tm, CHUNK)):
         o_m = i_c * CHUNK + tl.arange(0, CHUNK)
-        b_c = tl.load(p_col + o_m * Tn, mask=o_m < Tm, other=0)
-        m_hit = (b_c == CLASS) & (o_m < Tm)
-        b_pos = tl.cumsum(m_hit.to(tl.int32), axis=0) - 1 + n_done
-        tl.store(p_out + b_pos, o_m.to(tl.int32), mask=m_hit)
-        n_done += tl.sum(m_hit.to(tl.int32), axis=0)
+        m_m = o_m < Tm
+        b_c = tl.load(p_col + o_m * Tn, mask=m_m, other=0)
+        if CRIT:
+            n_crit = _compact_column(b_c, o_m, m_m, _CRIT, p_crit, n_crit)
+        if NEGL:
+            n_negl = _compact_column(b_c, o_m, m_m, _NEGL, p_negl, n_negl)
 
 
 @triton.jit(do_not_specialize=["Tn", "N_CRIT", "N_NEGL"])
@@ -159,18 +220,33 @@ def _block_scores(pq: torch.Tensor, pk: torch.Tensor, k_block_sums: torch.Tensor
         return (pq @ torch.sub(pk, k_sum, alpha=1.0 / Lk).transpose(-1, -2)).contiguous()
 
 
-def _lut_transpose(class_map: torch.Tensor, cls: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR transpose of the class-``cls`` LUT: offsets ``(B, H, T_n + 1)`` and query-block indices
-    ``(B, H, T_m * count)``, int32. Columns are read with stride T_n; compacting a contiguous transposed copy
+def _lut_transposes(class_map: torch.Tensor, n_crit: int, n_negl: int, crit: bool, negl: bool):
+    """CSR transposes of the critical and negligible LUTs, each as offsets ``(B, H, T_n + 1)`` and query-block
+    indices ``(B, H, T_m * count)`` int32, in two launches for both (the class map read twice); a transpose not asked
+    for is a pair of size-0 tensors. Columns are read with stride T_n; compacting a contiguous transposed copy
     instead was no faster (bench/RESULTS.md, "Block classification on the GPU")."""
     B, H, Tm, Tn = class_map.shape
-    counts = (class_map == cls).sum(dim=2, dtype=torch.int32)
-    offsets = torch.nn.functional.pad(torch.cumsum(counts, dim=-1, dtype=torch.int32), (1, 0))
-    out = torch.empty(B, H, Tm * count, dtype=torch.int32, device=class_map.device)
-    if out.numel():
-        sla_lut_transpose_kernel[(Tn, B * H)](class_map, offsets, out, Tm, Tn, Tm * count, CLASS=cls,
-                                              CHUNK=min(1024, triton.next_power_of_2(Tm)))
-    return offsets, out
+    dev = class_map.device
+
+    def pair(count, built):  # two distinct tensors: a custom op's outputs must not alias each other
+        if not built:
+            return torch.empty(B, H, 0, dtype=torch.int32, device=dev), torch.empty(B, H, 0, dtype=torch.int32,
+                                                                                   device=dev)
+        return (torch.empty(B, H, Tn + 1, dtype=torch.int32, device=dev),
+                torch.empty(B, H, Tm * count, dtype=torch.int32, device=dev))
+
+    ct_off, ct = pair(n_crit, crit)
+    nt_off, nt = pair(n_negl, negl)
+    # A class with no blocks (count 0) still gets its offsets (all zero) from the kernels; nothing to compact.
+    if crit or negl:
+        counts = torch.empty(2, B * H, Tn, dtype=torch.int32, device=dev)
+        BN = min(128, triton.next_power_of_2(Tn))
+        sla_lut_column_counts_kernel[(triton.cdiv(Tn, BN), B * H)](class_map, counts, Tm, Tn, BM=32, BN=BN, CRIT=crit,
+                                                                   NEGL=negl)
+        sla_lut_transpose_kernel[(Tn, B * H)](class_map, counts, ct_off, ct, nt_off, nt, Tm, Tn, Tm * n_crit,
+                                              Tm * n_negl, CHUNK=min(1024, triton.next_power_of_2(Tm)),
+                                              BT=triton.next_power_of_2(Tn), CRIT=crit, NEGL=negl)
+    return ct_off, ct, nt_off, nt
 
 
 @torch.library.custom_op("sla::triton_block_map", mutates_args=())
@@ -188,11 +264,7 @@ def sla_triton_block_map(
     scores = _block_scores(_mean_pool(q, block_q), *_mean_pool(k, block_k, with_sums=True), Lk)
     class_map, crit_lut, negl_lut = _select_blocks(scores, n_crit, n_negl)
 
-    def not_built():  # two distinct empty tensors: a custom op's outputs must not alias each other
-        return tuple(torch.empty(B, H, 0, dtype=torch.int32, device=q.device) for _ in range(2))
-
-    ct_off, ct = _lut_transpose(class_map, CRITICAL, n_crit) if transposes != "none" else not_built()
-    nt_off, nt = _lut_transpose(class_map, NEGLIGIBLE, n_negl) if transposes == "all" else not_built()
+    ct_off, ct, nt_off, nt = _lut_transposes(class_map, n_crit, n_negl, transposes != "none", transposes == "all")
     return class_map, crit_lut, negl_lut, ct_off, ct, nt_off, nt
 
 

@@ -220,6 +220,15 @@ def test_mass_rule_decomposition_against_direct_computation(linear_scope):
             err(a_true * o_s + (1 - a_true) * o_pooled), rel=1e-9)
         want = float(sum((a_pooled[h] - a_true[h]).abs().mean() for h in range(2)) / 2)
         assert errs["pooled_mass_estimate_error"][i] == pytest.approx(want, rel=1e-9)
+        # The candidate with the keys' spread: exp(scale q.mean + scale^2/2 q^2 . var) per key, the Gaussian mean.
+        k_var = torch.stack([k[:, j * 64:(j + 1) * 64].var(1, unbiased=False) for j in range(4)], 1)
+        spread = pooled * torch.exp((q * q) @ k_var.transpose(-1, -2) / (2 * D))
+        a_var = exact_crit_mass / (exact_crit_mass + (spread * (row_class != CRITICAL)).sum(-1, keepdim=True))
+        w = spread * in_scope
+        o_var = torch.nan_to_num(w @ v_mean / w.sum(-1, keepdim=True))
+        assert errs["mass_rule_pooled_var"][i] == pytest.approx(err(a_var * o_s + (1 - a_var) * o_var), rel=1e-9)
+        want = float(sum((a_var[h] - a_true[h]).abs().mean() for h in range(2)) / 2)
+        assert errs["pooled_var_mass_estimate_error"][i] == pytest.approx(want, rel=1e-9)
         if linear_scope == "noncritical":
             assert errs["mass_rule_true_a_exact_rest"][i] < 1e-12
 

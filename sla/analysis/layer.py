@@ -119,6 +119,32 @@ def _class_rows(crit: torch.Tensor, negl: torch.Tensor, tn: int) -> torch.Tensor
     return cm
 
 
+def coarse_branch_second_moment(q, k, v, class_map, block_q, block_k, scale, linear_scope):
+    """:func:`~sla.ops.sla.naive.coarse_branch` with each key block's logit corrected for the spread of its keys:
+    ``l_j = scale q . mean(K_j) + scale^2 / 2 sum_d q_d^2 var(K_j)_d + log(n_j)``, the log of ``n_j E[exp(scale
+    q.k)]`` for keys normal around their mean with a diagonal covariance (the plain mean is Jensen's lower bound).
+    A candidate measured by the analysis only, not a rule of the operator. Shapes and returns as coarse_branch's
+    (``(B, H, Lq, D)`` q, ``(B, H, Lk, D)`` k and v, ``(B, H, T_m, T_n)`` class map)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    tn = -(-Lk // block_k)
+    lengths = block_lengths(Lk, block_k, q.device).to(q.dtype)
+
+    def means(x):
+        padded = torch.nn.functional.pad(x, (0, 0, 0, tn * block_k - Lk))
+        return padded.unflatten(2, (tn, block_k)).sum(3) / lengths[:, None]
+
+    k_mean = means(k)
+    k_var = (means(k * k) - k_mean * k_mean).clamp_min(0)
+    logits = (q @ k_mean.transpose(-1, -2)) * scale + 0.5 * scale ** 2 * ((q * q) @ k_var.transpose(-1, -2)) \
+        + torch.log(lengths)
+    rows = class_map.repeat_interleave(block_q, dim=-2)[..., :Lq, :]
+    log_rest = torch.logsumexp(logits.masked_fill(rows == CRITICAL, float("-inf")), dim=-1, keepdim=True)
+    in_scope = in_linear_scope(rows, linear_scope)
+    has_scope = in_scope.any(dim=-1, keepdim=True)
+    masked = logits.masked_fill(~in_scope, float("-inf")).masked_fill(~has_scope, 0.0)
+    return (torch.softmax(masked, dim=-1) @ means(v)) * has_scope.to(q.dtype), log_rest
+
+
 def _scope(class_rows: torch.Tensor, linear_scope: str) -> torch.Tensor:
     return in_linear_scope(class_rows, linear_scope)
 
@@ -256,6 +282,7 @@ def analyze_attention(
                                         "mass_rule_true_a", "mass_rule_exact_rest", "mass_rule_true_a_exact_rest",
                                         "mass_estimate_error", "mass_rule_pooled_a", "mass_rule_pooled",
                                         "mass_rule_true_a_pooled_rest", "pooled_mass_estimate_error",
+                                        "mass_rule_pooled_var", "pooled_var_mass_estimate_error",
                                         "block_achieved_sparsity", "recall", "mass_pooled", "mass_oracle")}
         for s in sparsities:
             n_crit, n_negl = class_counts(1.0 - s, min(negl_cfg, s), tn)
@@ -300,6 +327,13 @@ def analyze_attention(
             curves["mass_rule_true_a_pooled_rest"].append(
                 metrics.relative_l1(a_true * o_s + (1 - a_true) * o_pooled, dense))
             curves["pooled_mass_estimate_error"].append(float((a_pooled - a_true).abs().mean()))
+            # The same with each block's logit corrected for the spread of its keys (second moment, diagonal).
+            o_var, log_rest_var = (x[0, 0] for x in coarse_branch_second_moment(
+                q_sub[h][None, None], k[h][None, None], v[h][None, None], class_sub[None, None], bq, bk,
+                D ** -0.5 if scale is None else scale, lin_scope))
+            a_var = pooled_weight(lse[None, None], log_rest_var[None, None], None)[0, 0]
+            curves["mass_rule_pooled_var"].append(metrics.relative_l1(a_var * o_s + (1 - a_var) * o_var, dense))
+            curves["pooled_var_mass_estimate_error"].append(float((a_var - a_true).abs().mean()))
             if sla is not None:
                 proj = torch.nn.functional.linear(o_l, sla.weight.to(o_l), None if sla.bias is None
                                                   else sla.bias.to(o_l))
@@ -393,6 +427,8 @@ def analyze_attention(
             "mass_rule_pooled": curve_mean("mass_rule_pooled"),
             "mass_rule_true_a_pooled_rest": curve_mean("mass_rule_true_a_pooled_rest"),
             "pooled_mass_estimate_error": curve_mean("pooled_mass_estimate_error"),
+            "mass_rule_pooled_var": curve_mean("mass_rule_pooled_var"),
+            "pooled_var_mass_estimate_error": curve_mean("pooled_var_mass_estimate_error"),
             "sla_lstsq_projection": curve_mean("sla_lstsq_projection"),
             "sla_own_projection": curve_mean("sla_own_projection"),
         },

@@ -154,15 +154,17 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
                          ("... with the exact critical mass a", "mass_rule_true_a"),
                          ("... with exact attention over the linear blocks", "mass_rule_exact_rest"),
                          ("... with both exact", "mass_rule_true_a_exact_rest"),
-                         ("key-block means for a and the rest", "mass_rule_pooled")]
-        a_errors = ["mass_estimate_error", "pooled_mass_estimate_error"]
+                         ("key-block means for a and the rest", "mass_rule_pooled"),
+                         ("... with the keys' spread", "mass_rule_pooled_var")]
+        a_errors = ["mass_estimate_error", "pooled_mass_estimate_error", "pooled_var_mass_estimate_error"]
         if all(mean.get(key) is not None for key in [k for _, k in decomposition] + a_errors):
             lines += ["Where the mass rule's error comes from (relative L1 against dense attention; the middle "
                       "columns replace an estimate by the exact quantity, and with the marginal scope 'both exact' "
-                      "misses only the negligible blocks; the last column is a candidate that estimates both from the "
-                      "key blocks' mean keys and values):", ""]
+                      "misses only the negligible blocks; the last two columns are candidates that estimate both from "
+                      "the key blocks' mean keys and values (`combine=\"pooled\"`), and the same with each block's "
+                      "logit raised by the spread of its keys, `scale^2/2 sum_d q_d^2 var(K_j)_d`):", ""]
             lines.append("| sparsity | " + " | ".join(n for n, _ in decomposition)
-                         + " | mean abs. error of a: normalisers / key-block means |")
+                         + " | mean abs. error of a: normalisers / key-block means / with spread |")
             lines.append("|---" * (2 + len(decomposition)) + "|")
             for i, s in enumerate(sp):
                 lines.append(f"| {_pct(s)} | " + " | ".join(_pct(mean[k][i]) for _, k in decomposition)

@@ -229,6 +229,18 @@ def test_mass_rule_decomposition_against_direct_computation(linear_scope):
         assert errs["mass_rule_pooled_var"][i] == pytest.approx(err(a_var * o_s + (1 - a_var) * o_var), rel=1e-9)
         want = float(sum((a_var[h] - a_true[h]).abs().mean() for h in range(2)) / 2)
         assert errs["pooled_var_mass_estimate_error"][i] == pytest.approx(want, rel=1e-9)
+        # Finer coarse attention: groups of 32 (half blocks) and 16 keys, each group in its key block's class.
+        for name, g in (("mass_rule_pooled_half", 32), ("mass_rule_pooled_quarter", 16)):
+            ng = -(-L // g)
+            n_g = torch.tensor([min(g, L - j * g) for j in range(ng)], dtype=torch.float64)
+            k_g = torch.stack([k[:, j * g:(j + 1) * g].mean(1) for j in range(ng)], 1)
+            v_g = torch.stack([v[:, j * g:(j + 1) * g].mean(1) for j in range(ng)], 1)
+            w_all = torch.exp(q @ k_g.transpose(-1, -2) / math.sqrt(D)) * n_g
+            cls_g = row_class.repeat_interleave(64 // g, dim=-1)[..., :ng]
+            a_g = exact_crit_mass / (exact_crit_mass + (w_all * (cls_g != CRITICAL)).sum(-1, keepdim=True))
+            w = w_all * in_linear_scope(cls_g, linear_scope)
+            o_g = torch.nan_to_num(w @ v_g / w.sum(-1, keepdim=True))
+            assert errs[name][i] == pytest.approx(err(a_g * o_s + (1 - a_g) * o_g), rel=1e-9)
         if linear_scope == "noncritical":
             assert errs["mass_rule_true_a_exact_rest"][i] < 1e-12
 

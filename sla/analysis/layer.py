@@ -145,6 +145,15 @@ def coarse_branch_second_moment(q, k, v, class_map, block_q, block_k, scale, lin
     return (torch.softmax(masked, dim=-1) @ means(v)) * has_scope.to(q.dtype), log_rest
 
 
+def coarse_branch_groups(q, k, v, class_map, block_q, block_k, scale, linear_scope, group):
+    """:func:`~sla.ops.sla.naive.coarse_branch` over groups of ``group`` keys (a divisor of ``block_k``) instead of
+    whole key blocks, each group in its block's class: a finer coarse attention (``block_k / group`` times the
+    work). A candidate measured by the analysis only. Shapes and returns as coarse_branch's."""
+    per_block = block_k // group
+    groups = class_map.repeat_interleave(per_block, dim=-1)[..., :-(-k.shape[2] // group)]
+    return coarse_branch(q, k, v, groups, block_q, group, scale, linear_scope)
+
+
 def _scope(class_rows: torch.Tensor, linear_scope: str) -> torch.Tensor:
     return in_linear_scope(class_rows, linear_scope)
 
@@ -277,12 +286,16 @@ def analyze_attention(
         del probs
         lse_all = torch.logsumexp(logits, dim=-1, keepdim=True)
         linear = _LinearBranch(q_sub[h], k[h], v[h], lin_feature, bq, bk)
+        # The finer coarse attentions need groups that tile a key block: not measured (None) otherwise.
+        finer = [(name, parts) for name, parts in (("mass_rule_pooled_half", 2), ("mass_rule_pooled_quarter", 4))
+                 if bk % parts == 0]
         curves = {name: [] for name in ("block_pooled_sparse_only", "block_oracle_sparse_only",
                                         "sla_identity_projection", "sla_mass_rule", "sla_own_projection",
                                         "mass_rule_true_a", "mass_rule_exact_rest", "mass_rule_true_a_exact_rest",
                                         "mass_estimate_error", "mass_rule_pooled_a", "mass_rule_pooled",
                                         "mass_rule_true_a_pooled_rest", "pooled_mass_estimate_error",
                                         "mass_rule_pooled_var", "pooled_var_mass_estimate_error",
+                                        "mass_rule_pooled_half", "mass_rule_pooled_quarter",
                                         "block_achieved_sparsity", "recall", "mass_pooled", "mass_oracle")}
         for s in sparsities:
             n_crit, n_negl = class_counts(1.0 - s, min(negl_cfg, s), tn)
@@ -334,6 +347,13 @@ def analyze_attention(
             a_var = pooled_weight(lse[None, None], log_rest_var[None, None], None)[0, 0]
             curves["mass_rule_pooled_var"].append(metrics.relative_l1(a_var * o_s + (1 - a_var) * o_var, dense))
             curves["pooled_var_mass_estimate_error"].append(float((a_var - a_true).abs().mean()))
+            # Finer coarse attention: key groups of half and a quarter of a block, each in its block's class.
+            for name, parts in finer:
+                o_g, log_rest_g = (x[0, 0] for x in coarse_branch_groups(
+                    q_sub[h][None, None], k[h][None, None], v[h][None, None], class_sub[None, None], bq, bk,
+                    D ** -0.5 if scale is None else scale, lin_scope, bk // parts))
+                a_g = pooled_weight(lse[None, None], log_rest_g[None, None], None)[0, 0]
+                curves[name].append(metrics.relative_l1(a_g * o_s + (1 - a_g) * o_g, dense))
             if sla is not None:
                 proj = torch.nn.functional.linear(o_l, sla.weight.to(o_l), None if sla.bias is None
                                                   else sla.bias.to(o_l))
@@ -354,6 +374,9 @@ def analyze_attention(
         del logits
         if sla is None:
             curves["sla_own_projection"] = None
+        for name in ("mass_rule_pooled_half", "mass_rule_pooled_quarter"):
+            if name not in dict(finer):
+                curves[name] = None
         head.update(curves)
         per_head.append(head)
         if progress is not None:
@@ -429,6 +452,8 @@ def analyze_attention(
             "pooled_mass_estimate_error": curve_mean("pooled_mass_estimate_error"),
             "mass_rule_pooled_var": curve_mean("mass_rule_pooled_var"),
             "pooled_var_mass_estimate_error": curve_mean("pooled_var_mass_estimate_error"),
+            "mass_rule_pooled_half": curve_mean("mass_rule_pooled_half"),
+            "mass_rule_pooled_quarter": curve_mean("mass_rule_pooled_quarter"),
             "sla_lstsq_projection": curve_mean("sla_lstsq_projection"),
             "sla_own_projection": curve_mean("sla_own_projection"),
         },

@@ -169,6 +169,11 @@ def test_key_block_means_and_codes():
     want = torch.stack([x[:, :, :64].mean(2), x[:, :, 64:128].mean(2), x[:, :, 128:].mean(2)], dim=2)
     assert m.is_contiguous() and m.shape == (2, 3, 3, 16)
     torch.testing.assert_close(m, want, atol=1e-6, rtol=1e-6)
+    x = torch.randn(1, 2, 128, 16, requires_grad=True)  # blocks tile the sequence: the path without a slice
+    m = key_block_means(x, 32)
+    torch.testing.assert_close(m, x.unflatten(2, (4, 32)).mean(3), atol=1e-6, rtol=1e-6)
+    m.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 32))
     bm = build_block_map(torch.randn(1, 1, 256, 16), torch.randn(1, 1, 256, 16), critical=0.25, negligible=0.25)
     codes = coarse_codes(bm, "marginal")
     cm = bm.class_map

@@ -29,8 +29,12 @@ def key_block_means(x: torch.Tensor, block_k: int) -> torch.Tensor:
     without a padded copy of ``x``."""
     Lk = x.shape[2]
     full = Lk // block_k
-    sums = x[:, :, :full * block_k].unflatten(2, (full, block_k)).sum(3, dtype=torch.float32)
-    if Lk % block_k:
+    if Lk % block_k == 0:
+        # No slice when the blocks tile the sequence: a slice's backward allocates zeros of x's size and copies into
+        # them (a fill and a copy the profile showed beside the coarse kernels, bench/RESULTS.md).
+        sums = x.unflatten(2, (full, block_k)).sum(3, dtype=torch.float32)
+    else:
+        sums = x[:, :, :full * block_k].unflatten(2, (full, block_k)).sum(3, dtype=torch.float32)
         sums = torch.cat([sums, x[:, :, full * block_k:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
     lengths = block_lengths(Lk, block_k, x.device).to(torch.float32)
     return (sums / lengths[:, None]).to(x.dtype).contiguous()

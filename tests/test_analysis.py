@@ -229,6 +229,11 @@ def test_mass_rule_decomposition_against_direct_computation(linear_scope):
         assert errs["mass_rule_pooled_var"][i] == pytest.approx(err(a_var * o_s + (1 - a_var) * o_var), rel=1e-9)
         want = float(sum((a_var[h] - a_true[h]).abs().mean() for h in range(2)) / 2)
         assert errs["pooled_var_mass_estimate_error"][i] == pytest.approx(want, rel=1e-9)
+        # The pooled rule plus the best least-squares correction from (1 - a) o_l, fitted and scored out of sample
+        # over the same row groups (every query block, as query_blocks=None samples them all).
+        pooled_out = a_pooled * o_s + (1 - a_pooled) * o_pooled
+        pred = metrics.fit_shared_projection((1 - a_pooled) * o_l, dense - pooled_out, torch.arange(L) // 64)
+        assert errs["pooled_lstsq_projection"][i] == pytest.approx(err(pooled_out + pred), rel=1e-9)
         # Finer coarse attention: groups of 32 (half blocks) and 16 keys, each group in its key block's class.
         for name, g in (("mass_rule_pooled_half", 32), ("mass_rule_pooled_quarter", 16)):
             ng = -(-L // g)

@@ -252,7 +252,7 @@ def analyze_attention(
     klen = block_lengths(N, bk, q.device).to(dt)
     qlen_sub = block_lengths(R, bq, q.device).to(dt)
     per_head = []
-    branches = {s: {"o_s": [], "o_l": []} for s in sparsities}
+    branches = {s: {"o_s": [], "o_l": [], "a_pooled": [], "o_pooled": []} for s in sparsities}
     dense_all = []
     for h in range(H):
         logits = (q_sub[h] @ k[h].T) * (D ** -0.5 if scale is None else scale)
@@ -340,6 +340,8 @@ def analyze_attention(
             curves["mass_rule_true_a_pooled_rest"].append(
                 metrics.relative_l1(a_true * o_s + (1 - a_true) * o_pooled, dense))
             curves["pooled_mass_estimate_error"].append(float((a_pooled - a_true).abs().mean()))
+            branches[s]["a_pooled"].append(a_pooled)
+            branches[s]["o_pooled"].append(o_pooled)
             # The same with each block's logit corrected for the spread of its keys (second moment, diagonal).
             o_var, log_rest_var = (x[0, 0] for x in coarse_branch_second_moment(
                 q_sub[h][None, None], k[h][None, None], v[h][None, None], class_sub[None, None], bq, bk,
@@ -394,9 +396,19 @@ def analyze_attention(
             for h in range(H):
                 per_head[h].setdefault("sla_lstsq_projection", []).append(
                     metrics.relative_l1(o_s[h] + pred[h], dense_stack[h]))
+            # The pooled rule, untrained (zero Proj, zero offsets), plus the best least-squares correction from the
+            # linear branch: what a trained Proj could add to it, fitted to (dense - a o_s - (1 - a) o_c) from
+            # (1 - a) o_l (its bias enters unscaled, one D-vector more freedom than the rule's (1 - a) b).
+            a_p = torch.stack(branches[s]["a_pooled"])
+            pooled = a_p * o_s + (1 - a_p) * torch.stack(branches[s]["o_pooled"])
+            pred = metrics.fit_shared_projection((1 - a_p) * o_l, dense_stack - pooled, groups)
+            for h in range(H):
+                per_head[h].setdefault("pooled_lstsq_projection", []).append(
+                    metrics.relative_l1(pooled[h] + pred[h], dense_stack[h]))
         else:
             for h in range(H):
                 per_head[h]["sla_lstsq_projection"] = None
+                per_head[h]["pooled_lstsq_projection"] = None
 
     class_map = build_block_map(q[None], k[None], critical=config.critical, negligible=config.negligible,
                                 block_q=bq, block_k=bk).class_map[0]
@@ -455,6 +467,7 @@ def analyze_attention(
             "mass_rule_pooled_half": curve_mean("mass_rule_pooled_half"),
             "mass_rule_pooled_quarter": curve_mean("mass_rule_pooled_quarter"),
             "sla_lstsq_projection": curve_mean("sla_lstsq_projection"),
+            "pooled_lstsq_projection": curve_mean("pooled_lstsq_projection"),
             "sla_own_projection": curve_mean("sla_own_projection"),
         },
         "recall": {

@@ -157,15 +157,20 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
                          ("key-block means for a and the rest", "mass_rule_pooled"),
                          ("... with the keys' spread", "mass_rule_pooled_var"),
                          ("... over half blocks", "mass_rule_pooled_half"),
-                         ("... over quarter blocks", "mass_rule_pooled_quarter")]
+                         ("... over quarter blocks", "mass_rule_pooled_quarter"),
+                         ("key-block means + least-sq. Proj(o_l)", "pooled_lstsq_projection")]
         a_errors = ["mass_estimate_error", "pooled_mass_estimate_error", "pooled_var_mass_estimate_error"]
+        # Columns measured only where they apply (finer groups that tile a block, a fit with two row groups).
+        optional = ("mass_rule_pooled_half", "mass_rule_pooled_quarter", "pooled_lstsq_projection")
+        decomposition = [(n, k) for n, k in decomposition if k not in optional or mean.get(k) is not None]
         if all(mean.get(key) is not None for key in [k for _, k in decomposition] + a_errors):
             lines += ["Where the mass rule's error comes from (relative L1 against dense attention; the middle "
                       "columns replace an estimate by the exact quantity, and with the marginal scope 'both exact' "
                       "misses only the negligible blocks; the last four columns are candidates that estimate both from "
                       "the key blocks' mean keys and values (`combine=\"pooled\"`), the same with each block's "
-                      "logit raised by the spread of its keys, `scale^2/2 sum_d q_d^2 var(K_j)_d`, and over the means "
-                      "of half and quarter key blocks (2x and 4x the coarse work)):", ""]
+                      "logit raised by the spread of its keys, `scale^2/2 sum_d q_d^2 var(K_j)_d`, over the means "
+                      "of half and quarter key blocks (2x and 4x the coarse work), and the first of them plus the best "
+                      "least-squares correction from the linear branch, scored out of sample):", ""]
             lines.append("| sparsity | " + " | ".join(n for n, _ in decomposition)
                          + " | mean abs. error of a: normalisers / key-block means / with spread |")
             lines.append("|---" * (2 + len(decomposition)) + "|")

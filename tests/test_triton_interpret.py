@@ -22,7 +22,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 import sla  # noqa: E402
-from sla.ops.sla.blockmap import build_block_map  # noqa: E402
+from sla.ops.sla.blockmap import block_lengths, build_block_map  # noqa: E402
 from sla.ops.sla.triton import (  # noqa: E402
     build_block_map_triton,
     sla_triton_bwd,
@@ -256,8 +256,8 @@ def test_unsupported_inputs_raise():
 
 def _coarse_args(q, k, v, bm, linear_scope, store_aux=True):
     """The inputs of sla::triton_coarse_fwd for q, k, v and a block map, as the entry point forms them."""
-    lengths = torch.clamp(k.shape[2] - torch.arange(bm.class_map.shape[3]) * bm.block_k, max=bm.block_k)
-    return (q, key_block_means(k, bm.block_k), key_block_means(v, bm.block_k), torch.log2(lengths.float()),
+    lengths = block_lengths(k.shape[2], bm.block_k).float()
+    return (q, key_block_means(k, bm.block_k), key_block_means(v, bm.block_k), torch.log2(lengths),
             coarse_codes(bm, linear_scope), q.shape[-1] ** -0.5, bm.block_q, store_aux)
 
 

@@ -22,7 +22,7 @@ from ..ops.sla.blockmap import (
     select_blocks,
 )
 from ..ops.sla.feature_maps import apply_feature_map
-from ..ops.sla.naive import coarse_branch, expand_block_mask, mass_weight, pooled_weight
+from ..ops.sla.naive import block_means, coarse_attention, expand_block_mask, mass_weight, pooled_weight
 from ..settings import SLASettings
 from . import metrics
 
@@ -119,39 +119,32 @@ def _class_rows(crit: torch.Tensor, negl: torch.Tensor, tn: int) -> torch.Tensor
     return cm
 
 
-def coarse_branch_second_moment(q, k, v, class_map, block_q, block_k, scale, linear_scope):
-    """:func:`~sla.ops.sla.naive.coarse_branch` with each key block's logit corrected for the spread of its keys:
-    ``l_j = scale q . mean(K_j) + scale^2 / 2 sum_d q_d^2 var(K_j)_d + log(n_j)``, the log of ``n_j E[exp(scale
-    q.k)]`` for keys normal around their mean with a diagonal covariance (the plain mean is Jensen's lower bound).
-    A candidate measured by the analysis only, not a rule of the operator. Shapes and returns as coarse_branch's
-    (``(B, H, Lq, D)`` q, ``(B, H, Lk, D)`` k and v, ``(B, H, T_m, T_n)`` class map)."""
-    Lq, Lk = q.shape[2], k.shape[2]
-    tn = -(-Lk // block_k)
-    lengths = block_lengths(Lk, block_k, q.device).to(q.dtype)
+def _coarse_candidates(q, k, v, block_k, scale, finer):
+    """Per-row key-block logits and mean values ``{name: (logits (R, T), v_means (T, D), keys per group)}`` of
+    ``combine="pooled"``'s estimate and the candidates measured beside it, for one head's sampled rows ``q``
+    ``(R, D)`` and its keys and values ``(N, D)``; they do not depend on the sparsity, so they are formed once.
 
-    def means(x):
-        padded = torch.nn.functional.pad(x, (0, 0, 0, tn * block_k - Lk))
-        return padded.unflatten(2, (tn, block_k)).sum(3) / lengths[:, None]
+    * ``"pooled"``: the rule's own logits ``scale q . mean(K_j) + log(n_j)``.
+    * ``"spread"``: raised by the spread of each block's keys, ``scale^2 / 2 sum_d q_d^2 var(K_j)_d`` (the log of
+      ``n_j E[exp(scale q.k)]`` for keys normal around their mean with a diagonal covariance; the plain mean is
+      Jensen's lower bound).
+    * ``finer``'s names (``(name, parts)``): over groups of ``block_k / parts`` keys (a finer coarse attention).
+    """
+    N = k.shape[0]
 
-    k_mean = means(k)
-    k_var = (means(k * k) - k_mean * k_mean).clamp_min(0)
-    logits = (q @ k_mean.transpose(-1, -2)) * scale + 0.5 * scale ** 2 * ((q * q) @ k_var.transpose(-1, -2)) \
-        + torch.log(lengths)
-    rows = class_map.repeat_interleave(block_q, dim=-2)[..., :Lq, :]
-    log_rest = torch.logsumexp(logits.masked_fill(rows == CRITICAL, float("-inf")), dim=-1, keepdim=True)
-    in_scope = in_linear_scope(rows, linear_scope)
-    has_scope = in_scope.any(dim=-1, keepdim=True)
-    masked = logits.masked_fill(~in_scope, float("-inf")).masked_fill(~has_scope, 0.0)
-    return (torch.softmax(masked, dim=-1) @ means(v)) * has_scope.to(q.dtype), log_rest
+    def over_groups(group):
+        log_n = torch.log(block_lengths(N, group, q.device).to(q.dtype))
+        k_means = block_means(k, group)
+        return (q @ k_means.T) * scale + log_n, k_means, block_means(v, group)
 
-
-def coarse_branch_groups(q, k, v, class_map, block_q, block_k, scale, linear_scope, group):
-    """:func:`~sla.ops.sla.naive.coarse_branch` over groups of ``group`` keys (a divisor of ``block_k``) instead of
-    whole key blocks, each group in its block's class: a finer coarse attention (``block_k / group`` times the
-    work). A candidate measured by the analysis only. Shapes and returns as coarse_branch's."""
-    per_block = block_k // group
-    groups = class_map.repeat_interleave(per_block, dim=-1)[..., :-(-k.shape[2] // group)]
-    return coarse_branch(q, k, v, groups, block_q, group, scale, linear_scope)
+    pooled, k_means, v_means = over_groups(block_k)
+    k_var = (block_means(k * k, block_k) - k_means * k_means).clamp_min(0)
+    out = {"pooled": (pooled, v_means, block_k),
+           "spread": (pooled + 0.5 * scale ** 2 * ((q * q) @ k_var.T), v_means, block_k)}
+    for name, parts in finer:
+        logits, _, v_g = over_groups(block_k // parts)
+        out[name] = (logits, v_g, block_k // parts)
+    return out
 
 
 def _scope(class_rows: torch.Tensor, linear_scope: str) -> torch.Tensor:
@@ -250,12 +243,13 @@ def analyze_attention(
     negl_cfg = sla.negligible if sla else config.negligible
 
     klen = block_lengths(N, bk, q.device).to(dt)
+    sm_scale = D ** -0.5 if scale is None else scale
     qlen_sub = block_lengths(R, bq, q.device).to(dt)
     per_head = []
     branches = {s: {"o_s": [], "o_l": [], "a_pooled": [], "o_pooled": []} for s in sparsities}
     dense_all = []
     for h in range(H):
-        logits = (q_sub[h] @ k[h].T) * (D ** -0.5 if scale is None else scale)
+        logits = (q_sub[h] @ k[h].T) * sm_scale
         probs = torch.softmax(logits, dim=-1)
         dense = probs @ v[h]
         dense_all.append(dense)
@@ -289,6 +283,14 @@ def analyze_attention(
         # The finer coarse attentions need groups that tile a key block: not measured (None) otherwise.
         finer = [(name, parts) for name, parts in (("mass_rule_pooled_half", 2), ("mass_rule_pooled_quarter", 4))
                  if bk % parts == 0]
+        coarse = _coarse_candidates(q_sub[h], k[h], v[h], bk, sm_scale, finer)
+
+        def coarse_estimate(name, class_rows):
+            """``(o_c, log_rest)`` of a candidate for this sparsity's classes (each key group in its block's)."""
+            logits, v_means, group = coarse[name]
+            cols = class_rows.repeat_interleave(bk // group, dim=-1)[..., :logits.shape[-1]]
+            return coarse_attention(logits, v_means, cols, bq, lin_scope)
+
         curves = {name: [] for name in ("block_pooled_sparse_only", "block_oracle_sparse_only",
                                         "sla_identity_projection", "sla_mass_rule", "sla_own_projection",
                                         "mass_rule_true_a", "mass_rule_exact_rest", "mass_rule_true_a_exact_rest",
@@ -329,11 +331,9 @@ def analyze_attention(
                 metrics.relative_l1(a_true * o_s + (1 - a_true) * o_rest, dense))
             curves["mass_estimate_error"].append(float((a0 - a_true).abs().mean()))
             # combine="pooled"'s estimates from the key blocks' means (each block as n_j keys at its mean key and
-            # value), on the sampled rows: the rule's own coarse_branch, sampled blocks standing as the query blocks.
-            o_pooled, log_rest = (x[0, 0] for x in coarse_branch(
-                q_sub[h][None, None], k[h][None, None], v[h][None, None], class_sub[None, None], bq, bk,
-                D ** -0.5 if scale is None else scale, lin_scope))
-            a_pooled = pooled_weight(lse[None, None], log_rest[None, None], None)[0, 0]
+            # value), on the sampled rows: the rule's own coarse attention, sampled blocks standing as the query blocks.
+            o_pooled, log_rest = coarse_estimate("pooled", class_sub)
+            a_pooled = pooled_weight(lse, log_rest, None)
             curves["mass_rule_pooled_a"].append(metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_l, dense))
             curves["mass_rule_pooled"].append(
                 metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_pooled, dense))
@@ -343,18 +343,14 @@ def analyze_attention(
             branches[s]["a_pooled"].append(a_pooled)
             branches[s]["o_pooled"].append(o_pooled)
             # The same with each block's logit corrected for the spread of its keys (second moment, diagonal).
-            o_var, log_rest_var = (x[0, 0] for x in coarse_branch_second_moment(
-                q_sub[h][None, None], k[h][None, None], v[h][None, None], class_sub[None, None], bq, bk,
-                D ** -0.5 if scale is None else scale, lin_scope))
-            a_var = pooled_weight(lse[None, None], log_rest_var[None, None], None)[0, 0]
+            o_var, log_rest_var = coarse_estimate("spread", class_sub)
+            a_var = pooled_weight(lse, log_rest_var, None)
             curves["mass_rule_pooled_var"].append(metrics.relative_l1(a_var * o_s + (1 - a_var) * o_var, dense))
             curves["pooled_var_mass_estimate_error"].append(float((a_var - a_true).abs().mean()))
             # Finer coarse attention: key groups of half and a quarter of a block, each in its block's class.
-            for name, parts in finer:
-                o_g, log_rest_g = (x[0, 0] for x in coarse_branch_groups(
-                    q_sub[h][None, None], k[h][None, None], v[h][None, None], class_sub[None, None], bq, bk,
-                    D ** -0.5 if scale is None else scale, lin_scope, bk // parts))
-                a_g = pooled_weight(lse[None, None], log_rest_g[None, None], None)[0, 0]
+            for name, _ in finer:
+                o_g, log_rest_g = coarse_estimate(name, class_sub)
+                a_g = pooled_weight(lse, log_rest_g, None)
                 curves[name].append(metrics.relative_l1(a_g * o_s + (1 - a_g) * o_g, dense))
             if sla is not None:
                 proj = torch.nn.functional.linear(o_l, sla.weight.to(o_l), None if sla.bias is None

@@ -140,6 +140,16 @@ def mass_weight(lse: torch.Tensor, den: torch.Tensor, head_dim: int, mass_offset
     return torch.sigmoid(x)
 
 
+def block_means(x: torch.Tensor, block_k: int) -> torch.Tensor:
+    """The mean of each key block of ``x`` ``(..., Lk, D)`` over its real tokens (the last may be short):
+    ``(..., T_n, D)`` in x's dtype."""
+    Lk = x.shape[-2]
+    tn = -(-Lk // block_k)
+    lengths = block_lengths(Lk, block_k, x.device).to(x.dtype)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, tn * block_k - Lk))
+    return padded.unflatten(-2, (tn, block_k)).sum(-2) / lengths[:, None]
+
+
 def coarse_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_map: torch.Tensor, block_q: int,
                   block_k: int, scale: float, linear_scope: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``combine="pooled"``'s estimates from the key blocks' means, for q ``(B, H, Lq, D)``, k and v
@@ -149,23 +159,24 @@ def coarse_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_map: 
     with none), and ``log_rest`` ``(B, H, Lq, 1)``, the log of the estimated attention mass outside the critical
     blocks (``-inf`` when every block is critical). Memory O(Lq * T_n) per head; shared by the reference and the
     PyTorch path so both state the rule once."""
-    Lq, Lk = q.shape[2], k.shape[2]
-    tn = -(-Lk // block_k)
-    lengths = block_lengths(Lk, block_k, q.device).to(q.dtype)
+    lengths = block_lengths(k.shape[2], block_k, q.device).to(q.dtype)
+    logits = (q @ block_means(k, block_k).transpose(-1, -2)) * scale + torch.log(lengths)  # (B, H, Lq, T_n)
+    return coarse_attention(logits, block_means(v, block_k), class_map, block_q, linear_scope)
 
-    def means(x):
-        padded = torch.nn.functional.pad(x, (0, 0, 0, tn * block_k - Lk))
-        return padded.unflatten(2, (tn, block_k)).sum(3) / lengths[:, None]
 
-    logits = (q @ means(k).transpose(-1, -2)) * scale + torch.log(lengths)  # (B, H, Lq, T_n)
-    rows = class_map.repeat_interleave(block_q, dim=-2)[..., :Lq, :]
+def coarse_attention(logits: torch.Tensor, v_means: torch.Tensor, class_map: torch.Tensor, block_q: int,
+                     linear_scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of :func:`coarse_branch` from the per-row logits of the key blocks ``(..., Lq, T_n)``, their mean
+    values ``(..., T_n, D)`` and the class map ``(..., T_m, T_n)``: ``(o_c, log_rest)``. Any leading dims (the
+    analysis passes one head's ``(Lq, T_n)``, and logits of its own candidates)."""
+    rows = class_map.repeat_interleave(block_q, dim=-2)[..., :logits.shape[-2], :]
     log_rest = torch.logsumexp(logits.masked_fill(rows == CRITICAL, float("-inf")), dim=-1, keepdim=True)
     in_scope = in_linear_scope(rows, linear_scope)
     # A row with nothing in scope gets o_c = 0: its softmax over no block is replaced, not NaN-masked, so that no
     # NaN reaches the gradient either.
     has_scope = in_scope.any(dim=-1, keepdim=True)
     masked = logits.masked_fill(~in_scope, float("-inf")).masked_fill(~has_scope, 0.0)
-    o_c = (torch.softmax(masked, dim=-1) @ means(v)) * has_scope.to(q.dtype)
+    o_c = (torch.softmax(masked, dim=-1) @ v_means) * has_scope.to(logits.dtype)
     return o_c, log_rest
 
 

@@ -23,10 +23,10 @@ def scope_mask_for(block_map: BlockMap, linear_scope: str, dtype: torch.dtype) -
     return None if linear_scope == "all" else in_linear_scope(block_map.class_map, linear_scope).to(dtype)
 
 
-def key_block_means(x: torch.Tensor, block_k: int) -> torch.Tensor:
+def key_block_means(x: torch.Tensor, block_k: int, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The mean of each key block of ``x`` ``(B, H, Lk, D)`` (any strides), ``(B, H, T_n, D)`` contiguous in x's
-    dtype, summed in fp32; the last block, if short, over its real tokens. Differentiable (plain PyTorch), read
-    without a padded copy of ``x``."""
+    dtype, summed in fp32; the last block, if short, over its real tokens (``lengths``, fp32 ``(T_n,)``, computed
+    here if not given). Differentiable (plain PyTorch), read without a padded copy of ``x``."""
     Lk = x.shape[2]
     full = Lk // block_k
     if Lk % block_k == 0:
@@ -36,7 +36,8 @@ def key_block_means(x: torch.Tensor, block_k: int) -> torch.Tensor:
     else:
         sums = x[:, :, :full * block_k].unflatten(2, (full, block_k)).sum(3, dtype=torch.float32)
         sums = torch.cat([sums, x[:, :, full * block_k:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
-    lengths = block_lengths(Lk, block_k, x.device).to(torch.float32)
+    if lengths is None:
+        lengths = block_lengths(Lk, block_k, x.device).to(torch.float32)
     return (sums / lengths[:, None]).to(x.dtype).contiguous()
 
 
@@ -111,8 +112,8 @@ def triton_sparse_linear_attention(
         # are plain PyTorch, so their backward spreads each mean's gradient over its block's tokens.
         lengths = block_lengths(k.shape[2], block_map.block_k, k.device).to(torch.float32)
         o_c, log_rest, _ = sla_triton_coarse_fwd(
-            q, key_block_means(k, block_map.block_k), key_block_means(v, block_map.block_k), torch.log2(lengths),
-            coarse_codes(block_map, linear_scope), scale, block_map.block_q, store_aux)
+            q, key_block_means(k, block_map.block_k, lengths), key_block_means(v, block_map.block_k, lengths),
+            torch.log2(lengths), coarse_codes(block_map, linear_scope), scale, block_map.block_q, store_aux)
     o, _, _, _, _ = sla_triton_fwd(
         q, k, v, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t, scope_mask,
         proj_weight, proj_bias, mass_offset, o_c, log_rest, scale, block_map.block_q, block_map.block_k, feature_map,

@@ -126,8 +126,8 @@ def sla_triton_coarse_fwd(
 @sla_triton_coarse_fwd.register_fake
 def _(q, k_means, v_means, log2_lengths, codes, scale, block_q, store_aux):
     rows = q.new_empty(q.shape[:3], dtype=torch.float32)
-    return torch.empty_like(q), rows, (torch.empty_like(rows) if store_aux else q.new_empty(0, 0, 0,
-                                                                                         dtype=torch.float32))
+    lse_c = torch.empty_like(rows) if store_aux else q.new_empty(0, 0, 0, dtype=torch.float32)
+    return torch.empty_like(q), rows, lse_c
 
 
 @torch.library.custom_op("sla::triton_coarse_bwd", mutates_args=())

@@ -325,7 +325,7 @@ def coarse_forward(q, k_means, v_means, log2_lengths, codes, scale, block_q, sto
     log_rest = q.new_empty(B, H, Lq, dtype=torch.float32)
     lse_c = q.new_empty(B, H, Lq, dtype=torch.float32) if store_aux else q.new_empty(0, 0, 0, dtype=torch.float32)
     sla_coarse_fwd_kernel[(Tm, B * H)](
-        q, k_means, v_means, log2_lengths, codes, o_c, lse_c if store_aux else log_rest, log_rest,
+        q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest,
         *_strides(q), *_strides(o_c), scale * LOG2E.value, Lq, Tm, Tn,
         H=H, D=D, BM=block_q, BT=COARSE_CHUNK, STORE_AUX=store_aux, PREC=_dot_precision(q.dtype),
         **launch_config("coarse_fwd", block_q, COARSE_CHUNK, D, q.dtype, q.device))

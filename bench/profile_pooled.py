@@ -1,0 +1,196 @@
+"""Where ``combine="pooled"``'s time goes on a GPU, against ``combine="mass"``, in one process.
+
+    python bench/profile_pooled.py --out bench/results_profile_pooled.json
+
+For one shape (default (1, 12, 32760, 128) bf16, critical 0.05, negligible 0.10, marginal scope) and each block
+config, it reports:
+
+* ``op``: the whole op (``sla.sparse_linear_attention(backend="triton")``) for both rules: forward with gradients
+  on (what training runs), forward under ``no_grad`` and forward+backward, medians of ``triton.testing.do_bench``;
+* ``kernels_fwd`` / ``kernels_fwd_bwd``: device time per kernel (torch.profiler, mean of 5 calls) of one forward
+  with gradients on and of one forward+backward, for both rules, so that a difference can be put on a kernel;
+* ``main_fwd_kernel``: the fused forward launches alone (``launch.forward``) with the mass rule's inputs and with the
+  pooled rule's (``o_c``, ``log_rest`` from the coarse kernel): what ``POOLED`` costs inside the main kernel;
+* ``coarse_sweep``: the coarse kernels alone under other ``num_warps``/``num_stages``, chunk widths
+  (``launch.COARSE_CHUNK``) and dK/dV split targets (``launch.COARSE_DKDV_PROGRAMS``), for tuning the launch
+  table; every variant's outputs are compared with the default's first.
+
+It needs a CUDA GPU; nothing here runs on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import Runner, bench, kernel_profile, sla_fn  # noqa: E402
+from provenance import git_commit  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="1,12,32760,128", help="B,H,L,D (default: %(default)s)")
+    p.add_argument("--blocks", default="64x64,128x64", help="block configs block_qxblock_k (default: %(default)s)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the coarse kernels' launch sweep")
+    p.add_argument("--out", default="bench/results_profile_pooled.json", help="JSON output path")
+    return p.parse_args(argv)
+
+
+def forward_profile(fn, iters=5):
+    """Device time (ms) per kernel of one forward with gradients on (the graph is dropped after each call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None)
+        if t is None:
+            t = getattr(evt, "cuda_time_total", 0.0)
+        if t > 0:
+            times[evt.key[:90]] = t / 1e3 / iters
+    out = dict(sorted(times.items(), key=lambda kv: -kv[1]))
+    out["(sum of all kernels)"] = sum(times.values())
+    return out
+
+
+def coarse_inputs(q, k, block_map, scope="marginal"):
+    from sla.ops.sla.blockmap import block_lengths
+    from sla.ops.sla.triton.api import coarse_codes, key_block_means
+
+    lengths = block_lengths(k.shape[2], block_map.block_k, k.device).to(torch.float32)
+    return (key_block_means(k, block_map.block_k, lengths), torch.log2(lengths), coarse_codes(block_map, scope))
+
+
+def coarse_sweep(r, block_map, v):
+    """Times (ms) of the coarse kernels under other launch settings, chunk widths and split targets."""
+    from sla.ops.sla.triton import launch
+    from sla.ops.sla.triton.api import key_block_means
+    from sla.ops.sla.triton.launch_config import launch_overrides
+
+    q, k = r.q.detach(), r.k.detach()
+    km, log2n, codes = coarse_inputs(q, k, block_map)
+    vm = key_block_means(v, block_map.block_k)
+    scale = q.shape[-1] ** -0.5
+    bq = block_map.block_q
+
+    def fwd():
+        return launch.coarse_forward(q, km, vm, log2n, codes, scale, bq, True)
+
+    o_c, log_rest, lse_c = fwd()
+    d_rest = torch.randn_like(log_rest)
+
+    def bwd():
+        return launch.coarse_backward(r.do, d_rest, q, km, vm, log2n, codes, o_c, lse_c, log_rest, scale, bq)
+
+    ref_f, ref_b = fwd(), bwd()
+
+    def same(a, b):
+        return all(torch.allclose(x.float(), y.float(), rtol=2e-2, atol=2e-2, equal_nan=True) for x, y in zip(a, b))
+
+    out = {}
+    variants = []
+    for warps, stages in [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)]:
+        for name, fn in (("coarse_fwd", fwd), ("coarse_dq", bwd), ("coarse_dkdv", bwd)):
+            variants.append((f"{name} warps={warps} stages={stages}", name, fn,
+                             {name: {"num_warps": warps, "num_stages": stages}}, None, None))
+    for chunk in (32, 64, 128):
+        variants.append((f"chunk={chunk} fwd", None, fwd, {}, chunk, None))
+        variants.append((f"chunk={chunk} bwd", None, bwd, {}, chunk, None))
+    for programs in (512, 2048, 4096):
+        variants.append((f"dkdv programs={programs} bwd", None, bwd, {}, None, programs))
+    chunk0, programs0 = launch.COARSE_CHUNK, launch.COARSE_DKDV_PROGRAMS
+    out["default fwd"] = bench(fwd)
+    out["default bwd"] = bench(bwd)
+    for label, _, fn, over, chunk, programs in variants:
+        try:
+            launch.COARSE_CHUNK = chunk or chunk0
+            launch.COARSE_DKDV_PROGRAMS = programs or programs0
+            with launch_overrides(over):
+                got = fn()
+                ok = same(got, ref_f if fn is fwd else ref_b)
+                out[label] = bench(fn) if ok else "wrong outputs"
+        except Exception as exc:
+            out[label] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        finally:
+            launch.COARSE_CHUNK, launch.COARSE_DKDV_PROGRAMS = chunk0, programs0
+        print(label, out[label], flush=True)
+    return out
+
+
+def main_kernel_times(r, block_map):
+    """The fused forward launches alone, mass-rule inputs against pooled-rule inputs (training and inference)."""
+    from sla.ops.sla.triton import launch
+    from sla.ops.sla.triton.api import key_block_means, scope_mask_for
+
+    q, k, v = (x.detach() for x in (r.q, r.k, r.v))
+    scale = q.shape[-1] ** -0.5
+    mask = scope_mask_for(block_map, "marginal", launch.state_dtype(q.dtype))
+    off = torch.zeros(q.shape[1], device=q.device)
+    km, log2n, codes = coarse_inputs(q, k, block_map)
+    o_c, log_rest, _ = launch.coarse_forward(q, km, key_block_means(v, block_map.block_k), log2n, codes, scale,
+                                             block_map.block_q, True)
+    w, b = r.w.detach(), r.b.detach()
+    out = {}
+    for aux in (True, False):
+        for combine, oc, lr in (("mass", None, None), ("pooled", o_c, log_rest)):
+            out[f"{combine} store_aux={aux}"] = bench(lambda: launch.forward(
+                q, k, v, block_map.critical_lut, mask, w, b, off, oc, lr, scale, block_map.block_q, block_map.block_k,
+                "softmax", combine, aux))
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/profile_pooled.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    from sla.ops.sla.triton import build_block_map_triton
+
+    B, H, L, D = (int(x) for x in args.shape.split(","))
+    res = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "commit": git_commit(), "shape": [B, H, L, D], "configs": {}}
+    r = Runner(B, H, L, D)
+    for blocks in args.blocks.split(","):
+        bq, bk = (int(x) for x in blocks.split("x"))
+        entry = res["configs"][blocks] = {}
+        fns = {c: sla_fn(r, 0.05, 0.10, bq, bk, "marginal", combine=c) for c in ("mass", "pooled")}
+        op = entry["op"] = {}
+        for c, fn in fns.items():
+            fn()
+            op[f"{c} fwd (grad on)"] = bench(fn)
+            with torch.no_grad():
+                op[f"{c} fwd (no_grad)"] = bench(fn)
+            op[f"{c} fwd+bwd"] = bench(r.fwd_bwd(fn), 300, grad_to_none=r.leaves)
+            for x in r.leaves:
+                x.grad = None
+        print(blocks, json.dumps(op), flush=True)
+        entry["kernels_fwd"] = {c: forward_profile(fn) for c, fn in fns.items()}
+        entry["kernels_fwd_bwd"] = {c: kernel_profile(fn, r) for c, fn in fns.items()}
+        bm = build_block_map_triton(r.q.detach(), r.k.detach(), critical=0.05, negligible=0.10, block_q=bq,
+                                    block_k=bk)
+        entry["main_fwd_kernel"] = main_kernel_times(r, bm)
+        print(blocks, json.dumps(entry["main_fwd_kernel"]), flush=True)
+        if not args.no_sweep:
+            entry["coarse_sweep"] = coarse_sweep(r, bm, r.v.detach())
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -238,16 +238,16 @@ def sla_breakdown(r, critical, negligible, block_q, block_k, scope):
     hs, zs = launch.linear_states(k, v, block_k, "softmax")
     out["aggregate_M_at_h_matmul"] = bench(lambda: launch.aggregate_states(hs, zs, mask))
     w, b = r.w.detach(), r.b.detach()
-    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, None, None, q.shape[-1] ** -0.5, block_q, block_k,
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, None, q.shape[-1] ** -0.5, block_q, block_k,
                 "softmax", "paper")
     t_fwd = bench(lambda: launch.forward(*fwd_args, False))
     out["fwd_kernel_only_inference"] = t_fwd - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
     t_fwd = bench(lambda: launch.forward(*fwd_args, True))
     out["fwd_kernel_only"] = t_fwd - out["linear_states_kernel"] - out["aggregate_M_at_h_matmul"]
-    o, o_s, o_l, lse, a = launch.forward(*fwd_args, True)
+    o, o_s, o_l, lse, a, o_c, rows, means = launch.forward(*fwd_args, True)
     do = r.do
     bwd_args = (do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w,
-                b, None, None, q.shape[-1] ** -0.5, block_q, block_k, "softmax", "paper")
+                b, None, None, o_c, rows, means, q.shape[-1] ** -0.5, block_q, block_k, "softmax", "paper")
     # Until issue 16 the first key timed the kernels and M matmuls without the projection's gradient GEMM; the
     # backward's launches are one function now, so both keys include it (the second adds the custom op's dispatch).
     out["bwd_launches_with_proj_grads"] = bench(lambda: launch.backward(*bwd_args))
@@ -279,11 +279,11 @@ def launch_config_sweep(r, critical, negligible, block_q, block_k):
     bm = build_block_map_triton(q, k, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     mask = scope_mask_for(bm, "marginal", launch.state_dtype(q.dtype))
     w, scale = r.w.detach(), q.shape[-1] ** -0.5
-    fwd_args = (q, k, v, bm.critical_lut, mask, w, r.b.detach(), None, None, None, scale, block_q, block_k, "softmax",
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, r.b.detach(), None, None, scale, block_q, block_k, "softmax",
                 "paper", True)
-    o, o_s, o_l, lse, a = launch.forward(*fwd_args)
+    o, o_s, o_l, lse, a, o_c, rows, means = launch.forward(*fwd_args)
     bwd_args = (r.do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask,
-                w, r.b.detach(), None, None, scale, block_q, block_k, "softmax", "paper")
+                w, r.b.detach(), None, None, o_c, rows, means, scale, block_q, block_k, "softmax", "paper")
     out = {}
     for name, fn, configs in (("fwd", lambda: launch.forward(*fwd_args), [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]),
                               ("dkdv", lambda: launch.backward(*bwd_args), [(4, 1), (4, 2), (4, 3), (8, 2)]),

@@ -160,10 +160,10 @@ def main(argv=None):
     bm = build_block_map_triton(q, k, critical=0.05, negligible=0.10, block_q=bq, block_k=bk)
     mask = scope_mask_for(bm, "marginal", launch.state_dtype(q.dtype))
     scale = D ** -0.5
-    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, None, None, scale, bq, bk, "softmax", "paper", True)
-    o, o_s, o_l, lse, a = launch.forward(*fwd_args)
+    fwd_args = (q, k, v, bm.critical_lut, mask, w, b, None, None, scale, bq, bk, "softmax", "paper", True)
+    o, o_s, o_l, lse, a, o_c, rows, means = launch.forward(*fwd_args)
     bwd_args = (do, q, k, v, o_s, o_l, lse, a, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t, mask, w,
-                b, None, None, scale, bq, bk, "softmax", "paper")
+                b, None, None, o_c, rows, means, scale, bq, bk, "softmax", "paper")
     runs = {"fwd": lambda: launch.forward(*fwd_args), "bwd": lambda: launch.backward(*bwd_args)}
     ref = {"fwd": launch.forward(*fwd_args)[0], "bwd": launch.backward(*bwd_args)[:3]}
     results = {"shape": [B, H, L, D], "blocks": args.blocks, "torch": torch.__version__, "triton": triton.__version__,

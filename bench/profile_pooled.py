@@ -9,8 +9,8 @@ config, it reports:
   on (what training runs), forward under ``no_grad`` and forward+backward, medians of ``triton.testing.do_bench``;
 * ``kernels_fwd`` / ``kernels_fwd_bwd``: device time per kernel (torch.profiler, mean of 5 calls) of one forward
   with gradients on and of one forward+backward, for both rules, so that a difference can be put on a kernel;
-* ``main_fwd_kernel``: the fused forward launches alone (``launch.forward``) with the mass rule's inputs and with the
-  pooled rule's (``o_c``, ``log_rest`` from the coarse kernel): what ``POOLED`` costs inside the main kernel;
+* ``main_fwd_kernel``: the forward launches alone (``launch.forward``) for both rules, with and without what
+  backward keeps;
 * ``coarse_sweep``: the coarse kernels alone under other ``num_warps``/``num_stages``, chunk widths
   (``launch.COARSE_CHUNK``) and dK/dV split targets (``launch.COARSE_DKDV_PROGRAMS``), for tuning the launch
   table; every variant's outputs are compared with the default's first.
@@ -65,36 +65,45 @@ def forward_profile(fn, iters=5):
     return out
 
 
-def coarse_inputs(q, k, block_map, scope="marginal"):
+def coarse_setup(r, block_map, scope="marginal"):
+    """The coarse kernels' inputs as the fused forward forms them, and a forward and a backward to time."""
     from sla.ops.sla.blockmap import block_lengths
-    from sla.ops.sla.triton.api import coarse_codes, key_block_means
-
-    lengths = block_lengths(k.shape[2], block_map.block_k, k.device).to(torch.float32)
-    return (key_block_means(k, block_map.block_k, lengths), torch.log2(lengths), coarse_codes(block_map, scope))
-
-
-def coarse_sweep(r, block_map, v):
-    """Times (ms) of the coarse kernels under other launch settings, chunk widths and split targets."""
     from sla.ops.sla.triton import launch
-    from sla.ops.sla.triton.api import key_block_means
-    from sla.ops.sla.triton.launch_config import launch_overrides
+    from sla.ops.sla.triton.api import coarse_codes
 
-    q, k = r.q.detach(), r.k.detach()
-    km, log2n, codes = coarse_inputs(q, k, block_map)
-    vm = key_block_means(v, block_map.block_k)
+    q, k, v = (x.detach() for x in (r.q, r.k, r.v))
+    bq, bk = block_map.block_q, block_map.block_k
+    lengths = block_lengths(k.shape[2], bk, k.device).to(torch.float32)
+    km, vm = launch.block_means(k, bk, lengths), launch.block_means(v, bk, lengths)
+    codes = coarse_codes(block_map, scope)
     scale = q.shape[-1] ** -0.5
-    bq = block_map.block_q
+    o_c = torch.empty_like(q)
+    rows = q.new_empty(2, *q.shape[:3], dtype=torch.float32)
 
     def fwd():
-        return launch.coarse_forward(q, km, vm, log2n, codes, scale, bq, True)
+        launch.coarse_forward(q, km, vm, torch.log2(lengths), codes, scale, bq, o_c, rows, True)
+        return o_c, rows
 
-    o_c, log_rest, lse_c = fwd()
-    d_rest = torch.randn_like(log_rest)
+    fwd()
+    g = torch.randn_like(rows[0])
+    dq = torch.zeros_like(q)
 
     def bwd():
-        return launch.coarse_backward(r.do, d_rest, q, km, vm, log2n, codes, o_c, lse_c, log_rest, scale, bq)
+        dq.zero_()
+        d_means = launch.coarse_backward(r.do, g, q, km, vm, codes, o_c, rows, dq, scale, bq, bk, k.shape[2])
+        return dq, d_means
 
-    ref_f, ref_b = fwd(), bwd()
+    return codes, o_c, rows, fwd, bwd
+
+
+def coarse_sweep(r, block_map):
+    """Times (ms) of the coarse kernels under other launch settings, chunk widths and split targets."""
+    from sla.ops.sla.triton import launch
+    from sla.ops.sla.triton.launch_config import launch_overrides
+
+    _, _, _, fwd, bwd = coarse_setup(r, block_map)
+    ref_f = [x.clone() for x in fwd()]
+    ref_b = [x.clone() for x in bwd()]
 
     def same(a, b):
         return all(torch.allclose(x.float(), y.float(), rtol=2e-2, atol=2e-2, equal_nan=True) for x, y in zip(a, b))
@@ -103,23 +112,22 @@ def coarse_sweep(r, block_map, v):
     variants = []
     for warps, stages in [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)]:
         for name, fn in (("coarse_fwd", fwd), ("coarse_dq", bwd), ("coarse_dkdv", bwd)):
-            variants.append((f"{name} warps={warps} stages={stages}", name, fn,
+            variants.append((f"{name} warps={warps} stages={stages}", fn,
                              {name: {"num_warps": warps, "num_stages": stages}}, None, None))
     for chunk in (32, 64, 128):
-        variants.append((f"chunk={chunk} fwd", None, fwd, {}, chunk, None))
-        variants.append((f"chunk={chunk} bwd", None, bwd, {}, chunk, None))
+        variants.append((f"chunk={chunk} fwd", fwd, {}, chunk, None))
+        variants.append((f"chunk={chunk} bwd", bwd, {}, chunk, None))
     for programs in (512, 2048, 4096):
-        variants.append((f"dkdv programs={programs} bwd", None, bwd, {}, None, programs))
+        variants.append((f"dkdv programs={programs} bwd", bwd, {}, None, programs))
     chunk0, programs0 = launch.COARSE_CHUNK, launch.COARSE_DKDV_PROGRAMS
     out["default fwd"] = bench(fwd)
     out["default bwd"] = bench(bwd)
-    for label, _, fn, over, chunk, programs in variants:
+    for label, fn, over, chunk, programs in variants:
         try:
             launch.COARSE_CHUNK = chunk or chunk0
             launch.COARSE_DKDV_PROGRAMS = programs or programs0
             with launch_overrides(over):
-                got = fn()
-                ok = same(got, ref_f if fn is fwd else ref_b)
+                ok = same(fn(), ref_f if fn is fwd else ref_b)
                 out[label] = bench(fn) if ok else "wrong outputs"
         except Exception as exc:
             out[label] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
@@ -130,24 +138,24 @@ def coarse_sweep(r, block_map, v):
 
 
 def main_kernel_times(r, block_map):
-    """The fused forward launches alone, mass-rule inputs against pooled-rule inputs (training and inference)."""
+    """The forward launches (``launch.forward``) for both rules, training and inference: the pooled rule's include
+    its means and coarse kernel, so the difference minus ``coarse_sweep``'s "default fwd" is what ``POOLED`` costs
+    inside the main kernel."""
     from sla.ops.sla.triton import launch
-    from sla.ops.sla.triton.api import key_block_means, scope_mask_for
+    from sla.ops.sla.triton.api import coarse_codes, scope_mask_for
 
     q, k, v = (x.detach() for x in (r.q, r.k, r.v))
     scale = q.shape[-1] ** -0.5
     mask = scope_mask_for(block_map, "marginal", launch.state_dtype(q.dtype))
     off = torch.zeros(q.shape[1], device=q.device)
-    km, log2n, codes = coarse_inputs(q, k, block_map)
-    o_c, log_rest, _ = launch.coarse_forward(q, km, key_block_means(v, block_map.block_k), log2n, codes, scale,
-                                             block_map.block_q, True)
+    codes = coarse_codes(block_map, "marginal")
     w, b = r.w.detach(), r.b.detach()
     out = {}
     for aux in (True, False):
-        for combine, oc, lr in (("mass", None, None), ("pooled", o_c, log_rest)):
+        for combine in ("mass", "pooled"):
             out[f"{combine} store_aux={aux}"] = bench(lambda: launch.forward(
-                q, k, v, block_map.critical_lut, mask, w, b, off, oc, lr, scale, block_map.block_q, block_map.block_k,
-                "softmax", combine, aux))
+                q, k, v, block_map.critical_lut, mask, w, b, off, codes if combine == "pooled" else None, scale,
+                block_map.block_q, block_map.block_k, "softmax", combine, aux))
     return out
 
 
@@ -185,7 +193,7 @@ def main(argv=None) -> int:
         entry["main_fwd_kernel"] = main_kernel_times(r, bm)
         print(blocks, json.dumps(entry["main_fwd_kernel"]), flush=True)
         if not args.no_sweep:
-            entry["coarse_sweep"] = coarse_sweep(r, bm, r.v.detach())
+            entry["coarse_sweep"] = coarse_sweep(r, bm)
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
     print(f"wrote {args.out}")

@@ -26,12 +26,11 @@ from sla.ops.sla.blockmap import block_lengths, build_block_map  # noqa: E402
 from sla.ops.sla.triton import (  # noqa: E402
     build_block_map_triton,
     sla_triton_bwd,
-    sla_triton_coarse_bwd,
-    sla_triton_coarse_fwd,
     sla_triton_fwd,
     triton_sparse_linear_attention,
 )
-from sla.ops.sla.triton.api import coarse_codes, key_block_means, scope_mask_for  # noqa: E402
+from sla.ops.sla.triton.api import coarse_codes, scope_mask_for  # noqa: E402
+from sla.ops.sla.triton.launch import block_means  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
     assert_outputs_within_rule,
     assert_unchanged_under_autocast,
@@ -163,17 +162,15 @@ def test_pooled_combine_through_the_public_operator():
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_key_block_means_and_codes():
+def test_block_means_and_codes():
     x = torch.randn(2, 3, 150, 16).transpose(1, 2).contiguous().transpose(1, 2)  # a (B, L, H, D) buffer's view
-    m = key_block_means(x, 64)
+    m = block_means(x, 64, block_lengths(150, 64).float())
     want = torch.stack([x[:, :, :64].mean(2), x[:, :, 64:128].mean(2), x[:, :, 128:].mean(2)], dim=2)
     assert m.is_contiguous() and m.shape == (2, 3, 3, 16)
     torch.testing.assert_close(m, want, atol=1e-6, rtol=1e-6)
-    x = torch.randn(1, 2, 128, 16, requires_grad=True)  # blocks tile the sequence: the path without a slice
-    m = key_block_means(x, 32)
-    torch.testing.assert_close(m, x.unflatten(2, (4, 32)).mean(3), atol=1e-6, rtol=1e-6)
-    m.sum().backward()
-    torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 32))
+    x = torch.randn(1, 2, 128, 16)  # blocks tile the sequence: no last partial block
+    torch.testing.assert_close(block_means(x, 32, block_lengths(128, 32).float()), x.unflatten(2, (4, 32)).mean(3),
+                               atol=1e-6, rtol=1e-6)
     bm = build_block_map(torch.randn(1, 1, 256, 16), torch.randn(1, 1, 256, 16), critical=0.25, negligible=0.25)
     codes = coarse_codes(bm, "marginal")
     cm = bm.class_map
@@ -254,25 +251,16 @@ def test_unsupported_inputs_raise():
         triton_sparse_linear_attention(q, q, q, bm, feature_map="gelu")
 
 
-def _coarse_args(q, k, v, bm, linear_scope, store_aux=True):
-    """The inputs of sla::triton_coarse_fwd for q, k, v and a block map, as the entry point forms them."""
-    lengths = block_lengths(k.shape[2], bm.block_k).float()
-    return (q, key_block_means(k, bm.block_k), key_block_means(v, bm.block_k), torch.log2(lengths),
-            coarse_codes(bm, linear_scope), q.shape[-1] ** -0.5, bm.block_q, store_aux)
-
-
 def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store_aux=True, combine="paper"):
     B, H, L, D, blk = 1, 2, 48, 16, 16
     q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for _ in range(3))
     bm = build_block_map(q, k, critical=0.34, negligible=0.34, block_q=blk, block_k=blk)
     w, b = (torch.randn(D, D), torch.randn(D)) if with_proj else (None, None)
     mo = torch.randn(H) if combine in ("mass", "pooled") else None
-    o_c = log_rest = None
-    if combine == "pooled":
-        o_c, log_rest, _ = sla_triton_coarse_fwd(*_coarse_args(q, k, v, bm, linear_scope, store_aux=False))
+    codes = coarse_codes(bm, linear_scope) if combine == "pooled" else None
     return (q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
-            scope_mask_for(bm, linear_scope, torch.float32), w, b, mo, o_c, log_rest, D ** -0.5, blk, blk, "softmax",
-            combine, store_aux)
+            scope_mask_for(bm, linear_scope, torch.float32), w, b, mo, codes, D ** -0.5, blk, blk, "softmax", combine,
+            store_aux)
 
 
 @pytest.mark.parametrize("linear_scope, with_proj, combine",
@@ -280,31 +268,22 @@ def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store
                           ("marginal", True, "pooled"), ("noncritical", False, "pooled")])
 def test_opcheck(linear_scope, with_proj, combine):
     args = _op_args(linear_scope=linear_scope, with_proj=with_proj, combine=combine)
-    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9, 10, 11) and a is not None else a
+    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9) and a is not None else a
                  for i, a in enumerate(args)]
     torch.library.opcheck(sla_triton_fwd, grad_args)
-    o, o_s, o_l, lse, a = sla_triton_fwd(*args)
-    bwd_args = (torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:11], *args[12:-1])
+    o, o_s, o_l, lse, a, o_c, rows, means = sla_triton_fwd(*args)
+    assert (o_c.numel() > 0) == (combine == "pooled")
+    bwd_args = (torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:11], o_c, rows, means, *args[11:-1])
     torch.library.opcheck(sla_triton_bwd, bwd_args)
-
-
-def test_coarse_ops_pass_opcheck():
-    q, k, v = (torch.randn(1, 2, 100, 16) for _ in range(3))
-    bm = build_block_map(q, k, critical=0.3, negligible=0.3, block_q=32, block_k=16)
-    args = _coarse_args(q, k, v, bm, "marginal")
-    grad_args = [a.clone().requires_grad_() if i in (0, 1, 2) else a for i, a in enumerate(args)]
-    torch.library.opcheck(sla_triton_coarse_fwd, grad_args)
-    o_c, log_rest, lse_c = sla_triton_coarse_fwd(*args)
-    torch.library.opcheck(sla_triton_coarse_bwd, (torch.randn_like(o_c), torch.randn_like(log_rest), *args[:5], o_c,
-                                                  lse_c, log_rest, *args[5:7]))
 
 
 def test_inference_writes_output_only():
     # Without autograd the forward keeps nothing for backward, and o is the same as with it.
-    args = _op_args(store_aux=False)
-    o, o_s, o_l, lse, a = sla_triton_fwd(*args)
-    assert o_s.numel() == o_l.numel() == lse.numel() == a.numel() == 0
-    torch.testing.assert_close(o, sla_triton_fwd(*args[:-1], True)[0], rtol=0, atol=0)
+    for combine in ("paper", "pooled"):
+        args = _op_args(store_aux=False, combine=combine)
+        o, *aux = sla_triton_fwd(*args)
+        assert all(x.numel() == 0 for x in aux)
+        torch.testing.assert_close(o, sla_triton_fwd(*args[:-1], True)[0], rtol=0, atol=0)
     q, k, v = (a.clone().requires_grad_() for a in args[:3])
     with pytest.raises(RuntimeError, match="store_aux"):
         sla_triton_fwd(q, k, v, *args[3:])

@@ -270,33 +270,25 @@ def test_bf16_autocast_training_step():
 
 
 def test_opcheck_gpu():
-    from sla.ops.sla.blockmap import block_lengths
-    from sla.ops.sla.triton import sla_triton_bwd, sla_triton_coarse_bwd, sla_triton_coarse_fwd, sla_triton_fwd
-    from sla.ops.sla.triton.api import coarse_codes, key_block_means, scope_mask_for
+    from sla.ops.sla.triton import sla_triton_bwd, sla_triton_fwd
+    from sla.ops.sla.triton.api import coarse_codes, scope_mask_for
 
     build_block_map, _, _ = _imports()
     q, k, v = (torch.randn(1, 2, 300, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     bm = build_block_map(q, k, critical=0.3, negligible=0.2)
     w, b = torch.randn(64, 64, device=DEV), torch.randn(64, device=DEV)
-    log2_n = torch.log2(block_lengths(300, 64, DEV).float())
-    coarse = [q, key_block_means(k, 64), key_block_means(v, 64), log2_n, coarse_codes(bm, "marginal"), 0.125, 64, True]
-    torch.library.opcheck(sla_triton_coarse_fwd, [a.clone().requires_grad_() if i < 3 else a
-                                                  for i, a in enumerate(coarse)])
-    o_c, log_rest, lse_c = sla_triton_coarse_fwd(*coarse)
-    torch.library.opcheck(sla_triton_coarse_bwd, [torch.randn_like(o_c), torch.randn_like(log_rest), *coarse[:5], o_c,
-                                                  lse_c, log_rest, 0.125, 64])
     for combine in ("paper", "mass", "pooled"):
         mo = torch.randn(2, device=DEV) if combine != "paper" else None
-        pooled = [o_c, log_rest] if combine == "pooled" else [None, None]
+        codes = coarse_codes(bm, "marginal") if combine == "pooled" else None
         args = [q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
-                scope_mask_for(bm, "marginal", torch.bfloat16), w, b, mo, *pooled, 0.125, 64, 64, "softmax", combine,
+                scope_mask_for(bm, "marginal", torch.bfloat16), w, b, mo, codes, 0.125, 64, 64, "softmax", combine,
                 True]
-        grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9, 10, 11) and a is not None else a
+        grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9) and a is not None else a
                      for i, a in enumerate(args)]
         torch.library.opcheck(sla_triton_fwd, grad_args)
-        o, o_s, o_l, lse, a = sla_triton_fwd(*args)
-        torch.library.opcheck(sla_triton_bwd, [torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:11],
-                                               *args[12:-1]])
+        o, o_s, o_l, lse, a, o_c, rows, means = sla_triton_fwd(*args)
+        torch.library.opcheck(sla_triton_bwd, [torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:11], o_c,
+                                               rows, means, *args[11:-1]])
     from sla.ops.sla.triton.blockmap import sla_triton_block_map
 
     for transposes in ("all", "critical", "none"):

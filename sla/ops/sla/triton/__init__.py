@@ -23,8 +23,6 @@ _LAZY_NAMES = {
     "triton_sparse_linear_attention": ".api",
     "sla_triton_fwd": ".custom_ops",
     "sla_triton_bwd": ".custom_ops",
-    "sla_triton_coarse_fwd": ".custom_ops",
-    "sla_triton_coarse_bwd": ".custom_ops",
     "check_triton_inputs": ".limits",
 }
 

@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 
 from ..backend import grad_will_flow
-from ..blockmap import CRITICAL, BlockMap, block_lengths, in_linear_scope
+from ..blockmap import CRITICAL, BlockMap, in_linear_scope
 from ..feature_maps import FEATURE_MAP_FNS
-from .custom_ops import sla_triton_coarse_fwd, sla_triton_fwd
+from .custom_ops import sla_triton_fwd
 from .launch import last_dim_contiguous, state_dtype
 from .limits import check_triton_inputs
 
@@ -21,24 +21,6 @@ from .limits import check_triton_inputs
 def scope_mask_for(block_map: BlockMap, linear_scope: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """The 0/1 ``(B, H, T_m, T_n)`` matrix of key blocks in the linear scope, or None for ``"all"``."""
     return None if linear_scope == "all" else in_linear_scope(block_map.class_map, linear_scope).to(dtype)
-
-
-def key_block_means(x: torch.Tensor, block_k: int, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The mean of each key block of ``x`` ``(B, H, Lk, D)`` (any strides), ``(B, H, T_n, D)`` contiguous in x's
-    dtype, summed in fp32; the last block, if short, over its real tokens (``lengths``, fp32 ``(T_n,)``, computed
-    here if not given). Differentiable (plain PyTorch), read without a padded copy of ``x``."""
-    Lk = x.shape[2]
-    full = Lk // block_k
-    if Lk % block_k == 0:
-        # No slice when the blocks tile the sequence: a slice's backward allocates zeros of x's size and copies into
-        # them (a fill and a copy the profile showed beside the coarse kernels, bench/RESULTS.md).
-        sums = x.unflatten(2, (full, block_k)).sum(3, dtype=torch.float32)
-    else:
-        sums = x[:, :, :full * block_k].unflatten(2, (full, block_k)).sum(3, dtype=torch.float32)
-        sums = torch.cat([sums, x[:, :, full * block_k:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
-    if lengths is None:
-        lengths = block_lengths(Lk, block_k, x.device).to(torch.float32)
-    return (sums / lengths[:, None]).to(x.dtype).contiguous()
 
 
 def coarse_codes(block_map: BlockMap, linear_scope: str) -> torch.Tensor:
@@ -106,16 +88,10 @@ def triton_sparse_linear_attention(
         raise ValueError("block_map was built with transposes='none' (inference only) but a gradient will flow; "
                          "build it with build_block_map_triton(..., transposes='critical') or 'all', or let "
                          "sla.sparse_linear_attention build it")
-    o_c = log_rest = None
-    if combine == "pooled":
-        # The coarse branch (its own op, its own backward) feeds the main kernels o_c and log_rest; the block means
-        # are plain PyTorch, so their backward spreads each mean's gradient over its block's tokens.
-        lengths = block_lengths(k.shape[2], block_map.block_k, k.device).to(torch.float32)
-        o_c, log_rest, _ = sla_triton_coarse_fwd(
-            q, key_block_means(k, block_map.block_k, lengths), key_block_means(v, block_map.block_k, lengths),
-            torch.log2(lengths), coarse_codes(block_map, linear_scope), scale, block_map.block_q, store_aux)
-    o, _, _, _, _ = sla_triton_fwd(
+    # combine="pooled": the op forms the key blocks' means and runs the coarse kernel before the fused forward.
+    codes = coarse_codes(block_map, linear_scope) if combine == "pooled" else None
+    o = sla_triton_fwd(
         q, k, v, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t, scope_mask,
-        proj_weight, proj_bias, mass_offset, o_c, log_rest, scale, block_map.block_q, block_map.block_k, feature_map,
-        combine, store_aux)
+        proj_weight, proj_bias, mass_offset, codes, scale, block_map.block_q, block_map.block_k, feature_map, combine,
+        store_aux)[0]
     return o

@@ -28,11 +28,13 @@ Kernels:
 
 ``combine="pooled"`` (``POOLED``, with ``MASS``): the forward reads ``o_c`` and ``log_rest`` from the coarse
 kernels below and takes ``a = sigmoid(lse - log_rest - mass_offset[h])``; the linear-q kernel adds ``dO . o_c`` to
-``g``, writes ``(1 - a) dO`` (o_c's gradient) and gives ``log(den)`` no share of ``g``.
+``g``, writes ``(1 - a) dO`` (o_c's gradient) and gives ``log(den)`` no share of ``g``; the dK/dV kernel adds what
+each token gets through its block's mean key and value in its epilogue.
 
 * ``sla_coarse_fwd_kernel``: per query block, ``o_c`` (softmax over the in-scope key-block logits
   ``scale q . mean(K_j) + log(n_j)`` of the mean values) and ``log_rest`` (log-sum-exp over the non-critical ones).
-* ``sla_coarse_bwd_dq_kernel`` / ``sla_coarse_bwd_dkdv_kernel``: their gradients with respect to q and the means.
+* ``sla_coarse_bwd_dq_kernel`` / ``sla_coarse_bwd_dkdv_kernel``: their gradients with respect to q (added to the
+  dq in memory) and the means.
 
 Sequence lengths and the critical count are runtime integers (``do_not_specialize``): a new length or
 top-k count does not compile a new kernel.
@@ -404,7 +406,7 @@ def sla_bwd_linear_q_kernel(
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn", "N_CRIT", "s_dhs_n", "s_dzs_n"])
 def sla_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, DHS, DZS, DK, DV,
+    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, DHS, DZS, DKX, DVX, DK, DV,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -413,10 +415,11 @@ def sla_bwd_dkdv_kernel(
     s_dhs_bh, s_dhs_n, s_dzs_bh, s_dzs_n,
     scale, Lq, Lk, Tm, Tn, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
-    PREC: tl.constexpr,
+    POOLED: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Both combination rules: with combine="mass" DO is the sparse branch's share a dO and DELTA is minus g, as
-    # sla_bwd_linear_q_kernel wrote them.
+    # Every combination rule: with combine="mass" DO is the sparse branch's share a dO and DELTA is minus g, as
+    # sla_bwd_linear_q_kernel wrote them. POOLED: DKX, DVX (B*H, T_n, D) fp32 hold what the coarse branch gives each
+    # token of a key block through its mean key and value (the same row for every token of the block).
     i_n, i_bh, i_b, i_h = _program_ids(H)
     o_k, m_k, m_kt = _block_rows(i_n, BN, Lk)
     o_d = tl.arange(0, D)
@@ -454,6 +457,9 @@ def sla_bwd_dkdv_kernel(
     b_dv = tl.dot(b_phi.to(b_k.dtype).to(b_dhs.dtype), b_dhs, b_dv, input_precision=PREC)
     b_dpk = tl.dot(b_v.to(b_dhs.dtype), tl.trans(b_dhs), input_precision=PREC) + b_dzs[None, :]
     b_dk = b_dk * scale + _feature_map_grad(b_x, b_phi, b_dpk, FEATURE)
+    if POOLED:  # added before the one rounding to k's dtype, instead of a full-size add afterwards
+        b_dk += tl.load(DKX + (i_bh * Tn + i_n) * D + o_d)[None, :]
+        b_dv += tl.load(DVX + (i_bh * Tn + i_n) * D + o_d)[None, :]
 
     p_dk = i_b * s_dk_b + i_h * s_dk_h + o_k[:, None] * s_dk_l + o_d[None, :]  # DV has DK's strides
     tl.store(DK + p_dk, b_dk.to(DK.dtype.element_ty), mask=m_kt)
@@ -537,19 +543,19 @@ def sla_coarse_fwd_kernel(
 
 
 @triton.jit
-def _coarse_row_stats(LSE_C, LOG_REST, D_REST, i_bh, Lq, o_m, m_q):
+def _coarse_row_stats(LSE_C, LOG_REST, G, i_bh, Lq, o_m, m_q):
     """Per row: the base-2 LSE of o_c's softmax and of log_rest, each +inf where it is -inf (so that exp2(s - lse)
-    is 0, not inf), and log_rest's incoming gradient (0 past Lq)."""
+    is 0, not inf), and log_rest's incoming gradient, -g (a = sigmoid(lse - log_rest - ...)), 0 past Lq."""
     b_lse_c = tl.load(LSE_C + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
     b_lse_c = tl.where(b_lse_c == float("-inf"), float("inf"), b_lse_c)
     b_lse_r = tl.load(LOG_REST + i_bh * Lq + o_m, mask=m_q, other=float("inf")) * LOG2E
     b_lse_r = tl.where(b_lse_r == float("-inf"), float("inf"), b_lse_r)
-    return b_lse_c, b_lse_r, tl.load(D_REST + i_bh * Lq + o_m, mask=m_q, other=0.)
+    return b_lse_c, b_lse_r, -tl.load(G + i_bh * Lq + o_m, mask=m_q, other=0.)
 
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "Tn"])
 def sla_coarse_bwd_dq_kernel(
-    Q, KM, VM, LOGN2, CODE, OC, LSE_C, LOG_REST, DOC, D_REST, DELTA_C, DQ,
+    Q, KM, VM, LOGN2, CODE, OC, LSE_C, LOG_REST, DOC, G, DELTA_C, DQ,
     s_q_b, s_q_h, s_q_l,
     s_oc_b, s_oc_h, s_oc_l,
     s_doc_b, s_doc_h, s_doc_l,
@@ -558,8 +564,9 @@ def sla_coarse_bwd_dq_kernel(
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
 ):
     # dl_j = p_j (dO_c . mean(V_j) - delta_c) [in scope] + d_rest * r_j [outside the critical blocks], with p the
-    # softmax of o_c, r_j = exp(l_j - log_rest) and delta_c = dO_c . o_c (written here for the dK/dV kernel);
-    # dq = scale * sum_j dl_j mean(K_j).
+    # softmax of o_c, r_j = exp(l_j - log_rest), d_rest = -g (G: the logit's gradient the linear-q kernel wrote)
+    # and delta_c = dO_c . o_c (written here for the dK/dV kernel); dq = scale * sum_j dl_j mean(K_j), added to the
+    # main kernels' dq already in DQ (the linear-q kernel ran first).
     i_m, i_bh, i_b, i_h = _program_ids(H)
     o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
     b_q = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
@@ -567,7 +574,7 @@ def sla_coarse_bwd_dq_kernel(
     b_oc = _load_tile(OC + i_b * s_oc_b + i_h * s_oc_h, o_m, s_oc_l, m_qt, D)
     b_delta = tl.sum(b_do.to(tl.float32) * b_oc.to(tl.float32), axis=1)
     tl.store(DELTA_C + i_bh * Lq + o_m, b_delta, mask=m_q)
-    b_lse_c, b_lse_r, b_drest = _coarse_row_stats(LSE_C, LOG_REST, D_REST, i_bh, Lq, o_m, m_q)
+    b_lse_c, b_lse_r, b_drest = _coarse_row_stats(LSE_C, LOG_REST, G, i_bh, Lq, o_m, m_q)
     p_km = KM + i_bh * Tn * D
     p_vm = VM + i_bh * Tn * D
     p_code = CODE + (i_bh * Tm + i_m) * Tn
@@ -580,13 +587,14 @@ def sla_coarse_bwd_dq_kernel(
         b_dp = tl.dot(b_do, tl.trans(b_vm), input_precision=PREC)
         b_ds = b_p * (b_dp - b_delta[:, None]) + b_r * b_drest[:, None]
         b_dq = tl.dot(b_ds.to(b_km.dtype), b_km, b_dq, input_precision=PREC)
-    tl.store(_tile_ptrs(DQ + i_b * s_dq_b + i_h * s_dq_h, o_m, s_dq_l, D), (b_dq * scale).to(DQ.dtype.element_ty),
-             mask=m_qt)
+    p_dq = _tile_ptrs(DQ + i_b * s_dq_b + i_h * s_dq_h, o_m, s_dq_l, D)
+    b_dq = b_dq * scale + tl.load(p_dq, mask=m_qt, other=0.).to(tl.float32)
+    tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_qt)
 
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "Tn", "SPLIT"])
 def sla_coarse_bwd_dkdv_kernel(
-    Q, KM, VM, LOGN2, CODE, LSE_C, LOG_REST, DOC, D_REST, DELTA_C, DKM, DVM,
+    Q, KM, VM, LOGN2, CODE, LSE_C, LOG_REST, DOC, G, DELTA_C, DKM, DVM,
     s_q_b, s_q_h, s_q_l,
     s_doc_b, s_doc_h, s_doc_l,
     qk_scale, scale, Lq, Tm, Tn, SPLIT,
@@ -612,7 +620,7 @@ def sla_coarse_bwd_dkdv_kernel(
         b_code = tl.load(CODE + (i_bh * Tm + i_m) * Tn + o_t, mask=m_t, other=0)
         b_q = _load_tile(p_q0, o_m, s_q_l, m_qt, D)
         b_do = _load_tile(p_do0, o_m, s_doc_l, m_qt, D)
-        b_lse_c, b_lse_r, b_drest = _coarse_row_stats(LSE_C, LOG_REST, D_REST, i_bh, Lq, o_m, m_q)
+        b_lse_c, b_lse_r, b_drest = _coarse_row_stats(LSE_C, LOG_REST, G, i_bh, Lq, o_m, m_q)
         b_delta = tl.load(DELTA_C + i_bh * Lq + o_m, mask=m_q, other=0.)
         b_st = tl.dot(b_km, tl.trans(b_q), input_precision=PREC) * qk_scale + b_logn2[:, None]  # [BT, BM]
         b_pt = tl.where(((b_code & 2) != 0)[:, None], tl.math.exp2(b_st - b_lse_c[None, :]), 0.)

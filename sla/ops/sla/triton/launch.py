@@ -22,6 +22,10 @@ offsets' gradients. For ``combine="mass"`` the first two swap: the linear kernel
 ``delta``; the dQ kernel then reads ``delta`` and ``a`` per row and adds its dq to the linear kernel's. ``H_i`` is
 recomputed: nothing of size ``T_m x D x D`` is saved between forward and backward, and no ``phi(q)``/``phi(k)``
 tensor exists at all.
+
+``combine="pooled"`` adds its coarse branch to both: the key blocks' means and ``sla_coarse_fwd_kernel`` before the
+forward's steps; in backward, after the linear kernel, the coarse dq kernel (adding into dq) and the means'
+gradients in partial sums, which the dK/dV kernel's epilogue adds to every token of their block.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Optional
 import torch
 import triton
 
+from ..blockmap import block_lengths
 from .kernels import (
     LOG2E,
     sla_bwd_dkdv_kernel,
@@ -116,6 +121,17 @@ def aux_outputs(q: torch.Tensor, store_aux: bool, mass: bool):
     return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32), a
 
 
+def pooled_outputs(q: torch.Tensor, Tn: int, store_aux: bool):
+    """``combine="pooled"``'s tensors kept for backward (their shapes, for the fake implementation), or size-0
+    placeholders for every other rule and for inference: ``o_c`` (like q), ``rows`` ``(2, B, H, Lq)`` fp32 (the
+    base-2 LSE of o_c's softmax, then log_rest) and ``means`` ``(2, B, H, T_n, D)`` in q's dtype (the key blocks'
+    mean keys, then mean values)."""
+    B, H, Lq, D = q.shape
+    if not store_aux:  # flat: a placeholder of many size-0 dims trips torch.library.opcheck's storage arithmetic
+        return q.new_empty(0), q.new_empty(0, dtype=torch.float32), q.new_empty(0)
+    return (torch.empty_like(q), q.new_empty(2, B, H, Lq, dtype=torch.float32), q.new_empty(2, B, H, Tn, D))
+
+
 def _token_rows(*xs: torch.Tensor) -> list[torch.Tensor]:
     """``(tokens, D)`` views of same-shape ``(B, H, L, D)`` tensors, rows in the same token order for all, without
     a copy when they are all contiguous or all ``(B, L, H, D)`` tensors viewed as ``(B, H, L, D)``."""
@@ -125,17 +141,23 @@ def _token_rows(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x.reshape(-1, D) for x in xs]
 
 
-def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offset, o_c, log_rest, scale, block_q,
-            block_k, feature_map, combine, store_aux):
-    """The forward launches: linear states, their aggregation per query block, the fused forward kernel.
-    Arguments and returns as :func:`sla.ops.sla.triton.custom_ops.sla_triton_fwd` (which runs this with autocast
-    off) without the transposed LUT, which only backward reads."""
+def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offset, codes, scale, block_q, block_k,
+            feature_map, combine, store_aux):
+    """The forward launches: for ``combine="pooled"`` the key blocks' means and the coarse kernel first, then the
+    linear states, their aggregation per query block, the fused forward kernel. Arguments and returns as
+    :func:`sla.ops.sla.triton.custom_ops.sla_triton_fwd` (which runs this with autocast off) without the
+    transposed LUT, which only backward reads."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm = triton.cdiv(Lq, block_q)
     # combine="pooled" mixes as the mass rule does (a stored, the same backward kernels), with a from log_rest.
     mass = combine in ("mass", "pooled")
     pooled = combine == "pooled"
+    if pooled:
+        lengths = block_lengths(Lk, block_k, q.device).to(torch.float32)
+        means = torch.stack((block_means(k, block_k, lengths), block_means(v, block_k, lengths)))  # (2, B, H, T_n, D)
+        o_c, rows = torch.empty_like(q), q.new_empty(2, B, H, Lq, dtype=torch.float32)
+        coarse_forward(q, means[0], means[1], torch.log2(lengths), codes, scale, block_q, o_c, rows, store_aux)
     hs, zs = linear_states(k, v, block_k, feature_map)
     big_h, big_z = aggregate_states(hs, zs, scope_mask)
     o = torch.empty_like(q)
@@ -146,26 +168,28 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
     offsets = mass_offset if mass else big_z
     sla_fwd_kernel[(Tm, B * H)](
         q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o_c if pooled else big_z,
-        log_rest if pooled else big_z, o, o_s, o_l, lse, a,
+        rows[1] if pooled else big_z, o, o_s, o_l, lse, a,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s),
         *(_strides(o_c) if pooled else (0, 0, 0)), *_state_strides(big_h, big_z),
         scale * LOG2E.value, math.log(D), Lq, Lk, Tm, n_crit,  # the forward takes qk_scale (kernels.LOG2E)
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
         HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, POOLED=pooled, PREC=_dot_precision(q.dtype),
         **launch_config("fwd", block_q, block_k, D, q.dtype, q.device))
-    return o, o_s, o_l, lse, a
+    if not pooled or not store_aux:
+        o_c, rows, means = pooled_outputs(q, 0, False)
+    return o, o_s, o_l, lse, a, o_c, rows, means
 
 
 def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, scope_mask, proj_weight, proj_bias,
-             mass_offset, o_c, scale, block_q, block_k, feature_map, combine):
+             mass_offset, codes, o_c, rows, means, scale, block_q, block_k, feature_map, combine):
     """The backward launches of one SLA call. Arguments as :func:`sla.ops.sla.triton.custom_ops.sla_triton_bwd`
     (which runs this with autocast off): ``do`` ``(B, H, Lq, D)`` in q's dtype, what the forward kept (``o_s``,
-    ``o_l``, ``lse``, ``a``), the block map's critical LUT and its CSR transpose, and the forward's arguments.
+    ``o_l``, ``lse``, ``a``; for ``combine="pooled"`` also ``o_c``, ``rows``, ``means``), the block map's critical
+    LUT and its CSR transpose, and the forward's arguments.
 
-    Returns ``(dq, dk, dv, d_proj_weight, d_proj_bias, d_mass_offset, d_o_c, d_log_rest)``: the first three in the
-    inputs' dtype and layout, through both branches and the feature map; the next three in their parameter's dtype,
-    or size-0 tensors where the parameter is absent; for ``combine="pooled"`` the gradients of its two extra inputs,
-    ``(1 - a) dO`` in dO's dtype and ``-g`` fp32 (size 0 otherwise).
+    Returns ``(dq, dk, dv, d_proj_weight, d_proj_bias, d_mass_offset)``: the first three in the inputs' dtype and
+    layout, through every branch and the feature map; the others in their parameter's dtype, or size-0 tensors
+    where the parameter is absent.
     """
     do = last_dim_contiguous(do)
     mass = combine in ("mass", "pooled")
@@ -184,6 +208,11 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
         do_l = torch.empty_like(do) if proj_weight is not None or pooled else None
         d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, o_c, a, dq, delta, g, do_s, do_l, scope_mask,
                                                proj_weight, proj_bias, block_q, block_k, feature_map, mass, pooled)
+        if pooled:
+            # The coarse branch's gradients: o_c gets (1 - a) dO (do_l) and log_rest -g. Its dq is added to the
+            # linear kernel's in dq; the means' gradients go to dK/dV's epilogue, spread over each block's tokens.
+            d_means = coarse_backward(do_l, g, q, means[0], means[1], codes, o_c, rows, dq, scale, block_q,
+                                      block_k, Lk=k.shape[2])
         _sparse_dq(do_s, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass)
     else:
         # 1. sparse branch, per query block: delta = rowsum(dO * O_s) and its dq
@@ -194,13 +223,11 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
     # 3. each key block's dh_j, dz_j: the sum of dH_i over the query blocks that have it in scope
     d_hs, d_zs = _to_key_blocks(d_big_h, d_big_z, scope_mask)
     # 4. per key block: the sparse dK, dV over the query blocks that chose it, plus the linear branch's share
-    dk, dv = _dkdv(do_s, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, block_q, block_k,
-                   critical_lut.shape[-1], feature_map)
+    dk, dv = _dkdv(do_s, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, d_means if pooled else None, scale,
+                   block_q, block_k, critical_lut.shape[-1], feature_map)
     # 5. the parameters: Proj's weight and bias, the mass offsets
     d_w, d_b, d_off = _parameter_grads(do_l, o_l, g, db_part, proj_weight, proj_bias, mass_offset)
-    if pooled:  # o = a o_s + (1 - a)(o_c + ...), a = sigmoid(lse - log_rest - ...): o_c gets (1 - a) dO, log_rest -g
-        return dq, dk, dv, d_w, d_b, d_off, do_l, -g
-    return dq, dk, dv, d_w, d_b, d_off, do.new_empty(0), delta.new_empty(0)
+    return dq, dk, dv, d_w, d_b, d_off
 
 
 def _sparse_dq(do, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass):
@@ -265,20 +292,25 @@ def _to_key_blocks(d_big_h, d_big_z, scope_mask):
     return d_hs, torch.matmul(m_t.to(torch.float32), d_big_z)
 
 
-def _dkdv(do, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, scale, block_q, block_k, n_crit, feature_map):
+def _dkdv(do, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, d_means, scale, block_q, block_k, n_crit,
+          feature_map):
     """dk and dv (k's dtype; written with the same strides): the sparse branch's over the CSR transpose of the
-    critical LUT, plus the linear branch's through ``dh_j``, ``dz_j`` and phi's backward. ``do`` is the sparse
-    branch's share of dO (``a dO`` under the mass rule) and ``delta`` what the dQ or linear-q kernel wrote."""
+    critical LUT, plus the linear branch's through ``dh_j``, ``dz_j`` and phi's backward, plus (``d_means``, for
+    ``combine="pooled"``: ``(2, B*H, T_n, D)`` fp32) what each token gets through its block's mean key and value.
+    ``do`` is the sparse branch's share of dO (``a dO`` under the mass rule) and ``delta`` what the dQ or linear-q
+    kernel wrote."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm, Tn = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
     dk = torch.empty_like(k)
     dv = torch.empty_like(k)  # the kernel writes dk and dv with the same strides
     sla_bwd_dkdv_kernel[(Tn, B * H)](
-        q, k, v, do, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, dk, dv,
+        q, k, v, do, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, *((d_means[0], d_means[1]) if d_means is not None
+                                                                     else (d_zs, d_zs)), dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_state_strides(d_hs, d_zs),
         scale, Lq, Lk, Tm, Tn, n_crit,
-        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, PREC=_dot_precision(q.dtype),
+        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, POOLED=d_means is not None,
+        PREC=_dot_precision(q.dtype),
         **launch_config("dkdv", block_q, block_k, D, q.dtype, q.device))
     return dk, dv
 
@@ -312,52 +344,61 @@ COARSE_CHUNK = 64
 COARSE_DKDV_PROGRAMS = 1024
 
 
-def coarse_forward(q, k_means, v_means, log2_lengths, codes, scale, block_q, store_aux):
-    """``combine="pooled"``'s coarse branch: ``(o_c, log_rest, lse_c)``. Inputs: q ``(B, H, Lq, D)``; the key
-    blocks' mean keys and values ``(B, H, T_n, D)`` contiguous in q's dtype; ``log2_lengths`` ``(T_n,)`` fp32;
-    ``codes`` ``(B, H, T_m, T_n)`` uint8 contiguous (bit 0: outside the critical blocks, bit 1: in the linear scope).
-    Returns o_c like q, log_rest ``(B, H, Lq)`` fp32 (natural log, -inf with every block critical) and, when
-    ``store_aux``, the base-2 LSE of o_c's softmax ``(B, H, Lq)`` fp32 (else size 0) for backward."""
+def block_means(x: torch.Tensor, block_k: int, lengths: torch.Tensor) -> torch.Tensor:
+    """The mean of each key block of ``x`` ``(B, H, Lk, D)`` (any strides), ``(B, H, T_n, D)`` in x's dtype, summed in
+    fp32; the last block, if short, over its real tokens (``lengths``, fp32 ``(T_n,)``). Read without a padded copy
+    of ``x``; no autograd (the backward spreads the means' gradients itself, :func:`coarse_backward`)."""
+    Lk = x.shape[2]
+    full = Lk // block_k
+    sums = x[:, :, :full * block_k].unflatten(2, (full, block_k)).sum(3, dtype=torch.float32)
+    if Lk % block_k:
+        sums = torch.cat([sums, x[:, :, full * block_k:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
+    return (sums / lengths[:, None]).to(x.dtype)
+
+
+def coarse_forward(q, k_means, v_means, log2_lengths, codes, scale, block_q, o_c, rows, store_aux):
+    """``combine="pooled"``'s coarse branch into ``o_c`` (like q) and ``rows`` ``(2, B, H, Lq)`` fp32: ``rows[1]`` is
+    log_rest (natural log, -inf with every block critical) and, when ``store_aux``, ``rows[0]`` the base-2 LSE of
+    o_c's softmax (what backward needs; not written otherwise). Inputs: q ``(B, H, Lq, D)``; the key blocks' mean
+    keys and values ``(B, H, T_n, D)`` contiguous in q's dtype; ``log2_lengths`` ``(T_n,)`` fp32; ``codes``
+    ``(B, H, T_m, T_n)`` uint8 contiguous (bit 0: outside the critical blocks, bit 1: in the linear scope)."""
     B, H, Lq, D = q.shape
     Tn = k_means.shape[2]
     Tm = triton.cdiv(Lq, block_q)
-    o_c = torch.empty_like(q)
-    log_rest = q.new_empty(B, H, Lq, dtype=torch.float32)
-    lse_c = q.new_empty(B, H, Lq, dtype=torch.float32) if store_aux else q.new_empty(0, 0, 0, dtype=torch.float32)
     sla_coarse_fwd_kernel[(Tm, B * H)](
-        q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest,
+        q, k_means, v_means, log2_lengths, codes, o_c, rows[0], rows[1],
         *_strides(q), *_strides(o_c), scale * LOG2E.value, Lq, Tm, Tn,
         H=H, D=D, BM=block_q, BT=COARSE_CHUNK, STORE_AUX=store_aux, PREC=_dot_precision(q.dtype),
         **launch_config("coarse_fwd", block_q, COARSE_CHUNK, D, q.dtype, q.device))
-    return o_c, log_rest, lse_c
 
 
-def coarse_backward(d_o_c, d_log_rest, q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest, scale,
-                    block_q):
-    """Gradients of :func:`coarse_forward`'s o_c and log_rest (``d_o_c`` like q, any strides with a contiguous last
-    dim; ``d_log_rest`` ``(B, H, Lq)`` fp32) with respect to q and the mean keys and values: ``(dq, d_k_means,
-    d_v_means)`` in the inputs' dtypes. Two kernels: dq per query block, then the means' gradients in partial sums
-    over groups of query blocks, added here."""
+def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, block_q, block_k, Lk):
+    """The coarse branch's backward: its dq is added into ``dq`` (q's dtype and layout, the main kernels' share
+    already there); returns ``(2, B*H, T_n, D)`` fp32, what each token of a key block gets through the block's mean
+    key (``[0]``) and mean value (``[1]``), for the dK/dV kernel's epilogue. ``d_o_c`` is o_c's gradient (like q,
+    any strides with a contiguous last dim), ``g`` ``(B, H, Lq)`` fp32 the gradient of ``a``'s logit (log_rest's
+    gradient is ``-g``); the rest as :func:`coarse_forward` kept them. Two kernels: dq per query block, then the
+    means' gradients in partial sums over groups of query blocks, summed here."""
     d_o_c = last_dim_contiguous(d_o_c)
     B, H, Lq, D = q.shape
     Tn = k_means.shape[2]
     Tm = triton.cdiv(Lq, block_q)
-    dq = torch.empty_like(q)
+    lse_c, log_rest = rows[0], rows[1]
     delta_c = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    d_log_rest = d_log_rest.contiguous()
+    lengths = block_lengths(Lk, block_k, q.device).to(torch.float32)
+    log2_lengths = torch.log2(lengths)
     sla_coarse_bwd_dq_kernel[(Tm, B * H)](
-        q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest, d_o_c, d_log_rest, delta_c, dq,
+        q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest, d_o_c, g, delta_c, dq,
         *_strides(q), *_strides(o_c), *_strides(d_o_c), *_strides(dq), scale * LOG2E.value, scale, Lq, Tm, Tn,
         H=H, D=D, BM=block_q, BT=COARSE_CHUNK, PREC=_dot_precision(q.dtype),
         **launch_config("coarse_dq", block_q, COARSE_CHUNK, D, q.dtype, q.device))
     chunks = triton.cdiv(Tn, COARSE_CHUNK)
     split = max(1, min(Tm, COARSE_DKDV_PROGRAMS // (chunks * B * H)))
-    d_km = torch.empty(split, B * H, Tn, D, dtype=torch.float32, device=q.device)
-    d_vm = torch.empty(split, B * H, Tn, D, dtype=torch.float32, device=q.device)
+    d_means = torch.empty(2, split, B * H, Tn, D, dtype=torch.float32, device=q.device)
     sla_coarse_bwd_dkdv_kernel[(chunks, B * H, split)](
-        q, k_means, v_means, log2_lengths, codes, lse_c, log_rest, d_o_c, d_log_rest, delta_c, d_km, d_vm,
+        q, k_means, v_means, log2_lengths, codes, lse_c, log_rest, d_o_c, g, delta_c, d_means[0], d_means[1],
         *_strides(q), *_strides(d_o_c), scale * LOG2E.value, scale, Lq, Tm, Tn, split,
         H=H, D=D, BM=block_q, BT=COARSE_CHUNK, PREC=_dot_precision(q.dtype),
         **launch_config("coarse_dkdv", block_q, COARSE_CHUNK, D, q.dtype, q.device))
-    shape = (B, H, Tn, D)
-    return dq, d_km.sum(0).view(shape).to(k_means.dtype), d_vm.sum(0).view(shape).to(v_means.dtype)
+    # A mean over n_j tokens passes 1 / n_j of its gradient to each of them.
+    return d_means.sum(1) / lengths[:, None]

@@ -119,12 +119,12 @@ def coarse_sweep(r, block_map):
         variants.append((f"chunk={chunk} bwd", bwd, {}, chunk, None))
     for programs in (512, 2048, 4096):
         variants.append((f"dkdv programs={programs} bwd", bwd, {}, None, programs))
-    chunk0, programs0 = launch.COARSE_CHUNK, launch.COARSE_DKDV_PROGRAMS
+    chunk0, wide0, programs0 = launch.COARSE_CHUNK, launch.COARSE_CHUNK_BWD_WIDE, launch.COARSE_DKDV_PROGRAMS
     out["default fwd"] = bench(fwd)
     out["default bwd"] = bench(bwd)
     for label, fn, over, chunk, programs in variants:
         try:
-            launch.COARSE_CHUNK = chunk or chunk0
+            launch.COARSE_CHUNK, launch.COARSE_CHUNK_BWD_WIDE = chunk or chunk0, chunk or wide0
             launch.COARSE_DKDV_PROGRAMS = programs or programs0
             with launch_overrides(over):
                 ok = same(fn(), ref_f if fn is fwd else ref_b)
@@ -132,7 +132,7 @@ def coarse_sweep(r, block_map):
         except Exception as exc:
             out[label] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
         finally:
-            launch.COARSE_CHUNK, launch.COARSE_DKDV_PROGRAMS = chunk0, programs0
+            launch.COARSE_CHUNK, launch.COARSE_CHUNK_BWD_WIDE, launch.COARSE_DKDV_PROGRAMS = chunk0, wide0, programs0
         print(label, out[label], flush=True)
     return out
 

@@ -36,7 +36,9 @@ COARSE_ROWS = {
     "coarse_dq": {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (8, 2)},
     "coarse_dkdv": {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (4, 2)},
 }
-COARSE_CHUNK = 64  # launch.COARSE_CHUNK, the coarse kernels' block_k (launch.py imports Triton; this file does not)
+# launch.COARSE_CHUNK and COARSE_CHUNK_BWD_WIDE, the coarse kernels' block_k (launch.py imports Triton; this file does
+# not): 64, and 32 in the backward kernels with 128-row query tiles.
+COARSE_CHUNK, COARSE_CHUNK_BWD_WIDE = 64, 32
 
 
 def _blocks(kernel):
@@ -51,7 +53,7 @@ def _blocks(kernel):
                     yield bq, None
             elif kernel.startswith("coarse"):
                 if bk == SUPPORTED_BLOCKS[0]:
-                    yield bq, COARSE_CHUNK
+                    yield bq, COARSE_CHUNK_BWD_WIDE if kernel != "coarse_fwd" and bq >= 128 else COARSE_CHUNK
             else:
                 yield bq, bk
 
@@ -141,7 +143,7 @@ def test_the_launchers_look_up_each_kernel_with_its_own_tiles(monkeypatch):
              ("dkdv", 32, 16, 32, torch.float32, CPU)}
     assert set(calls) == paper
     # combine="pooled" adds the coarse kernels, whose key tile is a chunk of key-block means.
-    assert launch.COARSE_CHUNK == COARSE_CHUNK
+    assert (launch.COARSE_CHUNK, launch.COARSE_CHUNK_BWD_WIDE) == (COARSE_CHUNK, COARSE_CHUNK_BWD_WIDE)
     calls.clear()
     o = sla.sparse_linear_attention(q, k, v, critical=0.5, negligible=0.0, block_q=32, block_k=16, combine="pooled",
                                     backend="triton")

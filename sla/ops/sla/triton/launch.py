@@ -337,8 +337,17 @@ def _parameter_grads(do_l, o_l, g, db_part, proj_weight, proj_bias, mass_offset)
 # combine="pooled": the coarse branch
 # ------------------------------------------------------------------------------------------------------------------
 
-# Key-block means one step of the coarse kernels' loops reads (their "block_k" in launch_config).
+# Key-block means one step of the coarse kernels' loops reads (their "block_k" in launch_config): 64, except in the
+# two backward kernels with 128-row query tiles, where 32 measured twice as fast (bench/RESULTS.md, session 12).
 COARSE_CHUNK = 64
+COARSE_CHUNK_BWD_WIDE = 32
+
+
+def coarse_chunk(block_q: int, backward: bool) -> int:
+    """The chunk of key-block means the coarse kernels read per step, for ``block_q`` and forward or backward."""
+    return COARSE_CHUNK_BWD_WIDE if backward and block_q >= 128 else COARSE_CHUNK
+
+
 # The coarse dK/dV kernel splits the query blocks into partial sums until about this many programs run: T_n / 64
 # chunks times B * H alone leaves most of a GPU idle (12 heads of 32k tokens in 64-key blocks: 96 programs).
 COARSE_DKDV_PROGRAMS = 1024
@@ -368,8 +377,8 @@ def coarse_forward(q, k_means, v_means, log2_lengths, codes, scale, block_q, o_c
     sla_coarse_fwd_kernel[(Tm, B * H)](
         q, k_means, v_means, log2_lengths, codes, o_c, rows[0], rows[1],
         *_strides(q), *_strides(o_c), scale * LOG2E.value, Lq, Tm, Tn,
-        H=H, D=D, BM=block_q, BT=COARSE_CHUNK, STORE_AUX=store_aux, PREC=_dot_precision(q.dtype),
-        **launch_config("coarse_fwd", block_q, COARSE_CHUNK, D, q.dtype, q.device))
+        H=H, D=D, BM=block_q, BT=coarse_chunk(block_q, False), STORE_AUX=store_aux, PREC=_dot_precision(q.dtype),
+        **launch_config("coarse_fwd", block_q, coarse_chunk(block_q, False), D, q.dtype, q.device))
 
 
 def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, block_q, block_k, Lk):
@@ -384,21 +393,22 @@ def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, 
     Tn = k_means.shape[2]
     Tm = triton.cdiv(Lq, block_q)
     lse_c, log_rest = rows[0], rows[1]
+    chunk = coarse_chunk(block_q, True)
     delta_c = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     lengths = block_lengths(Lk, block_k, q.device).to(torch.float32)
     log2_lengths = torch.log2(lengths)
     sla_coarse_bwd_dq_kernel[(Tm, B * H)](
         q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest, d_o_c, g, delta_c, dq,
         *_strides(q), *_strides(o_c), *_strides(d_o_c), *_strides(dq), scale * LOG2E.value, scale, Lq, Tm, Tn,
-        H=H, D=D, BM=block_q, BT=COARSE_CHUNK, PREC=_dot_precision(q.dtype),
-        **launch_config("coarse_dq", block_q, COARSE_CHUNK, D, q.dtype, q.device))
-    chunks = triton.cdiv(Tn, COARSE_CHUNK)
+        H=H, D=D, BM=block_q, BT=chunk, PREC=_dot_precision(q.dtype),
+        **launch_config("coarse_dq", block_q, chunk, D, q.dtype, q.device))
+    chunks = triton.cdiv(Tn, chunk)
     split = max(1, min(Tm, COARSE_DKDV_PROGRAMS // (chunks * B * H)))
     d_means = torch.empty(2, split, B * H, Tn, D, dtype=torch.float32, device=q.device)
     sla_coarse_bwd_dkdv_kernel[(chunks, B * H, split)](
         q, k_means, v_means, log2_lengths, codes, lse_c, log_rest, d_o_c, g, delta_c, d_means[0], d_means[1],
         *_strides(q), *_strides(d_o_c), scale * LOG2E.value, scale, Lq, Tm, Tn, split,
-        H=H, D=D, BM=block_q, BT=COARSE_CHUNK, PREC=_dot_precision(q.dtype),
-        **launch_config("coarse_dkdv", block_q, COARSE_CHUNK, D, q.dtype, q.device))
+        H=H, D=D, BM=block_q, BT=chunk, PREC=_dot_precision(q.dtype),
+        **launch_config("coarse_dkdv", block_q, chunk, D, q.dtype, q.device))
     # A mean over n_j tokens passes 1 / n_j of its gradient to each of them.
     return d_means.sum(1) / lengths[:, None]

@@ -55,7 +55,8 @@ LAUNCH_TABLE: tuple = (
     (("linear_q", ANY, ANY, ANY, ANY), (4, 1)),
     (("dkdv", ANY, ANY, ANY, ANY), (4, 2)),
     # combine="pooled"'s coarse branch: block_k here is the chunk of key-block means one step of its loop reads
-    # (launch.COARSE_CHUNK). Not swept yet: the fwd and dq rows of the same query tile.
+    # (launch.coarse_chunk). Swept on an H200 (bench/RESULTS.md, session 12): no other num_warps/num_stages was more
+    # than 3% faster at 64-row tiles; at 128 rows the backward's chunk width mattered more than these.
     (("coarse_fwd", 128, ANY, ANY, ANY), (8, 2)),
     (("coarse_fwd", ANY, ANY, ANY, ANY), (4, 2)),
     (("coarse_dq", 128, ANY, ANY, ANY), (8, 2)),

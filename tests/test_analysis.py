@@ -246,6 +246,32 @@ def test_mass_rule_decomposition_against_direct_computation(linear_scope):
             w = w_all * in_linear_scope(cls_g, linear_scope)
             o_g = torch.nan_to_num(w @ v_g / w.sum(-1, keepdim=True))
             assert errs[name][i] == pytest.approx(err(a_g * o_s + (1 - a_g) * o_g), rel=1e-9)
+        # What the block means leave out: each block's exact mass per row (with mean values; a follows exactly),
+        # each block's exact softmax average of values (with pooled weights), and mean values corrected to first
+        # order for the spread of the block's keys, per row and with the weights averaged over each query block.
+        e = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(D))  # (H, L, L)
+        block_of = torch.arange(L) // 64
+        onehot = torch.nn.functional.one_hot(block_of, 4).to(torch.float64)  # (L keys, T_n)
+        block_mass = e @ onehot  # (H, L, T_n)
+        a_x = exact_crit_mass / (exact_crit_mass + (block_mass * (row_class != CRITICAL)).sum(-1, keepdim=True))
+        torch.testing.assert_close(a_x, a_true)
+        w = block_mass * in_scope
+        o_x = torch.nan_to_num(w @ v_mean / w.sum(-1, keepdim=True))
+        assert errs["pooled_exact_block_mass"][i] == pytest.approx(err(a_x * o_s + (1 - a_x) * o_x), rel=1e-9)
+        v_exact = torch.einsum("hlj,jt,hjd->hltd", e, onehot, v) / block_mass[..., None]
+        p_pooled = torch.nan_to_num((pooled * in_scope) / (pooled * in_scope).sum(-1, keepdim=True))
+        o_v = torch.einsum("hlt,hltd->hld", p_pooled, v_exact)
+        assert errs["pooled_exact_block_values"][i] == pytest.approx(err(a_pooled * o_s + (1 - a_pooled) * o_v),
+                                                                     rel=1e-9)
+        cov = torch.einsum("hjd,jt,hje->htde", k - k_mean[:, block_of], onehot, v) / n[:, None, None]
+        corr = torch.einsum("hlt,hld,htde->hle", p_pooled, q, cov) / math.sqrt(D)
+        assert errs["pooled_first_order"][i] == pytest.approx(
+            err(a_pooled * o_s + (1 - a_pooled) * (o_pooled + corr)), rel=1e-9)
+        p_bar = torch.stack([p_pooled[:, j * 64:(j + 1) * 64].mean(1) for j in range(4)], 1)  # (H, T_m, T_n)
+        state = torch.einsum("hmt,htde->hmde", p_bar, cov)  # per query block
+        corr_b = torch.einsum("hld,hlde->hle", q, state[:, block_of]) / math.sqrt(D)
+        assert errs["pooled_first_order_block"][i] == pytest.approx(
+            err(a_pooled * o_s + (1 - a_pooled) * (o_pooled + corr_b)), rel=1e-9)
         if linear_scope == "noncritical":
             assert errs["mass_rule_true_a_exact_rest"][i] < 1e-12
 

@@ -147,6 +147,31 @@ def _coarse_candidates(q, k, v, block_k, scale, finer):
     return out
 
 
+def _within_block_terms(logits, q, k, v, block_k, scale):
+    """What the key-block means leave out, for one head's sampled rows (logits ``(R, N)``, q ``(R, D)``, k, v
+    ``(N, D)``): ``block_lse`` ``(R, T)``, each block's exact log attention mass per row; ``v_exact`` ``(R, T, D)``,
+    the exact softmax average of each block's values per row; ``u`` ``(R, T, D)``, the first-order correction of
+    a block's mean value for the spread of its keys, ``scale q . C_j`` with ``C_j = mean((k - mean(K_j)) v^T)``
+    (``exp(scale q.k) ~ exp(scale q.mean(K_j)) (1 + scale q.(k - mean(K_j)))`` over the block); and ``cov``
+    ``(T, D, D)``, the ``C_j`` themselves."""
+    R, N = logits.shape
+    D = k.shape[1]
+    T = -(-N // block_k)
+    pad = T * block_k - N
+    lg = torch.nn.functional.pad(logits, (0, pad), value=float("-inf")).reshape(R, T, block_k)
+    block_lse = torch.logsumexp(lg, dim=-1)
+    w = torch.softmax(lg, dim=-1)
+    v_blocks = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(T, block_k, D)
+    k_blocks = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(T, block_k, D)
+    v_exact = torch.einsum("rtj,tjd->rtd", w, v_blocks)
+    n = block_lengths(N, block_k, k.device).to(k.dtype)
+    k_centred = k_blocks - block_means(k, block_k)[:, None, :]
+    valid = (torch.arange(T * block_k, device=k.device) < N).reshape(T, block_k, 1).to(k.dtype)
+    cov = torch.einsum("tjd,tje->tde", k_centred * valid, v_blocks) / n[:, None, None]
+    u = scale * torch.einsum("rd,tde->rte", q, cov)
+    return {"block_lse": block_lse, "v_exact": v_exact, "u": u, "cov": cov}
+
+
 def _scope(class_rows: torch.Tensor, linear_scope: str) -> torch.Tensor:
     return in_linear_scope(class_rows, linear_scope)
 
@@ -284,6 +309,10 @@ def analyze_attention(
         finer = [(name, parts) for name, parts in (("mass_rule_pooled_half", 2), ("mass_rule_pooled_quarter", 4))
                  if bk % parts == 0]
         coarse = _coarse_candidates(q_sub[h], k[h], v[h], bk, sm_scale, finer)
+        within = _within_block_terms(logits, q_sub[h], k[h], v[h], bk, sm_scale)
+        eye = torch.eye(tn, dtype=dt)
+        n_groups = int(groups.max()) + 1
+        group_rows = torch.bincount(groups, minlength=n_groups).to(dt)[:, None]
 
         def coarse_estimate(name, class_rows):
             """``(o_c, log_rest)`` of a candidate for this sparsity's classes (each key group in its block's)."""
@@ -298,7 +327,9 @@ def analyze_attention(
                                         "mass_rule_true_a_pooled_rest", "pooled_mass_estimate_error",
                                         "mass_rule_pooled_var", "pooled_var_mass_estimate_error",
                                         "mass_rule_pooled_half", "mass_rule_pooled_quarter",
-                                        "block_achieved_sparsity", "recall", "mass_pooled", "mass_oracle")}
+                                        "pooled_exact_block_mass", "pooled_exact_block_values",
+                                        "pooled_first_order", "pooled_first_order_block", "block_achieved_sparsity",
+                                        "recall", "mass_pooled", "mass_oracle")}
         for s in sparsities:
             n_crit, n_negl = class_counts(1.0 - s, min(negl_cfg, s), tn)
             crit_p, negl_p = select_blocks(scores, n_crit, n_negl)
@@ -347,6 +378,27 @@ def analyze_attention(
             a_var = pooled_weight(lse, log_rest_var, None)
             curves["mass_rule_pooled_var"].append(metrics.relative_l1(a_var * o_s + (1 - a_var) * o_var, dense))
             curves["pooled_var_mass_estimate_error"].append(float((a_var - a_true).abs().mean()))
+            # What the block means leave out, one part at a time (the pooled rule's a unless said): each block's exact
+            # mass per row with mean values (and the exact a that follows from it); pooled weights with each block's
+            # exact softmax average of values; pooled weights with mean values corrected to first order for the
+            # spread of the block's keys, per row and with the weights averaged over each query block (the form a
+            # kernel could afford: one D x D state per query block, like the linear branch's).
+            w_p = coarse_attention(coarse["pooled"][0], eye, class_sub, bq, lin_scope)[0]
+            w_x, log_rest_x = coarse_attention(within["block_lse"], eye, class_sub, bq, lin_scope)
+            a_x = pooled_weight(lse, log_rest_x, None)
+            o_x = w_x @ coarse["pooled"][1]
+            curves["pooled_exact_block_mass"].append(metrics.relative_l1(a_x * o_s + (1 - a_x) * o_x, dense))
+            o_v = torch.einsum("rt,rtd->rd", w_p, within["v_exact"])
+            curves["pooled_exact_block_values"].append(
+                metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_v, dense))
+            o_first = o_pooled + torch.einsum("rt,rtd->rd", w_p, within["u"])
+            curves["pooled_first_order"].append(
+                metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_first, dense))
+            w_bar = torch.zeros(n_groups, tn, dtype=dt).index_add_(0, groups, w_p) / group_rows
+            state = torch.einsum("gt,tde->gde", w_bar, within["cov"])
+            o_first_b = o_pooled + sm_scale * torch.einsum("rd,rde->re", q_sub[h], state[groups])
+            curves["pooled_first_order_block"].append(
+                metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_first_b, dense))
             # Finer coarse attention: key groups of half and a quarter of a block, each in its block's class.
             for name, _ in finer:
                 o_g, log_rest_g = coarse_estimate(name, class_sub)
@@ -462,6 +514,10 @@ def analyze_attention(
             "pooled_var_mass_estimate_error": curve_mean("pooled_var_mass_estimate_error"),
             "mass_rule_pooled_half": curve_mean("mass_rule_pooled_half"),
             "mass_rule_pooled_quarter": curve_mean("mass_rule_pooled_quarter"),
+            "pooled_exact_block_mass": curve_mean("pooled_exact_block_mass"),
+            "pooled_exact_block_values": curve_mean("pooled_exact_block_values"),
+            "pooled_first_order": curve_mean("pooled_first_order"),
+            "pooled_first_order_block": curve_mean("pooled_first_order_block"),
             "sla_lstsq_projection": curve_mean("sla_lstsq_projection"),
             "pooled_lstsq_projection": curve_mean("pooled_lstsq_projection"),
             "sla_own_projection": curve_mean("sla_own_projection"),

@@ -178,6 +178,22 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
                 lines.append(f"| {_pct(s)} | " + " | ".join(_pct(mean[k][i]) for _, k in decomposition)
                              + " | " + " / ".join(f"{mean[k][i]:.3f}" for k in a_errors) + " |")
             lines.append("")
+        left_out = [("key-block means (pooled rule, untrained)", "mass_rule_pooled"),
+                    ("... each block's exact mass", "pooled_exact_block_mass"),
+                    ("... each block's exact value average", "pooled_exact_block_values"),
+                    ("... values to first order in the keys' spread", "pooled_first_order"),
+                    ("... same, weights averaged per query block", "pooled_first_order_block")]
+        if all(mean.get(k) is not None for _, k in left_out):
+            lines += ["What the key-block means leave out (relative L1 against dense attention, the pooled rule with "
+                      "one part made exact at a time: each block's attention mass per row, with mean values and the "
+                      "exact `a` that follows; each block's softmax average of its values, with the rule's weights; "
+                      "or each mean value plus `scale q . C_j`, `C_j` the block's key-value covariance, per row and "
+                      "with the weights averaged over the query block, as one `D x D` state per query block):", ""]
+            lines.append("| sparsity | " + " | ".join(n for n, _ in left_out) + " |")
+            lines.append("|---" * (1 + len(left_out)) + "|")
+            for i, s in enumerate(sp):
+                lines.append(f"| {_pct(s)} | " + " | ".join(_pct(mean[k][i]) for _, k in left_out) + " |")
+            lines.append("")
     if plot_names:
         lines += ["## Pictures", ""]
         for name in plot_names:

@@ -52,13 +52,17 @@ ARMS = {
     "sla_pooled_tile_triton": dict(attention="sla", combine="pooled", token_tile=(4, 4, 4)),
     # The control of the third experiment: the mass rule on the PyTorch path too, separating rule from backend.
     "sla_mass_tile_torch": dict(attention="sla", combine="mass", token_tile=(4, 4, 4), backend="torch"),
+    # combine="pooled_cov": the pooled rule with each block's key-value covariance (first order in the spread of its
+    # keys); PyTorch path only (no kernels yet).
+    "sla_pooled_cov_tile": dict(attention="sla", combine="pooled_cov", token_tile=(4, 4, 4), backend="torch"),
 }
 # Arms that differ from "sla_mass_tile" only in their block shape (the report's block table).
 BLOCK_ARMS = ("sla_mass_tile", "sla_mass_tile_128x64", "sla_mass_tile_128x128")
 # Which sparse-only arm a rule's share of the gap is measured against (same block layout).
-BASELINE = {"sla_mass_tile": "sparse_only_tile", "sla_pooled_tile": "sparse_only_tile"}
+BASELINE = {"sla_mass_tile": "sparse_only_tile", "sla_pooled_tile": "sparse_only_tile",
+            "sla_pooled_cov_tile": "sparse_only_tile"}
 # A new rule is also compared, seed by seed, with the rule it means to replace.
-RIVAL = {"sla_pooled_tile": "sla_mass_tile"}
+RIVAL = {"sla_pooled_tile": "sla_mass_tile", "sla_pooled_cov_tile": "sla_pooled_tile"}
 # Arm -> the same recipe on the other backend (the report's backend-control table).
 BACKEND_CONTROL = {"sla_mass_tile_torch": "sla_mass_tile", "sla_pooled_tile_triton": "sla_pooled_tile"}
 SHARED = dict(steps=400, batch_size=8, lr=2e-4, warmup_steps=20, critical=0.05, negligible=0.10)
@@ -314,7 +318,8 @@ def cmd_report(args) -> int:
                          sparsity=_mean([r["sparsity"] for r in rs]), critical=rs[0]["settings"].get("critical"),
                          blocks=f"{rs[0]['settings'].get('block_q', 64)}x{rs[0]['settings'].get('block_k', 64)}"))
     verdicts = {}
-    for new in ("sla_mass", "sla_paper", "sla_mass_plain", "sla_paper_plain", "sla_mass_tile", "sla_pooled_tile"):
+    for new in ("sla_mass", "sla_paper", "sla_mass_plain", "sla_paper_plain", "sla_mass_tile", "sla_pooled_tile",
+                "sla_pooled_cov_tile"):
         base = BASELINE.get(new, "sparse_only")
         if not all((a, s) in by for a in (new, base, "full") for s in seeds):
             continue

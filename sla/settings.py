@@ -20,10 +20,11 @@ LINEAR_SCOPES = ("marginal", "noncritical", "all")
 # How the two branches are combined: "paper" = o_s + Proj(o_l) (arXiv 2509.24006, Eq. 6); "mass" =
 # a * o_s + (1 - a) * Proj(o_l) with a the estimated share of the attention mass in the critical blocks;
 # "pooled" = a * o_s + (1 - a) * (o_c + Proj(o_l)) with a and the coarse attention o_c from the key blocks' means
-# (docs/semantics.md).
-COMBINE_RULES = ("paper", "mass", "pooled")
+# (docs/semantics.md); "pooled_cov" (experimental, PyTorch path only) = "pooled" with each mean value corrected to
+# first order for the spread of its block's keys, one D x D state per query block.
+COMBINE_RULES = ("paper", "mass", "pooled", "pooled_cov")
 # The rules that mix the branches by a per-row weight a, with a learnable per-head offset ``mass_offset``.
-MIXING_RULES = ("mass", "pooled")
+MIXING_RULES = ("mass", "pooled", "pooled_cov")
 # Implementations: "auto" picks by device (sla.ops.sla.interface.resolve_backend); the others are the names in
 # the interface's BACKENDS table (a test keeps the two lists equal).
 BACKEND_NAMES = ("auto", "torch", "triton", "reference")
@@ -60,7 +61,7 @@ def check_combine_rule(combine) -> None:
         raise ValueError(f"combine={combine!r} is unknown; choose one of {COMBINE_RULES} ('paper' = o_s + Proj(o_l) "
                          f"as in the paper, 'mass' = a * o_s + (1 - a) * Proj(o_l) with a the critical blocks' "
                          f"estimated attention mass, 'pooled' = the same with a and a coarse attention over the key "
-                         f"blocks' means)")
+                         f"blocks' means, 'pooled_cov' = 'pooled' with the blocks' key-value covariance added)")
 
 
 def check_backend_name(backend) -> None:

@@ -272,6 +272,15 @@ def test_mass_rule_decomposition_against_direct_computation(linear_scope):
         corr_b = torch.einsum("hld,hlde->hle", q, state[:, block_of]) / math.sqrt(D)
         assert errs["pooled_first_order_block"][i] == pytest.approx(
             err(a_pooled * o_s + (1 - a_pooled) * (o_pooled + corr_b)), rel=1e-9)
+        first = a_pooled * o_s + (1 - a_pooled) * (o_pooled + corr_b)
+        pred = metrics.fit_shared_projection((1 - a_pooled) * o_l, dense - first, torch.arange(L) // 64)
+        assert errs["pooled_first_order_block_lstsq"][i] == pytest.approx(err(first + pred), rel=1e-9)
+        p_var = torch.nan_to_num((spread * in_scope) / (spread * in_scope).sum(-1, keepdim=True))
+        p_var_bar = torch.stack([p_var[:, j * 64:(j + 1) * 64].mean(1) for j in range(4)], 1)
+        state = torch.einsum("hmt,htde->hmde", p_var_bar, cov)
+        o_var_first = o_var + torch.einsum("hld,hlde->hle", q, state[:, block_of]) / math.sqrt(D)
+        assert errs["pooled_spread_first_order_block"][i] == pytest.approx(
+            err(a_var * o_s + (1 - a_var) * o_var_first), rel=1e-9)
         if linear_scope == "noncritical":
             assert errs["mass_rule_true_a_exact_rest"][i] < 1e-12
 

@@ -364,7 +364,7 @@ def _mass_inputs(seed=0, B=2, H=3, Lq=150, Lk=131, D=16):
     return q, k, v
 
 
-@pytest.mark.parametrize("combine, seeds", [("mass", (0, 1)), ("pooled", (5, 6))])
+@pytest.mark.parametrize("combine, seeds", [("mass", (0, 1)), ("pooled", (5, 6)), ("pooled_cov", (8, 9))])
 @pytest.mark.parametrize("linear_scope", ["marginal", "noncritical", "all"])
 def test_mixing_rules_torch_path_matches_reference_with_gradients(combine, seeds, linear_scope):
     q, k, v = (x.requires_grad_() for x in _mass_inputs(seed=seeds[0]))
@@ -385,7 +385,7 @@ def test_mixing_rules_torch_path_matches_reference_with_gradients(combine, seeds
         torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-11, msg=name)
 
 
-@pytest.mark.parametrize("combine, seed", [("mass", 2), ("pooled", 7)])
+@pytest.mark.parametrize("combine, seed", [("mass", 2), ("pooled", 7), ("pooled_cov", 10)])
 def test_mixing_rules_reference_gradcheck(combine, seed):
     # The specification itself: autograd of the dense fp64 reference against finite differences.
     q, k, v = (x.requires_grad_() for x in _mass_inputs(B=1, H=2, Lq=24, Lk=20, D=4))
@@ -466,9 +466,9 @@ def test_bad_combine_arguments_raise(kwargs, error, match):
 
 # --- combine="pooled" ----------------------------------------------------------------------------------------
 
-def _pooled_oracle(q, k, v, class_map, bq, bk, linear_scope, w, b, mo):
-    """combine="pooled" from its definition (docs/semantics.md), token by token in float64, written apart from
-    naive.py: loops over key blocks, no shared helper."""
+def _pooled_oracle(q, k, v, class_map, bq, bk, linear_scope, w, b, mo, covariance=False):
+    """combine="pooled" (``covariance``: "pooled_cov") from its definition (docs/semantics.md), token by token in
+    float64, written apart from naive.py: loops over key and query blocks, no shared helper."""
     from sla.ops.sla.blockmap import CRITICAL, in_linear_scope
 
     B, H, Lq, D = q.shape
@@ -493,6 +493,16 @@ def _pooled_oracle(q, k, v, class_map, bq, bk, linear_scope, w, b, mo):
     scope = in_linear_scope(rows, linear_scope).to(q.dtype)
     e = torch.exp(logits) * scope
     o_c = torch.nan_to_num(e @ v_mean / e.sum(-1, keepdim=True))
+    if covariance:
+        p = torch.nan_to_num(e / e.sum(-1, keepdim=True))
+        for i in range(-(-Lq // bq)):
+            rows_i = slice(i * bq, min((i + 1) * bq, Lq))
+            state = torch.zeros(B, H, D, D, dtype=q.dtype)
+            for j in range(tn):
+                kj, vj = k[:, :, j * bk:(j + 1) * bk], v[:, :, j * bk:(j + 1) * bk]
+                cov_j = (kj - kj.mean(2, keepdim=True)).transpose(-1, -2) @ vj / kj.shape[2]
+                state += p[:, :, rows_i, j].mean(2)[..., None, None] * cov_j
+            o_c[:, :, rows_i] += scale * q[:, :, rows_i] @ state
     phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)
     scope_tok = scope.repeat_interleave(bk, dim=-1)[..., :Lk]
     wl = (phi_q @ phi_k.transpose(-1, -2)) * scope_tok
@@ -501,8 +511,9 @@ def _pooled_oracle(q, k, v, class_map, bq, bk, linear_scope, w, b, mo):
     return a * o_s + (1 - a) * (o_c + o_l @ w.T + b)
 
 
+@pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])
 @pytest.mark.parametrize("linear_scope", ["marginal", "noncritical", "all"])
-def test_pooled_reference_matches_an_independent_oracle(linear_scope):
+def test_pooled_reference_matches_an_independent_oracle(linear_scope, combine):
     q, k, v = _mass_inputs(seed=3)
     bm = sla.build_block_map(q, k, critical=0.2, negligible=0.2, block_q=32, block_k=16)
     g = torch.Generator().manual_seed(4)
@@ -510,8 +521,8 @@ def test_pooled_reference_matches_an_independent_oracle(linear_scope):
     b = torch.randn(16, generator=g, dtype=torch.float64)
     mo = torch.randn(3, generator=g, dtype=torch.float64)
     ref = naive_sparse_linear_attention(q, k, v, bm, linear_scope=linear_scope, proj_weight=w, proj_bias=b,
-                                        combine="pooled", mass_offset=mo)
-    want = _pooled_oracle(q, k, v, bm.class_map, 32, 16, linear_scope, w, b, mo)
+                                        combine=combine, mass_offset=mo)
+    want = _pooled_oracle(q, k, v, bm.class_map, 32, 16, linear_scope, w, b, mo, covariance=combine == "pooled_cov")
     torch.testing.assert_close(ref, want, rtol=1e-12, atol=1e-12)
 
 

@@ -61,6 +61,13 @@ def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
     control = json.loads((tmp_path / "results.json").read_text())["backend_controls"]["sla_mass_tile_torch"]
     assert control["against"] == "sla_mass_tile" and len(control["pooled_beats_it_per_seed"]) == 1
     assert "| sla_mass_tile_torch | sla_mass_tile |" in (tmp_path / "results.md").read_text()
+    # The covariance rule runs the PyTorch path and is compared with the pooled rule it would replace.
+    r = qe.run_job("sla_pooled_cov_tile", 0, tmp_path, "small", smoke=True, backend="auto", threads=1)
+    assert r["backend"] == "torch" and r["settings"]["combine"] == "pooled_cov"
+    assert qe.cmd_report(Args()) == 0
+    verdict = json.loads((tmp_path / "results.json").read_text())["verdicts"]["sla_pooled_cov_tile"]
+    assert verdict["baseline"] == "sparse_only_tile" and verdict["rival"] == "sla_pooled_tile"
+    assert "| sla_pooled_cov_tile | sla_pooled_tile |" in (tmp_path / "results.md").read_text()
 
 
 def test_a_job_stopped_during_training_resumes_exactly_and_report_includes_earlier_jobs(tmp_path, monkeypatch):

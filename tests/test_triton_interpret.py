@@ -249,6 +249,8 @@ def test_unsupported_inputs_raise():
         triton_sparse_linear_attention(q, q, q, bm, scale=-1.0)
     with pytest.raises(ValueError, match="feature_map"):
         triton_sparse_linear_attention(q, q, q, bm, feature_map="gelu")
+    with pytest.raises(ValueError, match="combine='pooled_cov' has no Triton kernels"):
+        sla.sparse_linear_attention(q, q, q, combine="pooled_cov", backend="triton")
 
 
 def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store_aux=True, combine="paper"):

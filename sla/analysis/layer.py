@@ -22,7 +22,14 @@ from ..ops.sla.blockmap import (
     select_blocks,
 )
 from ..ops.sla.feature_maps import apply_feature_map
-from ..ops.sla.naive import block_means, coarse_attention, expand_block_mask, mass_weight, pooled_weight
+from ..ops.sla.naive import (
+    block_means,
+    coarse_attention,
+    coarse_probabilities,
+    expand_block_mask,
+    mass_weight,
+    pooled_weight,
+)
 from ..settings import SLASettings
 from . import metrics
 
@@ -271,7 +278,7 @@ def analyze_attention(
     sm_scale = D ** -0.5 if scale is None else scale
     qlen_sub = block_lengths(R, bq, q.device).to(dt)
     per_head = []
-    branches = {s: {"o_s": [], "o_l": [], "a_pooled": [], "o_pooled": []} for s in sparsities}
+    branches = {s: {"o_s": [], "o_l": [], "a_pooled": [], "o_pooled": [], "o_first_b": []} for s in sparsities}
     dense_all = []
     for h in range(H):
         logits = (q_sub[h] @ k[h].T) * sm_scale
@@ -310,7 +317,6 @@ def analyze_attention(
                  if bk % parts == 0]
         coarse = _coarse_candidates(q_sub[h], k[h], v[h], bk, sm_scale, finer)
         within = _within_block_terms(logits, q_sub[h], k[h], v[h], bk, sm_scale)
-        eye = torch.eye(tn, dtype=dt)
         n_groups = int(groups.max()) + 1
         group_rows = torch.bincount(groups, minlength=n_groups).to(dt)[:, None]
 
@@ -328,7 +334,8 @@ def analyze_attention(
                                         "mass_rule_pooled_var", "pooled_var_mass_estimate_error",
                                         "mass_rule_pooled_half", "mass_rule_pooled_quarter",
                                         "pooled_exact_block_mass", "pooled_exact_block_values",
-                                        "pooled_first_order", "pooled_first_order_block", "block_achieved_sparsity",
+                                        "pooled_first_order", "pooled_first_order_block",
+                                        "pooled_spread_first_order_block", "block_achieved_sparsity",
                                         "recall", "mass_pooled", "mass_oracle")}
         for s in sparsities:
             n_crit, n_negl = class_counts(1.0 - s, min(negl_cfg, s), tn)
@@ -383,8 +390,8 @@ def analyze_attention(
             # exact softmax average of values; pooled weights with mean values corrected to first order for the
             # spread of the block's keys, per row and with the weights averaged over each query block (the form a
             # kernel could afford: one D x D state per query block, like the linear branch's).
-            w_p = coarse_attention(coarse["pooled"][0], eye, class_sub, bq, lin_scope)[0]
-            w_x, log_rest_x = coarse_attention(within["block_lse"], eye, class_sub, bq, lin_scope)
+            w_p = coarse_probabilities(coarse["pooled"][0], class_sub, bq, lin_scope)[0]
+            w_x, log_rest_x = coarse_probabilities(within["block_lse"], class_sub, bq, lin_scope)
             a_x = pooled_weight(lse, log_rest_x, None)
             o_x = w_x @ coarse["pooled"][1]
             curves["pooled_exact_block_mass"].append(metrics.relative_l1(a_x * o_s + (1 - a_x) * o_x, dense))
@@ -394,11 +401,20 @@ def analyze_attention(
             o_first = o_pooled + torch.einsum("rt,rtd->rd", w_p, within["u"])
             curves["pooled_first_order"].append(
                 metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_first, dense))
-            w_bar = torch.zeros(n_groups, tn, dtype=dt).index_add_(0, groups, w_p) / group_rows
-            state = torch.einsum("gt,tde->gde", w_bar, within["cov"])
-            o_first_b = o_pooled + sm_scale * torch.einsum("rd,rde->re", q_sub[h], state[groups])
+            def first_order_block(weights):
+                w_bar = torch.zeros(n_groups, tn, dtype=dt).index_add_(0, groups, weights) / group_rows
+                state = torch.einsum("gt,tde->gde", w_bar, within["cov"])
+                return sm_scale * torch.einsum("rd,rde->re", q_sub[h], state[groups])
+
+            o_first_b = o_pooled + first_order_block(w_p)
             curves["pooled_first_order_block"].append(
                 metrics.relative_l1(a_pooled * o_s + (1 - a_pooled) * o_first_b, dense))
+            branches[s]["o_first_b"].append(o_first_b)
+            # ... with the weights and a from the spread-raised logits ((a) above) as well.
+            w_v = coarse_probabilities(coarse["spread"][0], class_sub, bq, lin_scope)[0]
+            o_var_first = w_v @ coarse["spread"][1] + first_order_block(w_v)
+            curves["pooled_spread_first_order_block"].append(
+                metrics.relative_l1(a_var * o_s + (1 - a_var) * o_var_first, dense))
             # Finer coarse attention: key groups of half and a quarter of a block, each in its block's class.
             for name, _ in finer:
                 o_g, log_rest_g = coarse_estimate(name, class_sub)
@@ -411,10 +427,10 @@ def analyze_attention(
                     offset = None if sla.mass_offset is None else sla.mass_offset[h:h + 1].to(o_l)
                     a = mass_weight(lse, den, D, offset)
                     own = a * o_s + (1 - a) * proj
-                elif sla.combine == "pooled":  # the rule's a and o_c are the key-block-mean estimates above
+                elif sla.combine in ("pooled", "pooled_cov"):  # a and o_c: the key-block-mean estimates above
                     offset = None if sla.mass_offset is None else sla.mass_offset[h:h + 1].to(o_l)
                     a = pooled_weight(lse[None, None], log_rest[None, None], offset)[0, 0]
-                    own = a * o_s + (1 - a) * (o_pooled + proj)
+                    own = a * o_s + (1 - a) * ((o_first_b if sla.combine == "pooled_cov" else o_pooled) + proj)
                 else:
                     own = o_s + proj
                 curves["sla_own_projection"].append(metrics.relative_l1(own, dense))
@@ -453,10 +469,17 @@ def analyze_attention(
             for h in range(H):
                 per_head[h].setdefault("pooled_lstsq_projection", []).append(
                     metrics.relative_l1(pooled[h] + pred[h], dense_stack[h]))
+            # The same on top of the pooled rule with the first-order state per query block.
+            first = a_p * o_s + (1 - a_p) * torch.stack(branches[s]["o_first_b"])
+            pred = metrics.fit_shared_projection((1 - a_p) * o_l, dense_stack - first, groups)
+            for h in range(H):
+                per_head[h].setdefault("pooled_first_order_block_lstsq", []).append(
+                    metrics.relative_l1(first[h] + pred[h], dense_stack[h]))
         else:
             for h in range(H):
                 per_head[h]["sla_lstsq_projection"] = None
                 per_head[h]["pooled_lstsq_projection"] = None
+                per_head[h]["pooled_first_order_block_lstsq"] = None
 
     class_map = build_block_map(q[None], k[None], critical=config.critical, negligible=config.negligible,
                                 block_q=bq, block_k=bk).class_map[0]
@@ -518,6 +541,8 @@ def analyze_attention(
             "pooled_exact_block_values": curve_mean("pooled_exact_block_values"),
             "pooled_first_order": curve_mean("pooled_first_order"),
             "pooled_first_order_block": curve_mean("pooled_first_order_block"),
+            "pooled_spread_first_order_block": curve_mean("pooled_spread_first_order_block"),
+            "pooled_first_order_block_lstsq": curve_mean("pooled_first_order_block_lstsq"),
             "sla_lstsq_projection": curve_mean("sla_lstsq_projection"),
             "pooled_lstsq_projection": curve_mean("pooled_lstsq_projection"),
             "sla_own_projection": curve_mean("sla_own_projection"),

@@ -182,13 +182,18 @@ def render_markdown(result: AnalysisResult, plot_names: list[str]) -> str:
                     ("... each block's exact mass", "pooled_exact_block_mass"),
                     ("... each block's exact value average", "pooled_exact_block_values"),
                     ("... values to first order in the keys' spread", "pooled_first_order"),
-                    ("... same, weights averaged per query block", "pooled_first_order_block")]
+                    ("... same, weights averaged per query block", "pooled_first_order_block"),
+                    ("... and the keys' spread in the weights and a", "pooled_spread_first_order_block"),
+                    ("... per query block + least-sq. Proj(o_l)", "pooled_first_order_block_lstsq")]
+        left_out = [(n, k) for n, k in left_out if k != "pooled_first_order_block_lstsq" or mean.get(k) is not None]
         if all(mean.get(k) is not None for _, k in left_out):
             lines += ["What the key-block means leave out (relative L1 against dense attention, the pooled rule with "
                       "one part made exact at a time: each block's attention mass per row, with mean values and the "
                       "exact `a` that follows; each block's softmax average of its values, with the rule's weights; "
                       "or each mean value plus `scale q . C_j`, `C_j` the block's key-value covariance, per row and "
-                      "with the weights averaged over the query block, as one `D x D` state per query block):", ""]
+                      "with the weights averaged over the query block, as one `D x D` state per query block; that "
+                      "state with the spread-raised weights and `a`, and with the best least-squares `Proj(o_l)` "
+                      "added, scored out of sample):", ""]
             lines.append("| sparsity | " + " | ".join(n for n, _ in left_out) + " |")
             lines.append("|---" * (1 + len(left_out)) + "|")
             for i, s in enumerate(sp):

@@ -25,6 +25,8 @@ class SparseLinearAttention(nn.Module):
     ``combine="pooled"``: ``o = a * o_s + (1 - a) * (o_c + Proj(o_l))`` with ``a`` and the coarse attention ``o_c``
     estimated from the key blocks' mean keys and values. ``Proj`` starts at zero (the module then computes sparse
     plus coarse attention), with ``mass_offset`` as for ``"mass"``. Runs on every backend.
+    ``combine="pooled_cov"`` (experimental, ``backend="torch"``): the same with ``o_c`` corrected for the spread of
+    each block's keys (:mod:`sla.ops.sla.naive`), initialised as ``"pooled"``.
 
     Args:
         head_dim (int): D of q, k, v.
@@ -32,9 +34,9 @@ class SparseLinearAttention(nn.Module):
             :func:`sla.sparse_linear_attention`. Defaults are the paper's (0.05, 0.10, 64, 64, softmax,
             marginal).
         backend (str): implementation choice, see :func:`sla.sparse_linear_attention`. Default ``"auto"``.
-        combine (str): ``"mass"``, ``"paper"`` or ``"pooled"``. Default ``"mass"`` (docs/results.md has the
-            experiments).
-        num_heads (int, optional): heads of q, for one mass offset per head (``"mass"``, ``"pooled"``); ``None`` gives
+        combine (str): ``"mass"``, ``"paper"``, ``"pooled"`` or ``"pooled_cov"``. Default ``"mass"``
+            (docs/results.md has the experiments).
+        num_heads (int, optional): heads of q, for one mass offset per head (the mixing rules); ``None`` gives
             one offset shared by all heads. :func:`sla.apply_sla` passes each layer's head count.
 
     The settings are kept as one frozen :class:`~sla.settings.SLASettings`, ``module.settings`` (its fields
@@ -90,7 +92,7 @@ class SparseLinearAttention(nn.Module):
         if self.combine == "mass":
             with torch.no_grad():
                 self.proj.weight.copy_(torch.eye(self.head_dim))
-        else:  # "paper" (the paper's zero init) and "pooled" (starts as sparse + coarse attention)
+        else:  # "paper" (the paper's zero init) and the pooled rules (start as sparse + coarse attention)
             nn.init.zeros_(self.proj.weight)
         if self.mass_offset is not None:
             nn.init.zeros_(self.mass_offset)

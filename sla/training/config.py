@@ -32,7 +32,7 @@ class FinetuneConfig:
     block_k: int = 64
     feature_map: str = "softmax"
     linear_scope: str = "marginal"
-    combine: str = "mass"  # paper | mass | pooled (experimental), see sla.sparse_linear_attention
+    combine: str = "mass"  # paper | mass | pooled | pooled_cov (experimental), see sla.sparse_linear_attention
     backend: str = "auto"
     token_tile: tuple | None = None  # None: raster order; (tf, th, tw): SLA's blocks over 3D token tiles (Wan)
     # --- what trains ----------------------------------------------------------------------------------------

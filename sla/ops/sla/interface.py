@@ -133,8 +133,10 @@ def sparse_linear_attention(
             rule in the project's controlled fine-tuning experiment (docs/results.md). ``"pooled"`` (experimental,
             every backend): ``a * o_s + (1 - a) * (o_c + Proj(o_l))`` with ``a`` and a
             coarse attention ``o_c`` over the key blocks' mean keys and values (docs/semantics.md).
+            ``"pooled_cov"`` (experimental, ``backend="torch"`` or ``"reference"``): ``"pooled"`` with ``o_c``
+            corrected to first order for the spread of each block's keys (one ``D x D`` state per query block).
         mass_offset (torch.Tensor, optional): ``(H,)`` float, the learned per-head log-scale of the estimated mass
-            outside the critical blocks (``combine="mass"`` and ``"pooled"``). Default: zeros.
+            outside the critical blocks (``combine="mass"``, ``"pooled"`` and ``"pooled_cov"``). Default: zeros.
         return_info (bool): also return an :class:`SLAInfo` (class map, sparsity, ...).
         block_map (BlockMap, optional): use this classification instead of predicting one; ``critical``,
             ``negligible``, ``block_q`` and ``block_k`` are then taken from it.

@@ -26,6 +26,11 @@ What it computes, per (batch, head), for a :class:`~sla.ops.sla.blockmap.BlockMa
   ``a = S / (S + R)`` with ``R = exp(mass_offset[h]) * sum_j exp(l_j)`` over every non-critical block (the
   estimated mass outside the critical blocks), i.e. ``a = sigmoid(lse - logsumexp(l) - mass_offset[h])``; ``a = 1``
   when every block is critical. Zero-initialise ``W`` to start from sparse + coarse attention alone.
+* ``combine="pooled_cov"`` (experimental): ``"pooled"`` with ``o_c`` corrected to first order for the spread of
+  each block's keys. Over block ``j``, ``exp(scale q.k) ~ exp(scale q.mean(K_j)) (1 + scale q.(k - mean(K_j)))``,
+  so its values average to ``mean(V_j) + scale q C_j`` with ``C_j = mean over the block of (k - mean(K_j)) v^T``
+  (``D x D``). The coarse weights are averaged over each query block's rows (one state ``G_i = sum_j pbar_ij C_j``
+  per query block, the form a kernel can afford, as the linear branch's ``H_i``): ``o_c' = o_c + scale q G_i``.
 """
 
 from __future__ import annotations
@@ -111,15 +116,16 @@ def naive_sparse_linear_attention(
     if combine == "mass":
         a = mass_weight(lse, normaliser, D, mass_offset)
         out = a * o_s + (1 - a) * projected
-    elif combine == "pooled":
-        o_c, log_rest = coarse_branch(q, k, v, block_map.class_map, bq, bk, scale, linear_scope)
+    elif combine in ("pooled", "pooled_cov"):
+        o_c, log_rest = coarse_branch(q, k, v, block_map.class_map, bq, bk, scale, linear_scope,
+                                      covariance=combine == "pooled_cov")
         a = pooled_weight(lse, log_rest, mass_offset)
         out = a * o_s + (1 - a) * (o_c + projected)
     elif combine == "paper":
         a = torch.ones_like(lse)
         out = o_s + projected
     else:
-        raise ValueError(f"combine={combine!r} is unknown; choose 'paper', 'mass' or 'pooled'")
+        raise ValueError(f"combine={combine!r} is unknown; choose 'paper', 'mass', 'pooled' or 'pooled_cov'")
     out = out.to(out_dtype)
     if return_branches:
         return out, (o_s, o_l, a)
@@ -151,17 +157,23 @@ def block_means(x: torch.Tensor, block_k: int) -> torch.Tensor:
 
 
 def coarse_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_map: torch.Tensor, block_q: int,
-                  block_k: int, scale: float, linear_scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_k: int, scale: float, linear_scope: str,
+                  covariance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``combine="pooled"``'s estimates from the key blocks' means, for q ``(B, H, Lq, D)``, k and v
     ``(B, H, Lk, D)`` in the compute dtype and the block map's ``class_map`` ``(B, H, T_m, T_n)``.
 
     Returns ``o_c`` ``(B, H, Lq, D)``, the coarse attention over the key blocks in the linear scope (0 for rows
     with none), and ``log_rest`` ``(B, H, Lq, 1)``, the log of the estimated attention mass outside the critical
-    blocks (``-inf`` when every block is critical). Memory O(Lq * T_n) per head; shared by the reference and the
-    PyTorch path so both state the rule once."""
+    blocks (``-inf`` when every block is critical). With ``covariance`` (``combine="pooled_cov"``) ``o_c`` gains
+    :func:`covariance_correction`. Memory O(Lq * T_n) per head; shared by the reference and the PyTorch path so
+    both state the rule once."""
     lengths = block_lengths(k.shape[2], block_k, q.device).to(q.dtype)
     logits = (q @ block_means(k, block_k).transpose(-1, -2)) * scale + torch.log(lengths)  # (B, H, Lq, T_n)
-    return coarse_attention(logits, block_means(v, block_k), class_map, block_q, linear_scope)
+    p, log_rest = coarse_probabilities(logits, class_map, block_q, linear_scope)
+    o_c = p @ block_means(v, block_k)
+    if covariance:
+        o_c = o_c + covariance_correction(q, k, v, p, block_q, block_k, scale)
+    return o_c, log_rest
 
 
 def coarse_attention(logits: torch.Tensor, v_means: torch.Tensor, class_map: torch.Tensor, block_q: int,
@@ -169,6 +181,14 @@ def coarse_attention(logits: torch.Tensor, v_means: torch.Tensor, class_map: tor
     """The rest of :func:`coarse_branch` from the per-row logits of the key blocks ``(..., Lq, T_n)``, their mean
     values ``(..., T_n, D)`` and the class map ``(..., T_m, T_n)``: ``(o_c, log_rest)``. Any leading dims (the
     analysis passes one head's ``(Lq, T_n)``, and logits of its own candidates)."""
+    p, log_rest = coarse_probabilities(logits, class_map, block_q, linear_scope)
+    return p @ v_means, log_rest
+
+
+def coarse_probabilities(logits: torch.Tensor, class_map: torch.Tensor, block_q: int,
+                         linear_scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coarse attention's weights ``(..., Lq, T_n)`` (softmax over the key blocks in the linear scope, rows with
+    none all zero) and ``log_rest`` ``(..., Lq, 1)``, from the per-row block logits and the class map."""
     rows = class_map.repeat_interleave(block_q, dim=-2)[..., :logits.shape[-2], :]
     log_rest = torch.logsumexp(logits.masked_fill(rows == CRITICAL, float("-inf")), dim=-1, keepdim=True)
     in_scope = in_linear_scope(rows, linear_scope)
@@ -176,8 +196,31 @@ def coarse_attention(logits: torch.Tensor, v_means: torch.Tensor, class_map: tor
     # NaN reaches the gradient either.
     has_scope = in_scope.any(dim=-1, keepdim=True)
     masked = logits.masked_fill(~in_scope, float("-inf")).masked_fill(~has_scope, 0.0)
-    o_c = (torch.softmax(masked, dim=-1) @ v_means) * has_scope.to(logits.dtype)
-    return o_c, log_rest
+    return torch.softmax(masked, dim=-1) * has_scope.to(logits.dtype), log_rest
+
+
+def covariance_correction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, block_q: int,
+                          block_k: int, scale: float) -> torch.Tensor:
+    """``combine="pooled_cov"``'s correction of ``o_c``, ``scale q G_i`` ``(B, H, Lq, D)``: ``G_i = sum_j pbar_ij
+    C_j`` per query block, with ``pbar`` the coarse weights ``p`` ``(B, H, Lq, T_n)`` averaged over the block's real
+    rows and ``C_j = mean over key block j of (k - mean(K_j)) v^T`` ``(D, D)``. Memory O(T_n D^2 + T_m D^2) per
+    head."""
+    Lq, D = q.shape[-2:]
+    Lk = k.shape[-2]
+    tn, tm = -(-Lk // block_k), -(-Lq // block_q)
+    k_centred = k - block_means(k, block_k).repeat_interleave(block_k, dim=-2)[..., :Lk, :]
+    pad_k = tn * block_k - Lk
+    k_blocks = torch.nn.functional.pad(k_centred, (0, 0, 0, pad_k)).unflatten(-2, (tn, block_k))
+    v_blocks = torch.nn.functional.pad(v, (0, 0, 0, pad_k)).unflatten(-2, (tn, block_k))
+    lengths_k = block_lengths(Lk, block_k, q.device).to(q.dtype)
+    cov = torch.einsum("...tjd,...tje->...tde", k_blocks, v_blocks) / lengths_k[:, None, None]
+    pad_q = tm * block_q - Lq
+    lengths_q = block_lengths(Lq, block_q, q.device).to(q.dtype)
+    p_bar = torch.nn.functional.pad(p, (0, 0, 0, pad_q)).unflatten(-2, (tm, block_q)).sum(-2) / lengths_q[:, None]
+    state = torch.einsum("...mt,...tde->...mde", p_bar, cov)
+    q_blocks = torch.nn.functional.pad(q, (0, 0, 0, pad_q)).unflatten(-2, (tm, block_q))
+    corr = torch.einsum("...mrd,...mde->...mre", q_blocks, state) * scale
+    return corr.flatten(-3, -2)[..., :Lq, :]
 
 
 def pooled_weight(lse: torch.Tensor, log_rest: torch.Tensor, mass_offset: torch.Tensor | None) -> torch.Tensor:

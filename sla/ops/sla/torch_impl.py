@@ -260,8 +260,9 @@ def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_
     if combine == "mass":
         a = mass_weight(rows(lse, 1), rows(den, 1), D, offset)
         out = a * o_s + (1 - a) * o_l
-    elif combine == "pooled":
-        o_c, log_rest = coarse_branch(qc, kc, vc, block_map.class_map, bq, bk, scale, linear_scope)
+    elif combine in ("pooled", "pooled_cov"):
+        o_c, log_rest = coarse_branch(qc, kc, vc, block_map.class_map, bq, bk, scale, linear_scope,
+                                      covariance=combine == "pooled_cov")
         a = pooled_weight(rows(lse, 1), log_rest, offset)
         out = a * o_s + (1 - a) * (o_c + o_l)
     else:

@@ -72,6 +72,9 @@ def triton_sparse_linear_attention(
         proj_weight = proj_weight.to(torch.float32)
     if proj_bias is not None:
         proj_bias = proj_bias.to(torch.float32)
+    if combine == "pooled_cov":
+        raise ValueError("combine='pooled_cov' has no Triton kernels yet; run it with backend='torch' (any device, "
+                         "differentiable)")
     if combine in ("mass", "pooled"):
         mass_offset = (torch.zeros(q.shape[1], dtype=torch.float32, device=q.device) if mass_offset is None
                        else mass_offset.to(torch.float32))

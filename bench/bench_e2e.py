@@ -345,8 +345,8 @@ def parse_args(argv=None):
     p.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
                    help="also time a training step (default: on for 1.3b, off for 14b)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="checkpoint each block in the training step, as fine-tuning at 32K+ tokens does (without it the "
-                        "activations of every block stay in memory)")
+                   help="checkpoint each block in the training step, as fine-tuning at 32K+ tokens does (without it "
+                        "the activations of every block stay in memory)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed runs per mode and step, Triton compiles here (default 2; 1 for 14b)")
     p.add_argument("--iters", type=int, default=None,

@@ -297,17 +297,18 @@ def test_own_projection_zero_and_identity():
     assert ident["errors"]["sla_own_projection"] == pytest.approx(ident["errors"]["sla_identity_projection"])
 
 
-def test_own_projection_of_the_pooled_rule_matches_the_operator():
+@pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])
+def test_own_projection_of_the_pooled_rules_matches_the_operator(combine):
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 200, 8, generator=g, dtype=torch.float64) for _ in range(3))
     w, b, mo = torch.randn(8, 8, generator=g), torch.randn(8, generator=g), torch.randn(2, generator=g)
     cfg = AnalysisConfig(sparsities=(0.5,), critical=0.5, negligible=0.25, query_blocks=None)
     own = OwnProjection(w, b, critical=0.5, negligible=0.25, block_q=64, block_k=64, feature_map="softmax",
-                        linear_scope="marginal", combine="pooled", mass_offset=mo)
+                        linear_scope="marginal", combine=combine, mass_offset=mo)
     got = analyze_attention(q, k, v, cfg, own_projection=own)[0]["errors"]["sla_own_projection"][0]
     bm = build_block_map(q[None], k[None], critical=0.5, negligible=0.25)
     out = naive_sparse_linear_attention(q[None], k[None], v[None], bm, proj_weight=w.double(), proj_bias=b.double(),
-                                        combine="pooled", mass_offset=mo.double())[0]
+                                        combine=combine, mass_offset=mo.double())[0]
     dense = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v
     want = sum(metrics.relative_l1(out[h], dense[h]) for h in range(2)) / 2
     assert got == pytest.approx(want, rel=1e-9)

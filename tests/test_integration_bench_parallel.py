@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 
 import pytest
 
@@ -14,14 +15,31 @@ pytest.importorskip("diffusers")
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_parallel.py")
 
 
+def _main_retried_once(bench, argv, out):
+    """``bench.main(argv)``, run a second time (from the same ``out``) if the first fails. A gloo process on a loaded
+    2-core CI machine aborts now and then (SIGABRT, "terminate called without an active exception"; about 1 run in
+    12-30 under load, bench/bench_parallel.py), outside this library's code; a second failure fails the test, and a
+    retry is reported as a warning."""
+    before = out.read_bytes() if out.exists() else None
+    rc = bench.main(argv)
+    if rc != 0:
+        if before is None:
+            out.unlink(missing_ok=True)
+        else:
+            out.write_bytes(before)
+        warnings.warn(f"bench_parallel {argv[2]!r} failed once (its first error lines are above); retried")
+        rc = bench.main(argv)
+    return rc
+
+
 def test_bench_parallel_tiny_one_process_against_fsdp_and_ulysses(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_parallel", _BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "parallel.json"
     # One run per call, the second appended (how the GPU commands stay under a time limit per command).
-    assert bench.main(["--tiny", "--runs", "2:fsdp,cp=2", "--out", str(out), "--quiet"]) == 0
-    assert bench.main(["--tiny", "--runs", "1", "--out", str(out), "--quiet", "--append"]) == 0
+    assert _main_retried_once(bench, ["--tiny", "--runs", "2:fsdp,cp=2", "--out", str(out), "--quiet"], out) == 0
+    assert _main_retried_once(bench, ["--tiny", "--runs", "1", "--out", str(out), "--quiet", "--append"], out) == 0
     result = json.loads(out.read_text())
     rows = {r["spec"]: r for r in result["rows"]}
     assert set(rows) == {"1", "2:fsdp,cp=2"} and not result["failed"]

@@ -18,12 +18,12 @@ from ..ops.sla.blockmap import (
     build_block_map,
     class_counts,
     in_linear_scope,
+    mean_pool_blocks,
     pooled_block_scores,
     select_blocks,
 )
 from ..ops.sla.feature_maps import apply_feature_map
 from ..ops.sla.naive import (
-    block_means,
     coarse_attention,
     coarse_probabilities,
     expand_block_mask,
@@ -141,11 +141,11 @@ def _coarse_candidates(q, k, v, block_k, scale, finer):
 
     def over_groups(group):
         log_n = torch.log(block_lengths(N, group, q.device).to(q.dtype))
-        k_means = block_means(k, group)
-        return (q @ k_means.T) * scale + log_n, k_means, block_means(v, group)
+        k_means = mean_pool_blocks(k, group)
+        return (q @ k_means.T) * scale + log_n, k_means, mean_pool_blocks(v, group)
 
     pooled, k_means, v_means = over_groups(block_k)
-    k_var = (block_means(k * k, block_k) - k_means * k_means).clamp_min(0)
+    k_var = (mean_pool_blocks(k * k, block_k) - k_means * k_means).clamp_min(0)
     out = {"pooled": (pooled, v_means, block_k),
            "spread": (pooled + 0.5 * scale ** 2 * ((q * q) @ k_var.T), v_means, block_k)}
     for name, parts in finer:
@@ -172,7 +172,7 @@ def _within_block_terms(logits, q, k, v, block_k, scale):
     k_blocks = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(T, block_k, D)
     v_exact = torch.einsum("rtj,tjd->rtd", w, v_blocks)
     n = block_lengths(N, block_k, k.device).to(k.dtype)
-    k_centred = k_blocks - block_means(k, block_k)[:, None, :]
+    k_centred = k_blocks - mean_pool_blocks(k, block_k)[:, None, :]
     valid = (torch.arange(T * block_k, device=k.device) < N).reshape(T, block_k, 1).to(k.dtype)
     cov = torch.einsum("tjd,tje->tde", k_centred * valid, v_blocks) / n[:, None, None]
     u = scale * torch.einsum("rd,tde->rte", q, cov)

@@ -58,18 +58,19 @@ def block_lengths(seq_len: int, block: int, device: torch.device | str | None = 
 
 
 def mean_pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean of ``x`` ``(B, H, L, D)`` over each block of ``block`` tokens -> ``(B, H, ceil(L/block), D)``.
+    """Mean of ``x`` ``(..., L, D)`` over each block of ``block`` tokens -> ``(..., ceil(L/block), D)``, in x's dtype
+    (the block map pools ``(B, H, L, D)`` q and k; the pooled rules pool keys, values and coarse weights).
 
     The last block is averaged over its real tokens only (zero padding adds nothing to the sum and the
     divisor is the true count).
     """
-    B, H, L, D = x.shape
+    L = x.shape[-2]
     block = min(block, L)  # a block longer than the sequence is one block of it: pad nothing, not to `block`
     nb = num_blocks(L, block)
     pad = nb * block - L
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    sums = x.reshape(B, H, nb, block, D).sum(dim=3)
+    sums = x.unflatten(-2, (nb, block)).sum(dim=-2)
     return sums / block_lengths(L, block, x.device).to(sums.dtype)[:, None]
 
 

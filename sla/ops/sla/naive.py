@@ -40,7 +40,7 @@ import math
 import torch
 
 from .backend import Backend
-from .blockmap import CRITICAL, BlockMap, block_lengths, in_linear_scope
+from .blockmap import CRITICAL, BlockMap, block_lengths, in_linear_scope, mean_pool_blocks
 from .feature_maps import apply_feature_map
 
 
@@ -146,16 +146,6 @@ def mass_weight(lse: torch.Tensor, den: torch.Tensor, head_dim: int, mass_offset
     return torch.sigmoid(x)
 
 
-def block_means(x: torch.Tensor, block_k: int) -> torch.Tensor:
-    """The mean of each key block of ``x`` ``(..., Lk, D)`` over its real tokens (the last may be short):
-    ``(..., T_n, D)`` in x's dtype."""
-    Lk = x.shape[-2]
-    tn = -(-Lk // block_k)
-    lengths = block_lengths(Lk, block_k, x.device).to(x.dtype)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, tn * block_k - Lk))
-    return padded.unflatten(-2, (tn, block_k)).sum(-2) / lengths[:, None]
-
-
 def coarse_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_map: torch.Tensor, block_q: int,
                   block_k: int, scale: float, linear_scope: str,
                   covariance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,11 +158,12 @@ def coarse_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_map: 
     :func:`covariance_correction`. Memory O(Lq * T_n) per head; shared by the reference and the PyTorch path so
     both state the rule once."""
     lengths = block_lengths(k.shape[2], block_k, q.device).to(q.dtype)
-    logits = (q @ block_means(k, block_k).transpose(-1, -2)) * scale + torch.log(lengths)  # (B, H, Lq, T_n)
+    k_means = mean_pool_blocks(k, block_k)
+    logits = (q @ k_means.transpose(-1, -2)) * scale + torch.log(lengths)  # (B, H, Lq, T_n)
     p, log_rest = coarse_probabilities(logits, class_map, block_q, linear_scope)
-    o_c = p @ block_means(v, block_k)
+    o_c = p @ mean_pool_blocks(v, block_k)
     if covariance:
-        o_c = o_c + covariance_correction(q, k, v, p, block_q, block_k, scale)
+        o_c = o_c + covariance_correction(q, k, v, k_means, p, block_q, block_k, scale)
     return o_c, log_rest
 
 
@@ -199,25 +190,23 @@ def coarse_probabilities(logits: torch.Tensor, class_map: torch.Tensor, block_q:
     return torch.softmax(masked, dim=-1) * has_scope.to(logits.dtype), log_rest
 
 
-def covariance_correction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, block_q: int,
-                          block_k: int, scale: float) -> torch.Tensor:
+def covariance_correction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_means: torch.Tensor, p: torch.Tensor,
+                          block_q: int, block_k: int, scale: float) -> torch.Tensor:
     """``combine="pooled_cov"``'s correction of ``o_c``, ``scale q G_i`` ``(B, H, Lq, D)``: ``G_i = sum_j pbar_ij
     C_j`` per query block, with ``pbar`` the coarse weights ``p`` ``(B, H, Lq, T_n)`` averaged over the block's real
-    rows and ``C_j = mean over key block j of (k - mean(K_j)) v^T`` ``(D, D)``. Memory O(T_n D^2 + T_m D^2) per
-    head."""
-    Lq, D = q.shape[-2:]
+    rows and ``C_j = mean over key block j of (k - mean(K_j)) v^T`` ``(D, D)`` (``k_means`` ``(B, H, T_n, D)``, as
+    :func:`coarse_branch` pooled them). Memory O(T_n D^2 + T_m D^2) per head."""
+    Lq = q.shape[-2]
     Lk = k.shape[-2]
     tn, tm = -(-Lk // block_k), -(-Lq // block_q)
-    k_centred = k - block_means(k, block_k).repeat_interleave(block_k, dim=-2)[..., :Lk, :]
+    k_centred = k - k_means.repeat_interleave(block_k, dim=-2)[..., :Lk, :]
     pad_k = tn * block_k - Lk
     k_blocks = torch.nn.functional.pad(k_centred, (0, 0, 0, pad_k)).unflatten(-2, (tn, block_k))
     v_blocks = torch.nn.functional.pad(v, (0, 0, 0, pad_k)).unflatten(-2, (tn, block_k))
     lengths_k = block_lengths(Lk, block_k, q.device).to(q.dtype)
     cov = torch.einsum("...tjd,...tje->...tde", k_blocks, v_blocks) / lengths_k[:, None, None]
+    state = torch.einsum("...mt,...tde->...mde", mean_pool_blocks(p, block_q), cov)
     pad_q = tm * block_q - Lq
-    lengths_q = block_lengths(Lq, block_q, q.device).to(q.dtype)
-    p_bar = torch.nn.functional.pad(p, (0, 0, 0, pad_q)).unflatten(-2, (tm, block_q)).sum(-2) / lengths_q[:, None]
-    state = torch.einsum("...mt,...tde->...mde", p_bar, cov)
     q_blocks = torch.nn.functional.pad(q, (0, 0, 0, pad_q)).unflatten(-2, (tm, block_q))
     corr = torch.einsum("...mrd,...mde->...mre", q_blocks, state) * scale
     return corr.flatten(-3, -2)[..., :Lq, :]

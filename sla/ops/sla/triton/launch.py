@@ -356,7 +356,8 @@ COARSE_DKDV_PROGRAMS = 1024
 def block_means(x: torch.Tensor, block_k: int, lengths: torch.Tensor) -> torch.Tensor:
     """The mean of each key block of ``x`` ``(B, H, Lk, D)`` (any strides), ``(B, H, T_n, D)`` in x's dtype, summed in
     fp32; the last block, if short, over its real tokens (``lengths``, fp32 ``(T_n,)``). Read without a padded copy
-    of ``x``; no autograd (the backward spreads the means' gradients itself, :func:`coarse_backward`)."""
+    of ``x``; no autograd (the backward spreads the means' gradients itself, :func:`coarse_backward`). Unlike
+    ``blockmap.mean_pool_blocks`` (the reference's means) it sums half inputs in fp32 and pads nothing."""
     Lk = x.shape[2]
     full = Lk // block_k
     sums = x[:, :, :full * block_k].unflatten(2, (full, block_k)).sum(3, dtype=torch.float32)

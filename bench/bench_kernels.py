@@ -301,21 +301,17 @@ def launch_config_sweep(r, critical, negligible, block_q, block_k):
     return out
 
 
-def kernel_profile(fn, r, iters=5):
-    """Mean device time (ms) per call of each GPU kernel in one forward+backward, from torch.profiler."""
+def profile_kernels(call, iters=5, top=None):
+    """Mean device time (ms) per ``call()`` of each GPU kernel it launches (torch.profiler, after one warm-up
+    call), the ``top`` longest (all by default), largest first, plus ``"(sum of all kernels)"``."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = r.fwd_bwd(fn)
-    step()
+    call()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
-            for x in r.leaves:  # else autograd adds each step's gradients to the last (a bf16 add kernel)
-                x.grad = None
-            step()
+            call()
         torch.cuda.synchronize()
-    for x in r.leaves:
-        x.grad = None
     times = {}
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", None)
@@ -323,9 +319,24 @@ def kernel_profile(fn, r, iters=5):
             t = getattr(evt, "cuda_time_total", 0.0)
         if t > 0:
             times[evt.key[:90]] = t / 1e3 / iters
-    top = dict(sorted(times.items(), key=lambda kv: -kv[1])[:18])
-    top["(sum of all kernels)"] = sum(times.values())
-    return top
+    out = dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
+    out["(sum of all kernels)"] = sum(times.values())
+    return out
+
+
+def kernel_profile(fn, r, iters=5):
+    """Mean device time (ms) per call of each GPU kernel in one forward+backward, from torch.profiler (18 longest)."""
+    step = r.fwd_bwd(fn)
+
+    def fresh_step():
+        for x in r.leaves:  # else autograd adds each step's gradients to the last (a bf16 add kernel)
+            x.grad = None
+        step()
+
+    out = profile_kernels(fresh_step, iters, top=18)
+    for x in r.leaves:
+        x.grad = None
+    return out
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import Runner, bench, kernel_profile, sla_fn  # noqa: E402
+from bench_kernels import Runner, bench, kernel_profile, profile_kernels, sla_fn  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -43,30 +43,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def forward_profile(fn, iters=5):
-    """Device time (ms) per kernel of one forward with gradients on (the graph is dropped after each call)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    times = {}
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None)
-        if t is None:
-            t = getattr(evt, "cuda_time_total", 0.0)
-        if t > 0:
-            times[evt.key[:90]] = t / 1e3 / iters
-    out = dict(sorted(times.items(), key=lambda kv: -kv[1]))
-    out["(sum of all kernels)"] = sum(times.values())
-    return out
-
-
 def coarse_setup(r, block_map, scope="marginal"):
-    """The coarse kernels' inputs as the fused forward forms them, and a forward and a backward to time."""
+    """A forward and a backward of the coarse kernels alone, on inputs formed as the fused forward forms them."""
     from sla.ops.sla.blockmap import block_lengths
     from sla.ops.sla.triton import launch
     from sla.ops.sla.triton.api import coarse_codes
@@ -93,7 +71,7 @@ def coarse_setup(r, block_map, scope="marginal"):
         d_means = launch.coarse_backward(r.do, g, q, km, vm, codes, o_c, rows, dq, scale, bq, bk, k.shape[2])
         return dq, d_means
 
-    return codes, o_c, rows, fwd, bwd
+    return fwd, bwd
 
 
 def coarse_sweep(r, block_map):
@@ -101,7 +79,7 @@ def coarse_sweep(r, block_map):
     from sla.ops.sla.triton import launch
     from sla.ops.sla.triton.launch_config import launch_overrides
 
-    _, _, _, fwd, bwd = coarse_setup(r, block_map)
+    fwd, bwd = coarse_setup(r, block_map)
     ref_f = [x.clone() for x in fwd()]
     ref_b = [x.clone() for x in bwd()]
 
@@ -186,7 +164,8 @@ def main(argv=None) -> int:
             for x in r.leaves:
                 x.grad = None
         print(blocks, json.dumps(op), flush=True)
-        entry["kernels_fwd"] = {c: forward_profile(fn) for c, fn in fns.items()}
+        # One forward with gradients on (the graph is dropped after each call).
+        entry["kernels_fwd"] = {c: profile_kernels(fn) for c, fn in fns.items()}
         entry["kernels_fwd_bwd"] = {c: kernel_profile(fn, r) for c, fn in fns.items()}
         bm = build_block_map_triton(r.q.detach(), r.k.detach(), critical=0.05, negligible=0.10, block_q=bq,
                                     block_k=bk)

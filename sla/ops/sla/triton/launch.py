@@ -304,9 +304,9 @@ def _dkdv(do, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, d_means, sc
     Tm, Tn = triton.cdiv(Lq, block_q), triton.cdiv(Lk, block_k)
     dk = torch.empty_like(k)
     dv = torch.empty_like(k)  # the kernel writes dk and dv with the same strides
+    d_km, d_vm = (d_zs, d_zs) if d_means is None else d_means  # placeholders the kernel never reads without POOLED
     sla_bwd_dkdv_kernel[(Tn, B * H)](
-        q, k, v, do, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, *((d_means[0], d_means[1]) if d_means is not None
-                                                                     else (d_zs, d_zs)), dk, dv,
+        q, k, v, do, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, d_km, d_vm, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_state_strides(d_hs, d_zs),
         scale, Lq, Lk, Tm, Tn, n_crit,
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, POOLED=d_means is not None,

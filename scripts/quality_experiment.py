@@ -355,7 +355,11 @@ def cmd_report(args) -> int:
                 controls[arm].update(pooled_beats_it_every_seed=all(better), pooled_beats_it_per_seed=better)
     st = results[0]["settings"]
     ev = dict(clips=results[0]["heldout_clips"], samples=results[0]["samples"])
-    meta = dict(model=results[0]["model"], device=results[0]["device"], torch=results[0]["torch"],
+    # Jobs kept from earlier runs may come from another card or torch: name every one (the per-job records say
+    # which job ran where).
+    devices = sorted({r["device"] for r in results})
+    torches = sorted({r["torch"] for r in results})
+    meta = dict(model=results[0]["model"], device=" / ".join(devices), torch=" / ".join(torches),
                 steps=st["steps"], batch_size=st["batch_size"], lr=st["lr"], eval=ev, seeds=seeds)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, verdicts=verdicts, token_tiles=tiles,
                                                       block_shapes=blocks, backend_controls=controls, jobs=sorted(

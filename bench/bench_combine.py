@@ -1,7 +1,9 @@
-"""What ``combine="mass"`` costs on the GPU: the whole SLA op (block map, both branches, projection and the
-combination) with the paper's rule and with the mass-consistent one, timed in one process, interleaved.
+"""What each combination rule costs on the GPU: the whole SLA op (block map, both branches, projection and the
+combination) under each rule of ``--rules``, timed in one process, interleaved, and each rule's overhead over the
+first.
 
-    python bench/bench_combine.py --out results_combine.json      # CUDA machine
+    python bench/bench_combine.py --out results_combine.json      # CUDA machine: paper and mass
+    python bench/bench_combine.py --rules mass,pooled,pooled_cov --out results_combine_pooled.json
 
 The mass rule adds, per query row: one more fp32 value written in the forward and read in the backward (the
 mixing weight), a sigmoid, the gradient of the weight's logit (formed in the linear-q kernel, which then also
@@ -27,6 +29,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1,12,32760,128", help="B,H,L,D")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (paper, mass, paper, mass, ...)")
+    ap.add_argument("--rules", default="paper,mass", help="comma list of combine= rules; overheads are against the "
+                    "first")
+    ap.add_argument("--blocks", default="64x64", help="block_q x block_k")
     ap.add_argument("--out", default="results_combine.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -38,6 +43,13 @@ def main() -> int:
     from provenance import git_commit
 
     B, H, L, D = (int(x) for x in args.shape.split(","))
+    rules = args.rules.split(",")
+    unknown = [r for r in rules if r not in sla.settings.COMBINE_RULES]
+    if unknown:
+        print(f"--rules: unknown rule(s) {unknown}; choose from {list(sla.settings.COMBINE_RULES)}", file=sys.stderr)
+        return 2
+    block_q, block_k = (int(x) for x in args.blocks.split("x"))
+    blocks = dict(block_q=block_q, block_k=block_k)
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     w = (0.05 * torch.randn(D, D, device="cuda")).requires_grad_()
@@ -49,33 +61,34 @@ def main() -> int:
         def run():
             with torch.no_grad():
                 sla.sparse_linear_attention(q, k, v, proj_weight=w, proj_bias=b, combine=combine,
-                                            mass_offset=mo if combine == "mass" else None)
+                                            mass_offset=mo if combine != "paper" else None, **blocks)
         return run
 
     def fwdbwd(combine):
         def run():
             o = sla.sparse_linear_attention(qg, kg, vg, proj_weight=w, proj_bias=b, combine=combine,
-                                            mass_offset=mo if combine == "mass" else None)
+                                            mass_offset=mo if combine != "paper" else None, **blocks)
             o.backward(do)
             for t in (qg, kg, vg, w, b, mo):
                 t.grad = None
         return run
 
-    times = {f"{m}_{c}": [] for m in ("fwd", "fwdbwd") for c in ("paper", "mass")}
-    for fn in (fwd("paper"), fwd("mass"), fwdbwd("paper"), fwdbwd("mass")):
-        fn()  # compile every kernel before timing
+    times = {f"{m}_{c}": [] for m in ("fwd", "fwdbwd") for c in rules}
+    for c in rules:
+        fwd(c)()  # compile every kernel before timing
+        fwdbwd(c)()
     torch.cuda.synchronize()
     for _ in range(args.repeats):
-        for c in ("paper", "mass"):
+        for c in rules:
             times[f"fwd_{c}"].append(triton.testing.do_bench(fwd(c), warmup=100, rep=400, return_mode="median"))
             times[f"fwdbwd_{c}"].append(triton.testing.do_bench(fwdbwd(c), warmup=100, rep=400,
                                                                  return_mode="median"))
     med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
     result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, commit=git_commit(),
-                  shape=[B, H, L, D], dtype="bf16", critical=0.05, negligible=0.10, blocks="64x64",
-                  times_ms=times, median_ms=med,
-                  mass_overhead_fwd=med["fwd_mass"] / med["fwd_paper"] - 1,
-                  mass_overhead_fwdbwd=med["fwdbwd_mass"] / med["fwdbwd_paper"] - 1)
+                  shape=[B, H, L, D], dtype="bf16", critical=0.05, negligible=0.10, blocks=args.blocks,
+                  times_ms=times, median_ms=med, baseline=rules[0],
+                  **{f"{c}_overhead_{m}": med[f"{m}_{c}"] / med[f"{m}_{rules[0]}"] - 1
+                     for c in rules[1:] for m in ("fwd", "fwdbwd")})
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "times_ms"}, indent=1))

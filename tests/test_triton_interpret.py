@@ -62,7 +62,7 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     with_bias = with_proj if with_bias is None else with_bias
     b = torch.randn(D).requires_grad_() if with_bias else None
     # Offsets around the values a trained layer reaches (docs/semantics.md): a in (0, 1), neither saturated.
-    mo = torch.randn(H).requires_grad_() if combine in ("mass", "pooled") else None
+    mo = torch.randn(H).requires_grad_() if combine in ("mass", "pooled", "pooled_cov") else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     do = torch.randn(B, H, Lq, D, dtype=dtype)
     with nan_poisoned_allocations():
@@ -131,14 +131,36 @@ def test_pooled_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, lin
               with_bias=with_bias)
 
 
-def test_pooled_combine_all_critical_equals_dense_attention():
-    # Every block critical: log_rest is -inf, a is exactly 1, o_c is 0 (nothing in scope): dense attention, with
-    # dense gradients; g = 0 exactly, so the projection and the offsets get nothing.
+POOLED_COV_CASES = [
+    # combine="pooled_cov": the coarse forward's second pass and pbar, the coarse kernels' u term, the covariance
+    # state's matmuls (partial last query and key blocks: Lq 130/300, Lk 257/190/1115), two chunks of means (T_n 70).
+    pytest.param(1, 2, 200, 200, 64, 64, 64, "marginal", "softmax", True, True, id="cov-marginal-softmax-64x64-proj"),
+    pytest.param(2, 1, 130, 257, 32, 32, 64, "all", "elu", False, False, id="cov-all-elu-32x64-Lq130-Lk257-noproj"),
+    pytest.param(1, 2, 300, 190, 64, 128, 64, "noncritical", "relu", True, False,
+                 id="cov-noncritical-relu-128x64-Lq300-Lk190-weight-no-bias"),
+    pytest.param(1, 1, 96, 1115, 16, 32, 16, "marginal", "softmax", True, True, id="cov-two-chunks-Tn70"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, with_bias",
+                         POOLED_COV_CASES)
+def test_pooled_cov_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map,
+                                              with_proj, with_bias, dtype):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine="pooled_cov",
+              with_bias=with_bias)
+
+
+@pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])
+def test_pooled_combine_all_critical_equals_dense_attention(combine):
+    # Every block critical: log_rest is -inf, a is exactly 1, o_c is 0 (nothing in scope; pooled_cov's weights pbar
+    # are 0 too): dense attention, with dense gradients; g = 0 exactly, so the projection and the offsets get
+    # nothing.
     q, k, v = (torch.randn(1, 2, 150, 64, requires_grad=True) for _ in range(3))
     w, b, mo = (torch.randn(*shape, requires_grad=True) for shape in ((64, 64), (64,), (2,)))
     bm = build_block_map(q.detach(), k.detach(), critical=1.0, negligible=0.0, block_q=64, block_k=64)
     with nan_poisoned_allocations():
-        o = triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b, combine="pooled",
+        o = triton_sparse_linear_attention(q, k, v, bm, proj_weight=w, proj_bias=b, combine=combine,
                                            mass_offset=mo)
         do = torch.randn_like(o)
         grads = torch.autograd.grad(o, (q, k, v, w, b, mo), do)
@@ -151,13 +173,14 @@ def test_pooled_combine_all_critical_equals_dense_attention():
         assert torch.equal(got, torch.zeros_like(got))
 
 
-def test_pooled_combine_through_the_public_operator():
-    # backend="triton" runs the rule (it was refused before its kernels existed) and agrees with the PyTorch path.
+@pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])
+def test_pooled_combine_through_the_public_operator(combine):
+    # backend="triton" runs the rule (each was refused before its kernels existed) and agrees with the PyTorch path.
     q, k, v = (torch.randn(1, 2, 200, 64) for _ in range(3))
     mo = torch.randn(2)
-    o, info = sla.sparse_linear_attention(q, k, v, critical=0.25, negligible=0.25, combine="pooled", mass_offset=mo,
+    o, info = sla.sparse_linear_attention(q, k, v, critical=0.25, negligible=0.25, combine=combine, mass_offset=mo,
                                           backend="triton", return_info=True)
-    ref = sla.sparse_linear_attention(q, k, v, combine="pooled", mass_offset=mo, backend="torch",
+    ref = sla.sparse_linear_attention(q, k, v, combine=combine, mass_offset=mo, backend="torch",
                                       block_map=info.block_map)
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
 
@@ -249,8 +272,9 @@ def test_unsupported_inputs_raise():
         triton_sparse_linear_attention(q, q, q, bm, scale=-1.0)
     with pytest.raises(ValueError, match="feature_map"):
         triton_sparse_linear_attention(q, q, q, bm, feature_map="gelu")
-    with pytest.raises(ValueError, match="combine='pooled_cov' has no Triton kernels"):
-        sla.sparse_linear_attention(q, q, q, combine="pooled_cov", backend="triton")
+    with pytest.raises(ValueError, match="combine must be"):
+        triton_sparse_linear_attention(q[..., :32], q[..., :32], q[..., :32], build_block_map(
+            q[..., :32], q[..., :32], critical=0.5, negligible=0.0), combine="pooled_covariance")
 
 
 def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store_aux=True, combine="paper"):
@@ -258,8 +282,8 @@ def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store
     q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for _ in range(3))
     bm = build_block_map(q, k, critical=0.34, negligible=0.34, block_q=blk, block_k=blk)
     w, b = (torch.randn(D, D), torch.randn(D)) if with_proj else (None, None)
-    mo = torch.randn(H) if combine in ("mass", "pooled") else None
-    codes = coarse_codes(bm, linear_scope) if combine == "pooled" else None
+    mo = torch.randn(H) if combine in ("mass", "pooled", "pooled_cov") else None
+    codes = coarse_codes(bm, linear_scope) if combine in ("pooled", "pooled_cov") else None
     return (q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
             scope_mask_for(bm, linear_scope, torch.float32), w, b, mo, codes, D ** -0.5, blk, blk, "softmax", combine,
             store_aux)
@@ -267,21 +291,22 @@ def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store
 
 @pytest.mark.parametrize("linear_scope, with_proj, combine",
                          [("marginal", True, "paper"), ("all", False, "paper"), ("marginal", True, "mass"),
-                          ("marginal", True, "pooled"), ("noncritical", False, "pooled")])
+                          ("marginal", True, "pooled"), ("noncritical", False, "pooled"),
+                          ("marginal", True, "pooled_cov")])
 def test_opcheck(linear_scope, with_proj, combine):
     args = _op_args(linear_scope=linear_scope, with_proj=with_proj, combine=combine)
     grad_args = [a.clone().requires_grad_() if i in (0, 1, 2, 7, 8, 9) and a is not None else a
                  for i, a in enumerate(args)]
     torch.library.opcheck(sla_triton_fwd, grad_args)
     o, o_s, o_l, lse, a, o_c, rows, means = sla_triton_fwd(*args)
-    assert (o_c.numel() > 0) == (combine == "pooled")
+    assert (o_c.numel() > 0) == (combine in ("pooled", "pooled_cov"))
     bwd_args = (torch.randn_like(o), *args[:3], o_s, o_l, lse, a, *args[3:11], o_c, rows, means, *args[11:-1])
     torch.library.opcheck(sla_triton_bwd, bwd_args)
 
 
 def test_inference_writes_output_only():
     # Without autograd the forward keeps nothing for backward, and o is the same as with it.
-    for combine in ("paper", "pooled"):
+    for combine in ("paper", "pooled", "pooled_cov"):
         args = _op_args(store_aux=False, combine=combine)
         o, *aux = sla_triton_fwd(*args)
         assert all(x.numel() == 0 for x in aux)
@@ -291,7 +316,7 @@ def test_inference_writes_output_only():
         sla_triton_fwd(q, k, v, *args[3:])
 
 
-@pytest.mark.parametrize("combine", ["mass", "pooled"])
+@pytest.mark.parametrize("combine", ["mass", "pooled", "pooled_cov"])
 def test_torch_compile_fullgraph(combine):
     # Compiled (fullgraph, aot_eager on CPU) and eager: the output and every gradient meet the rule against the
     # fp64 reference, both of them (not compared with each other bit for bit: a traced graph may decompose the

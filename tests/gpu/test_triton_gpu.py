@@ -46,7 +46,7 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     w = (0.2 * torch.randn(D, D, device=DEV)).requires_grad_() if with_proj else None
     with_bias = with_proj if with_bias is None else with_bias
     b = torch.randn(D, device=DEV).requires_grad_() if with_bias else None
-    mo = torch.randn(H, device=DEV).requires_grad_() if combine in ("mass", "pooled") else None
+    mo = torch.randn(H, device=DEV).requires_grad_() if combine in ("mass", "pooled", "pooled_cov") else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     do = torch.randn(B, H, Lq, D, dtype=dtype, device=DEV)
     with t.nan_poisoned_allocations():
@@ -97,11 +97,25 @@ def test_pooled_combine_without_bias_and_without_projection(dtype):
     _run_case(1, 2, 1000, 777, 128, 64, 64, dtype, "marginal", "softmax", combine="pooled", with_proj=False)
 
 
+@pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])
 @pytest.mark.parametrize("block_q", [64, 128])
-def test_pooled_long_sequence_bf16(block_q):
-    # 32760 tokens: T_n = 512 key-block means, eight chunks of the coarse kernels, the dK/dV kernel's split sums.
+def test_pooled_long_sequence_bf16(block_q, combine):
+    # 32760 tokens: T_n = 512 key-block means, eight chunks of the coarse kernels, the dK/dV kernel's split sums
+    # (pooled_cov: also its 512 x 512 mixes of D x D states).
     _run_case(1, 1, 32760, 32760, 128, block_q, 64, torch.bfloat16, "marginal", "softmax", critical=0.05,
-              negligible=0.10, guard=False, gold_impl="torch", combine="pooled")
+              negligible=0.10, guard=False, gold_impl="torch", combine=combine)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map", CASES)
+def test_pooled_cov_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, dtype):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, combine="pooled_cov")
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+def test_pooled_cov_combine_without_bias_and_without_projection(dtype):
+    _run_case(1, 2, 1000, 777, 128, 128, 64, dtype, "noncritical", "elu", combine="pooled_cov", with_bias=False)
+    _run_case(1, 2, 1000, 777, 128, 64, 64, dtype, "marginal", "softmax", combine="pooled_cov", with_proj=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -231,7 +245,7 @@ def test_compiled_and_eager_block_maps_are_identical():
         assert torch.equal(eager, compiled)
 
 
-@pytest.mark.parametrize("combine", ["mass", "pooled"])
+@pytest.mark.parametrize("combine", ["mass", "pooled", "pooled_cov"])
 def test_torch_compile_gradients_within_the_rule(combine):
     # Compiled with inductor and eager on one block map: output and every gradient meet the rule, both.
     build_block_map, sla_triton, t = _imports()
@@ -277,9 +291,9 @@ def test_opcheck_gpu():
     q, k, v = (torch.randn(1, 2, 300, 64, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     bm = build_block_map(q, k, critical=0.3, negligible=0.2)
     w, b = torch.randn(64, 64, device=DEV), torch.randn(64, device=DEV)
-    for combine in ("paper", "mass", "pooled"):
+    for combine in ("paper", "mass", "pooled", "pooled_cov"):
         mo = torch.randn(2, device=DEV) if combine != "paper" else None
-        codes = coarse_codes(bm, "marginal") if combine == "pooled" else None
+        codes = coarse_codes(bm, "marginal") if combine in ("pooled", "pooled_cov") else None
         args = [q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
                 scope_mask_for(bm, "marginal", torch.bfloat16), w, b, mo, codes, 0.125, 64, 64, "softmax", combine,
                 True]

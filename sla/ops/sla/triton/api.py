@@ -72,14 +72,11 @@ def triton_sparse_linear_attention(
         proj_weight = proj_weight.to(torch.float32)
     if proj_bias is not None:
         proj_bias = proj_bias.to(torch.float32)
-    if combine == "pooled_cov":
-        raise ValueError("combine='pooled_cov' has no Triton kernels yet; run it with backend='torch' (any device, "
-                         "differentiable)")
-    if combine in ("mass", "pooled"):
+    if combine in ("mass", "pooled", "pooled_cov"):
         mass_offset = (torch.zeros(q.shape[1], dtype=torch.float32, device=q.device) if mass_offset is None
                        else mass_offset.to(torch.float32))
     elif combine != "paper":
-        raise ValueError(f"combine must be 'paper', 'mass' or 'pooled', got {combine!r}")
+        raise ValueError(f"combine must be 'paper', 'mass', 'pooled' or 'pooled_cov', got {combine!r}")
     else:
         mass_offset = None
     if feature_map not in FEATURE_MAP_FNS:  # the kernels implement each map by name (kernels.py)
@@ -91,8 +88,9 @@ def triton_sparse_linear_attention(
         raise ValueError("block_map was built with transposes='none' (inference only) but a gradient will flow; "
                          "build it with build_block_map_triton(..., transposes='critical') or 'all', or let "
                          "sla.sparse_linear_attention build it")
-    # combine="pooled": the op forms the key blocks' means and runs the coarse kernel before the fused forward.
-    codes = coarse_codes(block_map, linear_scope) if combine == "pooled" else None
+    # combine="pooled"/"pooled_cov": the op forms the key blocks' means and runs the coarse kernel (and the covariance
+    # state) before the fused forward.
+    codes = coarse_codes(block_map, linear_scope) if combine in ("pooled", "pooled_cov") else None
     o = sla_triton_fwd(
         q, k, v, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t, scope_mask,
         proj_weight, proj_bias, mass_offset, codes, scale, block_map.block_q, block_map.block_k, feature_map, combine,

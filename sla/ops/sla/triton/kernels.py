@@ -506,17 +506,19 @@ def _online_lse(b_s, m_set, b_mx, b_l):
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "Tn"])
 def sla_coarse_fwd_kernel(
-    Q, KM, VM, LOGN2, CODE, OC, LSE_C, LOG_REST,
+    Q, KM, VM, LOGN2, CODE, OC, LSE_C, LOG_REST, PBAR,
     s_q_b, s_q_h, s_q_l,
     s_oc_b, s_oc_h, s_oc_l,
     qk_scale, Lq, Tm, Tn,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, STORE_AUX: tl.constexpr,
-    PREC: tl.constexpr,
+    COV: tl.constexpr, PREC: tl.constexpr,
 ):
     # One program per (query block, batch*head): o_c = softmax over the in-scope block logits of the mean values,
     # and log_rest = natural log-sum-exp of the logits outside the critical blocks (-inf when there are none).
     # KM, VM: (B*H, T_n, D) contiguous in q's dtype; LOGN2: (T_n,) fp32 log2 of each key block's length. With
     # STORE_AUX also the base-2 log-sum-exp of o_c's softmax (LSE_C, -inf for rows with nothing in scope).
+    # COV (combine="pooled_cov"): two passes, the log-sum-exps first, then the normalised weights, whose mean over
+    # the block's real rows (pbar, the covariance state's weights) goes to PBAR (B*H, T_m, T_n) fp32.
     i_m, i_bh, i_b, i_h = _program_ids(H)
     o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
     b_q = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
@@ -528,13 +530,31 @@ def sla_coarse_fwd_kernel(
     b_mc = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_lc = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
-    for i_t in range(0, Tn, BT):
-        b_s, b_km, b_vm, m_rest, m_scope = _coarse_chunk(b_q, p_km, p_vm, LOGN2, p_code, i_t, Tn, qk_scale, D, BT,
-                                                         PREC)
-        b_mr, b_lr, _, _ = _online_lse(b_s, m_rest, b_mr, b_lr)
-        b_mc, b_lc, b_p, b_alpha = _online_lse(b_s, m_scope, b_mc, b_lc)
-        b_acc = tl.dot(b_p.to(b_vm.dtype), b_vm, b_acc * b_alpha[:, None], input_precision=PREC)
-    b_oc = b_acc / tl.where(b_lc > 0., b_lc, 1.)[:, None]
+    if COV:
+        for i_t in range(0, Tn, BT):
+            b_s, b_km, b_vm, m_rest, m_scope = _coarse_chunk(b_q, p_km, p_vm, LOGN2, p_code, i_t, Tn, qk_scale, D,
+                                                             BT, PREC)
+            b_mr, b_lr, _, _ = _online_lse(b_s, m_rest, b_mr, b_lr)
+            b_mc, b_lc, _, _ = _online_lse(b_s, m_scope, b_mc, b_lc)
+        # +inf for rows with nothing in scope and rows past Lq: their weights exp2(s - lse) are 0.
+        b_lse_c = tl.where(m_q & (b_lc > 0.), b_mc + tl.math.log2(b_lc), float("inf"))
+        n_rows = tl.minimum(Lq - i_m * BM, BM).to(tl.float32)
+        for i_t in range(0, Tn, BT):
+            b_s, b_km, b_vm, m_rest, m_scope = _coarse_chunk(b_q, p_km, p_vm, LOGN2, p_code, i_t, Tn, qk_scale, D,
+                                                             BT, PREC)
+            b_p = tl.where(m_scope[None, :], tl.math.exp2(b_s - b_lse_c[:, None]), 0.)
+            b_acc = tl.dot(b_p.to(b_vm.dtype), b_vm, b_acc, input_precision=PREC)
+            o_t = i_t + tl.arange(0, BT)
+            tl.store(PBAR + (i_bh * Tm + i_m) * Tn + o_t, tl.sum(b_p, axis=0) / n_rows, mask=o_t < Tn)
+        b_oc = b_acc
+    else:
+        for i_t in range(0, Tn, BT):
+            b_s, b_km, b_vm, m_rest, m_scope = _coarse_chunk(b_q, p_km, p_vm, LOGN2, p_code, i_t, Tn, qk_scale, D,
+                                                             BT, PREC)
+            b_mr, b_lr, _, _ = _online_lse(b_s, m_rest, b_mr, b_lr)
+            b_mc, b_lc, b_p, b_alpha = _online_lse(b_s, m_scope, b_mc, b_lc)
+            b_acc = tl.dot(b_p.to(b_vm.dtype), b_vm, b_acc * b_alpha[:, None], input_precision=PREC)
+        b_oc = b_acc / tl.where(b_lc > 0., b_lc, 1.)[:, None]
     tl.store(_tile_ptrs(OC + i_b * s_oc_b + i_h * s_oc_h, o_m, s_oc_l, D), b_oc.to(OC.dtype.element_ty), mask=m_qt)
     # log2(0) = -inf and the maximum stays -inf for a row with an empty set: its log-sum-exp is -inf, as specified.
     tl.store(LOG_REST + i_bh * Lq + o_m, (b_mr + tl.math.log2(b_lr)) * LN2, mask=m_q)
@@ -555,38 +575,60 @@ def _coarse_row_stats(LSE_C, LOG_REST, G, i_bh, Lq, o_m, m_q):
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "Tn"])
 def sla_coarse_bwd_dq_kernel(
-    Q, KM, VM, LOGN2, CODE, OC, LSE_C, LOG_REST, DOC, G, DELTA_C, DQ,
+    Q, KM, VM, LOGN2, CODE, OC, LSE_C, LOG_REST, DOC, G, U, PBAR, DELTA_C, DQ,
     s_q_b, s_q_h, s_q_l,
     s_oc_b, s_oc_h, s_oc_l,
     s_doc_b, s_doc_h, s_doc_l,
     s_dq_b, s_dq_h, s_dq_l,
     qk_scale, scale, Lq, Tm, Tn,
-    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, COV: tl.constexpr, PREC: tl.constexpr,
 ):
     # dl_j = p_j (dO_c . mean(V_j) - delta_c) [in scope] + d_rest * r_j [outside the critical blocks], with p the
     # softmax of o_c, r_j = exp(l_j - log_rest), d_rest = -g (G: the logit's gradient the linear-q kernel wrote)
     # and delta_c = dO_c . o_c (written here for the dK/dV kernel); dq = scale * sum_j dl_j mean(K_j), added to the
     # main kernels' dq already in DQ (the linear-q kernel ran first).
+    # COV (combine="pooled_cov"): p also reaches the output through pbar, the weights of the covariance state, so
+    # the gradient of p_j gains u_j, the launcher's (B*H, T_m, T_n) fp32 U of this query block (already divided by
+    # its real rows), and delta_c gains d2 = sum_j p_j u_j. d2 is complete only after the loop: the loop adds
+    # p_j (dO_c . mean(V_j) + u_j - delta_c) mean(K_j) and accumulates sum_j p_j mean(K_j), which takes d2's share
+    # afterwards; DELTA_C gets the whole delta. The loop also writes the block's pbar (the forward's, recomputed)
+    # to PBAR for the launcher's gradient of the per-key-block covariances.
     i_m, i_bh, i_b, i_h = _program_ids(H)
     o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
     b_q = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
     b_do = _load_tile(DOC + i_b * s_doc_b + i_h * s_doc_h, o_m, s_doc_l, m_qt, D)
     b_oc = _load_tile(OC + i_b * s_oc_b + i_h * s_oc_h, o_m, s_oc_l, m_qt, D)
     b_delta = tl.sum(b_do.to(tl.float32) * b_oc.to(tl.float32), axis=1)
-    tl.store(DELTA_C + i_bh * Lq + o_m, b_delta, mask=m_q)
+    if not COV:
+        tl.store(DELTA_C + i_bh * Lq + o_m, b_delta, mask=m_q)
     b_lse_c, b_lse_r, b_drest = _coarse_row_stats(LSE_C, LOG_REST, G, i_bh, Lq, o_m, m_q)
     p_km = KM + i_bh * Tn * D
     p_vm = VM + i_bh * Tn * D
     p_code = CODE + (i_bh * Tm + i_m) * Tn
     b_dq = tl.zeros([BM, D], dtype=tl.float32)
+    if COV:
+        b_d2 = tl.zeros([BM], dtype=tl.float32)
+        b_kc = tl.zeros([BM, D], dtype=tl.float32)
+        n_rows = tl.minimum(Lq - i_m * BM, BM).to(tl.float32)
     for i_t in range(0, Tn, BT):
         b_s, b_km, b_vm, m_rest, m_scope = _coarse_chunk(b_q, p_km, p_vm, LOGN2, p_code, i_t, Tn, qk_scale, D, BT,
                                                          PREC)
         b_p = tl.where(m_scope[None, :], tl.math.exp2(b_s - b_lse_c[:, None]), 0.)
         b_r = tl.where(m_rest[None, :], tl.math.exp2(b_s - b_lse_r[:, None]), 0.)
         b_dp = tl.dot(b_do, tl.trans(b_vm), input_precision=PREC)
+        if COV:
+            o_t = i_t + tl.arange(0, BT)
+            m_t = o_t < Tn
+            b_u = tl.load(U + (i_bh * Tm + i_m) * Tn + o_t, mask=m_t, other=0.)
+            b_dp += b_u[None, :]
+            b_d2 += tl.sum(b_p * b_u[None, :], axis=1)
+            b_kc = tl.dot(b_p.to(b_km.dtype), b_km, b_kc, input_precision=PREC)
+            tl.store(PBAR + (i_bh * Tm + i_m) * Tn + o_t, tl.sum(b_p, axis=0) / n_rows, mask=m_t)
         b_ds = b_p * (b_dp - b_delta[:, None]) + b_r * b_drest[:, None]
         b_dq = tl.dot(b_ds.to(b_km.dtype), b_km, b_dq, input_precision=PREC)
+    if COV:
+        b_dq -= b_d2[:, None] * b_kc
+        tl.store(DELTA_C + i_bh * Lq + o_m, b_delta + b_d2, mask=m_q)
     p_dq = _tile_ptrs(DQ + i_b * s_dq_b + i_h * s_dq_h, o_m, s_dq_l, D)
     b_dq = b_dq * scale + tl.load(p_dq, mask=m_qt, other=0.).to(tl.float32)
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_qt)
@@ -594,15 +636,16 @@ def sla_coarse_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=["Lq", "Tm", "Tn", "SPLIT"])
 def sla_coarse_bwd_dkdv_kernel(
-    Q, KM, VM, LOGN2, CODE, LSE_C, LOG_REST, DOC, G, DELTA_C, DKM, DVM,
+    Q, KM, VM, LOGN2, CODE, LSE_C, LOG_REST, DOC, G, U, DELTA_C, DKM, DVM,
     s_q_b, s_q_h, s_q_l,
     s_doc_b, s_doc_h, s_doc_l,
     qk_scale, scale, Lq, Tm, Tn, SPLIT,
-    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, COV: tl.constexpr, PREC: tl.constexpr,
 ):
     # Gradients of BT key-block means from the query blocks i_s, i_s + SPLIT, ... (grid axis 2 is i_s): the
     # launcher sums the SPLIT partial results (DKM, DVM: (SPLIT, B*H, T_n, D) fp32), so that a short T_n still
     # fills the GPU, without atomics. d mean(K_j) = scale * sum_rows dl_j q, d mean(V_j) = sum_rows p_j dO_c.
+    # COV: the weights' gradient gains u_j of the row's query block, and DELTA_C holds the whole delta (dq kernel).
     i_t, i_bh, i_b, i_h = _program_ids(H)
     i_s = tl.program_id(2)
     o_t = i_t * BT + tl.arange(0, BT)
@@ -627,6 +670,8 @@ def sla_coarse_bwd_dkdv_kernel(
         b_rt = tl.where(((b_code & 1) != 0)[:, None], tl.math.exp2(b_st - b_lse_r[None, :]), 0.)
         b_dvm = tl.dot(b_pt.to(b_do.dtype), b_do, b_dvm, input_precision=PREC)
         b_dpt = tl.dot(b_vm, tl.trans(b_do), input_precision=PREC)
+        if COV:
+            b_dpt += tl.load(U + (i_bh * Tm + i_m) * Tn + o_t, mask=m_t, other=0.)[:, None]
         b_dst = b_pt * (b_dpt - b_delta[None, :]) + b_rt * b_drest[None, :]
         b_dkm = tl.dot(b_dst.to(b_q.dtype), b_q, b_dkm, input_precision=PREC)
     p_out = (i_s * tl.num_programs(1) + i_bh) * Tn * D + o_t[:, None] * D + o_d[None, :]

@@ -121,15 +121,17 @@ def aux_outputs(q: torch.Tensor, store_aux: bool, mass: bool):
     return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32), a
 
 
-def pooled_outputs(q: torch.Tensor, Tn: int, store_aux: bool):
+def pooled_outputs(q: torch.Tensor, Tn: int, store_aux: bool, cov: bool = False):
     """``combine="pooled"``'s tensors kept for backward (their shapes, for the fake implementation), or size-0
     placeholders for every other rule and for inference: ``o_c`` (like q), ``rows`` ``(2, B, H, Lq)`` fp32 (the
     base-2 LSE of o_c's softmax, then log_rest) and ``means`` ``(2, B, H, T_n, D)`` in q's dtype (the key blocks'
-    mean keys, then mean values)."""
+    mean keys, then mean values). For ``combine="pooled_cov"`` (``cov``) ``o_c`` is ``(2, B, H, Lq, D)``
+    contiguous: the coarse attention, then the same with the covariance correction (what the output mixed in)."""
     B, H, Lq, D = q.shape
     if not store_aux:  # flat: a placeholder of many size-0 dims trips torch.library.opcheck's storage arithmetic
         return q.new_empty(0), q.new_empty(0, dtype=torch.float32), q.new_empty(0)
-    return (torch.empty_like(q), q.new_empty(2, B, H, Lq, dtype=torch.float32), q.new_empty(2, B, H, Tn, D))
+    o_c = q.new_empty(2, B, H, Lq, D) if cov else torch.empty_like(q)
+    return o_c, q.new_empty(2, B, H, Lq, dtype=torch.float32), q.new_empty(2, B, H, Tn, D)
 
 
 def _token_rows(*xs: torch.Tensor) -> list[torch.Tensor]:
@@ -150,14 +152,23 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm = triton.cdiv(Lq, block_q)
-    # combine="pooled" mixes as the mass rule does (a stored, the same backward kernels), with a from log_rest.
-    mass = combine in ("mass", "pooled")
-    pooled = combine == "pooled"
+    # combine="pooled" mixes as the mass rule does (a stored, the same backward kernels), with a from log_rest;
+    # "pooled_cov" is "pooled" with o_c corrected by the covariance state (o_mix below: what the output mixes in).
+    mass = combine in ("mass", "pooled", "pooled_cov")
+    pooled = combine in ("pooled", "pooled_cov")
+    cov = combine == "pooled_cov"
     if pooled:
         lengths = block_lengths(Lk, block_k, q.device).to(torch.float32)
         means = torch.stack((block_means(k, block_k, lengths), block_means(v, block_k, lengths)))  # (2, B, H, T_n, D)
-        o_c, rows = torch.empty_like(q), q.new_empty(2, B, H, Lq, dtype=torch.float32)
-        coarse_forward(q, means[0], means[1], torch.log2(lengths), codes, scale, block_q, o_c, rows, store_aux)
+        o_c, rows, _ = pooled_outputs(q, 0, True, cov and store_aux)
+        o_coarse = o_c[0] if cov and store_aux else o_c
+        pbar = q.new_empty(B, H, Tm, means.shape[3], dtype=torch.float32) if cov else None
+        coarse_forward(q, means[0], means[1], torch.log2(lengths), codes, scale, block_q, o_coarse, rows, store_aux,
+                       pbar)
+        o_mix = o_coarse
+        if cov:
+            corr = covariance_correction(q, k, v, means[0], pbar, scale, block_q, block_k, lengths)
+            o_mix = torch.add(o_coarse, corr, out=o_c[1]) if store_aux else o_coarse.add_(corr)
     hs, zs = linear_states(k, v, block_k, feature_map)
     big_h, big_z = aggregate_states(hs, zs, scope_mask)
     o = torch.empty_like(q)
@@ -167,10 +178,10 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
     bias = proj_bias if proj_bias is not None else big_z
     offsets = mass_offset if mass else big_z
     sla_fwd_kernel[(Tm, B * H)](
-        q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o_c if pooled else big_z,
+        q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o_mix if pooled else big_z,
         rows[1] if pooled else big_z, o, o_s, o_l, lse, a,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s),
-        *(_strides(o_c) if pooled else (0, 0, 0)), *_state_strides(big_h, big_z),
+        *(_strides(o_mix) if pooled else (0, 0, 0)), *_state_strides(big_h, big_z),
         scale * LOG2E.value, math.log(D), Lq, Lk, Tm, n_crit,  # the forward takes qk_scale (kernels.LOG2E)
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
         HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, POOLED=pooled, PREC=_dot_precision(q.dtype),
@@ -192,8 +203,11 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
     where the parameter is absent.
     """
     do = last_dim_contiguous(do)
-    mass = combine in ("mass", "pooled")
-    pooled = combine == "pooled"
+    mass = combine in ("mass", "pooled", "pooled_cov")
+    pooled = combine in ("pooled", "pooled_cov")
+    cov = combine == "pooled_cov"
+    # pooled_cov keeps the coarse attention (its softmax's backward) and what the output mixed in (g's).
+    o_coarse, o_mix = (o_c[0], o_c[1]) if cov else (o_c, o_c)
     B, H, Lq, _ = q.shape
     dq = torch.empty_like(q)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
@@ -206,13 +220,15 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
         # loop).
         do_s = torch.empty_like(do)
         do_l = torch.empty_like(do) if proj_weight is not None or pooled else None
-        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, o_c, a, dq, delta, g, do_s, do_l, scope_mask,
-                                               proj_weight, proj_bias, block_q, block_k, feature_map, mass, pooled)
+        d_big_h, d_big_z, db_part = _linear_dq(do, q, k, v, o_s, o_l, o_mix, a, dq, delta, g, do_s, do_l,
+                                               scope_mask, proj_weight, proj_bias, block_q, block_k, feature_map,
+                                               mass, pooled)
         if pooled:
             # The coarse branch's gradients: o_c gets (1 - a) dO (do_l) and log_rest -g. Its dq is added to the
             # linear kernel's in dq; the means' gradients go to dK/dV's epilogue, spread over each block's tokens.
-            d_means = coarse_backward(do_l, g, q, means[0], means[1], codes, o_c, rows, dq, scale, block_q,
-                                      block_k, Lk=k.shape[2])
+            cov_grads = covariance_backward(do_l, q, k, v, means[0], scale, block_q, block_k) if cov else None
+            d_means = coarse_backward(do_l, g, q, means[0], means[1], codes, o_coarse, rows, dq, scale, block_q,
+                                      block_k, Lk=k.shape[2], cov_grads=cov_grads)
         _sparse_dq(do_s, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass)
     else:
         # 1. sparse branch, per query block: delta = rowsum(dO * O_s) and its dq
@@ -225,6 +241,8 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
     # 4. per key block: the sparse dK, dV over the query blocks that chose it, plus the linear branch's share
     dk, dv = _dkdv(do_s, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, d_means if pooled else None, scale,
                    block_q, block_k, critical_lut.shape[-1], feature_map)
+    if cov:
+        covariance_token_grads(do_l, q, k, v, means, cov_grads, dq, dk, dv, scale, block_q, block_k)
     # 5. the parameters: Proj's weight and bias, the mass offsets
     d_w, d_b, d_off = _parameter_grads(do_l, o_l, g, db_part, proj_weight, proj_bias, mass_offset)
     return dq, dk, dv, d_w, d_b, d_off
@@ -366,29 +384,35 @@ def block_means(x: torch.Tensor, block_k: int, lengths: torch.Tensor) -> torch.T
     return (sums / lengths[:, None]).to(x.dtype)
 
 
-def coarse_forward(q, k_means, v_means, log2_lengths, codes, scale, block_q, o_c, rows, store_aux):
+def coarse_forward(q, k_means, v_means, log2_lengths, codes, scale, block_q, o_c, rows, store_aux, pbar=None):
     """``combine="pooled"``'s coarse branch into ``o_c`` (like q) and ``rows`` ``(2, B, H, Lq)`` fp32: ``rows[1]`` is
     log_rest (natural log, -inf with every block critical) and, when ``store_aux``, ``rows[0]`` the base-2 LSE of
     o_c's softmax (what backward needs; not written otherwise). Inputs: q ``(B, H, Lq, D)``; the key blocks' mean
     keys and values ``(B, H, T_n, D)`` contiguous in q's dtype; ``log2_lengths`` ``(T_n,)`` fp32; ``codes``
-    ``(B, H, T_m, T_n)`` uint8 contiguous (bit 0: outside the critical blocks, bit 1: in the linear scope)."""
+    ``(B, H, T_m, T_n)`` uint8 contiguous (bit 0: outside the critical blocks, bit 1: in the linear scope). With
+    ``pbar`` (``combine="pooled_cov"``, ``(B, H, T_m, T_n)`` fp32) also the coarse weights' mean over each query
+    block's real rows."""
     B, H, Lq, D = q.shape
     Tn = k_means.shape[2]
     Tm = triton.cdiv(Lq, block_q)
     sla_coarse_fwd_kernel[(Tm, B * H)](
-        q, k_means, v_means, log2_lengths, codes, o_c, rows[0], rows[1],
+        q, k_means, v_means, log2_lengths, codes, o_c, rows[0], rows[1], pbar if pbar is not None else rows,
         *_strides(q), *_strides(o_c), scale * LOG2E.value, Lq, Tm, Tn,
-        H=H, D=D, BM=block_q, BT=coarse_chunk(block_q, False), STORE_AUX=store_aux, PREC=_dot_precision(q.dtype),
+        H=H, D=D, BM=block_q, BT=coarse_chunk(block_q, False), STORE_AUX=store_aux, COV=pbar is not None,
+        PREC=_dot_precision(q.dtype),
         **launch_config("coarse_fwd", block_q, coarse_chunk(block_q, False), D, q.dtype, q.device))
 
 
-def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, block_q, block_k, Lk):
+def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, block_q, block_k, Lk,
+                    cov_grads=None):
     """The coarse branch's backward: its dq is added into ``dq`` (q's dtype and layout, the main kernels' share
     already there); returns ``(2, B*H, T_n, D)`` fp32, what each token of a key block gets through the block's mean
     key (``[0]``) and mean value (``[1]``), for the dK/dV kernel's epilogue. ``d_o_c`` is o_c's gradient (like q,
     any strides with a contiguous last dim), ``g`` ``(B, H, Lq)`` fp32 the gradient of ``a``'s logit (log_rest's
     gradient is ``-g``); the rest as :func:`coarse_forward` kept them. Two kernels: dq per query block, then the
-    means' gradients in partial sums over groups of query blocks, summed here."""
+    means' gradients in partial sums over groups of query blocks, summed here. ``cov_grads`` (``combine="pooled_cov"``,
+    from :func:`covariance_backward`): the coarse weights' gradient through the covariance state joins both
+    kernels, and the dq kernel writes each query block's ``pbar`` into it."""
     d_o_c = last_dim_contiguous(d_o_c)
     B, H, Lq, D = q.shape
     Tn = k_means.shape[2]
@@ -398,18 +422,114 @@ def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, 
     delta_c = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     lengths = block_lengths(Lk, block_k, q.device).to(torch.float32)
     log2_lengths = torch.log2(lengths)
+    cov = cov_grads is not None
+    u, pbar = (cov_grads["u"], cov_grads["pbar"]) if cov else (g, g)  # placeholders, never read without COV
     sla_coarse_bwd_dq_kernel[(Tm, B * H)](
-        q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest, d_o_c, g, delta_c, dq,
+        q, k_means, v_means, log2_lengths, codes, o_c, lse_c, log_rest, d_o_c, g, u, pbar, delta_c, dq,
         *_strides(q), *_strides(o_c), *_strides(d_o_c), *_strides(dq), scale * LOG2E.value, scale, Lq, Tm, Tn,
-        H=H, D=D, BM=block_q, BT=chunk, PREC=_dot_precision(q.dtype),
+        H=H, D=D, BM=block_q, BT=chunk, COV=cov, PREC=_dot_precision(q.dtype),
         **launch_config("coarse_dq", block_q, chunk, D, q.dtype, q.device))
     chunks = triton.cdiv(Tn, chunk)
     split = max(1, min(Tm, COARSE_DKDV_PROGRAMS // (chunks * B * H)))
     d_means = torch.empty(2, split, B * H, Tn, D, dtype=torch.float32, device=q.device)
     sla_coarse_bwd_dkdv_kernel[(chunks, B * H, split)](
-        q, k_means, v_means, log2_lengths, codes, lse_c, log_rest, d_o_c, g, delta_c, d_means[0], d_means[1],
+        q, k_means, v_means, log2_lengths, codes, lse_c, log_rest, d_o_c, g, u, delta_c, d_means[0], d_means[1],
         *_strides(q), *_strides(d_o_c), scale * LOG2E.value, scale, Lq, Tm, Tn, split,
-        H=H, D=D, BM=block_q, BT=chunk, PREC=_dot_precision(q.dtype),
+        H=H, D=D, BM=block_q, BT=chunk, COV=cov, PREC=_dot_precision(q.dtype),
         **launch_config("coarse_dkdv", block_q, chunk, D, q.dtype, q.device))
     # A mean over n_j tokens passes 1 / n_j of its gradient to each of them.
     return d_means.sum(1) / lengths[:, None]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# combine="pooled_cov": the covariance state (sla/ops/sla/naive.py, covariance_correction, is the spec)
+# ------------------------------------------------------------------------------------------------------------------
+# Per key block C_j = (K_j - mean(K_j))^T V_j / n_j, per query block G_i = scale * sum_j pbar_ij C_j, per row
+# corr = q G_i: the work of the linear branch's states, done the same way, as tensor-core matmuls (cuBLAS) over
+# D x D states. Only the coarse weights' block means pbar come from the kernels (the coarse forward writes them; in
+# backward the coarse dq kernel recomputes them). Nothing of size T_m x D x D is kept between forward and backward:
+# the forward keeps o_c with and without the correction, the backward recomputes the states.
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``(B, H, L, D)`` (any strides) as ``(B, H, T, block, D)``, zero-padded to whole blocks (a copy only then)."""
+    L = x.shape[2]
+    pad = triton.cdiv(L, block) * block - L
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.unflatten(2, ((L + pad) // block, block))
+
+
+def _centred_blocks(x: torch.Tensor, means: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each block's tokens of ``x`` ``(B, H, L, D)`` minus the block's mean (``means`` ``(B, H, T, D)``), as
+    ``(B, H, T, block, D)`` in ``dtype``, zero past ``L``."""
+    L = x.shape[2]
+    xc = _blocks(x, block).to(dtype) - means.to(dtype)[..., None, :]
+    pad = xc.shape[2] * block - L
+    if pad:
+        xc[:, :, -1, block - pad:] = 0
+    return xc
+
+
+def covariance_states(k: torch.Tensor, v: torch.Tensor, k_means: torch.Tensor, block_k: int,
+                      lengths: torch.Tensor) -> torch.Tensor:
+    """Per key block ``C_j = (K_j - mean(K_j))^T V_j / n_j``: ``(B, H, T_n, D, D)`` in the state dtype, from k and v
+    ``(B, H, Lk, D)``, the forward's mean keys ``(B, H, T_n, D)`` and the block lengths ``(T_n,)`` fp32."""
+    sdt = state_dtype(v.dtype)
+    kc = _centred_blocks(k, k_means, block_k, sdt) / lengths.to(sdt)[:, None, None]
+    return torch.matmul(kc.transpose(-1, -2), _blocks(v, block_k).to(sdt))
+
+
+def _query_block_states(pbar: torch.Tensor, states: torch.Tensor, scale: float) -> torch.Tensor:
+    """``G_i = scale * sum_j pbar_ij C_j``: ``(B, H, T_m, D, D)`` from pbar ``(B, H, T_m, T_n)`` fp32 and the
+    ``(B, H, T_n, D, D)`` states, in their dtype."""
+    B, H, Tn, D, _ = states.shape
+    big = torch.matmul((pbar * scale).to(states.dtype), states.reshape(B, H, Tn, D * D))
+    return big.reshape(B, H, -1, D, D)
+
+
+def covariance_correction(q, k, v, k_means, pbar, scale, block_q, block_k, lengths) -> torch.Tensor:
+    """``combine="pooled_cov"``'s correction of o_c, ``q G_i`` per row: ``(B, H, Lq, D)`` in q's dtype, from the
+    coarse forward's ``pbar`` ``(B, H, T_m, T_n)`` fp32 and the mean keys it used."""
+    states = covariance_states(k, v, k_means, block_k, lengths)
+    corr = torch.matmul(_blocks(q, block_q).to(states.dtype), _query_block_states(pbar, states, scale))
+    return corr.flatten(2, 3)[:, :, :q.shape[2]].to(q.dtype)
+
+
+def covariance_backward(d_o_c, q, k, v, k_means, scale, block_q, block_k) -> dict:
+    """The first half of ``combine="pooled_cov"``'s state backward, before the coarse kernels: with ``d_o_c`` the
+    gradient of what the output mixed in (``(1 - a) dO``), ``dG_i = scale * Q_i^T dO_c,i`` per query block and the
+    gradient of the coarse weights' block means ``<dG_i, C_j>``, divided by the block's real rows (``u``
+    ``(B, H, T_m, T_n)`` fp32, read by both coarse kernels). Returns those, the recomputed states and an empty
+    ``pbar`` that the coarse dq kernel fills, for :func:`covariance_token_grads`."""
+    B, H, Lq, D = q.shape
+    lengths = block_lengths(k.shape[2], block_k, q.device).to(torch.float32)
+    states = covariance_states(k, v, k_means, block_k, lengths)
+    sdt = states.dtype
+    d_g = torch.matmul(_blocks(q, block_q).to(sdt).transpose(-1, -2), _blocks(d_o_c, block_q).to(sdt))  # dG / scale
+    Tm, Tn = d_g.shape[2], states.shape[2]
+    rows = block_lengths(Lq, block_q, q.device).to(torch.float32)
+    u = torch.matmul(d_g.reshape(B, H, Tm, D * D), states.reshape(B, H, Tn, D * D).transpose(-1, -2))
+    u = (u.to(torch.float32) * (scale / rows[:, None])).contiguous()
+    pbar = torch.empty(B, H, Tm, Tn, dtype=torch.float32, device=q.device)
+    return dict(u=u, pbar=pbar, d_g=d_g, states=states, lengths=lengths)
+
+
+def covariance_token_grads(d_o_c, q, k, v, means, cov_grads, dq, dk, dv, scale, block_q, block_k) -> None:
+    """The second half, after the coarse kernels wrote ``pbar``: adds into ``dq`` what flows through ``q G_i``
+    (``dO_c G_i^T``), and into ``dk``, ``dv`` what flows through each ``C_j``: with ``dC_j = scale * sum_i pbar_ij
+    Q_i^T dO_c,i``, ``dk_t += (v_t - mean(V_j)) dC_j^T / n_j`` and ``dv_t += (k_t - mean(K_j)) dC_j / n_j`` (the
+    block mean's own share included: the centred tokens sum to zero)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    states, d_g, pbar, lengths = cov_grads["states"], cov_grads["d_g"], cov_grads["pbar"], cov_grads["lengths"]
+    sdt = states.dtype
+    dq_c = torch.matmul(_blocks(d_o_c, block_q).to(sdt), _query_block_states(pbar, states, scale).transpose(-1, -2))
+    dq.add_(dq_c.flatten(2, 3)[:, :, :Lq].to(dq.dtype))
+    Tm, Tn = pbar.shape[2], pbar.shape[3]
+    d_c = torch.matmul((pbar * scale).transpose(-1, -2).to(sdt), d_g.reshape(B, H, Tm, D * D)).reshape(B, H, Tn, D, D)
+    d_c = d_c / lengths.to(sdt)[:, None, None]
+    dk_c = torch.matmul(_centred_blocks(v, means[1], block_k, sdt), d_c.transpose(-1, -2))
+    dv_c = torch.matmul(_centred_blocks(k, means[0], block_k, sdt), d_c)
+    dk.add_(dk_c.flatten(2, 3)[:, :, :Lk].to(dk.dtype))
+    dv.add_(dv_c.flatten(2, 3)[:, :, :Lk].to(dv.dtype))

@@ -53,8 +53,10 @@ ARMS = {
     # The control of the third experiment: the mass rule on the PyTorch path too, separating rule from backend.
     "sla_mass_tile_torch": dict(attention="sla", combine="mass", token_tile=(4, 4, 4), backend="torch"),
     # combine="pooled_cov": the pooled rule with each block's key-value covariance (first order in the spread of its
-    # keys); PyTorch path only (no kernels yet).
+    # keys). Its fourth-experiment arm ran the PyTorch path (no kernels then) and keeps it; "_triton" is its backend
+    # control on the kernels that came after.
     "sla_pooled_cov_tile": dict(attention="sla", combine="pooled_cov", token_tile=(4, 4, 4), backend="torch"),
+    "sla_pooled_cov_tile_triton": dict(attention="sla", combine="pooled_cov", token_tile=(4, 4, 4)),
 }
 # Arms that differ from "sla_mass_tile" only in their block shape (the report's block table).
 BLOCK_ARMS = ("sla_mass_tile", "sla_mass_tile_128x64", "sla_mass_tile_128x128")
@@ -64,7 +66,8 @@ BASELINE = {"sla_mass_tile": "sparse_only_tile", "sla_pooled_tile": "sparse_only
 # A new rule is also compared, seed by seed, with the rule it means to replace.
 RIVAL = {"sla_pooled_tile": "sla_mass_tile", "sla_pooled_cov_tile": "sla_pooled_tile"}
 # Arm -> the same recipe on the other backend (the report's backend-control table).
-BACKEND_CONTROL = {"sla_mass_tile_torch": "sla_mass_tile", "sla_pooled_tile_triton": "sla_pooled_tile"}
+BACKEND_CONTROL = {"sla_mass_tile_torch": "sla_mass_tile", "sla_pooled_tile_triton": "sla_pooled_tile",
+                   "sla_pooled_cov_tile_triton": "sla_pooled_cov_tile"}
 SHARED = dict(steps=400, batch_size=8, lr=2e-4, warmup_steps=20, critical=0.05, negligible=0.10)
 EVAL = dict(clips=256, samples=256, sample_steps=20, batch_size=32)
 SAVE_EVERY = 100
@@ -350,7 +353,7 @@ def cmd_report(args) -> int:
         if paired:
             controls[arm] = dict(against=other, seeds=paired, loss_difference_per_seed=diff,
                                  mean_difference=_mean(diff))
-            if ARMS[arm].get("combine") != "pooled" and all(("sla_pooled_tile", s) in by for s in paired):
+            if ARMS[arm].get("combine") == "mass" and all(("sla_pooled_tile", s) in by for s in paired):
                 better = _lower_per_seed(by, paired, "sla_pooled_tile", arm)
                 controls[arm].update(pooled_beats_it_every_seed=all(better), pooled_beats_it_per_seed=better)
     st = results[0]["settings"]

@@ -20,7 +20,7 @@ LINEAR_SCOPES = ("marginal", "noncritical", "all")
 # How the two branches are combined: "paper" = o_s + Proj(o_l) (arXiv 2509.24006, Eq. 6); "mass" =
 # a * o_s + (1 - a) * Proj(o_l) with a the estimated share of the attention mass in the critical blocks;
 # "pooled" = a * o_s + (1 - a) * (o_c + Proj(o_l)) with a and the coarse attention o_c from the key blocks' means
-# (docs/semantics.md); "pooled_cov" (experimental, PyTorch path only) = "pooled" with each mean value corrected to
+# (docs/semantics.md); "pooled_cov" (experimental) = "pooled" with each mean value corrected to
 # first order for the spread of its block's keys, one D x D state per query block.
 COMBINE_RULES = ("paper", "mass", "pooled", "pooled_cov")
 # The rules that mix the branches by a per-row weight a, with a learnable per-head offset ``mass_offset``.

@@ -25,8 +25,8 @@ class SparseLinearAttention(nn.Module):
     ``combine="pooled"``: ``o = a * o_s + (1 - a) * (o_c + Proj(o_l))`` with ``a`` and the coarse attention ``o_c``
     estimated from the key blocks' mean keys and values. ``Proj`` starts at zero (the module then computes sparse
     plus coarse attention), with ``mass_offset`` as for ``"mass"``. Runs on every backend.
-    ``combine="pooled_cov"`` (experimental, ``backend="torch"``): the same with ``o_c`` corrected for the spread of
-    each block's keys (:mod:`sla.ops.sla.naive`), initialised as ``"pooled"``.
+    ``combine="pooled_cov"`` (experimental, every backend): the same with ``o_c`` corrected for the spread of each
+    block's keys (:mod:`sla.ops.sla.naive`), initialised as ``"pooled"``.
 
     Args:
         head_dim (int): D of q, k, v.

@@ -53,7 +53,7 @@ class FinetuneConfig:
     # O(1) within a short fine-tune; Adam moves a weight by at most ~lr per step, so they get larger learning
     # rates and no weight decay (docs/results.md, "recipe").
     proj_lr_scale: float = 10.0  # learning-rate multiplier for the SLA projections
-    mass_lr_scale: float = 100.0  # learning-rate multiplier for the per-head mass offsets (mass, pooled)
+    mass_lr_scale: float = 100.0  # learning-rate multiplier for the per-head mass offsets (mass, pooled, pooled_cov)
     sla_weight_decay: float = 0.0  # weight decay of the SLA parameters (weight_decay applies to the rest)
     weight_decay: float = 0.01
     beta1: float = 0.9

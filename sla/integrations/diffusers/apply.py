@@ -38,8 +38,8 @@ def apply_sla(
             128 (what the GPU kernels run).
         combine: ``"paper"`` (``o_s + Proj(o_l)``, zero-initialised Proj), ``"mass"`` (``a o_s + (1 - a)
             Proj(o_l)``, identity-initialised Proj and a per-head ``mass_offset``), ``"pooled"`` (experimental:
-            ``a o_s + (1 - a) (o_c + Proj(o_l))``, zero-initialised Proj) or ``"pooled_cov"`` (experimental, backend
-            ``"torch"``: ``"pooled"`` with the blocks' key-value covariance), see :class:`~sla.SparseLinearAttention`.
+            ``a o_s + (1 - a) (o_c + Proj(o_l))``, zero-initialised Proj) or ``"pooled_cov"`` (experimental:
+            ``"pooled"`` with the blocks' key-value covariance), see :class:`~sla.SparseLinearAttention`.
         dense_layers: indices (into the list of self-attention layers, i.e. the block index; negative counts from
             the end) of layers that keep their original dense processor and get no SLA module.
         dense_timestep_threshold: if set, a forward whose ``timestep`` (max over the batch) is ``>=`` this value

@@ -36,7 +36,9 @@ stage)
     ;;
 install)
     cd /tmp/fa4
-    for p in part0 part1 part2 part3; do [ -f "$p" ] || { echo "missing $p: stage all four parts first" >&2; exit 2; }; done
+    for p in part0 part1 part2 part3; do
+        [ -f "$p" ] || { echo "missing $p: stage all four parts first" >&2; exit 2; }
+    done
     cat part0 part1 part2 part3 > "$(cat BIG)"
     sha256sum -c SHA256SUMS
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fa4site ./*.whl

@@ -406,6 +406,9 @@ def cmd_report(args) -> int:
             lines.append(f"| {k} | {v['against']} | {', '.join(f'{x:+.4f}' for x in v['loss_difference_per_seed'])} "
                          f"| {v['mean_difference']:+.4f} | {v.get('pooled_beats_it_every_seed', 'n/a')} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    if getattr(args, "ship", None):  # callers that build their own args (tests) may leave it out
+        # The compact form the package ships beside its models (the quickstart quotes it): no per-job records.
+        Path(args.ship).write_text(json.dumps(dict(meta=meta, rows=rows, verdicts=verdicts), indent=1) + "\n")
     print("\n".join(lines))
     return 0
 
@@ -444,6 +447,8 @@ def main() -> int:
     p.add_argument("--include", nargs="*", default=[], metavar="RESULTS_JSON",
                    help="also use the jobs kept in earlier results.json files (for arms and seeds not under OUT): "
                         "e.g. bench/results_quality_wan8k.json to compare a new arm with the committed ones")
+    p.add_argument("--ship", metavar="JSON", help="also write the summary (meta, rows, verdicts) the package ships, "
+                   "e.g. sla/assets/wan8k/experiment_results.json")
     args = ap.parse_args()
     if args.cmd == "run":
         return cmd_run(args)

@@ -30,7 +30,8 @@ def test_every_asset_the_code_reads_is_shipped():
     from sla.models.small_wan import SHIPPED_FINETUNED, shipped_finetuned_path, small_model_path
 
     shipped = _shipped()
-    needed = {feature_net_path(), PACKAGE / "assets" / "small_wan_finetuned" / "experiment_results.json"}
+    needed = {feature_net_path(), PACKAGE / "assets" / "small_wan_finetuned" / "experiment_results.json",
+              PACKAGE / "assets" / "wan8k" / "experiment_results.json"}
     small = small_model_path("small")
     needed |= {small / "config.json", small / "synthetic_data.json", *small.glob("*.safetensors")}
     for arm in SHIPPED_FINETUNED:  # sla finetune's final/ folders, loaded whole by load_finetuned

@@ -46,7 +46,7 @@ def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
     block = report["block_shapes"]["sla_mass_tile_128x128"]
     assert block["against"] == "sla_mass_tile" and block["seeds"] == [0]
     assert [r["blocks"] for r in report["rows"] if r["arm"] == "sla_mass_tile_128x128"] == ["128x128"]
-    # The pooled rule's arm names its backend (no Triton kernels yet) and is compared with the mass rule too.
+    # The pooled rule's arm names its backend (the PyTorch path it ran on) and is compared with the mass rule too.
     r = qe.run_job("sla_pooled_tile", 0, tmp_path, "small", smoke=True, backend="auto", threads=1)
     assert r["backend"] == "torch" and r["eval_backend"] == "torch" and r["settings"]["combine"] == "pooled"
     assert qe.cmd_report(Args()) == 0
@@ -68,6 +68,12 @@ def test_smoke_jobs_and_report_with_token_tiles(tmp_path):
     verdict = json.loads((tmp_path / "results.json").read_text())["verdicts"]["sla_pooled_cov_tile"]
     assert verdict["baseline"] == "sparse_only_tile" and verdict["rival"] == "sla_pooled_tile"
     assert "| sla_pooled_cov_tile | sla_pooled_tile |" in (tmp_path / "results.md").read_text()
+    # --ship: the compact summary the package ships (the quickstart quotes it), the report's rows and verdicts.
+    Args.ship = str(tmp_path / "shipped.json")
+    assert qe.cmd_report(Args()) == 0
+    shipped, full = (json.loads((tmp_path / n).read_text()) for n in ("shipped.json", "results.json"))
+    assert set(shipped) == {"meta", "rows", "verdicts"}
+    assert shipped["rows"] == full["rows"] and shipped["verdicts"] == full["verdicts"]
 
 
 def test_a_job_stopped_during_training_resumes_exactly_and_report_includes_earlier_jobs(tmp_path, monkeypatch):

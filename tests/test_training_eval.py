@@ -207,6 +207,16 @@ def test_quickstart_summary_sentence_is_computed_from_the_numbers():
     mass = next(r for r in res["rows"] if r["arm"] == "sla_mass")
     assert f"SLA mass rule {mass['heldout_loss']:.4f}" in quoted
     assert f"({100 * res['verdicts']['sla_mass']['gap_closed']:.0f}%" in quoted
+    # and the wan8k testbed's, from its shipped summary, which is the committed experiment's
+    import json
+    from pathlib import Path
+
+    wan8k = shipped_experiment_results("wan8k")
+    bench = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results_quality_wan8k.json").read_text())
+    assert wan8k["rows"] == bench["rows"] and wan8k["verdicts"] == bench["verdicts"]
+    cov = next(r for r in wan8k["rows"] if r["arm"] == "sla_pooled_cov_tile")
+    assert f"SLA pooled_cov rule {cov['heldout_loss']:.4f} (52% of the gap)" in quoted
+    assert "meets the target of half the gap" in quoted
 
 
 def test_shipped_finetuned_models_load_with_their_rules():

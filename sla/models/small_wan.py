@@ -102,10 +102,12 @@ def shipped_finetuned_path(arm: str) -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "small_wan_finetuned" / arm
 
 
-def shipped_experiment_results() -> dict:
-    """The decisive experiment's aggregated results (``scripts/quality_experiment.py report``), shipped beside
-    the fine-tuned models."""
-    path = Path(__file__).resolve().parent.parent / "assets" / "small_wan_finetuned" / "experiment_results.json"
+def shipped_experiment_results(model: str = "small") -> dict:
+    """A controlled experiment's aggregated results (``scripts/quality_experiment.py report --ship``) shipped with
+    the package: ``"small"``, the decisive experiment beside the fine-tuned small models; ``"wan8k"``, the
+    experiments on the 8,192-token testbed (docs/results.md)."""
+    folder = {"small": "small_wan_finetuned", "wan8k": "wan8k"}[model]
+    path = Path(__file__).resolve().parent.parent / "assets" / folder / "experiment_results.json"
     return json.loads(path.read_text())
 
 

@@ -35,6 +35,9 @@ each token gets through its block's mean key and value in its epilogue.
   ``scale q . mean(K_j) + log(n_j)`` of the mean values) and ``log_rest`` (log-sum-exp over the non-critical ones).
 * ``sla_coarse_bwd_dq_kernel`` / ``sla_coarse_bwd_dkdv_kernel``: their gradients with respect to q (added to the
   dq in memory) and the means.
+* ``COV`` (``combine="pooled_cov"``) in all three: the forward also writes the coarse weights' mean over each query
+  block's rows (``pbar``, the weights of the covariance state the launcher forms), the backward kernels add the
+  state's gradient with respect to those weights.
 
 Sequence lengths and the critical count are runtime integers (``do_not_specialize``): a new length or
 top-k count does not compile a new kernel.

@@ -26,6 +26,8 @@ tensor exists at all.
 ``combine="pooled"`` adds its coarse branch to both: the key blocks' means and ``sla_coarse_fwd_kernel`` before the
 forward's steps; in backward, after the linear kernel, the coarse dq kernel (adding into dq) and the means'
 gradients in partial sums, which the dK/dV kernel's epilogue adds to every token of their block.
+``combine="pooled_cov"`` adds the covariance state around those kernels as matmuls (the section at the end of
+this file).
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def _token_rows(*xs: torch.Tensor) -> list[torch.Tensor]:
 
 def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offset, codes, scale, block_q, block_k,
             feature_map, combine, store_aux):
-    """The forward launches: for ``combine="pooled"`` the key blocks' means and the coarse kernel first, then the
+    """The forward launches: for ``combine="pooled"`` the key blocks' means and the coarse kernel first (for
+    ``"pooled_cov"`` also the covariance state's correction of o_c, :func:`covariance_correction`), then the
     linear states, their aggregation per query block, the fused forward kernel. Arguments and returns as
     :func:`sla.ops.sla.triton.custom_ops.sla_triton_fwd` (which runs this with autocast off) without the
     transposed LUT, which only backward reads."""

@@ -1,4 +1,5 @@
-"""Where ``combine="pooled"``'s time goes on a GPU, against ``combine="mass"``, in one process.
+"""Where ``combine="pooled"``'s time goes on a GPU, against ``combine="mass"``, in one process (``--rules`` adds
+``"pooled_cov"``).
 
     python bench/profile_pooled.py --out bench/results_profile_pooled.json
 
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--shape", default="1,12,32760,128", help="B,H,L,D (default: %(default)s)")
     p.add_argument("--blocks", default="64x64,128x64", help="block configs block_qxblock_k (default: %(default)s)")
     p.add_argument("--no-sweep", action="store_true", help="skip the coarse kernels' launch sweep")
+    p.add_argument("--rules", default="mass,pooled", help="combine= rules to profile side by side (default: "
+                   "%(default)s; add pooled_cov for the covariance rule)")
     p.add_argument("--out", default="bench/results_profile_pooled.json", help="JSON output path")
     return p.parse_args(argv)
 
@@ -115,7 +118,7 @@ def coarse_sweep(r, block_map):
     return out
 
 
-def main_kernel_times(r, block_map):
+def main_kernel_times(r, block_map, rules=("mass", "pooled")):
     """The forward launches (``launch.forward``) for both rules, training and inference: the pooled rule's include
     its means and coarse kernel, so the difference minus ``coarse_sweep``'s "default fwd" is what ``POOLED`` costs
     inside the main kernel."""
@@ -130,9 +133,9 @@ def main_kernel_times(r, block_map):
     w, b = r.w.detach(), r.b.detach()
     out = {}
     for aux in (True, False):
-        for combine in ("mass", "pooled"):
+        for combine in rules:
             out[f"{combine} store_aux={aux}"] = bench(lambda: launch.forward(
-                q, k, v, block_map.critical_lut, mask, w, b, off, codes if combine == "pooled" else None, scale,
+                q, k, v, block_map.critical_lut, mask, w, b, off, codes if combine != "mass" else None, scale,
                 block_map.block_q, block_map.block_k, "softmax", combine, aux))
     return out
 
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
     for blocks in args.blocks.split(","):
         bq, bk = (int(x) for x in blocks.split("x"))
         entry = res["configs"][blocks] = {}
-        fns = {c: sla_fn(r, 0.05, 0.10, bq, bk, "marginal", combine=c) for c in ("mass", "pooled")}
+        fns = {c: sla_fn(r, 0.05, 0.10, bq, bk, "marginal", combine=c) for c in args.rules.split(",")}
         op = entry["op"] = {}
         for c, fn in fns.items():
             fn()
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
         entry["kernels_fwd_bwd"] = {c: kernel_profile(fn, r) for c, fn in fns.items()}
         bm = build_block_map_triton(r.q.detach(), r.k.detach(), critical=0.05, negligible=0.10, block_q=bq,
                                     block_k=bk)
-        entry["main_fwd_kernel"] = main_kernel_times(r, bm)
+        entry["main_fwd_kernel"] = main_kernel_times(r, bm, list(fns))
         print(blocks, json.dumps(entry["main_fwd_kernel"]), flush=True)
         if not args.no_sweep:
             entry["coarse_sweep"] = coarse_sweep(r, bm)

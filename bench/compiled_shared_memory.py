@@ -26,15 +26,19 @@ TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 # Pointer arguments that are not in the inputs' dtype (the rest are): "state" is launch.state_dtype.
 POINTERS = {"HS": "state", "DHS": "state", "ZS": "fp32", "DZS": "fp32", "W": "fp32", "BIAS": "fp32",
             "MASS_OFF": "fp32", "LSE": "fp32", "A": "fp32", "DELTA": "fp32", "G": "fp32", "DB_PART": "fp32",
-            "LUT": "i32", "LUT_T": "i32", "LUT_T_OFF": "i32"}
-INPUT_POINTERS = {"Q", "K", "V", "O", "OS", "OL", "DO", "DQ", "DK", "DV", "DO_S", "DO_L"}
+            "LUT": "i32", "LUT_T": "i32", "LUT_T_OFF": "i32",
+            # combine="pooled"/"pooled_cov": the coarse branch's row statistics, codes and the means' gradients
+            "LOGN2": "fp32", "CODE": "u8", "LSE_C": "fp32", "LOG_REST": "fp32", "PBAR": "fp32", "U": "fp32",
+            "DELTA_C": "fp32", "DKM": "fp32", "DVM": "fp32", "DKX": "fp32", "DVX": "fp32"}
+INPUT_POINTERS = {"Q", "K", "V", "O", "OS", "OL", "DO", "DQ", "DK", "DV", "DO_S", "DO_L", "KM", "VM", "OC", "DOC"}
 FLOATS = {"scale", "qk_scale", "log_d"}
 
 
 def compiled_shared_memory(kernel: str, dtype: torch.dtype, head_dim: int, block_q, block_k, num_warps: int,
-                           num_stages: int, sm: int) -> int:
+                           num_stages: int, sm: int, combine: str = "mass") -> int:
     """``metadata.shared`` of ``kernel`` compiled for ``sm`` with the library's defaults (softmax features, a
-    projection with bias, ``combine="mass"``, aux outputs stored)."""
+    projection with bias, aux outputs stored) under ``combine`` (``"mass"``, ``"pooled"`` or ``"pooled_cov"``;
+    the coarse kernels' ``block_k`` is their chunk of key-block means)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -45,8 +49,10 @@ def compiled_shared_memory(kernel: str, dtype: torch.dtype, head_dim: int, block
 
     fn = getattr(kernels, KERNELS[kernel])
     constants = {"H": 12, "D": head_dim, "BM": block_q, "BN": block_k, "FEATURE": "softmax", "HAS_PROJ": True,
-                 "HAS_BIAS": True, "STORE_AUX": True, "MASS": True, "PREC": _dot_precision(dtype)}
-    kinds = {"input": TRITON_TYPES[dtype], "state": TRITON_TYPES[state_dtype(dtype)], "fp32": "fp32", "i32": "i32"}
+                 "HAS_BIAS": True, "STORE_AUX": True, "MASS": True, "PREC": _dot_precision(dtype),
+                 "POOLED": combine != "mass", "COV": combine == "pooled_cov", "BT": block_k}
+    kinds = {"input": TRITON_TYPES[dtype], "state": TRITON_TYPES[state_dtype(dtype)], "fp32": "fp32", "i32": "i32",
+             "u8": "u8"}
     signature, constexprs = {}, {}
     for i, param in enumerate(fn.params):
         name = param.name
@@ -72,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="64x64,128x64,128x128", help="block_qxblock_k, comma separated")
     p.add_argument("--kernels", default="state,fwd,dq,linear_q,dkdv")
     p.add_argument("--stages", default="table", help="'table', or comma-separated num_stages to compile each with")
+    p.add_argument("--combine", default="mass", help="mass, pooled or pooled_cov (the coarse kernels: coarse_fwd, "
+                   "coarse_dq, coarse_dkdv, whose block_k is the chunk of means)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -97,12 +105,13 @@ def main(argv=None) -> int:
                     stages = ([config["num_stages"]] if args.stages == "table"
                               else [int(s) for s in args.stages.split(",")])
                     for s in stages:
-                        row = {"kernel": kernel, "dtype": dt, "head_dim": d, "block_q": bq, "block_k": bk,
+                        row = {"kernel": kernel, "combine": args.combine, "dtype": dt, "head_dim": d, "block_q": bq,
+                               "block_k": bk,
                                "num_warps": config["num_warps"], "num_stages": s,
                                "estimate": estimate_shared_memory(kernel, bq, bk, d, DTYPES[dt], s)}
                         try:
                             row["compiled"] = compiled_shared_memory(kernel, DTYPES[dt], d, bq, bk,
-                                                                     config["num_warps"], s, args.sm)
+                                                                     config["num_warps"], s, args.sm, args.combine)
                         except Exception as exc:  # a launch the compiler rejects is a result too
                             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                         rows.append(row)

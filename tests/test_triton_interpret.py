@@ -185,6 +185,24 @@ def test_pooled_combine_through_the_public_operator(combine):
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_pooled_cov_reads_strided_views_and_short_blocks():
+    # (B, L, H, D) buffers viewed as (B, H, L, D), lengths that leave partial query and key blocks: the covariance
+    # state's block views and padding, forward and backward, against the PyTorch path on the same block map.
+    q, k, v, do = (torch.randn(1, 150, 2, 32).transpose(1, 2) for _ in range(4))
+    mo = torch.randn(2)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, mo)]
+    o, info = sla.sparse_linear_attention(*leaves[:3], critical=0.3, negligible=0.2, block_q=32, block_k=32,
+                                          combine="pooled_cov", mass_offset=leaves[3], backend="triton",
+                                          return_info=True)
+    grads = torch.autograd.grad(o, leaves, do)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, mo)]
+    ref = sla.sparse_linear_attention(*ref_leaves[:3], combine="pooled_cov", mass_offset=ref_leaves[3],
+                                      backend="torch", block_map=info.block_map)
+    torch.testing.assert_close(o, ref, atol=2e-5, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, ref_leaves, do)):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
 def test_block_means_and_codes():
     x = torch.randn(2, 3, 150, 16).transpose(1, 2).contiguous().transpose(1, 2)  # a (B, L, H, D) buffer's view
     m = block_means(x, 64, block_lengths(150, 64).float())

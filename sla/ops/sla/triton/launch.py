@@ -245,7 +245,7 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
     dk, dv = _dkdv(do_s, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, d_means if pooled else None, scale,
                    block_q, block_k, critical_lut.shape[-1], feature_map)
     if cov:
-        covariance_token_grads(do_l, q, k, v, means, cov_grads, dq, dk, dv, scale, block_q, block_k)
+        covariance_token_grads(q, k, v, means, cov_grads, dq, dk, dv, scale, block_q, block_k)
     # 5. the parameters: Proj's weight and bias, the mass offsets
     d_w, d_b, d_off = _parameter_grads(do_l, o_l, g, db_part, proj_weight, proj_bias, mass_offset)
     return dq, dk, dv, d_w, d_b, d_off
@@ -509,16 +509,17 @@ def covariance_backward(d_o_c, q, k, v, k_means, scale, block_q, block_k) -> dic
     lengths = block_lengths(k.shape[2], block_k, q.device).to(torch.float32)
     states = covariance_states(k, v, k_means, block_k, lengths)
     sdt = states.dtype
-    d_g = torch.matmul(_blocks(q, block_q).to(sdt).transpose(-1, -2), _blocks(d_o_c, block_q).to(sdt))  # dG / scale
+    do_blocks = _blocks(d_o_c, block_q).to(sdt)  # kept for covariance_token_grads: one padded copy, not two
+    d_g = torch.matmul(_blocks(q, block_q).to(sdt).transpose(-1, -2), do_blocks)  # dG / scale
     Tm, Tn = d_g.shape[2], states.shape[2]
     rows = block_lengths(Lq, block_q, q.device).to(torch.float32)
     u = torch.matmul(d_g.reshape(B, H, Tm, D * D), states.reshape(B, H, Tn, D * D).transpose(-1, -2))
     u = (u.to(torch.float32) * (scale / rows[:, None])).contiguous()
     pbar = torch.empty(B, H, Tm, Tn, dtype=torch.float32, device=q.device)
-    return dict(u=u, pbar=pbar, d_g=d_g, states=states, lengths=lengths)
+    return dict(u=u, pbar=pbar, d_g=d_g, states=states, lengths=lengths, do_blocks=do_blocks)
 
 
-def covariance_token_grads(d_o_c, q, k, v, means, cov_grads, dq, dk, dv, scale, block_q, block_k) -> None:
+def covariance_token_grads(q, k, v, means, cov_grads, dq, dk, dv, scale, block_q, block_k) -> None:
     """The second half, after the coarse kernels wrote ``pbar``: adds into ``dq`` what flows through ``q G_i``
     (``dO_c G_i^T``), and into ``dk``, ``dv`` what flows through each ``C_j``: with ``dC_j = scale * sum_i pbar_ij
     Q_i^T dO_c,i``, ``dk_t += (v_t - mean(V_j)) dC_j^T / n_j`` and ``dv_t += (k_t - mean(K_j)) dC_j / n_j`` (the
@@ -527,7 +528,7 @@ def covariance_token_grads(d_o_c, q, k, v, means, cov_grads, dq, dk, dv, scale, 
     Lk = k.shape[2]
     states, d_g, pbar, lengths = cov_grads["states"], cov_grads["d_g"], cov_grads["pbar"], cov_grads["lengths"]
     sdt = states.dtype
-    dq_c = torch.matmul(_blocks(d_o_c, block_q).to(sdt), _query_block_states(pbar, states, scale).transpose(-1, -2))
+    dq_c = torch.matmul(cov_grads["do_blocks"], _query_block_states(pbar, states, scale).transpose(-1, -2))
     dq.add_(dq_c.flatten(2, 3)[:, :, :Lq].to(dq.dtype))
     Tm, Tn = pbar.shape[2], pbar.shape[3]
     d_c = torch.matmul((pbar * scale).transpose(-1, -2).to(sdt), d_g.reshape(B, H, Tm, D * D)).reshape(B, H, Tn, D, D)

@@ -71,7 +71,7 @@ def coarse_setup(r, block_map, scope="marginal"):
 
     def bwd():
         dq.zero_()
-        d_means = launch.coarse_backward(r.do, g, q, km, vm, codes, o_c, rows, dq, scale, bq, bk, k.shape[2])
+        d_means = launch.coarse_backward(r.do, g, q, km, vm, codes, o_c, rows, dq, scale, bq, lengths)
         return dq, d_means
 
     return fwd, bwd

@@ -25,6 +25,8 @@ LINEAR_SCOPES = ("marginal", "noncritical", "all")
 COMBINE_RULES = ("paper", "mass", "pooled", "pooled_cov")
 # The rules that mix the branches by a per-row weight a, with a learnable per-head offset ``mass_offset``.
 MIXING_RULES = ("mass", "pooled", "pooled_cov")
+# The rules with the coarse branch over the key blocks' means (o_c, log_rest).
+POOLED_RULES = ("pooled", "pooled_cov")
 # Implementations: "auto" picks by device (sla.ops.sla.interface.resolve_backend); the others are the names in
 # the interface's BACKENDS table (a test keeps the two lists equal).
 BACKEND_NAMES = ("auto", "torch", "triton", "reference")

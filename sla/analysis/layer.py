@@ -24,13 +24,14 @@ from ..ops.sla.blockmap import (
 )
 from ..ops.sla.feature_maps import apply_feature_map
 from ..ops.sla.naive import (
+    block_covariances,
     coarse_attention,
     coarse_probabilities,
     expand_block_mask,
     mass_weight,
     pooled_weight,
 )
-from ..settings import SLASettings
+from ..settings import POOLED_RULES, SLASettings
 from . import metrics
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.92, 0.95, 0.97)
@@ -169,12 +170,8 @@ def _within_block_terms(logits, q, k, v, block_k, scale):
     block_lse = torch.logsumexp(lg, dim=-1)
     w = torch.softmax(lg, dim=-1)
     v_blocks = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(T, block_k, D)
-    k_blocks = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(T, block_k, D)
     v_exact = torch.einsum("rtj,tjd->rtd", w, v_blocks)
-    n = block_lengths(N, block_k, k.device).to(k.dtype)
-    k_centred = k_blocks - mean_pool_blocks(k, block_k)[:, None, :]
-    valid = (torch.arange(T * block_k, device=k.device) < N).reshape(T, block_k, 1).to(k.dtype)
-    cov = torch.einsum("tjd,tje->tde", k_centred * valid, v_blocks) / n[:, None, None]
+    cov = block_covariances(k, v, mean_pool_blocks(k, block_k), block_k)
     u = scale * torch.einsum("rd,tde->rte", q, cov)
     return {"block_lse": block_lse, "v_exact": v_exact, "u": u, "cov": cov}
 
@@ -427,7 +424,7 @@ def analyze_attention(
                     offset = None if sla.mass_offset is None else sla.mass_offset[h:h + 1].to(o_l)
                     a = mass_weight(lse, den, D, offset)
                     own = a * o_s + (1 - a) * proj
-                elif sla.combine in ("pooled", "pooled_cov"):  # a and o_c: the key-block-mean estimates above
+                elif sla.combine in POOLED_RULES:  # a and o_c: the key-block-mean estimates above
                     offset = None if sla.mass_offset is None else sla.mass_offset[h:h + 1].to(o_l)
                     a = pooled_weight(lse[None, None], log_rest[None, None], offset)[0, 0]
                     own = a * o_s + (1 - a) * ((o_first_b if sla.combine == "pooled_cov" else o_pooled) + proj)

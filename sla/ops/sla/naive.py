@@ -39,6 +39,7 @@ import math
 
 import torch
 
+from ...settings import POOLED_RULES
 from .backend import Backend
 from .blockmap import CRITICAL, BlockMap, block_lengths, in_linear_scope, mean_pool_blocks
 from .feature_maps import apply_feature_map
@@ -116,7 +117,7 @@ def naive_sparse_linear_attention(
     if combine == "mass":
         a = mass_weight(lse, normaliser, D, mass_offset)
         out = a * o_s + (1 - a) * projected
-    elif combine in ("pooled", "pooled_cov"):
+    elif combine in POOLED_RULES:
         o_c, log_rest = coarse_branch(q, k, v, block_map.class_map, bq, bk, scale, linear_scope,
                                       covariance=combine == "pooled_cov")
         a = pooled_weight(lse, log_rest, mass_offset)
@@ -197,19 +198,26 @@ def covariance_correction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_m
     rows and ``C_j = mean over key block j of (k - mean(K_j)) v^T`` ``(D, D)`` (``k_means`` ``(B, H, T_n, D)``, as
     :func:`coarse_branch` pooled them). Memory O(T_n D^2 + T_m D^2) per head."""
     Lq = q.shape[-2]
-    Lk = k.shape[-2]
-    tn, tm = -(-Lk // block_k), -(-Lq // block_q)
-    k_centred = k - k_means.repeat_interleave(block_k, dim=-2)[..., :Lk, :]
-    pad_k = tn * block_k - Lk
-    k_blocks = torch.nn.functional.pad(k_centred, (0, 0, 0, pad_k)).unflatten(-2, (tn, block_k))
-    v_blocks = torch.nn.functional.pad(v, (0, 0, 0, pad_k)).unflatten(-2, (tn, block_k))
-    lengths_k = block_lengths(Lk, block_k, q.device).to(q.dtype)
-    cov = torch.einsum("...tjd,...tje->...tde", k_blocks, v_blocks) / lengths_k[:, None, None]
+    tm = -(-Lq // block_q)
+    cov = block_covariances(k, v, k_means, block_k)
     state = torch.einsum("...mt,...tde->...mde", mean_pool_blocks(p, block_q), cov)
     pad_q = tm * block_q - Lq
     q_blocks = torch.nn.functional.pad(q, (0, 0, 0, pad_q)).unflatten(-2, (tm, block_q))
     corr = torch.einsum("...mrd,...mde->...mre", q_blocks, state) * scale
     return corr.flatten(-3, -2)[..., :Lq, :]
+
+
+def block_covariances(k: torch.Tensor, v: torch.Tensor, k_means: torch.Tensor, block_k: int) -> torch.Tensor:
+    """``C_j = mean over key block j of (k - mean(K_j)) v^T``: ``(..., T_n, D, D)`` from k and v ``(..., Lk, D)``
+    and the blocks' mean keys ``k_means`` ``(..., T_n, D)``; the last block, if short, over its real tokens."""
+    Lk = k.shape[-2]
+    tn = -(-Lk // block_k)
+    pad = tn * block_k - Lk
+    k_centred = k - k_means.repeat_interleave(block_k, dim=-2)[..., :Lk, :]
+    k_blocks = torch.nn.functional.pad(k_centred, (0, 0, 0, pad)).unflatten(-2, (tn, block_k))
+    v_blocks = torch.nn.functional.pad(v, (0, 0, 0, pad)).unflatten(-2, (tn, block_k))
+    lengths = block_lengths(Lk, block_k, k.device).to(k.dtype)
+    return torch.einsum("...tjd,...tje->...tde", k_blocks, v_blocks) / lengths[:, None, None]
 
 
 def pooled_weight(lse: torch.Tensor, log_rest: torch.Tensor, mass_offset: torch.Tensor | None) -> torch.Tensor:

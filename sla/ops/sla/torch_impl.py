@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...settings import POOLED_RULES
 from .backend import Backend
 from .blockmap import MARGINAL, BlockMap, block_lengths
 from .feature_maps import apply_feature_map
@@ -260,7 +261,7 @@ def _torch_sla(q, k, v, block_map, feature_map, linear_scope, proj_weight, proj_
     if combine == "mass":
         a = mass_weight(rows(lse, 1), rows(den, 1), D, offset)
         out = a * o_s + (1 - a) * o_l
-    elif combine in ("pooled", "pooled_cov"):
+    elif combine in POOLED_RULES:
         o_c, log_rest = coarse_branch(qc, kc, vc, block_map.class_map, bq, bk, scale, linear_scope,
                                       covariance=combine == "pooled_cov")
         a = pooled_weight(rows(lse, 1), log_rest, offset)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..backend import grad_will_flow
+from ....settings import MIXING_RULES, POOLED_RULES
 from ..blockmap import CRITICAL, BlockMap, in_linear_scope
 from ..feature_maps import FEATURE_MAP_FNS
 from .custom_ops import sla_triton_fwd
@@ -72,7 +73,7 @@ def triton_sparse_linear_attention(
         proj_weight = proj_weight.to(torch.float32)
     if proj_bias is not None:
         proj_bias = proj_bias.to(torch.float32)
-    if combine in ("mass", "pooled", "pooled_cov"):
+    if combine in MIXING_RULES:
         mass_offset = (torch.zeros(q.shape[1], dtype=torch.float32, device=q.device) if mass_offset is None
                        else mass_offset.to(torch.float32))
     elif combine != "paper":
@@ -90,7 +91,7 @@ def triton_sparse_linear_attention(
                          "sla.sparse_linear_attention build it")
     # combine="pooled"/"pooled_cov": the op forms the key blocks' means and runs the coarse kernel (and the covariance
     # state) before the fused forward.
-    codes = coarse_codes(block_map, linear_scope) if combine in ("pooled", "pooled_cov") else None
+    codes = coarse_codes(block_map, linear_scope) if combine in POOLED_RULES else None
     o = sla_triton_fwd(
         q, k, v, block_map.critical_lut, block_map.critical_lut_t_offsets, block_map.critical_lut_t, scope_mask,
         proj_weight, proj_bias, mass_offset, codes, scale, block_map.block_q, block_map.block_k, feature_map, combine,

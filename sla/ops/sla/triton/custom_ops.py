@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ....settings import MIXING_RULES, POOLED_RULES
 from . import launch
 
 
@@ -43,8 +44,8 @@ def sla_triton_fwd(
 @sla_triton_fwd.register_fake
 def _(q, k, v, critical_lut, critical_lut_t_offsets, critical_lut_t, scope_mask, proj_weight, proj_bias, mass_offset,
       codes, scale, block_q, block_k, feature_map, combine, store_aux):
-    pooled = combine in ("pooled", "pooled_cov") and store_aux
-    return (torch.empty_like(q), *launch.aux_outputs(q, store_aux, combine in ("mass", "pooled", "pooled_cov")),
+    pooled = combine in POOLED_RULES and store_aux
+    return (torch.empty_like(q), *launch.aux_outputs(q, store_aux, combine in MIXING_RULES),
             *launch.pooled_outputs(q, codes.shape[-1] if pooled else 0, pooled, combine == "pooled_cov"))
 
 
@@ -71,7 +72,7 @@ def _(do, q, k, v, o_s, o_l, lse, a, critical_lut, critical_lut_t_offsets, criti
       proj_bias, mass_offset, codes, o_c, rows, means, scale, block_q, block_k, feature_map, combine):
     d_w = torch.empty_like(proj_weight) if proj_weight is not None else do.new_empty(0)
     d_b = torch.empty_like(proj_bias) if proj_bias is not None else do.new_empty(0)
-    d_off = torch.empty_like(mass_offset) if combine in ("mass", "pooled", "pooled_cov") else do.new_empty(0)
+    d_off = torch.empty_like(mass_offset) if combine in MIXING_RULES else do.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(k), d_w, d_b, d_off
 
 
@@ -104,7 +105,7 @@ def _backward(ctx, do, *_d_aux):
                                                  *ctx.args)
     combine = ctx.args[-1]
     return (dq, dk, dv, None, None, None, None, d_w if proj_weight is not None else None,
-            d_b if proj_bias is not None else None, d_off if combine in ("mass", "pooled", "pooled_cov") else None,
+            d_b if proj_bias is not None else None, d_off if combine in MIXING_RULES else None,
             None, None, None, None, None, None, None)
 
 

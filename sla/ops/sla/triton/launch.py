@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 import triton
 
+from ....settings import MIXING_RULES, POOLED_RULES
 from ..blockmap import block_lengths
 from .kernels import (
     LOG2E,
@@ -157,8 +158,8 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
     Tm = triton.cdiv(Lq, block_q)
     # combine="pooled" mixes as the mass rule does (a stored, the same backward kernels), with a from log_rest;
     # "pooled_cov" is "pooled" with o_c corrected by the covariance state (o_mix below: what the output mixes in).
-    mass = combine in ("mass", "pooled", "pooled_cov")
-    pooled = combine in ("pooled", "pooled_cov")
+    mass = combine in MIXING_RULES
+    pooled = combine in POOLED_RULES
     cov = combine == "pooled_cov"
     if pooled:
         lengths = block_lengths(Lk, block_k, q.device).to(torch.float32)
@@ -206,8 +207,8 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
     where the parameter is absent.
     """
     do = last_dim_contiguous(do)
-    mass = combine in ("mass", "pooled", "pooled_cov")
-    pooled = combine in ("pooled", "pooled_cov")
+    mass = combine in MIXING_RULES
+    pooled = combine in POOLED_RULES
     cov = combine == "pooled_cov"
     # pooled_cov keeps the coarse attention (its softmax's backward) and what the output mixed in (g's).
     o_coarse, o_mix = (o_c[0], o_c[1]) if cov else (o_c, o_c)
@@ -229,9 +230,10 @@ def backward(do, q, k, v, o_s, o_l, lse, a, critical_lut, lut_t_offsets, lut_t, 
         if pooled:
             # The coarse branch's gradients: o_c gets (1 - a) dO (do_l) and log_rest -g. Its dq is added to the
             # linear kernel's in dq; the means' gradients go to dK/dV's epilogue, spread over each block's tokens.
-            cov_grads = covariance_backward(do_l, q, k, v, means[0], scale, block_q, block_k) if cov else None
+            lengths = block_lengths(k.shape[2], block_k, q.device).to(torch.float32)
+            cov_grads = covariance_backward(do_l, q, k, v, means[0], scale, block_q, block_k, lengths) if cov else None
             d_means = coarse_backward(do_l, g, q, means[0], means[1], codes, o_coarse, rows, dq, scale, block_q,
-                                      block_k, Lk=k.shape[2], cov_grads=cov_grads)
+                                      lengths, cov_grads=cov_grads)
         _sparse_dq(do_s, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, block_k, mass)
     else:
         # 1. sparse branch, per query block: delta = rowsum(dO * O_s) and its dq
@@ -406,13 +408,13 @@ def coarse_forward(q, k_means, v_means, log2_lengths, codes, scale, block_q, o_c
         **launch_config("coarse_fwd", block_q, coarse_chunk(block_q, False), D, q.dtype, q.device))
 
 
-def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, block_q, block_k, Lk,
-                    cov_grads=None):
+def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, block_q, lengths, cov_grads=None):
     """The coarse branch's backward: its dq is added into ``dq`` (q's dtype and layout, the main kernels' share
     already there); returns ``(2, B*H, T_n, D)`` fp32, what each token of a key block gets through the block's mean
     key (``[0]``) and mean value (``[1]``), for the dK/dV kernel's epilogue. ``d_o_c`` is o_c's gradient (like q,
     any strides with a contiguous last dim), ``g`` ``(B, H, Lq)`` fp32 the gradient of ``a``'s logit (log_rest's
-    gradient is ``-g``); the rest as :func:`coarse_forward` kept them. Two kernels: dq per query block, then the
+    gradient is ``-g``), ``lengths`` ``(T_n,)`` fp32 the key blocks' lengths; the rest as :func:`coarse_forward`
+    kept them. Two kernels: dq per query block, then the
     means' gradients in partial sums over groups of query blocks, summed here. ``cov_grads`` (``combine="pooled_cov"``,
     from :func:`covariance_backward`): the coarse weights' gradient through the covariance state joins both
     kernels, and the dq kernel writes each query block's ``pbar`` into it."""
@@ -423,7 +425,6 @@ def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, 
     lse_c, log_rest = rows[0], rows[1]
     chunk = coarse_chunk(block_q, True)
     delta_c = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    lengths = block_lengths(Lk, block_k, q.device).to(torch.float32)
     log2_lengths = torch.log2(lengths)
     cov = cov_grads is not None
     u, pbar = (cov_grads["u"], cov_grads["pbar"]) if cov else (g, g)  # placeholders, never read without COV
@@ -499,22 +500,21 @@ def covariance_correction(q, k, v, k_means, pbar, scale, block_q, block_k, lengt
     return corr.flatten(2, 3)[:, :, :q.shape[2]].to(q.dtype)
 
 
-def covariance_backward(d_o_c, q, k, v, k_means, scale, block_q, block_k) -> dict:
+def covariance_backward(d_o_c, q, k, v, k_means, scale, block_q, block_k, lengths) -> dict:
     """The first half of ``combine="pooled_cov"``'s state backward, before the coarse kernels: with ``d_o_c`` the
     gradient of what the output mixed in (``(1 - a) dO``), ``dG_i = scale * Q_i^T dO_c,i`` per query block and the
     gradient of the coarse weights' block means ``<dG_i, C_j>``, divided by the block's real rows (``u``
     ``(B, H, T_m, T_n)`` fp32, read by both coarse kernels). Returns those, the recomputed states and an empty
     ``pbar`` that the coarse dq kernel fills, for :func:`covariance_token_grads`."""
     B, H, Lq, D = q.shape
-    lengths = block_lengths(k.shape[2], block_k, q.device).to(torch.float32)
     states = covariance_states(k, v, k_means, block_k, lengths)
     sdt = states.dtype
     do_blocks = _blocks(d_o_c, block_q).to(sdt)  # kept for covariance_token_grads: one padded copy, not two
     d_g = torch.matmul(_blocks(q, block_q).to(sdt).transpose(-1, -2), do_blocks)  # dG / scale
     Tm, Tn = d_g.shape[2], states.shape[2]
-    rows = block_lengths(Lq, block_q, q.device).to(torch.float32)
+    rows_per_block = block_lengths(Lq, block_q, q.device).to(torch.float32)
     u = torch.matmul(d_g.reshape(B, H, Tm, D * D), states.reshape(B, H, Tn, D * D).transpose(-1, -2))
-    u = (u.to(torch.float32) * (scale / rows[:, None])).contiguous()
+    u = (u.to(torch.float32) * (scale / rows_per_block[:, None])).contiguous()
     pbar = torch.empty(B, H, Tm, Tn, dtype=torch.float32, device=q.device)
     return dict(u=u, pbar=pbar, d_g=d_g, states=states, lengths=lengths, do_blocks=do_blocks)
 

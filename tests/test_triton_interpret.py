@@ -31,6 +31,7 @@ from sla.ops.sla.triton import (  # noqa: E402
 )
 from sla.ops.sla.triton.api import coarse_codes, scope_mask_for  # noqa: E402
 from sla.ops.sla.triton.launch import block_means  # noqa: E402
+from sla.settings import MIXING_RULES, POOLED_RULES  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
     assert_outputs_within_rule,
     assert_unchanged_under_autocast,
@@ -62,7 +63,7 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     with_bias = with_proj if with_bias is None else with_bias
     b = torch.randn(D).requires_grad_() if with_bias else None
     # Offsets around the values a trained layer reaches (docs/semantics.md): a in (0, 1), neither saturated.
-    mo = torch.randn(H).requires_grad_() if combine in ("mass", "pooled", "pooled_cov") else None
+    mo = torch.randn(H).requires_grad_() if combine in MIXING_RULES else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     do = torch.randn(B, H, Lq, D, dtype=dtype)
     with nan_poisoned_allocations():
@@ -122,32 +123,15 @@ POOLED_CASES = [
 ]
 
 
+# combine="pooled_cov" on the same cases: the coarse forward's second pass and pbar, the coarse kernels' u term,
+# the covariance state's matmuls (partial last query and key blocks: Lq 130/300, Lk 257/190/1115).
+@pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, with_bias",
                          POOLED_CASES)
 def test_pooled_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj,
-                                          with_bias, dtype):
-    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine="pooled",
-              with_bias=with_bias)
-
-
-POOLED_COV_CASES = [
-    # combine="pooled_cov": the coarse forward's second pass and pbar, the coarse kernels' u term, the covariance
-    # state's matmuls (partial last query and key blocks: Lq 130/300, Lk 257/190/1115), two chunks of means (T_n 70).
-    pytest.param(1, 2, 200, 200, 64, 64, 64, "marginal", "softmax", True, True, id="cov-marginal-softmax-64x64-proj"),
-    pytest.param(2, 1, 130, 257, 32, 32, 64, "all", "elu", False, False, id="cov-all-elu-32x64-Lq130-Lk257-noproj"),
-    pytest.param(1, 2, 300, 190, 64, 128, 64, "noncritical", "relu", True, False,
-                 id="cov-noncritical-relu-128x64-Lq300-Lk190-weight-no-bias"),
-    pytest.param(1, 1, 96, 1115, 16, 32, 16, "marginal", "softmax", True, True, id="cov-two-chunks-Tn70"),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, with_bias",
-                         POOLED_COV_CASES)
-def test_pooled_cov_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map,
-                                              with_proj, with_bias, dtype):
-    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine="pooled_cov",
+                                          with_bias, dtype, combine):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine=combine,
               with_bias=with_bias)
 
 
@@ -300,8 +284,8 @@ def _op_args(dtype=torch.float32, linear_scope="marginal", with_proj=True, store
     q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for _ in range(3))
     bm = build_block_map(q, k, critical=0.34, negligible=0.34, block_q=blk, block_k=blk)
     w, b = (torch.randn(D, D), torch.randn(D)) if with_proj else (None, None)
-    mo = torch.randn(H) if combine in ("mass", "pooled", "pooled_cov") else None
-    codes = coarse_codes(bm, linear_scope) if combine in ("pooled", "pooled_cov") else None
+    mo = torch.randn(H) if combine in MIXING_RULES else None
+    codes = coarse_codes(bm, linear_scope) if combine in POOLED_RULES else None
     return (q, k, v, bm.critical_lut, bm.critical_lut_t_offsets, bm.critical_lut_t,
             scope_mask_for(bm, linear_scope, torch.float32), w, b, mo, codes, D ** -0.5, blk, blk, "softmax", combine,
             store_aux)

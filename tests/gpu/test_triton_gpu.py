@@ -14,6 +14,8 @@ Run on the device machine with ``bash bench/gpu_check.sh`` (tests then benchmark
 import pytest
 import torch
 
+from sla.settings import MIXING_RULES
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -46,7 +48,7 @@ def _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_ma
     w = (0.2 * torch.randn(D, D, device=DEV)).requires_grad_() if with_proj else None
     with_bias = with_proj if with_bias is None else with_bias
     b = torch.randn(D, device=DEV).requires_grad_() if with_bias else None
-    mo = torch.randn(H, device=DEV).requires_grad_() if combine in ("mass", "pooled", "pooled_cov") else None
+    mo = torch.randn(H, device=DEV).requires_grad_() if combine in MIXING_RULES else None
     bm = build_block_map(q0, k0, critical=critical, negligible=negligible, block_q=block_q, block_k=block_k)
     do = torch.randn(B, H, Lq, D, dtype=dtype, device=DEV)
     with t.nan_poisoned_allocations():
@@ -84,17 +86,20 @@ def test_mass_combine_weight_without_bias(dtype):
     _run_case(1, 2, 1000, 777, 128, 128, 64, dtype, "noncritical", "elu", combine="mass", with_bias=False)
 
 
+@pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])
 @pytest.mark.parametrize("dtype", DTYPES[:2])
 @pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map", CASES)
-def test_pooled_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, dtype):
-    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, combine="pooled")
+def test_pooled_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, dtype,
+                                          combine):
+    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, combine=combine)
 
 
+@pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])
 @pytest.mark.parametrize("dtype", DTYPES[:2])
-def test_pooled_combine_without_bias_and_without_projection(dtype):
+def test_pooled_combine_without_bias_and_without_projection(dtype, combine):
     # g's dO . o_c term with a weight and no bias, and with no projection at all.
-    _run_case(1, 2, 1000, 777, 128, 128, 64, dtype, "noncritical", "elu", combine="pooled", with_bias=False)
-    _run_case(1, 2, 1000, 777, 128, 64, 64, dtype, "marginal", "softmax", combine="pooled", with_proj=False)
+    _run_case(1, 2, 1000, 777, 128, 128, 64, dtype, "noncritical", "elu", combine=combine, with_bias=False)
+    _run_case(1, 2, 1000, 777, 128, 64, 64, dtype, "marginal", "softmax", combine=combine, with_proj=False)
 
 
 @pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])
@@ -104,18 +109,6 @@ def test_pooled_long_sequence_bf16(block_q, combine):
     # (pooled_cov: also its 512 x 512 mixes of D x D states).
     _run_case(1, 1, 32760, 32760, 128, block_q, 64, torch.bfloat16, "marginal", "softmax", critical=0.05,
               negligible=0.10, guard=False, gold_impl="torch", combine=combine)
-
-
-@pytest.mark.parametrize("dtype", DTYPES[:2])
-@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map", CASES)
-def test_pooled_cov_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, dtype):
-    _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, combine="pooled_cov")
-
-
-@pytest.mark.parametrize("dtype", DTYPES[:2])
-def test_pooled_cov_combine_without_bias_and_without_projection(dtype):
-    _run_case(1, 2, 1000, 777, 128, 128, 64, dtype, "noncritical", "elu", combine="pooled_cov", with_bias=False)
-    _run_case(1, 2, 1000, 777, 128, 64, 64, dtype, "marginal", "softmax", combine="pooled_cov", with_proj=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

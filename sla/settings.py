@@ -27,6 +27,11 @@ COMBINE_RULES = ("paper", "mass", "pooled", "pooled_cov")
 MIXING_RULES = ("mass", "pooled", "pooled_cov")
 # The rules with the coarse branch over the key blocks' means (o_c, log_rest).
 POOLED_RULES = ("pooled", "pooled_cov")
+# combine="auto" (sla.apply_sla, sla finetune; not the operator or the module, which know no token order): the rule
+# the experiments support for the model's blocks. With 3D token tiles "pooled_cov", the only rule that closed half
+# of the sparse-only-to-full gap (wan8k, docs/results.md, fourth experiment and its backend control); without them
+# "mass", since the pooled rules were measured with tiles only.
+COMBINE_AUTO = "auto"
 # Implementations: "auto" picks by device (sla.ops.sla.interface.resolve_backend); the others are the names in
 # the interface's BACKENDS table (a test keeps the two lists equal).
 BACKEND_NAMES = ("auto", "torch", "triton", "reference")
@@ -64,6 +69,18 @@ def check_combine_rule(combine) -> None:
                          f"as in the paper, 'mass' = a * o_s + (1 - a) * Proj(o_l) with a the critical blocks' "
                          f"estimated attention mass, 'pooled' = the same with a and a coarse attention over the key "
                          f"blocks' means, 'pooled_cov' = 'pooled' with the blocks' key-value covariance added)")
+
+
+def resolve_combine(combine, token_tile) -> str:
+    """The rule that ``combine`` names for a model whose blocks are ``token_tile`` (``None``: raster order):
+    ``"auto"`` is ``"pooled_cov"`` with tiles and ``"mass"`` without (:data:`COMBINE_AUTO`); any other value is
+    returned as it is once checked."""
+    if combine == COMBINE_AUTO:
+        return "mass" if token_tile is None else "pooled_cov"
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine={combine!r} is unknown; choose 'auto' (the default: 'pooled_cov' with token tiles, "
+                         f"'mass' without) or one of {COMBINE_RULES}")
+    return combine
 
 
 def check_backend_name(backend) -> None:

@@ -618,6 +618,23 @@ def test_configs_saved_before_combine_load_as_paper(tmp_path):
     assert all(m.combine == "paper" and m.mass_offset is None for m in sla_modules(restored).values())
 
 
+def test_default_combine_is_pooled_cov_with_token_tiles_and_mass_without(tmp_path):
+    from sla.settings import resolve_combine
+
+    raster = sla.apply_sla(_wan(), critical=0.25, negligible=0.25, **SMALL_BLOCKS)
+    assert {m.combine for m in sla_modules(raster).values()} == {"mass"}
+    tiled = sla.apply_sla(_wan(), critical=0.25, negligible=0.25, token_tile=(1, 4, 4), **SMALL_BLOCKS)
+    assert {m.combine for m in sla_modules(tiled).values()} == {"pooled_cov"}
+    sla.save_sla(tiled, tmp_path)  # the file records the rule, not "auto": it loads the same under a later default
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["config"]["combine"] == "pooled_cov"
+    explicit = sla.apply_sla(_wan(), critical=0.25, negligible=0.25, token_tile=(1, 4, 4), combine="mass",
+                             **SMALL_BLOCKS)
+    assert {m.combine for m in sla_modules(explicit).values()} == {"mass"}
+    assert resolve_combine("paper", (4, 4, 4)) == "paper"
+    with pytest.raises(ValueError, match="combine='sum' is unknown; choose 'auto'"):
+        resolve_combine("sum", None)
+
+
 def test_bad_combine_is_rejected():
     with pytest.raises(ValueError, match="combine='sum' is unknown"):
         sla.apply_sla(_wan(), combine="sum", **SMALL_BLOCKS)

@@ -79,6 +79,17 @@ def test_refuses_to_overwrite_checkpoints_without_resume(model_dir, tmp_path):
         finetune(tiny_config(model_dir, tmp_path / "o", steps=2))
 
 
+def test_default_combine_auto_resumes_a_run_saved_with_the_rule_it_resolves_to(model_dir, tmp_path):
+    # Runs started before combine="auto" became the default saved combine="mass" (then the default, raster order):
+    # resuming them with today's default is the same rule; another rule is refused, naming it.
+    out = tmp_path / "o"
+    finetune(tiny_config(model_dir, out, steps=2, stop_after=1, save_every=1, combine="mass"))
+    assert tiny_config(model_dir, out).combine == "auto" and tiny_config(model_dir, out).sla_settings().combine == "mass"
+    with pytest.raises(ValueError, match="cannot resume: checkpoint was made with combine='mass'"):
+        finetune(tiny_config(model_dir, out, steps=2, combine="pooled"), resume="auto")
+    assert finetune(tiny_config(model_dir, out, steps=2), resume="auto")["start_step"] == 1
+
+
 def test_corrupt_checkpoint_and_missing_data_errors(model_dir, tmp_path):
     out = tmp_path / "o"
     finetune(tiny_config(model_dir, out, steps=2, stop_after=1, save_every=1))

@@ -63,10 +63,11 @@ HELP = {
     "mass_lr_scale": "learning-rate multiplier for the per-head mass offsets of --combine mass, pooled and "
                      "pooled_cov",
     "sla_weight_decay": "weight decay of the SLA parameters (--weight-decay applies to the rest)",
-    "combine": "paper (o_s + Proj(o_l), Proj from zero) | mass (a*o_s + (1-a)*Proj(o_l), a = the critical blocks' "
+    "combine": "auto (pooled_cov with --token-tile, mass without: what the experiments support, docs/results.md) | "
+               "paper (o_s + Proj(o_l), Proj from zero) | mass (a*o_s + (1-a)*Proj(o_l), a = the critical blocks' "
                "estimated attention mass; Proj from the identity) | pooled (experimental: a*o_s + (1-a)*(o_c + "
                "Proj(o_l)), a and the coarse attention o_c from the key blocks' means; Proj from zero) | pooled_cov "
-               "(experimental: pooled with o_c corrected for the spread of each block's keys)",
+               "(pooled with o_c corrected for the spread of each block's keys)",
     "token_tile": "F,H,W (e.g. 4,4,4): SLA's blocks cover 3D tiles of F frames x H rows x W columns of tokens "
                   "instead of runs of tokens in raster order (Wan models; default: raster order)",
     "frames": "synthetic clip frames (default: the model's own, from its synthetic_data.json)",

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
-from ..settings import BACKEND_NAMES, SLASettings
+from ..settings import BACKEND_NAMES, SLASettings, resolve_combine
 
 
 @dataclass
@@ -32,7 +32,7 @@ class FinetuneConfig:
     block_k: int = 64
     feature_map: str = "softmax"
     linear_scope: str = "marginal"
-    combine: str = "mass"  # paper | mass | pooled | pooled_cov (experimental), see sla.sparse_linear_attention
+    combine: str = "auto"  # auto (pooled_cov with token_tile, else mass) | paper | mass | pooled | pooled_cov
     backend: str = "auto"
     token_tile: tuple | None = None  # None: raster order; (tf, th, tw): SLA's blocks over 3D token tiles (Wan)
     # --- what trains ----------------------------------------------------------------------------------------
@@ -78,8 +78,9 @@ class FinetuneConfig:
     stop_after: int = 0  # >0: stop (as if interrupted) after this many optimizer steps; for tests and budgets
 
     def sla_settings(self) -> SLASettings:
-        """The SLA settings of the flat fields ``critical`` ... ``combine``, as one checked object."""
-        return SLASettings.of(self)
+        """The SLA settings of the flat fields ``critical`` ... ``combine``, as one checked object (``combine="auto"``
+        resolved for ``token_tile``, :func:`sla.settings.resolve_combine`)."""
+        return SLASettings.of(self, combine=resolve_combine(self.combine, self.token_tile))
 
     def validate(self) -> "FinetuneConfig":
         from .variants import ATTENTION_MODES

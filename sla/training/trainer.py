@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..settings import resolve_combine
 from .checkpoint import (
     export_model,
     list_checkpoints,
@@ -384,6 +385,9 @@ def _resumed_checkpoint(cfg: FinetuneConfig, resume, out: Path, layout) -> dict 
             same = saved["batch_size"] * saved["grad_accum"] * saved_dp == cfg.batch_size * cfg.grad_accum * layout.dp
         elif key == "grad_accum":
             continue
+        elif key == "combine":  # the rule itself: "auto" (today's default) resumes a run saved as what it resolves to
+            old_rule = resolve_combine(saved.get(key, _RESUME_DEFAULTS[key]), saved.get("token_tile"))
+            same = old_rule == resolve_combine(cfg.combine, cfg.token_tile)
         elif key in _RESUME_DEFAULTS and key not in saved:  # checkpoints from before the option existed
             same = _RESUME_DEFAULTS[key] == getattr(cfg, key)
         else:

@@ -6,7 +6,7 @@ import contextlib
 
 from torch import nn
 
-from ...settings import SLASettings, check_backend_name
+from ...settings import SLASettings, check_backend_name, resolve_combine
 from .._common import SLA_ATTRIBUTE, check_head_dim, check_integration_config, make_sla_module
 from .config import CONTROLLER_ATTRIBUTE, SLAConfig, _SLAController
 from .families import _families, _head_dim, _unwrap, find_self_attention_layers
@@ -21,7 +21,7 @@ def apply_sla(
     feature_map: str = "softmax",
     linear_scope: str = "marginal",
     *,
-    combine: str = "mass",
+    combine: str = "auto",
     dense_layers=(),
     dense_timestep_threshold: float | None = None,
     keep_proj_fp32: bool = True,
@@ -36,10 +36,12 @@ def apply_sla(
         critical, negligible, block_q, block_k, feature_map, linear_scope: the SLA operator's settings, see
             :func:`sla.sparse_linear_attention`. Defaults are the paper's. Block sizes must be one of 16, 32, 64,
             128 (what the GPU kernels run).
-        combine: ``"paper"`` (``o_s + Proj(o_l)``, zero-initialised Proj), ``"mass"`` (``a o_s + (1 - a)
-            Proj(o_l)``, identity-initialised Proj and a per-head ``mass_offset``), ``"pooled"`` (experimental:
-            ``a o_s + (1 - a) (o_c + Proj(o_l))``, zero-initialised Proj) or ``"pooled_cov"`` (experimental:
-            ``"pooled"`` with the blocks' key-value covariance), see :class:`~sla.SparseLinearAttention`.
+        combine: ``"auto"`` (default: ``"pooled_cov"`` when ``token_tile`` is set, ``"mass"`` otherwise; the rules
+            the experiments support, docs/results.md), ``"paper"`` (``o_s + Proj(o_l)``, zero-initialised Proj),
+            ``"mass"`` (``a o_s + (1 - a) Proj(o_l)``, identity-initialised Proj and a per-head ``mass_offset``),
+            ``"pooled"`` (``a o_s + (1 - a) (o_c + Proj(o_l))``, zero-initialised Proj) or ``"pooled_cov"``
+            (``"pooled"`` with the blocks' key-value covariance), see :class:`~sla.SparseLinearAttention`. The
+            saved config records the rule ``"auto"`` resolved to.
         dense_layers: indices (into the list of self-attention layers, i.e. the block index; negative counts from
             the end) of layers that keep their original dense processor and get no SLA module.
         dense_timestep_threshold: if set, a forward whose ``timestep`` (max over the batch) is ``>=`` this value
@@ -65,6 +67,7 @@ def apply_sla(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_sla takes the transformer module (e.g. pipe.transformer), got {type(model).__name__}")
+    combine = resolve_combine(combine, token_tile)
     settings = SLASettings(critical, negligible, block_q, block_k, feature_map, linear_scope, combine)
     check_integration_config(settings)
     check_backend_name(backend)

@@ -1,7 +1,7 @@
 """A/B of the whole SLA Triton op against another commit's, in one process on one GPU.
 
     git archive REV sla/ops/sla | tar -x -C .ab     # the other commit's operator package (.ab is git-ignored)
-    python bench/ab_ops.py --base .ab/sla/ops/sla --out ab.json [--combine mass|paper|pooled]
+    python bench/ab_ops.py --base .ab/sla/ops/sla --out ab.json [--combine mass|paper|pooled|pooled_cov]
 
 The base package is imported under another name (its ``torch.library`` namespace renamed so both can be
 registered), and both run their package's ``sparse_linear_attention(..., backend="triton")`` (GPU block map, both
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--launch-configs", nargs="*", default=[],
                    help="more variants of the new op with other launch configs, e.g. 'dq:4,3' or "
                         "'dq:4,3+dkdv:4,3' (kernel:num_warps,num_stages; kernel names as in launch_config.KERNELS)")
-    p.add_argument("--combine", choices=("mass", "paper", "pooled"), default=None,
+    p.add_argument("--combine", choices=("mass", "paper", "pooled", "pooled_cov"), default=None,
                    help="combination rule of both ops (default: not passed, each package's own default; a base "
                         "from before commit fff4491 has no combine argument)")
     p.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds (default: %(default)s)")

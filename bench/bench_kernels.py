@@ -18,8 +18,9 @@ For each shape (B, H, L, D), bf16:
   backend runs dense. Skipped with a note where the backend is not installed.
 * ``sla``: ``sla.sparse_linear_attention(..., backend="triton")`` end to end: block classification on the GPU
   (``build_block_map_triton``), both branches and the fp32 projection.
-* ``sla-pooled``: ``sla`` with ``combine="pooled"`` (its coarse branch over the key blocks' means on top), at 95%
-  sparsity with the marginal scope; the breakdown profiles its kernels too.
+* ``sla-pooled``, ``sla-pooled-cov``: ``sla`` with ``combine="pooled"`` (its coarse branch over the key blocks'
+  means on top) and ``"pooled_cov"`` (that plus the covariance state; the default of ``apply_sla`` with token
+  tiles), at 95% sparsity with the marginal scope; the breakdown profiles the pooled rule's kernels too.
 * ``sla-pytorch-blockmap``: the same, with the block map from the PyTorch ``build_block_map`` (what
   ``torch.compile`` traces; target configuration only). Older results have ``sla-public-api`` rows instead: the
   public API, which used the PyTorch map before commit cf1a926 and the GPU map after it.
@@ -55,9 +56,10 @@ def parse_args(argv=None):
                         "configuration only (default: %(default)s)")
     p.add_argument("--sparsities", default="0.90,0.95,0.97", help="block sparsities (1 - critical) for the sweep")
     p.add_argument("--negligible", type=float, default=0.10, help="negligible fraction (default: %(default)s)")
-    p.add_argument("--combine", choices=("mass", "paper", "pooled"), default="mass",
-                   help="SLA's combination rule in the sla rows (default: %(default)s, the library's default); at 95%% "
-                        "sparsity with the marginal scope the pooled rule also gets a row of its own, 'sla-pooled'")
+    p.add_argument("--combine", choices=("mass", "paper", "pooled", "pooled_cov"), default="mass",
+                   help="SLA's combination rule in the sla rows (default: %(default)s, the default without token "
+                        "tiles); at 95%% sparsity with the marginal scope the pooled rules also get rows of their own, "
+                        "'sla-pooled' and 'sla-pooled-cov'")
     p.add_argument("--scopes", default="marginal,noncritical,all", help="linear scopes for the sweep")
     p.add_argument("--blocks", default="64x64,128x64", help="block configs block_qxblock_k")
     p.add_argument("--time-budget", type=float, default=330.0,
@@ -175,7 +177,8 @@ def flash4_available() -> str | None:
 
 def write_current(path, meta, rows):
     """``bench/results/current.json``: one row per provider at the first shape and 95% sparsity (dense providers
-    with sparsity 0.0). SLA's row is its 64x64 ``marginal`` configuration, the default."""
+    with sparsity 0.0). SLA's rows are its 64x64 ``marginal`` configuration, the default, under the rule of
+    ``--combine`` and, where measured, the two pooled rules (``pooled_cov`` is the default with token tiles)."""
     picked, first = [], None
     for row in rows:
         first = first or row["shape"]
@@ -185,9 +188,9 @@ def write_current(path, meta, rows):
         dense = p.startswith("sdpa")
         if not dense and row.get("sparsity") != 0.95:
             continue
-        if p == "sla" and (row.get("scope") != "marginal" or (row["block_q"], row["block_k"]) != (64, 64)):
+        if p.startswith("sla") and (row.get("scope") != "marginal" or (row["block_q"], row["block_k"]) != (64, 64)):
             continue
-        if p not in ("sdpa-flash", "sdpa-cudnn", "flex-triton", "flex-flash", "sla"):
+        if p not in ("sdpa-flash", "sdpa-cudnn", "flex-triton", "flex-flash", "sla", "sla-pooled", "sla-pooled-cov"):
             continue
         picked.append({"provider": p, "shape": row["shape"], "sparsity": 0.0 if dense else 0.95,
                        "blocks": "-" if dense else f"{row['block_q']}x{row['block_k']}",
@@ -408,9 +411,10 @@ def main(argv=None) -> int:
                 t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, pytorch_block_map=True,
                                        combine=args.combine))
                 add("sla-pytorch-blockmap", config, *t)
-                if args.combine != "pooled":  # what the pooled rule's coarse branch costs on top
-                    t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, combine="pooled"))
-                    add("sla-pooled", {**config, "combine": "pooled"}, *t)
+                for rule in ("pooled", "pooled_cov"):  # what the pooled rules' coarse branch costs on top
+                    if args.combine != rule:
+                        t = r.time_pair(sla_fn(r, crit, args.negligible, bq, bk, scope, combine=rule))
+                        add("sla-" + rule.replace("_", "-"), {**config, "combine": rule}, *t)
         if full or L <= 40000:
             targets = [(0.95, (64, 64)), (0.95, (128, 64))] if full else [(0.95, (64, 64))]
             for sparsity, (bq, bk) in targets:

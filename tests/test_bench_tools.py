@@ -75,6 +75,10 @@ def test_bench_kernels_writes_the_current_summary_in_the_issue_schema(tmp_path):
          "combine": "mass", "fwd_ms": 3.0, "fwd_bwd_ms": 9.0},
         {"shape": shape, "provider": "sla-pytorch-blockmap", "sparsity": 0.95, "scope": "marginal", "block_q": 64,
          "block_k": 64, "fwd_ms": 3.5, "fwd_bwd_ms": 8.5},
+        {"shape": shape, "provider": "sla-pooled-cov", "sparsity": 0.95, "scope": "marginal", "block_q": 64,
+         "block_k": 64, "combine": "pooled_cov", "fwd_ms": 4.1, "fwd_bwd_ms": 15.0},
+        {"shape": shape, "provider": "sla-pooled-cov", "sparsity": 0.95, "scope": "marginal", "block_q": 128,
+         "block_k": 64, "combine": "pooled_cov", "fwd_ms": 3.9, "fwd_bwd_ms": 15.6},
         {"shape": shape, "provider": "flex-triton", "sparsity": 0.95, "block_q": 128, "block_k": 128, "fwd_ms": 0.8,
          "fwd_bwd_ms": 3.3},
         {"shape": shape, "provider": "flex-flash", "sparsity": 0.95, "block_q": 128, "block_k": 128, "fwd_ms": 0.55,
@@ -87,10 +91,12 @@ def test_bench_kernels_writes_the_current_summary_in_the_issue_schema(tmp_path):
     with open(path) as fh:
         got = json.load(fh)
     assert {k: got[k] for k in ("card", "torch", "commit", "date")} == meta
-    assert [r["provider"] for r in got["rows"]] == ["sdpa-flash", "sdpa-cudnn", "sla", "flex-triton", "flex-flash"]
+    assert [r["provider"] for r in got["rows"]] == ["sdpa-flash", "sdpa-cudnn", "sla", "sla-pooled-cov", "flex-triton",
+                                                    "flex-flash"]
     by = {r["provider"]: r for r in got["rows"]}
     assert by["sdpa-flash"] == {"provider": "sdpa-flash", "shape": shape, "sparsity": 0.0, "blocks": "-",
                                 "fwd_ms": 18.0, "fwdbwd_ms": 70.0}
     assert by["sla"]["blocks"] == "64x64" and by["sla"]["fwd_ms"] == 2.0 and by["sla"]["combine"] == "mass"
     assert by["flex-flash"]["blocks"] == "128x128" and by["flex-flash"]["fwdbwd_ms"] == 2.2
+    assert by["sla-pooled-cov"]["combine"] == "pooled_cov" and by["sla-pooled-cov"]["fwdbwd_ms"] == 15.0
     assert not os.path.exists(path + ".tmp")

@@ -592,46 +592,52 @@ def sla_coarse_bwd_dq_kernel(
     # main kernels' dq already in DQ (the linear-q kernel ran first).
     # COV (combine="pooled_cov"): p also reaches the output through pbar, the weights of the covariance state, so
     # the gradient of p_j gains u_j, the launcher's (B*H, T_m, T_n) fp32 U of this query block (already divided by
-    # its real rows), and delta_c gains d2 = sum_j p_j u_j. d2 is complete only after the loop: the loop adds
-    # p_j (dO_c . mean(V_j) + u_j - delta_c) mean(K_j) and accumulates sum_j p_j mean(K_j), which takes d2's share
-    # afterwards; DELTA_C gets the whole delta. The loop also writes the block's pbar (the forward's, recomputed)
-    # to PBAR for the launcher's gradient of the per-key-block covariances.
+    # its real rows), and delta_c gains d2 = sum_j p_j u_j. A first pass over the chunks forms d2 (and writes the
+    # block's pbar, the forward's, recomputed, to PBAR for the launcher's gradient of the per-key-block
+    # covariances); the second is the pooled rule's loop with u_j added to dp_j. Forming d2 inside the one loop
+    # instead needs a second D-wide fp32 accumulator (sum_j p_j mean(K_j)), which spilled registers at 64x64 and
+    # 128x32 (bench/RESULTS.md); the first pass costs the same logits product as that accumulator's.
     i_m, i_bh, i_b, i_h = _program_ids(H)
     o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
     b_q = _load_tile(Q + i_b * s_q_b + i_h * s_q_h, o_m, s_q_l, m_qt, D)
-    b_do = _load_tile(DOC + i_b * s_doc_b + i_h * s_doc_h, o_m, s_doc_l, m_qt, D)
-    b_oc = _load_tile(OC + i_b * s_oc_b + i_h * s_oc_h, o_m, s_oc_l, m_qt, D)
-    b_delta = tl.sum(b_do.to(tl.float32) * b_oc.to(tl.float32), axis=1)
-    if not COV:
-        tl.store(DELTA_C + i_bh * Lq + o_m, b_delta, mask=m_q)
     b_lse_c, b_lse_r, b_drest = _coarse_row_stats(LSE_C, LOG_REST, G, i_bh, Lq, o_m, m_q)
+    # Broadcast once, outside both loops: Triton 3.6 fails to compile the two-pass variant at 128x32 with 4 warps
+    # ("operand does not dominate this use") when each loop broadcasts the LSE itself.
+    b_lse_c = b_lse_c[:, None]
+    b_lse_r = b_lse_r[:, None]
     p_km = KM + i_bh * Tn * D
     p_vm = VM + i_bh * Tn * D
     p_code = CODE + (i_bh * Tm + i_m) * Tn
-    b_dq = tl.zeros([BM, D], dtype=tl.float32)
+    p_u = U + (i_bh * Tm + i_m) * Tn
     if COV:
         b_d2 = tl.zeros([BM], dtype=tl.float32)
-        b_kc = tl.zeros([BM, D], dtype=tl.float32)
         n_rows = tl.minimum(Lq - i_m * BM, BM).to(tl.float32)
+        for i_t in range(0, Tn, BT):
+            b_s, b_km, b_vm, m_rest, m_scope = _coarse_chunk(b_q, p_km, p_vm, LOGN2, p_code, i_t, Tn, qk_scale, D,
+                                                             BT, PREC)
+            b_p = tl.where(m_scope[None, :], tl.math.exp2(b_s - b_lse_c), 0.)
+            o_t = i_t + tl.arange(0, BT)
+            b_u = tl.load(p_u + o_t, mask=o_t < Tn, other=0.)
+            b_d2 += tl.sum(b_p * b_u[None, :], axis=1)
+            tl.store(PBAR + (i_bh * Tm + i_m) * Tn + o_t, tl.sum(b_p, axis=0) / n_rows, mask=o_t < Tn)
+    b_do = _load_tile(DOC + i_b * s_doc_b + i_h * s_doc_h, o_m, s_doc_l, m_qt, D)
+    b_oc = _load_tile(OC + i_b * s_oc_b + i_h * s_oc_h, o_m, s_oc_l, m_qt, D)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_oc.to(tl.float32), axis=1)
+    if COV:
+        b_delta += b_d2
+    tl.store(DELTA_C + i_bh * Lq + o_m, b_delta, mask=m_q)
+    b_dq = tl.zeros([BM, D], dtype=tl.float32)
     for i_t in range(0, Tn, BT):
         b_s, b_km, b_vm, m_rest, m_scope = _coarse_chunk(b_q, p_km, p_vm, LOGN2, p_code, i_t, Tn, qk_scale, D, BT,
                                                          PREC)
-        b_p = tl.where(m_scope[None, :], tl.math.exp2(b_s - b_lse_c[:, None]), 0.)
-        b_r = tl.where(m_rest[None, :], tl.math.exp2(b_s - b_lse_r[:, None]), 0.)
+        b_p = tl.where(m_scope[None, :], tl.math.exp2(b_s - b_lse_c), 0.)
+        b_r = tl.where(m_rest[None, :], tl.math.exp2(b_s - b_lse_r), 0.)
         b_dp = tl.dot(b_do, tl.trans(b_vm), input_precision=PREC)
         if COV:
             o_t = i_t + tl.arange(0, BT)
-            m_t = o_t < Tn
-            b_u = tl.load(U + (i_bh * Tm + i_m) * Tn + o_t, mask=m_t, other=0.)
-            b_dp += b_u[None, :]
-            b_d2 += tl.sum(b_p * b_u[None, :], axis=1)
-            b_kc = tl.dot(b_p.to(b_km.dtype), b_km, b_kc, input_precision=PREC)
-            tl.store(PBAR + (i_bh * Tm + i_m) * Tn + o_t, tl.sum(b_p, axis=0) / n_rows, mask=m_t)
+            b_dp += tl.load(p_u + o_t, mask=o_t < Tn, other=0.)[None, :]
         b_ds = b_p * (b_dp - b_delta[:, None]) + b_r * b_drest[:, None]
         b_dq = tl.dot(b_ds.to(b_km.dtype), b_km, b_dq, input_precision=PREC)
-    if COV:
-        b_dq -= b_d2[:, None] * b_kc
-        tl.store(DELTA_C + i_bh * Lq + o_m, b_delta + b_d2, mask=m_q)
     p_dq = _tile_ptrs(DQ + i_b * s_dq_b + i_h * s_dq_h, o_m, s_dq_l, D)
     b_dq = b_dq * scale + tl.load(p_dq, mask=m_qt, other=0.).to(tl.float32)
     tl.store(p_dq, b_dq.to(DQ.dtype.element_ty), mask=m_qt)

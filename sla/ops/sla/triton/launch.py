@@ -455,48 +455,61 @@ def coarse_backward(d_o_c, g, q, k_means, v_means, codes, o_c, rows, dq, scale, 
 # the forward keeps o_c with and without the correction, the backward recomputes the states.
 
 
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``(B, H, L, D)`` (any strides) as ``(B, H, T, block, D)``, zero-padded to whole blocks (a copy only then)."""
-    L = x.shape[2]
-    pad = triton.cdiv(L, block) * block - L
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    return x.unflatten(2, ((L + pad) // block, block))
+def _blocked(x: torch.Tensor, block: int, dtype: torch.dtype, means: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x`` ``(B, H, L, D)`` (any strides) as ``(B, H, T, block, D)`` in ``dtype``, minus each block's mean when
+    ``means`` ``(B, H, T, D)`` is given, zero past ``L``. A view when nothing changes (``L`` a multiple of ``block``,
+    ``x`` already in ``dtype``, no means); otherwise one pass into a new tensor (a zero-padded copy, then the
+    subtraction and the cast, would be three)."""
+    B, H, L, D = x.shape
+    T, full = triton.cdiv(L, block), L // block
+    if means is None and full == T and x.dtype == dtype:
+        return x.unflatten(2, (T, block))
+    out = torch.empty(B, H, T, block, D, dtype=dtype, device=x.device)
+    # The means in the output's dtype: the subtraction runs in it (fp32 for half inputs with fp32 states).
+    means = None if means is None else means.to(dtype)
+    if full:
+        head = x[:, :, :full * block].unflatten(2, (full, block))
+        if means is None:
+            out[:, :, :full].copy_(head)
+        else:
+            torch.sub(head, means[:, :, :full, None, :], out=out[:, :, :full])
+    if full < T:
+        rest = L - full * block
+        tail = x[:, :, full * block:]
+        if means is None:
+            out[:, :, full, :rest].copy_(tail)
+        else:
+            torch.sub(tail, means[:, :, full, None, :], out=out[:, :, full, :rest])
+        out[:, :, full, rest:] = 0
+    return out
 
 
-def _centred_blocks(x: torch.Tensor, means: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
-    """Each block's tokens of ``x`` ``(B, H, L, D)`` minus the block's mean (``means`` ``(B, H, T, D)``), as
-    ``(B, H, T, block, D)`` in ``dtype``, zero past ``L``."""
-    L = x.shape[2]
-    xc = _blocks(x, block).to(dtype) - means.to(dtype)[..., None, :]
-    pad = xc.shape[2] * block - L
-    if pad:
-        xc[:, :, -1, block - pad:] = 0
-    return xc
-
-
-def covariance_states(k: torch.Tensor, v: torch.Tensor, k_means: torch.Tensor, block_k: int,
-                      lengths: torch.Tensor) -> torch.Tensor:
-    """Per key block ``C_j = (K_j - mean(K_j))^T V_j / n_j``: ``(B, H, T_n, D, D)`` in the state dtype, from k and v
-    ``(B, H, Lk, D)``, the forward's mean keys ``(B, H, T_n, D)`` and the block lengths ``(T_n,)`` fp32."""
+def covariance_states(k: torch.Tensor, v: torch.Tensor, k_means: torch.Tensor, block_k: int) -> tuple:
+    """Per key block the unnormalised covariance ``(K_j - mean(K_j))^T V_j`` (``C_j`` times the block's length
+    ``n_j``; the callers fold ``1 / n_j`` into the ``(T_m, T_n)`` weights instead of passing over the states or the
+    tokens once more): ``(B, H, T_n, D, D)`` in the state dtype, from k and v ``(B, H, Lk, D)`` and the forward's
+    mean keys ``(B, H, T_n, D)``. Also returns the centred key blocks ``(B, H, T_n, block_k, D)``, which the
+    backward reads again."""
     sdt = state_dtype(v.dtype)
-    kc = _centred_blocks(k, k_means, block_k, sdt) / lengths.to(sdt)[:, None, None]
-    return torch.matmul(kc.transpose(-1, -2), _blocks(v, block_k).to(sdt))
+    kc = _blocked(k, block_k, sdt, k_means)
+    return torch.matmul(kc.transpose(-1, -2), _blocked(v, block_k, sdt)), kc
 
 
-def _query_block_states(pbar: torch.Tensor, states: torch.Tensor, scale: float) -> torch.Tensor:
-    """``G_i = scale * sum_j pbar_ij C_j``: ``(B, H, T_m, D, D)`` from pbar ``(B, H, T_m, T_n)`` fp32 and the
-    ``(B, H, T_n, D, D)`` states, in their dtype."""
+def _query_block_states(weights: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """``G_i = sum_j weights_ij states_j``: ``(B, H, T_m, D, D)`` from the weights ``(B, H, T_m, T_n)`` fp32 and
+    the ``(B, H, T_n, D, D)`` states, in their dtype."""
     B, H, Tn, D, _ = states.shape
-    big = torch.matmul((pbar * scale).to(states.dtype), states.reshape(B, H, Tn, D * D))
+    big = torch.matmul(weights.to(states.dtype), states.reshape(B, H, Tn, D * D))
     return big.reshape(B, H, -1, D, D)
 
 
 def covariance_correction(q, k, v, k_means, pbar, scale, block_q, block_k, lengths) -> torch.Tensor:
-    """``combine="pooled_cov"``'s correction of o_c, ``q G_i`` per row: ``(B, H, Lq, D)`` in q's dtype, from the
-    coarse forward's ``pbar`` ``(B, H, T_m, T_n)`` fp32 and the mean keys it used."""
-    states = covariance_states(k, v, k_means, block_k, lengths)
-    corr = torch.matmul(_blocks(q, block_q).to(states.dtype), _query_block_states(pbar, states, scale))
+    """``combine="pooled_cov"``'s correction of o_c, ``q G_i`` per row with ``G_i = scale sum_j pbar_ij C_j``:
+    ``(B, H, Lq, D)`` in q's dtype, from the coarse forward's ``pbar`` ``(B, H, T_m, T_n)`` fp32, the mean keys it
+    used and the key blocks' lengths ``(T_n,)`` fp32."""
+    states, _ = covariance_states(k, v, k_means, block_k)
+    g = _query_block_states(pbar * (scale / lengths), states)
+    corr = torch.matmul(_blocked(q, block_q, states.dtype), g)
     return corr.flatten(2, 3)[:, :, :q.shape[2]].to(q.dtype)
 
 
@@ -504,19 +517,19 @@ def covariance_backward(d_o_c, q, k, v, k_means, scale, block_q, block_k, length
     """The first half of ``combine="pooled_cov"``'s state backward, before the coarse kernels: with ``d_o_c`` the
     gradient of what the output mixed in (``(1 - a) dO``), ``dG_i = scale * Q_i^T dO_c,i`` per query block and the
     gradient of the coarse weights' block means ``<dG_i, C_j>``, divided by the block's real rows (``u``
-    ``(B, H, T_m, T_n)`` fp32, read by both coarse kernels). Returns those, the recomputed states and an empty
-    ``pbar`` that the coarse dq kernel fills, for :func:`covariance_token_grads`."""
+    ``(B, H, T_m, T_n)`` fp32, read by both coarse kernels). Returns those, the recomputed states, the centred key
+    blocks and an empty ``pbar`` that the coarse dq kernel fills, for :func:`covariance_token_grads`."""
     B, H, Lq, D = q.shape
-    states = covariance_states(k, v, k_means, block_k, lengths)
+    states, kc = covariance_states(k, v, k_means, block_k)
     sdt = states.dtype
-    do_blocks = _blocks(d_o_c, block_q).to(sdt)  # kept for covariance_token_grads: one padded copy, not two
-    d_g = torch.matmul(_blocks(q, block_q).to(sdt).transpose(-1, -2), do_blocks)  # dG / scale
+    do_blocks = _blocked(d_o_c, block_q, sdt)  # kept for covariance_token_grads
+    d_g = torch.matmul(_blocked(q, block_q, sdt).transpose(-1, -2), do_blocks)  # dG / scale
     Tm, Tn = d_g.shape[2], states.shape[2]
     rows_per_block = block_lengths(Lq, block_q, q.device).to(torch.float32)
     u = torch.matmul(d_g.reshape(B, H, Tm, D * D), states.reshape(B, H, Tn, D * D).transpose(-1, -2))
-    u = (u.to(torch.float32) * (scale / rows_per_block[:, None])).contiguous()
+    u = (u.to(torch.float32) * (scale / rows_per_block[:, None] / lengths)).contiguous()
     pbar = torch.empty(B, H, Tm, Tn, dtype=torch.float32, device=q.device)
-    return dict(u=u, pbar=pbar, d_g=d_g, states=states, lengths=lengths, do_blocks=do_blocks)
+    return dict(u=u, pbar=pbar, d_g=d_g, states=states, kc=kc, lengths=lengths, do_blocks=do_blocks)
 
 
 def covariance_token_grads(q, k, v, means, cov_grads, dq, dk, dv, scale, block_q, block_k) -> None:
@@ -528,12 +541,12 @@ def covariance_token_grads(q, k, v, means, cov_grads, dq, dk, dv, scale, block_q
     Lk = k.shape[2]
     states, d_g, pbar, lengths = cov_grads["states"], cov_grads["d_g"], cov_grads["pbar"], cov_grads["lengths"]
     sdt = states.dtype
-    dq_c = torch.matmul(cov_grads["do_blocks"], _query_block_states(pbar, states, scale).transpose(-1, -2))
+    weights = pbar * (scale / lengths)  # scale pbar_ij / n_j, the states' weights in G_i
+    dq_c = torch.matmul(cov_grads["do_blocks"], _query_block_states(weights, states).transpose(-1, -2))
     dq.add_(dq_c.flatten(2, 3)[:, :, :Lq].to(dq.dtype))
     Tm, Tn = pbar.shape[2], pbar.shape[3]
-    d_c = torch.matmul((pbar * scale).transpose(-1, -2).to(sdt), d_g.reshape(B, H, Tm, D * D)).reshape(B, H, Tn, D, D)
-    d_c = d_c / lengths.to(sdt)[:, None, None]
-    dk_c = torch.matmul(_centred_blocks(v, means[1], block_k, sdt), d_c.transpose(-1, -2))
-    dv_c = torch.matmul(_centred_blocks(k, means[0], block_k, sdt), d_c)
+    d_c = torch.matmul(weights.transpose(-1, -2).to(sdt), d_g.reshape(B, H, Tm, D * D)).reshape(B, H, Tn, D, D)
+    dk_c = torch.matmul(_blocked(v, block_k, sdt, means[1]), d_c.transpose(-1, -2))
+    dv_c = torch.matmul(cov_grads["kc"], d_c)
     dk.add_(dk_c.flatten(2, 3)[:, :, :Lk].to(dk.dtype))
     dv.add_(dv_c.flatten(2, 3)[:, :, :Lk].to(dv.dtype))

@@ -100,3 +100,18 @@ def test_bench_kernels_writes_the_current_summary_in_the_issue_schema(tmp_path):
     assert by["flex-flash"]["blocks"] == "128x128" and by["flex-flash"]["fwdbwd_ms"] == 2.2
     assert by["sla-pooled-cov"]["combine"] == "pooled_cov" and by["sla-pooled-cov"]["fwdbwd_ms"] == 15.0
     assert not os.path.exists(path + ".tmp")
+
+
+def test_trace_op_sums_busy_time_and_names_the_largest_gaps():
+    import trace_op
+
+    def kernel(name, ts, dur):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [kernel("a", 0, 10), {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 99},
+                             kernel("b", 40, 10), kernel("c", 55, 5), kernel("a", 100, 10), kernel("b", 140, 10),
+                             kernel("c", 155, 5)]}
+    got = trace_op.kernel_gaps(trace, steps=2, top=2)
+    assert got["kernels_per_step"] == 3 and got["busy_ms"] == 25 / 1e3 and got["span_ms"] == 80 / 1e3
+    # a -> b: 30 us in each step; c -> a: 40 us once (between the steps), 20 per step; b -> c: 5, left out
+    assert list(got["largest_gaps_us"].items()) == [("a -> b", 30.0), ("c -> a", 20.0)]

@@ -30,7 +30,7 @@ from sla.ops.sla.triton import (  # noqa: E402
     triton_sparse_linear_attention,
 )
 from sla.ops.sla.triton.api import coarse_codes, scope_mask_for  # noqa: E402
-from sla.ops.sla.triton.launch import block_means  # noqa: E402
+from sla.ops.sla.triton.launch import _blocked, block_means  # noqa: E402
 from sla.settings import MIXING_RULES, POOLED_RULES  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
     assert_outputs_within_rule,
@@ -463,3 +463,22 @@ def test_public_api_builds_the_map_with_the_triton_builder(monkeypatch):
     ref = sla.sparse_linear_attention(q.detach(), k, v, block_map=bm, backend="reference")
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(o_train.detach(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("L", [192, 200])
+@pytest.mark.parametrize("centred", [False, True])
+def test_blocked_tensors_of_the_covariance_state(L, centred):
+    """pooled_cov's blocked tensors: (B, H, T, block, D) in the state dtype, minus each block's mean when asked,
+    zero past L; a view of the input when nothing is to change, one new tensor otherwise."""
+    torch.manual_seed(0)
+    x = torch.randn(1, L, 2, 16, dtype=torch.float16).transpose(1, 2)  # (B, H, L, D), L not innermost-contiguous
+    means = torch.randn(1, 2, -(-L // 64), 16, dtype=torch.float16) if centred else None
+    got = _blocked(x, 64, torch.float32, means)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, got.shape[2] * 64 - L)).unflatten(2, (-1, 64))
+    want = padded - means.float()[:, :, :, None] if centred else padded
+    if L % 64:
+        want[:, :, -1, L % 64:] = 0
+    assert got.shape == (1, 2, -(-L // 64), 64, 16) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # one subtraction in fp32 of fp16 values: exact
+    same = _blocked(x, 64, torch.float16)
+    assert (same.data_ptr() == x.data_ptr()) == (L % 64 == 0)  # a view exactly when no padding is needed

@@ -398,3 +398,36 @@ def test_ddp_gloo_two_processes_equals_one(model_dir, tmp_path):
     base = load_finetuned(model_dir)[0].state_dict()
     moved = sum(not torch.equal(one[k], base[k]) for k in base)
     assert moved > len(base) // 2  # the runs did train
+
+
+def test_ship_finetuned_rounds_the_transformer_to_bf16_and_keeps_the_sla_parameters(model_dir, tmp_path):
+    import importlib.util
+    import json
+
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location(
+        "ship_finetuned", Path(__file__).resolve().parent.parent / "scripts" / "ship_finetuned.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    finetune(tiny_config(model_dir, tmp_path / "o", steps=2, combine="pooled_cov"))
+    src, dest = tmp_path / "o" / "final", tmp_path / "assets" / "sla_pooled_cov"
+    done = ship.ship(src, dest, "a test run")
+    assert done["bytes_after"] < 0.6 * done["bytes_before"]
+    weights = load_file(str(dest / ship.WEIGHTS))
+    original = load_file(str(src / ship.WEIGHTS))
+    assert all(w.dtype == torch.bfloat16 for w in weights.values() if w.is_floating_point())
+    assert all(torch.equal(weights[k], original[k].to(torch.bfloat16)) for k in original)
+    for name in ("sla_weights.safetensors", "sla_config.json", "config.json"):  # float32 SLA parameters, as written
+        assert (dest / name).read_bytes() == (src / name).read_bytes()
+    info = json.loads((dest / "finetune_info.json").read_text())
+    assert info["shipped"].startswith("a test run;") and info["sla"]["combine"] == "pooled_cov"
+    model, loaded = load_finetuned(dest)
+    assert loaded["attention"] == "sla" and next(model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        ship.ship(src, dest, "again")
+    with pytest.raises(ValueError, match="--note must say"):
+        ship.ship(src, tmp_path / "other", "  ")
+    with pytest.raises(ValueError, match="is not an `sla finetune` final folder"):
+        ship.ship(tmp_path, tmp_path / "other", "x")
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["sla_pooled_cov"]  # no temporary folder left

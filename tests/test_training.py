@@ -84,7 +84,8 @@ def test_default_combine_auto_resumes_a_run_saved_with_the_rule_it_resolves_to(m
     # resuming them with today's default is the same rule; another rule is refused, naming it.
     out = tmp_path / "o"
     finetune(tiny_config(model_dir, out, steps=2, stop_after=1, save_every=1, combine="mass"))
-    assert tiny_config(model_dir, out).combine == "auto" and tiny_config(model_dir, out).sla_settings().combine == "mass"
+    default = tiny_config(model_dir, out)
+    assert default.combine == "auto" and default.sla_settings().combine == "mass"
     with pytest.raises(ValueError, match="cannot resume: checkpoint was made with combine='mass'"):
         finetune(tiny_config(model_dir, out, steps=2, combine="pooled"), resume="auto")
     assert finetune(tiny_config(model_dir, out, steps=2), resume="auto")["start_step"] == 1

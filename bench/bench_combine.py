@@ -25,6 +25,36 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+class Operands:
+    """What the rule benchmarks run the op on (this script, ``trace_op.py``): random bf16 q, k, v and dO
+    ``(B, H, L, D)`` on CUDA (seed 0), a projection ``(D, D)`` and bias ``(D,)`` at scale 0.05 and zero mass
+    offsets ``(H,)``, all three needing gradients, and copies of q, k, v that need them too (``qg``, ``kg``,
+    ``vg``)."""
+
+    def __init__(self, B: int, H: int, L: int, D: int):
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.do = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+                                           for _ in range(4))
+        self.w = (0.05 * torch.randn(D, D, device="cuda")).requires_grad_()
+        self.b = (0.05 * torch.randn(D, device="cuda")).requires_grad_()
+        self.mo = torch.zeros(H, device="cuda").requires_grad_()
+        self.qg, self.kg, self.vg = (x.clone().requires_grad_() for x in (self.q, self.k, self.v))
+
+    def fwd_bwd(self, combine: str, **blocks):
+        """A callable running one forward+backward of ``sla.sparse_linear_attention`` under ``combine`` (gradients
+        dropped after each call)."""
+        import sla
+
+        def run():
+            o = sla.sparse_linear_attention(self.qg, self.kg, self.vg, proj_weight=self.w, proj_bias=self.b,
+                                            combine=combine, mass_offset=self.mo if combine != "paper" else None,
+                                            **blocks)
+            o.backward(self.do)
+            for t in (self.qg, self.kg, self.vg, self.w, self.b, self.mo):
+                t.grad = None
+        return run
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1,12,32760,128", help="B,H,L,D")
@@ -50,28 +80,17 @@ def main() -> int:
         return 2
     block_q, block_k = (int(x) for x in args.blocks.split("x"))
     blocks = dict(block_q=block_q, block_k=block_k)
-    torch.manual_seed(0)
-    q, k, v, do = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    w = (0.05 * torch.randn(D, D, device="cuda")).requires_grad_()
-    b = (0.05 * torch.randn(D, device="cuda")).requires_grad_()
-    mo = torch.zeros(H, device="cuda").requires_grad_()
-    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    x = Operands(B, H, L, D)
 
     def fwd(combine):
         def run():
             with torch.no_grad():
-                sla.sparse_linear_attention(q, k, v, proj_weight=w, proj_bias=b, combine=combine,
-                                            mass_offset=mo if combine != "paper" else None, **blocks)
+                sla.sparse_linear_attention(x.q, x.k, x.v, proj_weight=x.w, proj_bias=x.b, combine=combine,
+                                            mass_offset=x.mo if combine != "paper" else None, **blocks)
         return run
 
     def fwdbwd(combine):
-        def run():
-            o = sla.sparse_linear_attention(qg, kg, vg, proj_weight=w, proj_bias=b, combine=combine,
-                                            mass_offset=mo if combine != "paper" else None, **blocks)
-            o.backward(do)
-            for t in (qg, kg, vg, w, b, mo):
-                t.grad = None
-        return run
+        return x.fwd_bwd(combine, **blocks)
 
     times = {f"{m}_{c}": [] for m in ("fwd", "fwdbwd") for c in rules}
     for c in rules:

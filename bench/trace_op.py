@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
@@ -50,34 +51,22 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("trace_op.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    import sla
+    from bench_combine import Operands
 
     B, H, L, D = (int(x) for x in args.shape.split(","))
     block_q, block_k = (int(x) for x in args.blocks.split("x"))
     os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(0)
-    q, k, v, do = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    w = (0.05 * torch.randn(D, D, device="cuda")).requires_grad_()
-    b = (0.05 * torch.randn(D, device="cuda")).requires_grad_()
-    mo = torch.zeros(H, device="cuda").requires_grad_()
-    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    operands = Operands(B, H, L, D)
     steps = 3
-
-    def step(rule):
-        o = sla.sparse_linear_attention(qg, kg, vg, proj_weight=w, proj_bias=b, combine=rule, block_q=block_q,
-                                        block_k=block_k, mass_offset=mo if rule != "paper" else None)
-        o.backward(do)
-        for t in (qg, kg, vg, w, b, mo):
-            t.grad = None
-
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     for rule in args.rules.split(","):
+        step = operands.fwd_bwd(rule, block_q=block_q, block_k=block_k)
         for _ in range(5):
-            step(rule)
+            step()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=activities, with_stack=True) as prof:
             for _ in range(steps):
-                step(rule)
+                step()
             torch.cuda.synchronize()
         with tempfile.TemporaryDirectory() as tmp:
             raw = os.path.join(tmp, "trace.json")

@@ -71,15 +71,15 @@ def output_difference(src: Path, dest: Path, seed: int = 0) -> dict:
     within the rounding, which moves single outputs more than the rest)."""
     import torch
 
-    from sla.training.checkpoint import load_finetuned
+    from sla.training.checkpoint import load_finetuned, synthetic_data_config
 
+    data = synthetic_data_config(str(src))
     outs = []
     for folder in (src, dest):
         model, _ = load_finetuned(folder)
         cfg = model.config
-        data = json.loads((Path(folder) / "synthetic_data.json").read_text())
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(1, cfg.in_channels, data["frames"], data["height"], data["width"], generator=g)
+        x = torch.randn(1, cfg.in_channels, data.frames, data.height, data.width, generator=g)
         text = torch.randn(1, 8, cfg.text_dim, generator=g)
         with torch.no_grad():
             outs.append(model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..backend import grad_will_flow
-from ....settings import MIXING_RULES, POOLED_RULES
+from ....settings import COMBINE_RULES, MIXING_RULES, POOLED_RULES
 from ..blockmap import CRITICAL, BlockMap, in_linear_scope
 from ..feature_maps import FEATURE_MAP_FNS
 from .custom_ops import sla_triton_fwd
@@ -77,7 +77,7 @@ def triton_sparse_linear_attention(
         mass_offset = (torch.zeros(q.shape[1], dtype=torch.float32, device=q.device) if mass_offset is None
                        else mass_offset.to(torch.float32))
     elif combine != "paper":
-        raise ValueError(f"combine must be 'paper', 'mass', 'pooled' or 'pooled_cov', got {combine!r}")
+        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
     else:
         mass_offset = None
     if feature_map not in FEATURE_MAP_FNS:  # the kernels implement each map by name (kernels.py)

@@ -485,7 +485,7 @@ def test_cli_analyze_model_folder(tmp_path):
 
 @needs_diffusers
 @pytest.mark.parametrize("argv, message", [
-    (["--layers", "5"], "out of range"),
+    (["--layers", "9"], "out of range"),
     (["--layers", "blocks.0.attn2"], "not a self-attention layer"),
     (["--steps", "7"], "out of range"),
     (["--heads", "ids:9"], "do not exist"),

@@ -32,10 +32,12 @@ def test_every_asset_the_code_reads_is_shipped():
     shipped = _shipped()
     needed = {feature_net_path(), PACKAGE / "assets" / "small_wan_finetuned" / "experiment_results.json",
               PACKAGE / "assets" / "wan8k" / "experiment_results.json"}
-    small = small_model_path("small")
-    needed |= {small / "config.json", small / "synthetic_data.json", *small.glob("*.safetensors")}
-    for arm in SHIPPED_FINETUNED:  # sla finetune's final/ folders, loaded whole by load_finetuned
-        needed |= {p for p in shipped_finetuned_path(arm).iterdir() if p.is_file()}
+    for name in ("small", "wan8k"):
+        base = small_model_path(name)
+        needed |= {base / "config.json", base / "synthetic_data.json", *base.glob("*.safetensors")}
+    for model, arms in SHIPPED_FINETUNED.items():  # sla finetune's final/ folders, loaded whole by load_finetuned
+        for arm in arms:
+            needed |= {p for p in shipped_finetuned_path(arm, model).iterdir() if p.is_file()}
     missing = sorted(str(p.relative_to(PACKAGE)) for p in needed - shipped)
     assert not missing, f"run-time assets missing from pyproject's package-data: {missing}"
 

@@ -419,8 +419,11 @@ def test_ship_finetuned_rounds_the_transformer_to_bf16_and_keeps_the_sla_paramet
     original = load_file(str(src / ship.WEIGHTS))
     assert all(w.dtype == torch.bfloat16 for w in weights.values() if w.is_floating_point())
     assert all(torch.equal(weights[k], original[k].to(torch.bfloat16)) for k in original)
-    for name in ("sla_weights.safetensors", "sla_config.json", "config.json"):  # float32 SLA parameters, as written
+    for name in ("sla_weights.safetensors", "sla_config.json"):  # float32 SLA parameters, as written
         assert (dest / name).read_bytes() == (src / name).read_bytes()
+    config = json.loads((src / "config.json").read_text())
+    assert "_name_or_path" in config  # the training machine's path: dropped, the rest as written
+    assert json.loads((dest / "config.json").read_text()) == {k: v for k, v in config.items() if k != "_name_or_path"}
     info = json.loads((dest / "finetune_info.json").read_text())
     assert info["shipped"].startswith("a test run;") and info["sla"]["combine"] == "pooled_cov"
     model, loaded = load_finetuned(dest)
@@ -432,3 +435,52 @@ def test_ship_finetuned_rounds_the_transformer_to_bf16_and_keeps_the_sla_paramet
     with pytest.raises(ValueError, match="is not an `sla finetune` final folder"):
         ship.ship(tmp_path, tmp_path / "other", "x")
     assert sorted(p.name for p in dest.parent.iterdir()) == ["sla_pooled_cov"]  # no temporary folder left
+
+
+def test_ship_finetuned_as_an_int8_delta_from_a_built_in_model(model_dir, tmp_path, monkeypatch):
+    # The delta format (sla.models.weight_delta) names its base as a built-in model; the tiny model stands in for one.
+    import importlib.util
+    import json
+
+    from safetensors.torch import load_file
+
+    from sla.models import small_wan
+    from sla.models.weight_delta import DELTA_WEIGHTS_NAME, quantize_delta
+
+    monkeypatch.setitem(small_wan.EMBEDDED_MODELS, "tiny", small_wan.EMBEDDED_MODELS["small"])
+    built_in = small_wan.small_model_path
+    monkeypatch.setattr(small_wan, "small_model_path", lambda name: model_dir if name == "tiny" else built_in(name))
+    spec = importlib.util.spec_from_file_location(
+        "ship_finetuned", Path(__file__).resolve().parent.parent / "scripts" / "ship_finetuned.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    finetune(tiny_config(model_dir, tmp_path / "o", steps=2, lr=1e-3, combine="pooled_cov"))
+    src, dest = tmp_path / "o" / "final", tmp_path / "assets" / "sla_pooled_cov"
+    done = ship.ship(src, dest, "a test run", delta_from="tiny")
+    assert done["weights"] == DELTA_WEIGHTS_NAME and not (dest / ship.WEIGHTS).exists()
+    assert done["bytes_after"] < 0.4 * done["bytes_before"]  # int8 against float32; the tiny model has many vectors
+    assert "int8 difference from the built-in model 'tiny'" in json.loads((dest / "finetune_info.json").read_text())[
+        "shipped"]
+    assert "_name_or_path" not in json.loads((dest / "config.json").read_text())
+    original = load_file(str(src / ship.WEIGHTS))
+    base = load_file(str(model_dir / ship.WEIGHTS))
+    model, loaded = load_finetuned(dest)
+    assert loaded["attention"] == "sla"
+    state = model.state_dict()
+    moved = 0
+    for k, w in original.items():
+        delta = (w.double() - base[k].double()).abs()
+        bound = delta.flatten(1).amax(1).view(-1, *[1] * (w.dim() - 1)) / 254 if w.dim() >= 2 else 0 * delta
+        # Each weight within half a quantisation step of its row (float32 rounding of base + delta on top).
+        slack = 1e-6 * (w.double().abs() + base[k].double().abs()) + 1e-12
+        assert ((state[k].double() - w.double()).abs() <= bound + slack).all(), k
+        moved += bool(delta.max() > 0)
+    assert moved > len(original) // 2  # the fine-tune moved most weights, so the delta is not trivially zero
+    with pytest.raises(ValueError, match="base must be a built-in model"):
+        ship.ship(src, tmp_path / "other", "x", delta_from=str(model_dir))
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(ValueError, match="differ in names"):
+        quantize_delta({"a": torch.zeros(2, 2)}, {"b": torch.zeros(2, 2)})
+    (dest / "config.json").write_text(json.dumps({**json.loads((dest / "config.json").read_text()), "num_layers": 9}))
+    with pytest.raises(ValueError, match="differs from the base model's .* in \\['num_layers'\\]"):
+        load_finetuned(dest)

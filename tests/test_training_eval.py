@@ -224,11 +224,21 @@ def test_shipped_finetuned_models_load_with_their_rules():
     from sla.models.small_wan import SHIPPED_FINETUNED, shipped_finetuned_path
     from sla.training.checkpoint import load_finetuned
 
-    for arm in SHIPPED_FINETUNED:
-        model, info = load_finetuned(shipped_finetuned_path(arm))
+    for arm in SHIPPED_FINETUNED["small"]:
+        model, info = load_finetuned(shipped_finetuned_path(arm, "small"))
         modules = sla_modules(model)
         assert len(modules) == 4
         expected = "mass" if arm == "sla_mass" else "paper"
         assert all(m.combine == expected for m in modules.values()), arm
         if arm == "sparse_only":
             assert all(not m.proj.weight.any() for m in modules.values())  # frozen at zero: o = o_s
+    assert SHIPPED_FINETUNED["wan8k"] == ("sparse_only", "sla_pooled_cov")
+    for arm in SHIPPED_FINETUNED["wan8k"]:  # int8 deltas from the built-in wan8k, over 4x4x4 token tiles
+        model, info = load_finetuned(shipped_finetuned_path(arm, "wan8k"))
+        modules = sla_modules(model)
+        assert len(modules) == 6 and info["sla"]["token_tile"] == [4, 4, 4] and info["base_model"] == "wan8k"
+        assert info["attention"] == ("sparse_only" if arm == "sparse_only" else "sla")
+        assert info["sla"]["combine"] == "pooled_cov"
+        assert next(model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="no shipped fine-tuned model 'sla_mass' of 'wan8k'"):
+        shipped_finetuned_path("sla_mass", "wan8k")

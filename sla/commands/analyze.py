@@ -9,7 +9,8 @@ self-attention layers at chosen steps (hooks only), and writes to ``--out``:
 
 Examples::
 
-    sla analyze                                    # the shipped small model, CPU, well under 2 minutes
+    sla analyze                                    # the built-in wan8k, CPU, about a minute
+    sla analyze --model small                      # the first, 4,096-token testbed
     sla analyze --model tiny-random                # a seeded random Wan transformer
     sla analyze --model ./my_wan_transformer --layers 0,14,-1 --steps 0,-1 --num-steps 10 --device cuda
     sla analyze --model ./finetuned --sla ./finetuned/sla   # a fine-tuned SLA model: its own projections
@@ -47,11 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "attention mass. Writes report.md, summary.json and PNGs to --out.", width=100)
     p.epilog = _EPILOG
     g = p.add_argument_group("model and run")
-    g.add_argument("--model", default="small",
+    g.add_argument("--model", default="wan8k",
                    help="built-in model: small (the shipped pretrained small Wan DiT), wan8k (the 8,192-token one, "
                         "local attention in most layers; try it with --token-tile 4,4,4) or tiny-random (a seeded "
                         "random Wan); or a folder: a diffusers transformer saved with save_pretrained, or a "
-                        "pipeline folder with a transformer/ subfolder (default: small)")
+                        "pipeline folder with a transformer/ subfolder (default: wan8k)")
     g.add_argument("--sla", metavar="DIR", default=None,
                    help="apply SLA from a folder written by sla.save_sla (settings + trained projections); "
                         "the report then shows SLA with each layer's own projection. A --model folder holding "

@@ -39,8 +39,9 @@ EPILOG = """examples:
 """
 
 HELP = {
-    "model": "'small' (the shipped pretrained small Wan), a diffusers transformer folder (save_pretrained "
-             "layout), or a Wan pipeline folder (its transformer/; for Wan2.2 A14B name transformer/ or "
+    "model": "a built-in model, 'wan8k' (8,192 tokens a clip; fine-tune it with --token-tile 4,4,4, as its "
+             "experiments did) or 'small' (4,096 tokens, flat attention), a diffusers transformer folder "
+             "(save_pretrained layout), or a Wan pipeline folder (its transformer/; for Wan2.2 A14B name transformer/ or "
              "transformer_2/)",
     "data": "'synthetic' (built-in RGB clips, for the small model) or a folder of latents *.safetensors "
             "(`sla prepare`, with the same pipeline as --model)",

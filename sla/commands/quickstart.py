@@ -1,15 +1,16 @@
-"""``sla quickstart``: the whole SLA story on the embedded default, end to end, with a report you can open.
+"""``sla quickstart``: the whole SLA story on a built-in model, end to end, with a report you can open.
 
-1. Load the shipped small Wan transformer (pretrained with full attention on the synthetic videos).
-2. CPU preset: take the three models fine-tuned from it on a GPU at 95% sparsity and shipped with the package
-   (sparse-only attention, SLA with the paper's rule ``o_s + Proj(o_l)``, SLA with the mass-consistent rule
-   ``a o_s + (1 - a) Proj(o_l)``), and fine-tune SLA live for a few steps to show the pipeline. GPU preset:
-   fine-tune full attention, sparse-only and both SLA rules live, with the same budget.
+1. Load the built-in Wan transformer (``--model``, default ``wan8k``: 8,192 tokens a clip, pretrained with full
+   attention on the synthetic videos).
+2. CPU preset: take the models fine-tuned from it on a GPU at 95% sparsity and shipped with the package (wan8k:
+   sparse-only attention and SLA with the ``pooled_cov`` rule, both over 4x4x4 token tiles; small: sparse-only and
+   SLA with the paper's and the mass rule), and fine-tune SLA live for a few steps to show the pipeline. GPU preset:
+   fine-tune full attention, sparse-only and SLA live, with the experiment's budget.
 3. Evaluate them beside full attention on held-out clips: held-out loss, samples (PNG grid + GIF), Frechet
    distance in a small video network's feature space, caption attribute agreement, per-layer attention
    error against dense attention, achieved sparsity, attention FLOPs, forward time.
 4. Write ``report.md`` (+ ``eval.json``, images, GIFs, training curve) into ``--out``; its summary sentences
-   are computed from the table's numbers.
+   are computed from the table's numbers, beside the controlled GPU experiment's (quoted from the package).
 
 On a CPU the default preset ("cpu") is sized to finish in about 10 minutes on 2 cores. ``--preset``
 overrides the automatic choice (gpu if CUDA is available).
@@ -19,18 +20,49 @@ from __future__ import annotations
 
 import argparse
 
-PRESETS = {
-    "cpu": dict(steps=20, batch_size=2, lr=3e-4, clips=8, samples=8, sample_steps=12, controls=False),
-    "gpu": dict(steps=400, batch_size=8, lr=2e-4, clips=64, samples=64, sample_steps=25, controls=True),
+# Per built-in model: run sizes, the shipped GPU-fine-tuned arms (name, label in the summary), the live run of the
+# CPU preset, the GPU preset's live runs, and SLA's block layout (the one its experiments measured).
+MODELS = {
+    "wan8k": dict(
+        presets={
+            # One wan8k forward on 2 CPU cores takes ~4 s with full attention, ~2 s with SLA (batch 1): a few clips,
+            # two short samplings and a handful of live steps fit 10 minutes.
+            "cpu": dict(steps=4, batch_size=1, lr=2e-4, clips=4, samples=2, sample_steps=8, controls=False),
+            "gpu": dict(steps=400, batch_size=8, lr=2e-4, clips=64, samples=64, sample_steps=20, controls=True),
+        },
+        token_tile=(4, 4, 4),
+        shipped=(("sparse_only", "sparse-only"), ("sla_pooled_cov", "SLA with the pooled_cov rule")),
+        live=("sla_pooled_cov_live", dict(attention="sla", combine="pooled_cov")),
+        controls=(("full_finetuned", dict(attention="full")), ("sparse_only", dict(attention="sparse_only")),
+                  ("sla_pooled_cov", dict(attention="sla", combine="pooled_cov"))),
+        card="an NVIDIA H100"),
+    "small": dict(
+        presets={
+            "cpu": dict(steps=20, batch_size=2, lr=3e-4, clips=8, samples=8, sample_steps=12, controls=False),
+            "gpu": dict(steps=400, batch_size=8, lr=2e-4, clips=64, samples=64, sample_steps=25, controls=True),
+        },
+        token_tile=None,
+        shipped=(("sparse_only", "sparse-only"), ("sla_paper", "SLA with the paper's rule"),
+                 ("sla_mass", "SLA with the mass rule")),
+        live=("sla_mass_live", dict(attention="sla", combine="mass")),
+        controls=(("full_finetuned", dict(attention="full")), ("sparse_only", dict(attention="sparse_only")),
+                  ("sla_paper", dict(attention="sla", combine="paper")),
+                  ("sla_mass", dict(attention="sla", combine="mass"))),
+        card="an NVIDIA H200"),
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sla.models.small_wan import DEFAULT_MODEL
+
     p.description = __doc__
-    p.epilog = "examples:\n  sla quickstart                 # CPU: ~10 min on 2 cores\n" \
+    p.epilog = "examples:\n  sla quickstart                 # CPU: ~10 min on 2 cores, the 8,192-token wan8k\n" \
+               "  sla quickstart --model small   # the first, 4,096-token testbed (flat attention)\n" \
                "  sla quickstart --preset gpu --out runs/quickstart_gpu\n"
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="size of the run (default: gpu if CUDA is available)")
+    p.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
+                   help=f"built-in model (default: {DEFAULT_MODEL}; `sla analyze --help` describes both)")
+    p.add_argument("--preset", choices=("cpu", "gpu"), help="size of the run (default: gpu if CUDA is available)")
     p.add_argument("--steps", type=int, help="override the preset's fine-tuning steps")
     p.add_argument("--samples", type=int, help="override the preset's generated clips per model")
     p.add_argument("--critical", type=float, default=0.05, help="SLA critical fraction (default: 0.05)")
@@ -115,10 +147,13 @@ def _gap_sentence(rows: dict, dense: str, sparse: str, rules: list[tuple[str, st
     return "; ".join(parts) + "."
 
 
-def _experiment_sentence() -> str:
-    """What the controlled GPU experiment measured, quoted from the results shipped with the package."""
+def _experiment_sentence(model: str = "small") -> str:
+    """What the controlled GPU experiment behind ``model``'s shipped checkpoints measured, quoted from the results
+    shipped with the package."""
     from sla.models.small_wan import shipped_experiment_results
 
+    if model == "wan8k":
+        return "The controlled experiments behind these checkpoints: " + _wan8k_sentence()
     res = shipped_experiment_results()
     rows = {r["arm"]: r for r in res["rows"]}
     v = res["verdicts"]
@@ -167,36 +202,40 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sla.eval.evaluate import evaluate_models
-    from sla.models.small_wan import load_small_model, shipped_finetuned_path
+    from sla.models.small_wan import embedded_model, load_small_model, shipped_finetuned_path
     from sla.training.checkpoint import load_finetuned, synthetic_data_config
+    from sla.settings import SLASettings
     from sla.training.config import make_config
     from sla.training.trainer import finetune
+    from sla.training.variants import apply_attention_mode
 
     t_start = time.time()
+    spec = MODELS[args.model]
     preset_name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    preset = dict(PRESETS[preset_name])
+    preset = dict(spec["presets"][preset_name])
     if args.steps:
         preset["steps"] = args.steps
     if args.samples:
         preset["samples"] = args.samples
     device = torch.device("cuda" if preset_name == "gpu" and torch.cuda.is_available() else "cpu")
+    shipped = not preset["controls"]
+    if shipped and (args.critical, args.negligible) != (0.05, 0.10):
+        raise ValueError("--critical/--negligible: the CPU preset evaluates models fine-tuned at critical=0.05, "
+                         "negligible=0.10; use those values, or --preset gpu to fine-tune at your own")
     if os.path.exists(args.out):
         if not args.overwrite and os.listdir(args.out):
             raise ValueError(f"{args.out} exists and is not empty; pass --overwrite or another --out")
         shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
-    print(f"[quickstart] preset {preset_name} on {device}: fine-tune {preset['steps']} steps x batch "
-          f"{preset['batch_size']}, evaluate {preset['samples']} samples", flush=True)
+    print(f"[quickstart] {args.model}, preset {preset_name} on {device}: fine-tune {preset['steps']} steps x batch "
+          f"{preset['batch_size']}, evaluate {preset['clips']} held-out clips and {preset['samples']} samples",
+          flush=True)
 
-    sla_kw = dict(critical=args.critical, negligible=args.negligible)
-    runs = [("sla_mass_live", dict(attention="sla", combine="mass"))]
-    if preset["controls"]:
-        runs = [("full_finetuned", dict(attention="full")), ("sparse_only", dict(attention="sparse_only")),
-                ("sla_paper", dict(attention="sla", combine="paper")),
-                ("sla_mass", dict(attention="sla", combine="mass"))]
+    sla_kw = dict(critical=args.critical, negligible=args.negligible, token_tile=spec["token_tile"])
+    runs = list(spec["controls"]) if preset["controls"] else [spec["live"]]
     train_time, logs = {}, {}
     for name, kw in runs:
-        cfg = make_config(model="small", output_dir=os.path.join(args.out, "train", name), steps=preset["steps"],
+        cfg = make_config(model=args.model, output_dir=os.path.join(args.out, "train", name), steps=preset["steps"],
                           batch_size=preset["batch_size"], lr=preset["lr"], warmup_steps=max(1, preset["steps"] // 20),
                           save_every=0, seed=args.seed, device=device.type, bf16=device.type == "cuda", **sla_kw, **kw)
         t0 = time.time()
@@ -204,44 +243,61 @@ def run(args: argparse.Namespace) -> int:
         train_time[name] = time.time() - t0
         logs[name] = os.path.join(cfg.output_dir, "train_log.csv")
 
-    entries = [("full_pretrained", load_small_model(), {"attention": "full"})]
-    shipped = not preset["controls"]
+    entries = [("full_pretrained", load_small_model(args.model), {"attention": "full"})]
     if shipped:  # the GPU-fine-tuned models shipped with the package
-        if (args.critical, args.negligible) != (0.05, 0.10):
-            raise ValueError("--critical/--negligible: the CPU preset evaluates models fine-tuned at critical=0.05, "
-                             "negligible=0.10; use those values, or --preset gpu to fine-tune at your own")
-        for arm in ("sparse_only", "sla_paper", "sla_mass"):
-            model, info = load_finetuned(shipped_finetuned_path(arm))
+        for arm, _ in spec["shipped"]:
+            model, info = load_finetuned(shipped_finetuned_path(arm, args.model))
             entries.append((f"{arm}_gpu", model, info))
+    live = {}
     for name, _ in runs:
         model, info = load_finetuned(os.path.join(args.out, "train", name, "final"))
-        entries.append((name, model, info))
+        live[name] = (model, info)
+    # The same SLA before any fine-tuning: what fine-tuning has to recover (and the live run's starting point).
+    sla_run = spec["live"][0] if shipped else runs[-1][0]
+    untrained_name = sla_run.removesuffix("_live") + "_untrained"
+    untrained, info = load_small_model(args.model), live[sla_run][1]
+    apply_attention_mode(untrained, info["attention"], SLASettings.of(info["sla"]),
+                         token_tile=info["sla"].get("token_tile"))
+    entries.append((untrained_name, untrained, {k: info[k] for k in ("attention", "sla")}))
+    entries += [(name, model, info) for name, (model, info) in live.items()]
     curve = _plot_curves(logs, os.path.join(args.out, "training_curve.png"))
     rows = evaluate_models(entries, args.out, clips=preset["clips"], samples=preset["samples"],
                            steps=preset["sample_steps"], batch_size=4, device=device, title="SLA quickstart report",
-                           notes="", data=synthetic_data_config("small"))
+                           notes="", data=synthetic_data_config(args.model))
     losses = {r["name"]: r["heldout"]["loss"] for r in rows}
     suffix = "_gpu" if shipped else ""
+    compared = [(f"{arm}{suffix}", label) for arm, label in spec["shipped"] if arm != "sparse_only"]
+    if not shipped:
+        compared = [(name, label) for name, label in compared if name in losses]
     summary = _gap_sentence(losses, "full_pretrained" if shipped else "full_finetuned", f"sparse_only{suffix}",
-                            [(f"sla_paper{suffix}", "SLA with the paper's rule"),
-                             (f"sla_mass{suffix}", "SLA with the mass rule")], preset["clips"])
-    setup = (f"`sla quickstart --preset {preset_name}`: the shipped small Wan (4 layers, width 128, 2 heads of 64; "
-             f"16x64x64 RGB clips = 4096 tokens, 64 key blocks per row), pretrained with full attention. ")
+                            compared, preset["clips"])
+    live_name = spec["live"][0]
+    if shipped and summary:
+        summary += (f" Row `{untrained_name}`, the same SLA with no fine-tuning: {losses[untrained_name]:.4f}; after "
+                    f"the "
+                    f"{preset['steps']} live steps here (`{live_name}`): {losses[live_name]:.4f}.")
+    layout = "4x4x4 token tiles" if spec["token_tile"] else "runs of tokens in raster order"
+    setup = (f"`sla quickstart --model {args.model} --preset {preset_name}`: the built-in `{args.model}`, "
+             f"{embedded_model(args.model).description}, pretrained with full attention. SLA's 64-token blocks are "
+             f"{layout}. ")
     if shipped:
-        setup += ("Rows `*_gpu`: fine-tuned from it on an NVIDIA H200 for 400 steps x batch 8 at critical 0.05 / "
-                  "negligible 0.10 (95% sparsity) and shipped with the package (seed 0 of the experiment below). "
-                  f"Row `sla_mass_live`: SLA with the mass rule fine-tuned here, on this machine, for "
-                  f"{preset['steps']} steps x batch {preset['batch_size']} ({train_time['sla_mass_live']:.0f} s): it "
-                  f"shows the pipeline, not the result (a few CPU steps move the model little).")
+        setup += (f"Rows `*_gpu`: fine-tuned from it on {spec['card']} for 400 steps x batch 8 at critical 0.05 / "
+                  "negligible 0.10 (95% sparsity) and shipped with the package (seed 0 of the experiment below; "
+                  "each folder's finetune_info.json says where it came from). "
+                  f"Row `{live_name}`: the same SLA fine-tuned here, on this machine, for "
+                  f"{preset['steps']} steps x batch {preset['batch_size']} ({train_time[live_name]:.0f} s): it "
+                  f"shows the pipeline, not the result (a few noisy steps at batch {preset['batch_size']} are not a "
+                  "fine-tune). ")
     else:
         setup += (f"Every other row was fine-tuned here for {preset['steps']} steps x batch {preset['batch_size']} "
                   f"(AdamW lr {preset['lr']}, flow-matching loss) at critical={args.critical}, negligible="
                   f"{args.negligible}; fine-tuning time: " + ", ".join(f"{k} {v:.0f} s" for k, v in train_time.items())
-                  + ".")
+                  + ". ")
+    setup += f"Row `{untrained_name}`: the same SLA installed in the pretrained model, with no fine-tuning."
     notes = "\n\n".join(x for x in (
         setup, "**Result.** " + summary if summary else "",
         (f"With {preset['clips']} clips and {preset['samples']} samples these numbers are noisy (the FD of {preset['samples']} "
-         f"samples especially). " + _experiment_sentence()) if shipped else "",
+         f"samples especially). " + _experiment_sentence(args.model)) if shipped else "",
         "![training curve](training_curve.png)" if curve else "") if x)
     import json
 

@@ -6,8 +6,8 @@ sla.save_sla; with Wan2.2 A14B also --sla-2 for transformer_2), writes --out (an
 JSON report, and prints the time of text encoding, of each denoising step and of the VAE decode, and the
 attention sparsity SLA achieved. Without --sla the pipeline runs dense (the baseline to compare against).
 
---model (the default mode): the small built-in model or a fine-tuned one on held-out synthetic captions, written
-as a PNG grid and a GIF. Noise is keyed by the clip index, so the same command gives the same clips.
+--model (the default mode): a built-in model (default wan8k) or a fine-tuned one on held-out synthetic captions,
+written as a PNG grid and a GIF. Noise is keyed by the clip index, so the same command gives the same clips.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not replay the first transformer call to measure the attention sparsity (default: "
                         "measure it)")
     m = p.add_argument_group("small synthetic model mode (--model)")
-    m.add_argument("--model", help="fine-tuned folder, diffusers folder or 'small' (default: small)")
+    m.add_argument("--model", help="fine-tuned folder, diffusers folder or a built-in model, 'wan8k' or 'small' "
+                                   "(default: wan8k)")
     m.add_argument("--count", type=positive_int, help="clips to generate (default: 8)")
     m.add_argument("--first", type=non_negative_int, help="first held-out caption index (default: 0)")
     m.add_argument("--shift", type=finite_float, help="timestep shift (default: 1.0)")
@@ -269,11 +270,13 @@ def run_small(args: argparse.Namespace) -> int:
     from sla.data.synthetic import SyntheticVideoDataset
     from sla.eval.evaluate import generate
     from sla.eval.media import save_gif, save_grid_png
+    from sla.models.small_wan import DEFAULT_MODEL
     from sla.training.checkpoint import load_finetuned, synthetic_data_config
 
-    model, info = load_finetuned(args.model or "small")
+    spec = args.model or DEFAULT_MODEL
+    model, info = load_finetuned(spec)
     model.to(device)
-    val = SyntheticVideoDataset("val", size=first + count, config=synthetic_data_config(args.model or "small", model))
+    val = SyntheticVideoDataset("val", size=first + count, config=synthetic_data_config(spec, model))
     if mesh is not None:
         _, f, h, w = val[first]["video"].shape
         pt, ph, pw = model.config.patch_size

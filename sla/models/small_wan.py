@@ -6,13 +6,14 @@ to text, AdaLN-style modulation), scaled down, and work in pixel space (no VAE):
 ``synthetic_data.json`` (the :class:`~sla.data.synthetic.SyntheticVideoConfig` it was trained on, so every
 command feeds it clips of the right size), ``training_log.csv`` and ``pretrain_info.json``.
 
-* ``"small"`` (the default of every command): 4,096 tokens (16 frames of 64x64 pixels, patch (1, 4, 4): 64 key
+* ``"small"`` (the first testbed): 4,096 tokens (16 frames of 64x64 pixels, patch (1, 4, 4): 64 key
   blocks of 64 per attention row), on plain backgrounds. Its attention is flat: the 5% critical blocks hold
   about a quarter of the attention mass (docs/analysis.md), a hard case for 95% sparsity.
 * ``"wan8k"``: 8,192 tokens (8 frames of 64x64, patch (1, 2, 2): 128 key blocks per row), 6 layers of 2 heads
   of 128, on textured, slowly panning backgrounds; pretrained on one H200 in 470 s. Its attention is local in
   layers 0-3 (with 4x4x4 token tiles the critical blocks hold 0.55-0.87 of the mass) and flat in layers 4-5,
-  so it does not pass the premise gate (docs/results.md, "Testbed search").
+  so it does not pass the premise gate (docs/results.md, "Testbed search"). It is the default of every command
+  (``DEFAULT_MODEL``): the model on which SLA's rules were compared and its best result measured.
 
 diffusers is imported lazily (it is an optional extra).
 """
@@ -88,18 +89,23 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         "small", "small_wan", SMALL_WAN_CONFIG, SMALL_DATA,
         "the first 4,096-token testbed (4 layers, 2 heads of 64; 16x64x64 plain clips, flat attention)"),
 }
-DEFAULT_MODEL = "small"
+DEFAULT_MODEL = "wan8k"
 
-# Fine-tuned from "small" on a GPU (seed 0 of the decisive experiment, docs/results.md), shipped so that the CPU
-# quickstart can show what fine-tuning at 95% sparsity gives without hours of CPU: arm name -> folder.
-SHIPPED_FINETUNED = ("sparse_only", "sla_paper", "sla_mass")
+# Fine-tuned from a built-in model on a GPU (seed 0 of its experiment, docs/results.md) and shipped, so that the CPU
+# quickstart can show what fine-tuning at 95% sparsity gives without hours of CPU: model -> arm names (folders).
+SHIPPED_FINETUNED = {
+    "wan8k": ("sparse_only", "sla_pooled_cov"),  # 4x4x4 token tiles; int8 deltas from wan8k (weight_delta.py)
+    "small": ("sparse_only", "sla_paper", "sla_mass"),  # raster blocks; transformers in bfloat16
+}
+_FINETUNED_FOLDERS = {"wan8k": "wan8k_finetuned", "small": "small_wan_finetuned"}
 
 
-def shipped_finetuned_path(arm: str) -> Path:
-    """Folder of a shipped fine-tuned model (an ``sla finetune`` ``final/`` folder; transformer in bfloat16)."""
-    if arm not in SHIPPED_FINETUNED:
-        raise ValueError(f"no shipped fine-tuned model {arm!r}; there are {SHIPPED_FINETUNED}")
-    return Path(__file__).resolve().parent.parent / "assets" / "small_wan_finetuned" / arm
+def shipped_finetuned_path(arm: str, model: str = "small") -> Path:
+    """Folder of a shipped fine-tuned model of the built-in ``model`` (an ``sla finetune`` ``final/`` folder)."""
+    if arm not in SHIPPED_FINETUNED.get(model, ()):
+        raise ValueError(f"no shipped fine-tuned model {arm!r} of {model!r}; there are "
+                         + "; ".join(f"{m}: {', '.join(a)}" for m, a in SHIPPED_FINETUNED.items()))
+    return Path(__file__).resolve().parent.parent / "assets" / _FINETUNED_FOLDERS[model] / arm
 
 
 def shipped_experiment_results(model: str = "small") -> dict:
@@ -125,6 +131,14 @@ def small_model_path(name: str = "small") -> Path:
                                 f"train one with `python scripts/pretrain_small.py --preset {name} --out DIR` and pass "
                                 f"DIR, or use the built-in 'small'")
     return path
+
+
+def delta_base_folder(name: str) -> Path:
+    """Folder of the model a weight delta (:mod:`sla.models.weight_delta`) is taken from: a built-in model only, so
+    a shipped folder cannot point the loader at another file."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"a weight delta's base must be a built-in model ({sorted(EMBEDDED_MODELS)}), not {name!r}")
+    return small_model_path(name)
 
 
 def feature_net_for(data) -> Path:
@@ -250,10 +264,22 @@ def load_small_model(path: str | os.PathLike | None = None, *, device=None, dtyp
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"no *.safetensors weights in {folder}; re-run scripts/pretrain_small.py "
                                 "or pass another folder")
-    try:
-        model = Wan.from_pretrained(str(folder), **dtype_kwargs(torch.float32 if torch_dtype is None else torch_dtype))
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"could not load the model in {folder}: {e}") from e
+    from .weight_delta import DELTA_WEIGHTS_NAME, WEIGHTS_NAME, delta_base_name, read_delta
+
+    kwargs = dtype_kwargs(torch.float32 if torch_dtype is None else torch_dtype)
+    if (folder / DELTA_WEIGHTS_NAME).is_file() and not (folder / WEIGHTS_NAME).is_file():
+        # Stored as a difference from a built-in model (sla.models.weight_delta): build the base's module (so
+        # from_pretrained's dtype rules apply as for any folder), then load base + delta into it.
+        base = delta_base_folder(delta_base_name(folder))
+        state = read_delta(folder, base)
+        model = Wan.from_pretrained(str(base), **kwargs)
+        model.load_state_dict(state, strict=True)
+        model.register_to_config(_name_or_path=str(folder))
+    else:
+        try:
+            model = Wan.from_pretrained(str(folder), **kwargs)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"could not load the model in {folder}: {e}") from e
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model

@@ -17,7 +17,7 @@ from ..settings import BACKEND_NAMES, SLASettings, resolve_combine
 @dataclass
 class FinetuneConfig:
     # --- model and data -------------------------------------------------------------------------------------
-    model: str = "small"  # a built-in model ("small", "wan8k"), or a diffusers folder (save_pretrained layout)
+    model: str = "wan8k"  # a built-in model ("wan8k", "small"), or a diffusers folder (save_pretrained layout)
     data: str = "synthetic"  # "synthetic" or a folder of latents (*.safetensors, see sla/data/latents.py)
     data_size: int = 100_000  # clips in the synthetic training split
     frames: int | None = None  # synthetic clip size; None = the model's own (its synthetic_data.json)

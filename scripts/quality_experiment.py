@@ -99,16 +99,12 @@ def flops_matched_critical(model_spec: str, critical: float, negligible: float) 
 
 
 def evaluation_backend(model, backend: str, device: str) -> str:
-    """The backend the float32 evaluation runs SLA on: ``backend``, except on CUDA for head dims the Triton
-    kernels do not run in float32 (``MAX_FP32_HEAD_DIM_ON_GPU``; wan8k's heads are 128 wide), where the exact
-    PyTorch path computes the same operator. Training runs in bf16 autocast and is not affected. Recorded in
-    each result.json as ``eval_backend``."""
-    from sla.ops.sla.triton.limits import MAX_FP32_HEAD_DIM_ON_GPU
+    """The backend the float32 evaluation runs SLA on (:func:`sla.eval.evaluate.evaluation_backend`: the PyTorch
+    path on CUDA for head dims the Triton kernels do not run in float32). Recorded in each result.json as
+    ``eval_backend``."""
+    from sla.eval.evaluate import evaluation_backend as rule
 
-    if device == "cuda" and backend in ("auto", "triton") and \
-            model.config.attention_head_dim > MAX_FP32_HEAD_DIM_ON_GPU:
-        return "torch"
-    return backend
+    return rule(model, backend, device)
 
 
 def run_job(arm: str, seed: int, out: Path, model: str, smoke: bool, backend: str, threads: int = 0,

@@ -122,6 +122,11 @@ def test_float32_evaluation_of_wide_heads_runs_on_the_pytorch_path_on_cuda():
     assert qe.evaluation_backend(Model(), "auto", "cpu") == "auto"
     Config.attention_head_dim = 64
     assert qe.evaluation_backend(Model(), "triton", "cuda") == "triton"
+    from sla.eval.evaluate import evaluation_backend  # the rule sla eval and the quickstart apply too
+
+    Config.attention_head_dim = 128
+    assert evaluation_backend(Model(), "auto", "cuda:0") == "torch"
+    assert evaluation_backend(Model(), "torch", "cuda") == "torch"
 
 
 def test_the_evaluation_backend_switch_leaves_a_model_without_sla_alone(tmp_path, monkeypatch):

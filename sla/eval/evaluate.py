@@ -175,6 +175,34 @@ def model_attention_shape(model, frames: int, height: int, width: int) -> dict:
                 heads=cfg.num_attention_heads, layers=cfg.num_layers)
 
 
+def evaluation_backend(model, backend: str, device) -> str:
+    """The backend the float32 evaluation runs ``model``'s SLA layers on: ``backend``, except on CUDA for head dims
+    the Triton kernels do not run in float32 (``MAX_FP32_HEAD_DIM_ON_GPU``; wan8k's heads are 128 wide), where the
+    PyTorch path computes the same operator. Evaluation stays in float32 so that its numbers do not depend on a
+    low-precision path; training (bf16 autocast) is not affected. Recorded in the results as ``sla_backend``."""
+    from ..ops.sla.triton.limits import MAX_FP32_HEAD_DIM_ON_GPU
+
+    if str(device).startswith("cuda") and backend in ("auto", "triton") and \
+            model.config.attention_head_dim > MAX_FP32_HEAD_DIM_ON_GPU:
+        return "torch"
+    return backend
+
+
+def _evaluation_backends(entries, device) -> list:
+    """Set every SLA layer's backend for the float32 evaluation (:func:`evaluation_backend`); returns what to
+    restore afterwards, ``[(module, backend)]``."""
+    from ..integrations.diffusers import is_sla_applied, sla_modules
+
+    changed = []
+    for _, model, _ in entries:
+        for module in sla_modules(model).values() if is_sla_applied(model) else ():
+            backend = evaluation_backend(model, module.backend, device)
+            if backend != module.backend:
+                changed.append((module, module.backend))
+                module.backend = backend
+    return changed
+
+
 def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, steps: int = 20, shift: float = 1.0,
                     batch_size: int = 4, device="cpu", data=None,
                     progress: bool = True, title: str = "SLA evaluation", notes: str = "") -> list[dict]:
@@ -187,19 +215,39 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
 
     A row's files are named after its name made safe (:func:`sla._paths.safe_filename`: ``"../x"`` gives
     ``x_samples.png`` inside ``out_dir``, never a path outside it) and distinct from the other rows' and from
-    ``real_samples.*``; the report shows the names as given."""
+    ``real_samples.*``; the report shows the names as given.
+
+    Evaluation runs in float32; on a GPU, SLA layers whose head dim the Triton kernels do not run in float32 run on
+    the PyTorch path for the call (:func:`evaluation_backend`; each row records ``sla_backend``)."""
+    from .._paths import prepare_output_dir
+
+    prepare_output_dir(out_dir, "out_dir")
+    changed = _evaluation_backends(entries, device)
+    try:
+        return _evaluate(entries, out_dir, clips, samples, steps, shift, batch_size, device, data, progress, title,
+                         notes, changed)
+    finally:
+        for module, backend in changed:
+            module.backend = backend
+
+
+def _evaluate(entries, out_dir, clips, samples, steps, shift, batch_size, device, data, progress, title, notes,
+              changed) -> list[dict]:
     import json
     import os
     import platform
 
-    from .._paths import prepare_output_dir, unique_filenames
+    from .._paths import unique_filenames
 
     from ..data.synthetic import SyntheticVideoConfig, SyntheticVideoDataset, collate
+    from ..integrations.diffusers import is_sla_applied, sla_modules
     from ..training.variants import attention_flops
     from .features import load_feature_net
     from .media import save_gif, save_grid_png
 
-    prepare_output_dir(out_dir, "out_dir")
+    if progress and changed:
+        print(f"[eval] SLA layers run on the PyTorch path for this float32 evaluation (head dim above the Triton "
+              f"kernels' float32 limit on the GPU; the same operator): {len(changed)} layers", flush=True)
     stems = unique_filenames([name for name, _, _ in entries], reserved=("real",))
     from dataclasses import replace
 
@@ -223,6 +271,9 @@ def evaluate_models(entries, out_dir, *, clips: int = 16, samples: int = 8, step
         mode = info.get("attention", "full")
         s = info.get("sla", {})
         row = dict(name=name, attention=mode, sla=s if mode != "full" else {})
+        backends = {m.backend for m in sla_modules(model).values()} if is_sla_applied(model) else set()
+        if backends:
+            row["sla_backend"] = backends.pop() if len(backends) == 1 else sorted(backends)
         t0 = time.time()
         row["heldout"] = heldout_loss(model, val, n=clips, batch_size=batch_size, device=device, progress=progress)
         gen = generate(model, val, range(samples), steps=steps, shift=shift, batch_size=batch_size, device=device,

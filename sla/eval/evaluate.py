@@ -340,6 +340,11 @@ def write_markdown(rows, meta, path, title: str = "SLA evaluation", notes: str =
         q = rows[0]["quality"]
         lines += ["", f"Real held-out clips: attribute agreement {q['attribute_agreement_real']:.3f}, "
                       f"temporal change {q['temporal_change_real']:.4f}.", ""]
+    on_torch = [r["name"] for r in rows if r.get("sla_backend") == "torch"]
+    if on_torch and not str(meta.get("device", "")).startswith("CPU"):
+        lines += [f"SLA in {', '.join(on_torch)} ran on the PyTorch path (float32 evaluation; the Triton kernels run "
+                  "float32 only for narrower heads on the GPU): the same operator, so the quality columns hold, but "
+                  "the forward times are not the kernels'.", ""]
     warning = meta.get("forward_timing", {}).get("warning")
     if warning:
         lines += [f"**Warning (forward s column):** {warning}", ""]

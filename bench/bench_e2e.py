@@ -14,6 +14,9 @@ for each attention mode:
 * ``cudnn``  dense SDPA, cuDNN backend (``_native_cudnn``);
 * ``sla``    SLA in every self-attention layer (``sla.apply_sla``: critical, negligible, blocks as given; the
   Triton kernels under ``backend="auto"``), cross-attention on the flash backend;
+* ``sla_tiled``  the same with SLA's blocks over 3D token tiles (``apply_sla(token_tile=--token-tile)``), the
+  setting the library recommends for Wan; with ``--combine auto`` it runs the ``pooled_cov`` rule (the default
+  with tiles), where ``sla`` runs the mass rule;
 * ``noop``   self-attention core replaced by returning v (q/k/v projections, norms, RoPE and everything else
   still run). Self-attention time of a mode = its step time minus the noop step time; its share = that / step.
 
@@ -47,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import sla  # noqa: E402
 from sla._paths import atomic_write_text  # noqa: E402
+from sla.commands._argtypes import token_tile  # noqa: E402
 from sla.integrations.diffusers import SLA_ATTRIBUTE, sla_modules  # noqa: E402
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -58,7 +62,7 @@ MODELS = {"1.3b": WAN_1_3B, "14b": WAN_14B}
 # (frames, height, width) in pixels; the Wan VAE compresses 4x in time (+1 frame) and 8x in space.
 RESOLUTIONS = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}
 DEFAULT_RESOLUTION = {"1.3b": "480p", "14b": "720p"}
-MODES = ("flash", "cudnn", "sla", "noop")
+MODES = ("flash", "cudnn", "sla", "sla_tiled", "noop")
 TEXT_TOKENS = 512
 
 
@@ -117,10 +121,11 @@ def set_mode(model, mode: str, args, dense_backend_default: str):
         model.set_attention_backend({"flash": "_native_flash", "cudnn": "_native_cudnn", "native": "native"}[mode])
         return model.reset_attention_backend
     model.set_attention_backend(dense_backend_default)  # cross-attention (and dense layers) in these modes
-    if mode == "sla":
+    if mode in ("sla", "sla_tiled"):
         sla.apply_sla(model, critical=args.critical, negligible=args.negligible, block_q=args.block_q,
                       block_k=args.block_k, feature_map=args.feature_map, linear_scope=args.linear_scope,
-                      backend=args.backend)
+                      backend=args.backend, combine=args.combine,
+                      token_tile=args.token_tile if mode == "sla_tiled" else None)
         return lambda: (sla.remove_sla(model), model.reset_attention_backend())
     if mode == "noop":
         install_noop_self_attention(model)
@@ -228,7 +233,8 @@ def run(args) -> dict:
         "sla": {"critical": args.critical, "negligible": args.negligible, "block_q": args.block_q,
                 "block_k": args.block_k, "feature_map": args.feature_map, "linear_scope": args.linear_scope,
                 "backend": args.backend, "resolved_backend": resolve_backend(args.backend, device)
-                if args.backend == "auto" else args.backend},
+                if args.backend == "auto" else args.backend, "combine": args.combine,
+                "token_tile_of_sla_tiled": list(args.token_tile)},
         "sla_blocks": _sla_block_counts(tokens, args),
         "gradient_checkpointing": bool(train and args.grad_checkpointing),
         "warmup": args.warmup,
@@ -314,7 +320,7 @@ def to_markdown(result: dict) -> str:
             f"{f(r.get('speedup_vs_cudnn'), '.2f')} | {f(r.get('peak_gib'), '.1f')} |")
     lines.append("")
     lines.append("Self-attention time = step time minus the `noop` step time (self-attention core replaced by "
-                 "returning v; projections, norms, RoPE, cross-attention and MLP still run). In `sla` and `noop` "
+                 "returning v; projections, norms, RoPE, cross-attention and MLP still run). In `sla`, `sla_tiled` and `noop` "
                  "cross-attention runs on the flash backend. Peak memory = max allocated during the timed runs, "
                  "weights included.")
     return "\n".join(lines) + "\n"
@@ -358,6 +364,10 @@ def parse_args(argv=None):
     p.add_argument("--feature-map", default="softmax")
     p.add_argument("--linear-scope", default="marginal")
     p.add_argument("--backend", default="auto", help="SLA backend: auto (Triton on CUDA), triton, torch")
+    p.add_argument("--combine", default="auto",
+                   help="SLA combination rule (default auto: mass in `sla`, pooled_cov in `sla_tiled`)")
+    p.add_argument("--token-tile", type=token_tile, default=(4, 4, 4),
+                   help="F,H,W token tile of the `sla_tiled` mode (default: 4,4,4)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--tiny", action="store_true",
                    help="2-layer model and a 9x128x128 video (192 tokens): checks the script fast")

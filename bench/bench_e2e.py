@@ -320,8 +320,8 @@ def to_markdown(result: dict) -> str:
             f"{f(r.get('speedup_vs_cudnn'), '.2f')} | {f(r.get('peak_gib'), '.1f')} |")
     lines.append("")
     lines.append("Self-attention time = step time minus the `noop` step time (self-attention core replaced by "
-                 "returning v; projections, norms, RoPE, cross-attention and MLP still run). In `sla`, `sla_tiled` and `noop` "
-                 "cross-attention runs on the flash backend. Peak memory = max allocated during the timed runs, "
+                 "returning v; projections, norms, RoPE, cross-attention and MLP still run). In `sla`, `sla_tiled` "
+                 "and `noop` cross-attention runs on the flash backend. Peak memory = max allocated during the timed runs, "
                  "weights included.")
     return "\n".join(lines) + "\n"
 

@@ -27,8 +27,9 @@ def test_bench_e2e_tiny_writes_json_and_markdown(tmp_path):
     result = json.loads(out.read_text())
     rows = {(r["mode"], r["step"]): r for r in result["rows"]}
     # on CPU the flash/cuDNN baselines become PyTorch's default SDPA ("native")
-    assert set(rows) == {(m, s) for m in ("native", "sla", "noop") for s in ("forward", "train")}
+    assert set(rows) == {(m, s) for m in ("native", "sla", "sla_tiled", "noop") for s in ("forward", "train")}
     assert result["tokens"] == 192 and result["sla"]["resolved_backend"] == "torch"
+    assert result["sla"]["combine"] == "auto" and result["sla"]["token_tile_of_sla_tiled"] == [4, 4, 4]
     for (mode, step), row in rows.items():
         assert row["ms"] > 0
         if mode != "noop":
@@ -37,4 +38,4 @@ def test_bench_e2e_tiny_writes_json_and_markdown(tmp_path):
             assert row["finite"]
     assert rows[("sla", "forward")]["speedup_vs_native"] > 0
     md = (tmp_path / "e2e.md").read_text()
-    assert "| sla | forward |" in md and "self-attn share" in md
+    assert "| sla | forward |" in md and "| sla_tiled | train |" in md and "self-attn share" in md

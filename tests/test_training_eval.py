@@ -242,3 +242,13 @@ def test_shipped_finetuned_models_load_with_their_rules():
         assert next(model.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="no shipped fine-tuned model 'sla_mass' of 'wan8k'"):
         shipped_finetuned_path("sla_mass", "wan8k")
+
+
+def test_finetune_notes_the_token_tiles_wan8k_was_measured_with():
+    from sla.commands.finetune import layout_hint
+    from sla.training.config import make_config
+
+    assert "--token-tile 4,4,4" in layout_hint(make_config(model="wan8k"))  # the default model, raster order
+    assert layout_hint(make_config(model="wan8k", token_tile=(4, 4, 4))) == ""
+    assert layout_hint(make_config(model="wan8k", attention="full")) == ""
+    assert layout_hint(make_config(model="small")) == ""

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from sla.ops.sla import naive  # noqa: E402
 
 RANKS = (None, 32, 16, 8, 4, 0)  # None: every key block (the shipped rule); 0: no correction (the pooled rule)
+CORRECTION = naive.covariance_correction  # the rule itself, before the hook below swaps the module's name
 
 
 def restricted_correction(r):
@@ -35,19 +36,13 @@ def restricted_correction(r):
     shares = []
 
     def correction(q, k, v, k_means, p, block_q, block_k, scale):
-        pbar = naive.mean_pool_blocks(p, block_q)  # (B, H, T_m, T_n)
-        if r is not None and r < pbar.shape[-1]:
-            top = pbar.topk(r, dim=-1).indices
-            kept = torch.zeros_like(pbar).scatter(-1, top, 1.0) * pbar
+        if r is not None:
+            pbar = naive.mean_pool_blocks(p, block_q)  # (B, H, T_m, T_n): the weights of G_i
+            kept = torch.zeros_like(pbar).scatter(-1, pbar.topk(min(r, pbar.shape[-1]), dim=-1).indices, 1.0) * pbar
             shares.append(float(kept.sum() / pbar.sum().clamp_min(1e-30)))
-            pbar = kept
-        Lq = q.shape[-2]
-        tm = pbar.shape[-2]
-        cov = naive.block_covariances(k, v, k_means, block_k)
-        state = torch.einsum("...mt,...tde->...mde", pbar, cov)
-        q_blocks = torch.nn.functional.pad(q, (0, 0, 0, tm * block_q - Lq)).unflatten(-2, (tm, block_q))
-        corr = torch.einsum("...mrd,...mde->...mre", q_blocks, state) * scale
-        return corr.flatten(-3, -2)[..., :Lq, :] * (0.0 if r == 0 else 1.0)
+            # Every row carries its block's kept weights, so the rule's own mean over the block gives them back.
+            p = kept.repeat_interleave(block_q, dim=-2)[..., :q.shape[-2], :]
+        return CORRECTION(q, k, v, k_means, p, block_q, block_k, scale)
 
     return correction, shares
 

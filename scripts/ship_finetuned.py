@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+from sla.models.weight_delta import WEIGHTS_NAME as WEIGHTS  # noqa: E402
 
 
 def ship(src: Path, dest: Path, note: str, overwrite: bool = False, delta_from: str | None = None) -> dict:

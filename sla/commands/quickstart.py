@@ -195,6 +195,7 @@ def _wan8k_sentence() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import copy
     import os
     import shutil
     import time
@@ -203,11 +204,9 @@ def run(args: argparse.Namespace) -> int:
 
     from sla.eval.evaluate import evaluate_models
     from sla.models.small_wan import embedded_model, load_small_model, shipped_finetuned_path
-    from sla.training.checkpoint import load_finetuned, synthetic_data_config
-    from sla.settings import SLASettings
+    from sla.training.checkpoint import apply_saved_attention, load_finetuned, synthetic_data_config
     from sla.training.config import make_config
     from sla.training.trainer import finetune
-    from sla.training.variants import apply_attention_mode
 
     t_start = time.time()
     spec = MODELS[args.model]
@@ -255,9 +254,8 @@ def run(args: argparse.Namespace) -> int:
     # The same SLA before any fine-tuning: what fine-tuning has to recover (and the live run's starting point).
     sla_run = spec["live"][0] if shipped else runs[-1][0]
     untrained_name = sla_run.removesuffix("_live") + "_untrained"
-    untrained, info = load_small_model(args.model), live[sla_run][1]
-    apply_attention_mode(untrained, info["attention"], SLASettings.of(info["sla"]),
-                         token_tile=info["sla"].get("token_tile"))
+    info = live[sla_run][1]
+    untrained = apply_saved_attention(copy.deepcopy(entries[0][1]), info)
     entries.append((untrained_name, untrained, {k: info[k] for k in ("attention", "sla")}))
     entries += [(name, model, info) for name, (model, info) in live.items()]
     curve = _plot_curves(logs, os.path.join(args.out, "training_curve.png"))
@@ -267,15 +265,12 @@ def run(args: argparse.Namespace) -> int:
     losses = {r["name"]: r["heldout"]["loss"] for r in rows}
     suffix = "_gpu" if shipped else ""
     compared = [(f"{arm}{suffix}", label) for arm, label in spec["shipped"] if arm != "sparse_only"]
-    if not shipped:
-        compared = [(name, label) for name, label in compared if name in losses]
     summary = _gap_sentence(losses, "full_pretrained" if shipped else "full_finetuned", f"sparse_only{suffix}",
                             compared, preset["clips"])
     live_name = spec["live"][0]
     if shipped and summary:
         summary += (f" Row `{untrained_name}`, the same SLA with no fine-tuning: {losses[untrained_name]:.4f}; after "
-                    f"the "
-                    f"{preset['steps']} live steps here (`{live_name}`): {losses[live_name]:.4f}.")
+                    f"the {preset['steps']} live steps here (`{live_name}`): {losses[live_name]:.4f}.")
     layout = "4x4x4 token tiles" if spec["token_tile"] else "runs of tokens in raster order"
     setup = (f"`sla quickstart --model {args.model} --preset {preset_name}`: the built-in `{args.model}`, "
              f"{embedded_model(args.model).description}, pretrained with full attention. SLA's 64-token blocks are "

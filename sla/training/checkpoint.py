@@ -428,7 +428,9 @@ def export_model(model, folder: str | os.PathLike, info: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     root = model.module if hasattr(model, "module") else model
     root.save_config(str(folder))
-    with atomic_path(folder / "diffusion_pytorch_model.safetensors") as tmp:
+    from ..models.weight_delta import WEIGHTS_NAME
+
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(_base_state_dict(root), str(tmp), metadata={"format": "pt"})
     from ..integrations.diffusers import is_sla_applied, save_sla
 
@@ -529,12 +531,22 @@ def meta_base_model(spec: str):
         return wan.from_config(wan.load_config(str(folder)))
 
 
+def apply_saved_attention(model, info: dict):
+    """Install in ``model`` (in place) the attention mode and SLA settings a ``finetune_info.json`` ``info``
+    records, with freshly initialised SLA parameters (:func:`load_finetuned` then loads the trained ones)."""
+    from .variants import apply_attention_mode
+
+    s = dict(info.get("sla", {}))
+    s.setdefault("combine", "paper")  # models fine-tuned before the option existed used the paper's rule
+    return apply_attention_mode(model, info["attention"], SLASettings.of(s), backend=s.get("backend", "auto"),
+                                token_tile=s.get("token_tile"))
+
+
 def load_finetuned(folder: str | os.PathLike, torch_dtype=None):
     """Load a model written by :func:`export_model` (or a plain base model folder: then dense). Returns
     ``(model, info)``; ``info["attention"]`` names the attention mode installed. ``torch_dtype`` (default
     float32) is passed to ``from_pretrained``; the SLA projections stay float32 either way."""
     from ..models.small_wan import load_small_model
-    from .variants import apply_attention_mode
 
     folder = resolve_model_folder(os.fspath(folder))
     model = load_small_model(folder, torch_dtype=torch_dtype)
@@ -545,10 +557,7 @@ def load_finetuned(folder: str | os.PathLike, torch_dtype=None):
         info = json.loads(info_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{info_path} is not valid JSON ({e})") from e
-    s = dict(info.get("sla", {}))
-    s.setdefault("combine", "paper")  # models fine-tuned before the option existed used the paper's rule
-    apply_attention_mode(model, info["attention"], SLASettings.of(s), backend=s.get("backend", "auto"),
-                         token_tile=s.get("token_tile"))
+    apply_saved_attention(model, info)
     if (folder / "sla_config.json").is_file():
         from ..integrations.diffusers import load_sla
 

@@ -92,7 +92,8 @@ VARIANTS = [
 """)]),
     ("bwd: dQ over each key block in two halves (BN/2 keys per step)", "bwd",
      [(function_body("_dq_block"), """    for i_half in tl.static_range(2):
-        b_k, b_v, m_k = _load_key_block(p_k0, p_v0, 2 * i_n + i_half, s_k_l, s_v_l, Lk, D, BN // 2)
+        b_k, b_v, m_k = _load_key_block(p_k0, p_v0, KD, VD, i_b, i_h, 2 * i_n + i_half, s_k_l, s_v_l, Lk, D,
+                                        BN // 2, False)  # pointer loads: the descriptors' blocks are BN rows
         b_p = tl.math.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - b_lse[:, None])
         b_p = tl.where(m_k[None, :], b_p, 0.)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
@@ -102,7 +103,8 @@ VARIANTS = [
 """)]),
     ("fwd: each key block in two halves (BN/2 keys per online-softmax step)", "fwd",
      [(function_body("_attend_block"), """    for i_half in tl.static_range(2):
-        b_k, b_v, m_k = _load_key_block(p_k0, p_v0, 2 * i_n + i_half, s_k_l, s_v_l, Lk, D, BN // 2)
+        b_k, b_v, m_k = _load_key_block(p_k0, p_v0, KD, VD, i_b, i_h, 2 * i_n + i_half, s_k_l, s_v_l, Lk, D,
+                                        BN // 2, False)  # pointer loads: the descriptors' blocks are BN rows
         b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k), input_precision=PREC), float("-inf"))
         b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1) * qk_scale)
         b_p = tl.math.exp2(b_s * qk_scale - b_mx_new[:, None])

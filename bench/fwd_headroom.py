@@ -22,7 +22,6 @@ the critical key blocks (sorted), ``critical`` of each row, as ``../shared/refer
 
 import argparse
 import json
-import math
 import os
 import sys
 import time

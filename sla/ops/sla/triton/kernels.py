@@ -91,6 +91,19 @@ def _load_tile(p0, o_rows, s_l, m_tile, D: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(desc, p0, o_rows, s_l, m_tile, i_b, i_h, start, D: tl.constexpr, ROWS: tl.constexpr,
+               TMA: tl.constexpr):
+    """The ``[ROWS, D]`` tile of rows ``start ..`` of a (batch, head) slice, zeros past the length: through the TMA
+    descriptor ``desc`` of the whole ``(B, H, L, D)`` tensor (block ``[1, 1, ROWS, D]``; the hardware zero-fills rows
+    past L) when ``TMA``, else with pointer loads from ``p0`` (``o_rows = start + arange(ROWS)``, ``m_tile`` their
+    mask as a column)."""
+    if TMA:
+        return desc.load([i_b.to(tl.int32), i_h.to(tl.int32), start, 0]).reshape(ROWS, D)
+    else:
+        return _load_tile(p0, o_rows, s_l, m_tile, D)
+
+
+@triton.jit
 def _feature_map(x, FEATURE: tl.constexpr):
     """phi of an fp32 tile ``[rows, D]``, row by row (``sla/ops/sla/feature_maps.py`` is the spec)."""
     if FEATURE == "softmax":
@@ -140,21 +153,23 @@ def sla_linear_state_kernel(
 
 
 @triton.jit
-def _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D: tl.constexpr, BN: tl.constexpr):
+def _load_key_block(p_k0, p_v0, KD, VD, i_b, i_h, i_n, s_k_l, s_v_l, Lk, D: tl.constexpr, BN: tl.constexpr,
+                    TMA: tl.constexpr):
     """K and V tiles ``[BN, D]`` of key block ``i_n`` (zeros past Lk) and the mask of its real keys; ``p_k0``, ``p_v0``
-    address token 0 of this (batch, head). The forward and dQ loops call it; the state and dK/dV kernels load their
-    one key block with the same helpers inline (see sla_linear_state_kernel)."""
+    address token 0 of this (batch, head), ``KD``, ``VD`` are K's and V's descriptors (read when ``TMA``). The
+    forward and dQ loops call it; the state and dK/dV kernels load their one key block with the same helpers inline
+    (see sla_linear_state_kernel)."""
     o_k, m_k, m_kt = _block_rows(i_n, BN, Lk)
-    b_k = _load_tile(p_k0, o_k, s_k_l, m_kt, D)
-    b_v = _load_tile(p_v0, o_k, s_v_l, m_kt, D)
+    b_k = _load_rows(KD, p_k0, o_k, s_k_l, m_kt, i_b, i_h, i_n * BN, D, BN, TMA)
+    b_v = _load_rows(VD, p_v0, o_k, s_v_l, m_kt, i_b, i_h, i_n * BN, D, BN, TMA)
     return b_k, b_v, m_k
 
 
 @triton.jit
-def _attend_block(b_q, p_k0, p_v0, i_n, b_mx, b_l, b_acc, s_k_l, s_v_l, qk_scale, Lk,
-                  D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+def _attend_block(b_q, p_k0, p_v0, KD, VD, i_b, i_h, i_n, b_mx, b_l, b_acc, s_k_l, s_v_l, qk_scale, Lk,
+                  D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """One online-softmax step of the sparse branch over key block ``i_n`` (exp2 domain, fp32 state)."""
-    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D, BN)
+    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, KD, VD, i_b, i_h, i_n, s_k_l, s_v_l, Lk, D, BN, TMA)
     b_s = tl.where(m_k[None, :], tl.dot(b_q, tl.trans(b_k), input_precision=PREC), float("-inf"))
     b_mx_new = tl.maximum(b_mx, tl.max(b_s, axis=1) * qk_scale)
     b_p = tl.math.exp2(b_s * qk_scale - b_mx_new[:, None])
@@ -178,7 +193,7 @@ def _mass_weight(b_lse2, b_den, beta, log_d):
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT", "s_hs_m", "s_zs_m"])
 def sla_fwd_kernel(
     Q, K, V, LUT, HS, ZS, W, BIAS, MASS_OFF, OC, LOG_REST,
-    O, OS, OL, LSE, A,
+    O, OS, OL, LSE, A, KD, VD,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -189,7 +204,7 @@ def sla_fwd_kernel(
     qk_scale, log_d, Lq, Lk, Tm, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, MASS: tl.constexpr,
-    POOLED: tl.constexpr, PREC: tl.constexpr,
+    POOLED: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     # qk_scale = softmax scale * LOG2E (> 0): exp(x) = exp2(x * log2(e)), folded into one multiply-add.
     i_m, i_bh, i_b, i_h = _program_ids(H)
@@ -208,8 +223,8 @@ def sla_fwd_kernel(
     # One loop with the padding mask in every iteration: peeling the last (possibly ragged) block off the loop
     # was slower (bench/RESULTS.md, "Kernels at commit 0f20e68": what was tried on the way).
     for i_c in range(N_CRIT):
-        b_mx, b_l, b_acc = _attend_block(b_q, p_k0, p_v0, tl.load(p_lut + i_c), b_mx, b_l, b_acc, s_k_l, s_v_l,
-                                         qk_scale, Lk, D, BN, PREC)
+        b_mx, b_l, b_acc = _attend_block(b_q, p_k0, p_v0, KD, VD, i_b, i_h, tl.load(p_lut + i_c), b_mx, b_l, b_acc,
+                                         s_k_l, s_v_l, qk_scale, Lk, D, BN, PREC, TMA)
     b_os = b_acc / b_l[:, None]
 
     # Linear branch: H_i and Z_i are this query block's aggregated states over the key blocks in scope.
@@ -258,10 +273,10 @@ def sla_fwd_kernel(
 
 
 @triton.jit
-def _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, i_n, s_k_l, s_v_l, qk_scale, Lk,
-              D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+def _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, KD, VD, i_b, i_h, i_n, s_k_l, s_v_l, qk_scale, Lk,
+              D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """Adds key block ``i_n``'s ``dS K`` to the (unscaled) dQ accumulator."""
-    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, i_n, s_k_l, s_v_l, Lk, D, BN)
+    b_k, b_v, m_k = _load_key_block(p_k0, p_v0, KD, VD, i_b, i_h, i_n, s_k_l, s_v_l, Lk, D, BN, TMA)
     b_p = tl.math.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale - b_lse[:, None])
     b_p = tl.where(m_k[None, :], b_p, 0.)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
@@ -271,7 +286,7 @@ def _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, i_n, s_k_l, s_v_l, qk
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "N_CRIT"])
 def sla_bwd_dq_kernel(
-    Q, K, V, DO, OS, LSE, LUT, DELTA, DQ,
+    Q, K, V, DO, OS, LSE, LUT, DELTA, DQ, KD, VD,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -280,7 +295,7 @@ def sla_bwd_dq_kernel(
     s_dq_b, s_dq_h, s_dq_l,
     scale, Lq, Lk, Tm, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MASS: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     # combine="paper": writes DELTA and DQ. MASS: DO is the sparse branch's share dO_s = a dO and DELTA is
     # already minus g, both written by sla_bwd_linear_q_kernel, which also stored the linear branch's dq in DQ
@@ -309,8 +324,8 @@ def sla_bwd_dq_kernel(
     qk_scale = scale * LOG2E
     b_dq = tl.zeros([BM, D], dtype=tl.float32)
     for i_c in range(N_CRIT):  # one loop, masked every iteration (see sla_fwd_kernel)
-        b_dq = _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, tl.load(p_lut + i_c), s_k_l, s_v_l, qk_scale,
-                         Lk, D, BN, PREC)
+        b_dq = _dq_block(b_q, b_do, b_lse, b_delta, b_dq, p_k0, p_v0, KD, VD, i_b, i_h, tl.load(p_lut + i_c), s_k_l,
+                         s_v_l, qk_scale, Lk, D, BN, PREC, TMA)
     b_dq = b_dq * scale
     p_dq = _tile_ptrs(DQ + i_b * s_dq_b + i_h * s_dq_h, o_m, s_dq_l, D)
     if MASS:  # read after the loop, so the linear branch's share holds no registers during it
@@ -409,7 +424,7 @@ def sla_bwd_linear_q_kernel(
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "Tm", "Tn", "N_CRIT", "s_dhs_n", "s_dzs_n"])
 def sla_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, DHS, DZS, DKX, DVX, DK, DV,
+    Q, K, V, DO, LSE, DELTA, LUT_T_OFF, LUT_T, DHS, DZS, DKX, DVX, DK, DV, QD, DOD,
     s_q_b, s_q_h, s_q_l,
     s_k_b, s_k_h, s_k_l,
     s_v_b, s_v_h, s_v_l,
@@ -418,7 +433,7 @@ def sla_bwd_dkdv_kernel(
     s_dhs_bh, s_dhs_n, s_dzs_bh, s_dzs_n,
     scale, Lq, Lk, Tm, Tn, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
-    POOLED: tl.constexpr, PREC: tl.constexpr,
+    POOLED: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     # Every combination rule: with combine="mass" DO is the sparse branch's share a dO and DELTA is minus g, as
     # sla_bwd_linear_q_kernel wrote them. POOLED: DKX, DVX (B*H, T_n, D) fp32 hold what the coarse branch gives each
@@ -439,9 +454,10 @@ def sla_bwd_dkdv_kernel(
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
     for i_t in range(i_start, i_end):
-        o_m, m_q, m_qt = _block_rows(tl.load(p_lut_t + i_t), BM, Lq)
-        b_q = _load_tile(p_q0, o_m, s_q_l, m_qt, D)  # [BM, D]
-        b_do = _load_tile(p_do0, o_m, s_do_l, m_qt, D)  # [BM, D]
+        i_m = tl.load(p_lut_t + i_t)
+        o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
+        b_q = _load_rows(QD, p_q0, o_m, s_q_l, m_qt, i_b, i_h, i_m * BM, D, BM, TMA)  # [BM, D]
+        b_do = _load_rows(DOD, p_do0, o_m, s_do_l, m_qt, i_b, i_h, i_m * BM, D, BM, TMA)  # [BM, D]
         b_lse = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=float("inf"))
         b_delta = tl.load(DELTA + i_bh * Lq + o_m, mask=m_q, other=0.)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BN, BM]

@@ -51,7 +51,7 @@ from .kernels import (
     sla_fwd_kernel,
     sla_linear_state_kernel,
 )
-from .launch_config import launch_config
+from .launch_config import launch_config, tma_loads
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,6 +68,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+
+
+def _row_descriptors(kernel: str, rows: int, *xs: torch.Tensor) -> tuple:
+    """The ``kernel`` launch's TMA descriptors of the ``(B, H, L, D)`` tensors ``xs``, one block ``[1, 1, rows, D]``
+    each (the tiles its sparse loop gathers), and whether to use them (:func:`launch_config.tma_loads`); without
+    TMA the tensors themselves stand in (the kernel never reads them through that argument)."""
+    if not tma_loads(kernel, *xs):
+        return False, xs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return True, tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, x.shape[-1]]) for x in xs)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -181,15 +192,16 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
     w = proj_weight if proj_weight is not None else big_z  # placeholder pointer, never read
     bias = proj_bias if proj_bias is not None else big_z
     offsets = mass_offset if mass else big_z
+    tma, (kd, vd) = _row_descriptors("fwd", block_k, k, v)
     sla_fwd_kernel[(Tm, B * H)](
         q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o_mix if pooled else big_z,
-        rows[1] if pooled else big_z, o, o_s, o_l, lse, a,
+        rows[1] if pooled else big_z, o, o_s, o_l, lse, a, kd, vd,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s),
         *(_strides(o_mix) if pooled else (0, 0, 0)), *_state_strides(big_h, big_z),
         scale * LOG2E.value, math.log(D), Lq, Lk, Tm, n_crit,  # the forward takes qk_scale (kernels.LOG2E)
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
         HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, POOLED=pooled, PREC=_dot_precision(q.dtype),
-        **launch_config("fwd", block_q, block_k, D, q.dtype, q.device))
+        TMA=tma, **launch_config("fwd", block_q, block_k, D, q.dtype, q.device))
     if not pooled or not store_aux:
         o_c, rows, means = pooled_outputs(q, 0, False)
     return o, o_s, o_l, lse, a, o_c, rows, means
@@ -261,11 +273,12 @@ def _sparse_dq(do, q, k, v, o_s, lse, dq, delta, critical_lut, scale, block_q, b
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     Tm = triton.cdiv(Lq, block_q)
+    tma, (kd, vd) = _row_descriptors("dq", block_k, k, v)
     sla_bwd_dq_kernel[(Tm, B * H)](
-        q, k, v, do, o_s, lse, critical_lut, delta, dq,
+        q, k, v, do, o_s, lse, critical_lut, delta, dq, kd, vd,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(o_s), *_strides(dq),
         scale, Lq, Lk, Tm, critical_lut.shape[-1],
-        H=H, D=D, BM=block_q, BN=block_k, MASS=mass, PREC=_dot_precision(q.dtype),
+        H=H, D=D, BM=block_q, BN=block_k, MASS=mass, PREC=_dot_precision(q.dtype), TMA=tma,
         **launch_config("dq", block_q, block_k, D, q.dtype, q.device))
 
 
@@ -328,12 +341,13 @@ def _dkdv(do, q, k, v, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, d_means, sc
     dk = torch.empty_like(k)
     dv = torch.empty_like(k)  # the kernel writes dk and dv with the same strides
     d_km, d_vm = (d_zs, d_zs) if d_means is None else d_means  # placeholders the kernel never reads without POOLED
+    tma, (qd, dod) = _row_descriptors("dkdv", block_q, q, do)
     sla_bwd_dkdv_kernel[(Tn, B * H)](
-        q, k, v, do, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, d_km, d_vm, dk, dv,
+        q, k, v, do, lse, delta, lut_t_offsets, lut_t, d_hs, d_zs, d_km, d_vm, dk, dv, qd, dod,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_state_strides(d_hs, d_zs),
         scale, Lq, Lk, Tm, Tn, n_crit,
         H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, POOLED=d_means is not None,
-        PREC=_dot_precision(q.dtype),
+        PREC=_dot_precision(q.dtype), TMA=tma,
         **launch_config("dkdv", block_q, block_k, D, q.dtype, q.device))
     return dk, dv
 

@@ -1,10 +1,14 @@
-"""Launch configurations of the SLA Triton kernels: the ``num_warps`` and ``num_stages`` of every launch.
+"""Launch configurations of the SLA Triton kernels: the ``num_warps`` and ``num_stages`` of every launch, and
+whether the sparse loops read their tiles through TMA descriptors.
 
 * :data:`LAUNCH_TABLE`: a fixed table, looked up by (kernel, block_q, block_k, head_dim, dtype). No autotuning:
   the same call always runs the same configuration, so runs are reproducible and nothing is timed at run time.
 * :func:`estimate_shared_memory` and :func:`fit_shared_memory`: on a GPU, a configuration whose estimated shared
   memory exceeds the device's opt-in limit per block runs with fewer pipeline stages, or raises ``ValueError``
   when even one stage does not fit (:func:`device_shared_memory`).
+* :func:`tma_loads`: the sparse kernels (``fwd``, ``dq``, ``dkdv``) gather their K/V (or Q/dO) tiles through
+  host-side TMA tensor descriptors on GPUs of compute capability 9.0 and newer (Hopper), with pointer loads
+  elsewhere. Both forms compute the same values (the loads differ, not the arithmetic).
 * :func:`launch_overrides`: benchmarks try other configurations inside a ``with`` block; they end with it.
 
 Imports torch only, never Triton, and touches no GPU when imported; the device's limit is read at the first
@@ -34,6 +38,9 @@ KERNELS = {
     "coarse_dkdv": "sla_coarse_bwd_dkdv_kernel",
 }
 CONFIG_KEYS = ("num_warps", "num_stages")
+# Kernels whose sparse loops can read tiles through TMA descriptors, and the override key that picks the form.
+TMA_KERNELS = ("fwd", "dq", "dkdv")
+TMA_KEY = "tma"
 ANY = None  # a table key field that matches every value
 
 # Key: (kernel, block_q, block_k, head_dim, dtype): the kernel's name (KERNELS), its query and key tile sizes (the
@@ -224,11 +231,15 @@ def _checked_overrides(overrides: Mapping) -> dict:
         if not isinstance(config, Mapping):
             raise ValueError(f"launch override of {kernel!r} must be a dict with keys {CONFIG_KEYS}, got "
                              f"{type(config).__name__}")
-        bad = sorted(set(config) - set(CONFIG_KEYS))
+        allowed = CONFIG_KEYS + ((TMA_KEY,) if kernel in TMA_KERNELS else ())
+        bad = sorted(set(config) - set(allowed))
         if bad:
-            raise ValueError(f"unknown key(s) {bad} in the launch override of {kernel!r}; allowed: {CONFIG_KEYS}")
+            raise ValueError(f"unknown key(s) {bad} in the launch override of {kernel!r}; allowed: {allowed}")
         for key, value in config.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if key == TMA_KEY:
+                if not isinstance(value, bool):
+                    raise ValueError(f"launch override {kernel!r} {key} must be True or False, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"launch override {kernel!r} {key} must be a positive int, got {value!r}")
         checked[kernel] = MappingProxyType(dict(config))
     return checked
@@ -239,13 +250,15 @@ def launch_overrides(overrides: Mapping[str, Mapping[str, int]]) -> contextlib.A
     ``with`` block runs, e.g. ``with launch_overrides({"fwd": {"num_warps": 8, "num_stages": 2}}):``. For
     benchmarks and tuning.
 
-    ``overrides`` maps kernel names (:data:`KERNELS`) to ``num_warps`` and/or ``num_stages``; a key left out keeps
-    the table's value. An override is used as given, without the shared-memory check (a sweep times exactly what
+    ``overrides`` maps kernel names (:data:`KERNELS`) to ``num_warps`` and/or ``num_stages``, and for the kernels of
+    :data:`TMA_KERNELS` ``tma`` (True or False: TMA descriptor loads or pointer loads, see :func:`tma_loads`); a key
+    left out keeps the default. An override is used as given, without the shared-memory check (a sweep times exactly what
     it asked for; Triton raises if it does not fit). Nested blocks: the inner one's kernels replace the outer
     one's, the others stay. It applies to every launch in the process while the block runs (autograd's
     backward included, which runs in a thread of its own on CUDA), so it is not for concurrent use from several
-    threads; it ends with the block, also on an exception. Under Triton's interpreter launch settings are ignored,
-    overrides included.
+    threads; it ends with the block, also on an exception. Under Triton's interpreter ``num_warps`` and
+    ``num_stages`` are ignored, overrides included; ``tma`` is honoured (the interpreter runs descriptor loads, which
+    is how the CPU tests cover that form).
 
     Raises:
         ValueError: an unknown kernel or key, or a value that is not a positive int (checked here, before the
@@ -274,7 +287,54 @@ def launch_config(kernel: str, block_q: Optional[int], block_k: Optional[int], h
     """
     if interpreting():
         return {}
-    override = _overrides.get(kernel)
-    if override is not None:
+    override = {k: v for k, v in _overrides.get(kernel, {}).items() if k in CONFIG_KEYS}
+    if override:
         return {**table_config(kernel, block_q, block_k, head_dim, dtype), **override}
     return dict(_fitted(kernel, block_q, block_k, head_dim, dtype, device_shared_memory(device)))
+
+
+def _descriptor_ready(x: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can address ``x`` (``(B, H, L, D)``, any strides): a 16-byte aligned base, the last
+    dimension contiguous and every other stride a multiple of 16 bytes (the hardware's rules)."""
+    size = x.element_size()
+    return (x.data_ptr() % 16 == 0 and x.stride(-1) == 1
+            and all((stride * size) % 16 == 0 for stride in x.stride()[:-1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_host_descriptors() -> bool:
+    try:
+        from triton.tools import tensor_descriptor  # Triton >= 3.3; imported at the first launch, not with sla
+    except ImportError:
+        return False
+    return hasattr(tensor_descriptor, "TensorDescriptor")
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def tma_loads(kernel: str, *tensors: torch.Tensor) -> bool:
+    """Whether the launch of ``kernel`` (one of :data:`TMA_KERNELS`) reads the gathered tiles of ``tensors`` through
+    TMA descriptors. Default: on CUDA devices of compute capability 9.0 or newer when Triton has host-side
+    descriptors and every tensor meets the descriptor's alignment rules (pointer loads otherwise, with the same
+    results); never under Triton's interpreter. An override (:func:`launch_overrides`, key ``"tma"``) decides
+    instead; forcing ``True`` where a descriptor cannot be made raises ``ValueError``.
+    """
+    if kernel not in TMA_KERNELS:
+        raise ValueError(f"kernel must be one of {TMA_KERNELS} for tma_loads, got {kernel!r}")
+    ready = _has_host_descriptors() and all(_descriptor_ready(x) for x in tensors)
+    forced = _overrides.get(kernel, {}).get(TMA_KEY)
+    if forced is not None:
+        if forced and not ready:
+            raise ValueError(f"launch override {kernel!r} tma=True, but Triton has no host-side tensor descriptors "
+                             "or an input is not 16-byte aligned (base and every stride but the last); run with "
+                             "tma=False")
+        return forced
+    if interpreting() or not ready:
+        return False
+    device = tensors[0].device
+    if device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)

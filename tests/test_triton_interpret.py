@@ -31,6 +31,7 @@ from sla.ops.sla.triton import (  # noqa: E402
 )
 from sla.ops.sla.triton.api import coarse_codes, scope_mask_for  # noqa: E402
 from sla.ops.sla.triton.launch import _blocked, block_means  # noqa: E402
+from sla.ops.sla.triton.launch_config import TMA_KERNELS, launch_overrides, tma_loads  # noqa: E402
 from sla.settings import MIXING_RULES, POOLED_RULES  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
     assert_outputs_within_rule,
@@ -133,6 +134,61 @@ def test_pooled_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, lin
                                           with_bias, dtype, combine):
     _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine=combine,
               with_bias=with_bias)
+
+
+# The sparse kernels' TMA form (the default on sm_90+ GPUs; the interpreter runs its descriptor loads): the same rule
+# against fp64, inputs inside NaN guard bands (the descriptor's bounds must keep the guard rows out), ragged blocks.
+@pytest.mark.parametrize("combine", ["paper", "mass", "pooled_cov"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj",
+                         [CASES[0], CASES[2]])
+def test_tma_loads_match_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, dtype,
+                                   combine):
+    from sla.ops.sla.triton import launch
+
+    forms = []
+    real = launch._row_descriptors
+
+    def spy(kernel, rows, *xs):
+        use, out = real(kernel, rows, *xs)
+        forms.append((kernel, use))
+        return use, out
+
+    with launch_overrides({kernel: {"tma": True} for kernel in TMA_KERNELS}), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "_row_descriptors", spy)
+        _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine=combine)
+    assert sorted(set(forms)) == [("dkdv", True), ("dq", True), ("fwd", True)]
+
+
+def test_tma_forms_agree_on_strided_views():
+    # (B, L, H, D) tensors viewed as (B, H, L, D), as diffusers passes them: both forms give the same output and
+    # gradients (the loads differ, not the arithmetic).
+    x = [torch.randn(1, 300, 2, 32).transpose(1, 2).requires_grad_() for _ in range(3)]
+    results = []
+    for tma in (False, True):
+        for t in x:
+            t.grad = None
+        with launch_overrides({kernel: {"tma": tma} for kernel in TMA_KERNELS}):
+            o = sla.sparse_linear_attention(*x, critical=0.2, negligible=0.1, block_q=32, block_k=64, backend="triton")
+            o.backward(torch.ones_like(o))
+        results.append([o.detach()] + [t.grad.clone() for t in x])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_tma_default_is_off_in_the_interpreter_and_forcing_checks_alignment():
+    q = torch.randn(1, 2, 64, 32)
+    assert not tma_loads("fwd", q)
+    odd = torch.randn(1, 2, 64, 33)[..., :32]  # row stride 33 floats = 132 bytes, not a multiple of 16
+    with launch_overrides({"fwd": {"tma": True}}):
+        assert tma_loads("fwd", q)
+        with pytest.raises(ValueError, match="16-byte aligned"):
+            tma_loads("fwd", odd)
+    with pytest.raises(ValueError, match="must be True or False"):
+        launch_overrides({"fwd": {"tma": 1}})
+    with pytest.raises(ValueError, match="unknown key"):
+        launch_overrides({"state": {"tma": True}})
 
 
 @pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])

@@ -1,7 +1,7 @@
 """TMA descriptor loads against pointer loads in the SLA kernels, in one process on one GPU.
 
-The sparse kernels (``fwd``, ``dq``, ``dkdv``) gather their tiles through TMA descriptors on compute capability 9.0+
-by default (``launch_config.tma_loads``); ``launch_overrides({kernel: {"tma": False}})`` runs the pointer form. This
+The sparse kernels (``fwd``, ``dq``, ``dkdv``) gather their tiles with pointer loads or, on compute capability 9.0+,
+through TMA descriptors (``launch_config.tma_loads``; ``launch_overrides({kernel: {"tma": ..}})`` picks). This
 times SLA end to end (``sla.sparse_linear_attention(backend="triton")``, forward and forward+backward) with all three
 kernels in each form, per rule and block shape, alternating the forms over rounds so that drift hits both alike,
 profiles the kernels of one forward+backward in each form, and compares the forms' outputs and gradients:

@@ -6,9 +6,10 @@ whether the sparse loops read their tiles through TMA descriptors.
 * :func:`estimate_shared_memory` and :func:`fit_shared_memory`: on a GPU, a configuration whose estimated shared
   memory exceeds the device's opt-in limit per block runs with fewer pipeline stages, or raises ``ValueError``
   when even one stage does not fit (:func:`device_shared_memory`).
-* :func:`tma_loads`: the sparse kernels (``fwd``, ``dq``, ``dkdv``) gather their K/V (or Q/dO) tiles through
-  host-side TMA tensor descriptors on GPUs of compute capability 9.0 and newer (Hopper), with pointer loads
-  elsewhere. Both forms compute the same values (the loads differ, not the arithmetic).
+* :func:`tma_loads`: whether the sparse kernels (``fwd``, ``dq``, ``dkdv``) gather their K/V (or Q/dO) tiles
+  through host-side TMA tensor descriptors (compute capability 9.0 and newer) or with pointer loads. Both forms
+  compute the same values (the loads differ, not the arithmetic); :data:`TMA_BY_DEFAULT` says which is the default
+  where both can run.
 * :func:`launch_overrides`: benchmarks try other configurations inside a ``with`` block; they end with it.
 
 Imports torch only, never Triton, and touches no GPU when imported; the device's limit is read at the first
@@ -41,6 +42,9 @@ CONFIG_KEYS = ("num_warps", "num_stages")
 # Kernels whose sparse loops can read tiles through TMA descriptors, and the override key that picks the form.
 TMA_KERNELS = ("fwd", "dq", "dkdv")
 TMA_KEY = "tma"
+# Whether sm_90+ GPUs use the TMA form unless overridden. Off until an A/B on the GPU (bench/ab_tma.py, numbers in
+# bench/RESULTS.md) shows it faster there: a default changes only on a measurement.
+TMA_BY_DEFAULT = False
 ANY = None  # a table key field that matches every value
 
 # Key: (kernel, block_q, block_k, head_dim, dtype): the kernel's name (KERNELS), its query and key tile sizes (the
@@ -317,10 +321,11 @@ def _capability(index: int) -> tuple:
 
 def tma_loads(kernel: str, *tensors: torch.Tensor) -> bool:
     """Whether the launch of ``kernel`` (one of :data:`TMA_KERNELS`) reads the gathered tiles of ``tensors`` through
-    TMA descriptors. Default: on CUDA devices of compute capability 9.0 or newer when Triton has host-side
-    descriptors and every tensor meets the descriptor's alignment rules (pointer loads otherwise, with the same
-    results); never under Triton's interpreter. An override (:func:`launch_overrides`, key ``"tma"``) decides
-    instead; forcing ``True`` where a descriptor cannot be made raises ``ValueError``.
+    TMA descriptors. Default, where :data:`TMA_BY_DEFAULT` is set: on CUDA devices of compute capability 9.0 or
+    newer when Triton has host-side descriptors and every tensor meets the descriptor's alignment rules (pointer
+    loads otherwise, with the same results); never under Triton's interpreter; with it unset, pointer loads
+    everywhere. An override (:func:`launch_overrides`, key ``"tma"``) decides instead; forcing ``True`` where a
+    descriptor cannot be made raises ``ValueError``.
     """
     if kernel not in TMA_KERNELS:
         raise ValueError(f"kernel must be one of {TMA_KERNELS} for tma_loads, got {kernel!r}")
@@ -332,7 +337,7 @@ def tma_loads(kernel: str, *tensors: torch.Tensor) -> bool:
                              "or an input is not 16-byte aligned (base and every stride but the last); run with "
                              "tma=False")
         return forced
-    if interpreting() or not ready:
+    if not TMA_BY_DEFAULT or interpreting() or not ready:
         return False
     device = tensors[0].device
     if device.type != "cuda":

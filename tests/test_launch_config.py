@@ -36,6 +36,8 @@ COARSE_ROWS = {
     "coarse_dq": {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (8, 2)},
     "coarse_dkdv": {16: (4, 2), 32: (4, 2), 64: (4, 2), 128: (4, 2)},
 }
+# The split forward's second launch (linear branch, Proj, mix: no loop) came after the table too.
+LATER_ROWS = {"fwd_mix": {16: (4, 1), 32: (4, 1), 64: (4, 1), 128: (4, 1)}}
 # launch.COARSE_CHUNK and COARSE_CHUNK_BWD_WIDE, the coarse kernels' block_k (launch.py imports Triton; this file does
 # not): 64, and 32 in the backward kernels with 128-row query tiles.
 COARSE_CHUNK, COARSE_CHUNK_BWD_WIDE = 64, 32
@@ -78,15 +80,15 @@ def on_gpu_path(monkeypatch):
 
 
 def test_the_table_reproduces_the_old_chain_for_every_supported_launch():
-    assert set(OLD_CHAIN) | set(COARSE_ROWS) == set(lc.KERNELS)
+    assert set(OLD_CHAIN) | set(COARSE_ROWS) | set(LATER_ROWS) == set(lc.KERNELS)
     n = 0
     for kernel, bq, bk, d, dtype in _all_launches():
         # the old chain's argument: block_q, and block_k for the state kernel
-        expected = {**OLD_CHAIN, **COARSE_ROWS}[kernel][bk if kernel == "state" else bq]
+        expected = {**OLD_CHAIN, **COARSE_ROWS, **LATER_ROWS}[kernel][bk if kernel == "state" else bq]
         got = lc.table_config(kernel, bq, bk, d, dtype)
         assert got == {"num_warps": expected[0], "num_stages": expected[1]}, (kernel, bq, bk, d, dtype)
         n += 1
-    assert n == 3 * 4 * (16 + 4 + 16 + 4 + 16 + 3 * 4)  # dtypes x head dims x the eight kernels' block shapes
+    assert n == 3 * 4 * (2 * 16 + 4 + 16 + 4 + 16 + 3 * 4)  # dtypes x head dims x the nine kernels' block shapes
 
 
 def test_every_kernel_ends_with_its_default_row():

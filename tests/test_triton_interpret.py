@@ -136,45 +136,60 @@ def test_pooled_combine_matches_reference(B, H, Lq, Lk, D, block_q, block_k, lin
               with_bias=with_bias)
 
 
-# The sparse kernels' TMA form (the default on sm_90+ GPUs; the interpreter runs its descriptor loads): the same rule
-# against fp64, inputs inside NaN guard bands (the descriptor's bounds must keep the guard rows out), ragged blocks.
+# The launch forms that are not the default (launch_config.TMA_BY_DEFAULT, FWD_SPLIT_BY_DEFAULT): the sparse kernels'
+# TMA loads (the interpreter runs descriptor loads) and the forward in two launches, each under the same rule against
+# fp64, inputs inside NaN guard bands (the descriptor's bounds must keep the guard rows out), ragged blocks.
+@pytest.mark.parametrize("form", ["tma", "split"])
 @pytest.mark.parametrize("combine", ["paper", "mass", "pooled_cov"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj",
                          [CASES[0], CASES[2]])
-def test_tma_loads_match_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, dtype,
-                                   combine):
+def test_launch_forms_match_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj, dtype,
+                                      combine, form):
     from sla.ops.sla.triton import launch
 
-    forms = []
-    real = launch._row_descriptors
+    tma, parts = [], []
+    real_descriptors, real_config = launch._row_descriptors, launch.launch_config
 
-    def spy(kernel, rows, *xs):
-        use, out = real(kernel, rows, *xs)
-        forms.append((kernel, use))
+    def spy_descriptors(kernel, rows, *xs):
+        use, out = real_descriptors(kernel, rows, *xs)
+        tma.append((kernel, use))
         return use, out
 
-    with launch_overrides({kernel: {"tma": True} for kernel in TMA_KERNELS}), \
-            pytest.MonkeyPatch.context() as mp:
-        mp.setattr(launch, "_row_descriptors", spy)
+    def spy_config(kernel, *args):
+        parts.append(kernel)
+        return real_config(kernel, *args)
+
+    overrides = ({kernel: {"tma": True} for kernel in TMA_KERNELS} if form == "tma" else {"fwd": {"split": True}})
+    with launch_overrides(overrides), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "_row_descriptors", spy_descriptors)
+        mp.setattr(launch, "launch_config", spy_config)
         _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine=combine)
-    assert sorted(set(forms)) == [("dkdv", True), ("dq", True), ("fwd", True)]
+    assert sorted(set(tma)) == [("dkdv", form == "tma"), ("dq", form == "tma"), ("fwd", form == "tma")]
+    assert ("fwd_mix" in parts) == (form == "split")
 
 
-def test_tma_forms_agree_on_strided_views():
-    # (B, L, H, D) tensors viewed as (B, H, L, D), as diffusers passes them: both forms give the same output and
-    # gradients (the loads differ, not the arithmetic).
+@pytest.mark.parametrize("combine", ["mass", "pooled"])
+def test_launch_forms_agree_on_strided_views(combine):
+    # (B, L, H, D) tensors viewed as (B, H, L, D), as diffusers passes them: every form gives the same output and
+    # gradients in fp32 (the loads and launches differ, not the arithmetic), and the same output in inference, where
+    # the split forward passes o_s through o itself.
     x = [torch.randn(1, 300, 2, 32).transpose(1, 2).requires_grad_() for _ in range(3)]
+    w = 0.2 * torch.randn(32, 32)
+    kw = dict(critical=0.2, negligible=0.1, block_q=32, block_k=64, backend="triton", combine=combine, proj_weight=w)
     results = []
-    for tma in (False, True):
+    for tma, split in ((False, False), (True, False), (False, True), (True, True)):
         for t in x:
             t.grad = None
-        with launch_overrides({kernel: {"tma": tma} for kernel in TMA_KERNELS}):
-            o = sla.sparse_linear_attention(*x, critical=0.2, negligible=0.1, block_q=32, block_k=64, backend="triton")
+        with launch_overrides({"fwd": {"tma": tma, "split": split}, "dq": {"tma": tma}, "dkdv": {"tma": tma}}):
+            o = sla.sparse_linear_attention(*x, **kw)
             o.backward(torch.ones_like(o))
-        results.append([o.detach()] + [t.grad.clone() for t in x])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
+            with torch.no_grad():
+                o_inference = sla.sparse_linear_attention(*x, **kw)
+        results.append([o.detach(), o_inference] + [t.grad.clone() for t in x])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
 
 
 def test_tma_default_is_off_in_the_interpreter_and_forcing_checks_alignment():
@@ -189,6 +204,8 @@ def test_tma_default_is_off_in_the_interpreter_and_forcing_checks_alignment():
         launch_overrides({"fwd": {"tma": 1}})
     with pytest.raises(ValueError, match="unknown key"):
         launch_overrides({"state": {"tma": True}})
+    with pytest.raises(ValueError, match="unknown key"):
+        launch_overrides({"dq": {"split": True}})
 
 
 @pytest.mark.parametrize("combine", ["pooled", "pooled_cov"])

@@ -125,16 +125,20 @@ def test_kernels_match_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope
 @pytest.mark.parametrize("combine", ["mass", "pooled_cov"])
 @pytest.mark.parametrize("dtype", DTYPES[:2])
 @pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map", CASES[:2])
-def test_both_load_forms_match_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, dtype,
-                                         combine):
-    # The other tests run the default form (launch_config.TMA_BY_DEFAULT); this runs both forced, on sm_90+.
+def test_every_launch_form_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, dtype,
+                                             combine):
+    # The other tests run the default forms (launch_config.TMA_BY_DEFAULT, FWD_SPLIT_BY_DEFAULT); this runs each
+    # forced: pointer or (sm_90+) TMA loads, the forward in one launch or two.
     from sla.ops.sla.triton.launch_config import TMA_BY_DEFAULT, TMA_KERNELS, launch_overrides, tma_loads
 
     hopper = torch.cuda.get_device_capability() >= (9, 0)
     assert tma_loads("fwd", torch.empty(1, 1, 64, 64, device=DEV, dtype=dtype)) == (TMA_BY_DEFAULT and hopper)
     for tma in ((False, True) if hopper else (False,)):
-        with launch_overrides({kernel: {"tma": tma} for kernel in TMA_KERNELS}):
-            _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, combine=combine)
+        for split in (False, True):
+            forms = {kernel: {"tma": tma} for kernel in TMA_KERNELS}
+            forms["fwd"]["split"] = split
+            with launch_overrides(forms):
+                _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, combine=combine)
 
 
 @pytest.mark.parametrize("block_q", [64, 128])

@@ -204,29 +204,57 @@ def sla_fwd_kernel(
     qk_scale, log_d, Lq, Lk, Tm, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, MASS: tl.constexpr,
-    POOLED: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    POOLED: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, PART: tl.constexpr,
 ):
     # qk_scale = softmax scale * LOG2E (> 0): exp(x) = exp2(x * log2(e)), folded into one multiply-add.
+    # PART: 0 = the whole forward in one launch; 1 = the sparse loop alone, writing o_s to OS and the base-2 LSE to
+    # LSE; 2 = the rest (linear branch, projection, mix), reading those two back. The split runs the loop without the
+    # epilogue's registers (launch_config.fwd_split).
     i_m, i_bh, i_b, i_h = _program_ids(H)
     o_m, m_q, m_qt = _block_rows(i_m, BM, Lq)
     o_d = tl.arange(0, D)
 
     p_q0 = Q + i_b * s_q_b + i_h * s_q_h
-    b_q = _load_tile(p_q0, o_m, s_q_l, m_qt, D)
-    p_k0 = K + i_b * s_k_b + i_h * s_k_h
-    p_v0 = V + i_b * s_v_b + i_h * s_v_h
-    p_lut = LUT + (i_bh * Tm + i_m) * N_CRIT
+    if PART != 2:
+        b_q = _load_tile(p_q0, o_m, s_q_l, m_qt, D)
+        p_k0 = K + i_b * s_k_b + i_h * s_k_h
+        p_v0 = V + i_b * s_v_b + i_h * s_v_h
+        p_lut = LUT + (i_bh * Tm + i_m) * N_CRIT
 
-    b_mx = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BM], dtype=tl.float32)
-    b_acc = tl.zeros([BM, D], dtype=tl.float32)
-    # One loop with the padding mask in every iteration: peeling the last (possibly ragged) block off the loop
-    # was slower (bench/RESULTS.md, "Kernels at commit 0f20e68": what was tried on the way).
-    for i_c in range(N_CRIT):
-        b_mx, b_l, b_acc = _attend_block(b_q, p_k0, p_v0, KD, VD, i_b, i_h, tl.load(p_lut + i_c), b_mx, b_l, b_acc,
-                                         s_k_l, s_v_l, qk_scale, Lk, D, BN, PREC, TMA)
-    b_os = b_acc / b_l[:, None]
+        b_mx = tl.full([BM], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BM], dtype=tl.float32)
+        b_acc = tl.zeros([BM, D], dtype=tl.float32)
+        # One loop with the padding mask in every iteration: peeling the last (possibly ragged) block off the loop
+        # was slower (bench/RESULTS.md, "Kernels at commit 0f20e68": what was tried on the way).
+        for i_c in range(N_CRIT):
+            b_mx, b_l, b_acc = _attend_block(b_q, p_k0, p_v0, KD, VD, i_b, i_h, tl.load(p_lut + i_c), b_mx, b_l,
+                                             b_acc, s_k_l, s_v_l, qk_scale, Lk, D, BN, PREC, TMA)
+        b_os = b_acc / b_l[:, None]
+        b_lse2 = b_mx + tl.math.log2(b_l)
+    p_aux = i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :]  # OS and OL share strides
+    if PART == 1:
+        tl.store(OS + p_aux, b_os.to(OS.dtype.element_ty), mask=m_qt)
+        tl.store(LSE + i_bh * Lq + o_m, b_lse2, mask=m_q)
+    else:
+        if PART == 2:  # OS may be O itself: each program reads its rows before it writes them
+            b_os = tl.load(OS + p_aux, mask=m_qt, other=0.).to(tl.float32)
+            b_lse2 = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=0.)
+        _fwd_epilogue(HS, ZS, W, BIAS, MASS_OFF, OC, LOG_REST, O, OS, OL, LSE, A, b_os, b_lse2, p_aux, p_q0, o_m, m_q,
+                      m_qt, i_bh, i_b, i_h, i_m, s_q_l, s_o_b, s_o_h, s_o_l, s_oc_b, s_oc_h, s_oc_l, s_hs_bh, s_hs_m,
+                      s_zs_bh, s_zs_m, log_d, Lq, D, FEATURE, HAS_PROJ, HAS_BIAS, STORE_AUX, MASS, POOLED, PREC,
+                      PART)
 
+
+@triton.jit
+def _fwd_epilogue(HS, ZS, W, BIAS, MASS_OFF, OC, LOG_REST, O, OS, OL, LSE, A, b_os, b_lse2, p_aux, p_q0, o_m, m_q,
+                  m_qt, i_bh, i_b, i_h, i_m, s_q_l, s_o_b, s_o_h, s_o_l, s_oc_b, s_oc_h, s_oc_l, s_hs_bh, s_hs_m,
+                  s_zs_bh, s_zs_m, log_d, Lq, D: tl.constexpr, FEATURE: tl.constexpr, HAS_PROJ: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, MASS: tl.constexpr, POOLED: tl.constexpr,
+                  PREC: tl.constexpr, PART: tl.constexpr):
+    """The forward after the sparse loop (``sla_fwd_kernel``'s PART 0 and 2): from o_s and the base-2 LSE
+    (``b_os``, ``b_lse2``), the linear branch, ``Proj`` and the combination, then the stores (o_s and the LSE only
+    with PART 0: with PART 2 the loop's launch stored them)."""
+    o_d = tl.arange(0, D)
     # Linear branch: H_i and Z_i are this query block's aggregated states over the key blocks in scope.
     # phi(Q_i) from a second load of the tile (an L2 hit) rather than keeping b_q live past the loop; the two
     # ran at the same speed (bench/RESULTS.md, "Kernels at commit 0f20e68": what was tried on the way).
@@ -246,7 +274,6 @@ def sla_fwd_kernel(
             b_proj += tl.load(BIAS + o_d)[None, :]
     else:
         b_proj = b_ol
-    b_lse2 = b_mx + tl.math.log2(b_l)
     if POOLED:
         # combine="pooled" (MASS is set too): a from log_rest, the coarse branch's estimate of the mass outside the
         # critical blocks (a = 1 where it is -inf), and o_c joins the (1 - a) side.
@@ -264,10 +291,10 @@ def sla_fwd_kernel(
 
     tl.store(_tile_ptrs(O + i_b * s_o_b + i_h * s_o_h, o_m, s_o_l, D), b_o.to(O.dtype.element_ty), mask=m_qt)
     if STORE_AUX:  # only when backward will run: inference writes o alone
-        p_aux = i_b * s_aux_b + i_h * s_aux_h + o_m[:, None] * s_aux_l + o_d[None, :]
-        tl.store(OS + p_aux, b_os.to(OS.dtype.element_ty), mask=m_qt)
+        if PART == 0:  # else the sparse part stored them
+            tl.store(OS + p_aux, b_os.to(OS.dtype.element_ty), mask=m_qt)
+            tl.store(LSE + i_bh * Lq + o_m, b_lse2, mask=m_q)
         tl.store(OL + p_aux, b_ol.to(OL.dtype.element_ty), mask=m_qt)
-        tl.store(LSE + i_bh * Lq + o_m, b_lse2, mask=m_q)
         if MASS:
             tl.store(A + i_bh * Lq + o_m, b_a, mask=m_q)
 

@@ -51,7 +51,7 @@ from .kernels import (
     sla_fwd_kernel,
     sla_linear_state_kernel,
 )
-from .launch_config import launch_config, tma_loads
+from .launch_config import fwd_split, launch_config, tma_loads
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,15 +193,23 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
     bias = proj_bias if proj_bias is not None else big_z
     offsets = mass_offset if mass else big_z
     tma, (kd, vd) = _row_descriptors("fwd", block_k, k, v)
-    sla_fwd_kernel[(Tm, B * H)](
-        q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o_mix if pooled else big_z,
-        rows[1] if pooled else big_z, o, o_s, o_l, lse, a, kd, vd,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(o_s),
-        *(_strides(o_mix) if pooled else (0, 0, 0)), *_state_strides(big_h, big_z),
-        scale * LOG2E.value, math.log(D), Lq, Lk, Tm, n_crit,  # the forward takes qk_scale (kernels.LOG2E)
-        H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
-        HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, POOLED=pooled, PREC=_dot_precision(q.dtype),
-        TMA=tma, **launch_config("fwd", block_q, block_k, D, q.dtype, q.device))
+    split = fwd_split()
+    # Split: the loop's launch writes o_s and the LSE where backward keeps them, or (inference) o_s into o itself and
+    # the LSE into a scratch row, which the second launch reads back.
+    os_buf = o_s if store_aux or not split else o
+    lse_buf = lse if store_aux or not split else q.new_empty(B, H, Lq, dtype=torch.float32)
+    args = (q, k, v, critical_lut, big_h, big_z, w, bias, offsets, o_mix if pooled else big_z,
+            rows[1] if pooled else big_z, o, os_buf, o_l, lse_buf, a, kd, vd,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(os_buf),
+            *(_strides(o_mix) if pooled else (0, 0, 0)), *_state_strides(big_h, big_z),
+            scale * LOG2E.value, math.log(D), Lq, Lk, Tm, n_crit)  # the forward takes qk_scale (kernels.LOG2E)
+    consts = dict(H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
+                  HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, POOLED=pooled,
+                  PREC=_dot_precision(q.dtype), TMA=tma)
+    for part in (1, 2) if split else (0,):
+        name = "fwd_mix" if part == 2 else "fwd"
+        sla_fwd_kernel[(Tm, B * H)](*args, **consts, PART=part,
+                                    **launch_config(name, block_q, block_k, D, q.dtype, q.device))
     if not pooled or not store_aux:
         o_c, rows, means = pooled_outputs(q, 0, False)
     return o, o_s, o_l, lse, a, o_c, rows, means

@@ -31,6 +31,7 @@ from .limits import interpreting
 KERNELS = {
     "state": "sla_linear_state_kernel",
     "fwd": "sla_fwd_kernel",
+    "fwd_mix": "sla_fwd_kernel",  # its PART 2 (linear branch, Proj, mix) when the forward is split (fwd_split)
     "dq": "sla_bwd_dq_kernel",
     "linear_q": "sla_bwd_linear_q_kernel",
     "dkdv": "sla_bwd_dkdv_kernel",
@@ -42,6 +43,12 @@ CONFIG_KEYS = ("num_warps", "num_stages")
 # Kernels whose sparse loops can read tiles through TMA descriptors, and the override key that picks the form.
 TMA_KERNELS = ("fwd", "dq", "dkdv")
 TMA_KEY = "tma"
+# The override key that splits the forward in two launches (fwd_split), on kernel "fwd".
+SPLIT_KEY = "split"
+_BOOL_KEYS = {TMA_KEY: TMA_KERNELS, SPLIT_KEY: ("fwd",)}
+# Whether the forward runs as two launches unless overridden: the sparse loop alone, then the rest ("fwd_mix").
+# Off until a GPU A/B (bench/ab_tma.py --split) shows it faster: a default changes only on a measurement.
+FWD_SPLIT_BY_DEFAULT = False
 # Whether sm_90+ GPUs use the TMA form unless overridden. Off until an A/B on the GPU (bench/ab_tma.py, numbers in
 # bench/RESULTS.md) shows it faster there: a default changes only on a measurement.
 TMA_BY_DEFAULT = False
@@ -60,6 +67,7 @@ LAUNCH_TABLE: tuple = (
     (("state", ANY, ANY, ANY, ANY), (8, 1)),  # 8 warps beat 4 (bench/RESULTS.md, "Backward experiments")
     (("fwd", 128, ANY, ANY, ANY), (8, 3)),
     (("fwd", ANY, ANY, ANY, ANY), (4, 3)),
+    (("fwd_mix", ANY, ANY, ANY, ANY), (4, 1)),  # no loop: one stage
     (("dq", 128, ANY, ANY, ANY), (8, 2)),
     (("dq", ANY, ANY, ANY, ANY), (4, 2)),
     (("linear_q", 128, ANY, ANY, ANY), (8, 1)),
@@ -113,6 +121,9 @@ _SMEM_PHASES = {
     ),
     "fwd": (
         (("BM", "D", "input", False), ("BN", "D", "input", True), ("BN", "D", "input", True)),  # Q_i; K_j, V_j
+        (("D", "D", "state", False), ("D", "D", "fp32", False)),  # H_i, then Proj's W^T
+    ),
+    "fwd_mix": (
         (("D", "D", "state", False), ("D", "D", "fp32", False)),  # H_i, then Proj's W^T
     ),
     "dq": (
@@ -235,12 +246,12 @@ def _checked_overrides(overrides: Mapping) -> dict:
         if not isinstance(config, Mapping):
             raise ValueError(f"launch override of {kernel!r} must be a dict with keys {CONFIG_KEYS}, got "
                              f"{type(config).__name__}")
-        allowed = CONFIG_KEYS + ((TMA_KEY,) if kernel in TMA_KERNELS else ())
+        allowed = CONFIG_KEYS + tuple(key for key, kernels in _BOOL_KEYS.items() if kernel in kernels)
         bad = sorted(set(config) - set(allowed))
         if bad:
             raise ValueError(f"unknown key(s) {bad} in the launch override of {kernel!r}; allowed: {allowed}")
         for key, value in config.items():
-            if key == TMA_KEY:
+            if key in _BOOL_KEYS:
                 if not isinstance(value, bool):
                     raise ValueError(f"launch override {kernel!r} {key} must be True or False, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -254,9 +265,10 @@ def launch_overrides(overrides: Mapping[str, Mapping[str, int]]) -> contextlib.A
     ``with`` block runs, e.g. ``with launch_overrides({"fwd": {"num_warps": 8, "num_stages": 2}}):``. For
     benchmarks and tuning.
 
-    ``overrides`` maps kernel names (:data:`KERNELS`) to ``num_warps`` and/or ``num_stages``, and for the kernels of
-    :data:`TMA_KERNELS` ``tma`` (True or False: TMA descriptor loads or pointer loads, see :func:`tma_loads`); a key
-    left out keeps the default. An override is used as given, without the shared-memory check (a sweep times exactly what
+    ``overrides`` maps kernel names (:data:`KERNELS`) to ``num_warps`` and/or ``num_stages``, for the kernels of
+    :data:`TMA_KERNELS` ``tma`` (True or False: TMA descriptor loads or pointer loads, see :func:`tma_loads`) and
+    for ``"fwd"`` ``split`` (True or False: the forward in two launches or one, see :func:`fwd_split`); a key left
+    out keeps the default. An override is used as given, without the shared-memory check (a sweep times exactly what
     it asked for; Triton raises if it does not fit). Nested blocks: the inner one's kernels replace the outer
     one's, the others stay. It applies to every launch in the process while the block runs (autograd's
     backward included, which runs in a thread of its own on CUDA), so it is not for concurrent use from several
@@ -343,3 +355,13 @@ def tma_loads(kernel: str, *tensors: torch.Tensor) -> bool:
     if device.type != "cuda":
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+def fwd_split() -> bool:
+    """Whether the forward runs as two launches of ``sla_fwd_kernel``: the sparse loop alone (``"fwd"``, writing
+    o_s and the LSE), then the linear branch, projection and mix (``"fwd_mix"``, reading them back), instead of one
+    launch that does both. The same arithmetic either way, except that the split mixes o_s as rounded to the
+    inputs' dtype. An override (:func:`launch_overrides`, ``{"fwd": {"split": ..}}``) decides, else
+    :data:`FWD_SPLIT_BY_DEFAULT`."""
+    forced = _overrides.get("fwd", {}).get(SPLIT_KEY)
+    return FWD_SPLIT_BY_DEFAULT if forced is None else forced

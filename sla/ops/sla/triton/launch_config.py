@@ -47,11 +47,12 @@ TMA_KEY = "tma"
 SPLIT_KEY = "split"
 _BOOL_KEYS = {TMA_KEY: TMA_KERNELS, SPLIT_KEY: ("fwd",)}
 # Whether the forward runs as two launches unless overridden: the sparse loop alone, then the rest ("fwd_mix").
-# Off until a GPU A/B (bench/ab_tma.py --split) shows it faster: a default changes only on a measurement.
+# Off: in the same A/B it saved 0.05-0.09 ms of kernel time at 64x64 and lost at 128x64 with 4 warps, and its
+# end-to-end forward times were no better (bench/RESULTS.md, "TMA loads and the split forward").
 FWD_SPLIT_BY_DEFAULT = False
-# Whether sm_90+ GPUs use the TMA form unless overridden. Off until an A/B on the GPU (bench/ab_tma.py, numbers in
-# bench/RESULTS.md) shows it faster there: a default changes only on a measurement.
-TMA_BY_DEFAULT = False
+# Whether sm_90+ GPUs use the TMA form unless overridden: on, from the one-process A/B on an H100 (bench/ab_tma.py;
+# bench/RESULTS.md, "TMA loads and the split forward"): the same outputs, faster kernels in every rule measured.
+TMA_BY_DEFAULT = True
 ANY = None  # a table key field that matches every value
 
 # Key: (kernel, block_q, block_k, head_dim, dtype): the kernel's name (KERNELS), its query and key tile sizes (the

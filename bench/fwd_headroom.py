@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     for name, BM, BN, SUB, tma, ws, nw, ns in variants:
         if (tma or ws) and (cpu and ws or TensorDescriptor is None
                             or (device == "cuda" and torch.cuda.get_device_capability()[0] < 9)):
-            rows.append({"variant": name, "skipped": "needs sm_90+ and Triton tensor descriptors"})
+            rows.append({"variant": name, "BM": BM, "BN": BN, "SUB": SUB, "tma": tma, "ws": ws,
+                         "skipped": "warp specialisation needs a GPU; TMA needs sm_90+ and Triton's tensor descriptors"})
             continue
         if (BM, BN) not in luts:
             lut = random_lut(B, H, L, BM, BN, args.critical, device)

@@ -5,6 +5,8 @@
   longer matches would otherwise only be found on the GPU, in device time.
 * ``bench/ab_ops.py``: a copy of the operator package loads beside the installed one under its own
   ``torch.library`` namespace and computes the same output.
+* ``bench/fwd_headroom.py``: its loop variants compute block-sparse attention (``--check-only``); ``bench/ab_tma.py``:
+  its forms are valid launch overrides.
 """
 
 import json
@@ -115,3 +117,34 @@ def test_trace_op_sums_busy_time_and_names_the_largest_gaps():
     assert got["kernels_per_step"] == 3 and got["busy_ms"] == 25 / 1e3 and got["span_ms"] == 80 / 1e3
     # a -> b: 30 us in each step; c -> a: 40 us once (between the steps), 20 per step; b -> c: 5, left out
     assert list(got["largest_gaps_us"].items()) == [("a -> b", 30.0), ("c -> a", 20.0)]
+
+
+def test_fwd_headroom_variants_compute_block_sparse_attention(tmp_path):
+    """``bench/fwd_headroom.py --check-only``: every loop variant the interpreter can run (pointer and TMA loads,
+    64/128-row tiles, 64/128-wide key blocks; warp specialisation needs a GPU) matches fp32 PyTorch on sampled
+    query blocks, including a ragged last block."""
+    import fwd_headroom
+
+    out = tmp_path / "headroom.json"
+    assert fwd_headroom.main(["--check-only", "--shape", "1,2,300,32", "--critical", "0.3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(fwd_headroom.VARIANTS)
+    ran = [r for r in rows if "skipped" not in r]
+    assert {r["tma"] for r in ran} == {False, True} and {(r["BM"], r["BN"]) for r in ran} >= {(64, 64), (128, 128)}
+    for r in ran:
+        assert "error" not in r, r
+        assert r["max_err"] <= 1e-4, r
+    assert all(r["ws"] for r in rows if "skipped" in r)
+
+
+def test_ab_tma_forms_are_valid_overrides():
+    """``bench/ab_tma.py``'s forms are overrides ``launch_overrides`` accepts, and they select what they name."""
+    import ab_tma
+
+    from sla.ops.sla.triton.launch_config import fwd_split, launch_overrides, tma_loads
+
+    q = torch.randn(1, 2, 64, 32)
+    for form, tma, split in (("pointer", False, False), ("tma", True, False), ("tma+split", True, True),
+                             ("pointer+split", False, True)):
+        with launch_overrides(ab_tma.overrides(form, (8, 1) if split else None)):
+            assert tma_loads("dkdv", q) == tma and fwd_split() == split

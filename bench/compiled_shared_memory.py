@@ -35,10 +35,12 @@ FLOATS = {"scale", "qk_scale", "log_d"}
 
 
 def compiled_shared_memory(kernel: str, dtype: torch.dtype, head_dim: int, block_q, block_k, num_warps: int,
-                           num_stages: int, sm: int, combine: str = "mass") -> int:
+                           num_stages: int, sm: int, combine: str = "mass", tma: bool = False) -> int:
     """``metadata.shared`` of ``kernel`` compiled for ``sm`` with the library's defaults (softmax features, a
     projection with bias, aux outputs stored) under ``combine`` (``"mass"``, ``"pooled"`` or ``"pooled_cov"``;
-    the coarse kernels' ``block_k`` is their chunk of key-block means)."""
+    the coarse kernels' ``block_k`` is their chunk of key-block means). ``tma``: the sparse kernels' TMA form (their
+    descriptor arguments typed as the launcher builds them); ``"fwd"`` is the one-launch forward (PART 0),
+    ``"fwd_mix"`` the split forward's second launch (PART 2)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -50,7 +52,10 @@ def compiled_shared_memory(kernel: str, dtype: torch.dtype, head_dim: int, block
     fn = getattr(kernels, KERNELS[kernel])
     constants = {"H": 12, "D": head_dim, "BM": block_q, "BN": block_k, "FEATURE": "softmax", "HAS_PROJ": True,
                  "HAS_BIAS": True, "STORE_AUX": True, "MASS": True, "PREC": _dot_precision(dtype),
-                 "POOLED": combine != "mass", "COV": combine == "pooled_cov", "BT": block_k}
+                 "POOLED": combine != "mass", "COV": combine == "pooled_cov", "BT": block_k, "TMA": tma,
+                 "PART": 2 if kernel == "fwd_mix" else 0}
+    # TMA descriptors: (B, H, L, D) tensors, one block of the rows the sparse loop gathers
+    rows_of = {"KD": block_k, "VD": block_k, "QD": block_q, "DOD": block_q}
     kinds = {"input": TRITON_TYPES[dtype], "state": TRITON_TYPES[state_dtype(dtype)], "fp32": "fp32", "i32": "i32",
              "u8": "u8"}
     signature, constexprs = {}, {}
@@ -59,6 +64,9 @@ def compiled_shared_memory(kernel: str, dtype: torch.dtype, head_dim: int, block
         if param.is_constexpr:
             signature[name] = "constexpr"
             constexprs[(i,)] = constants[name]
+        elif name in rows_of:  # a tensor placeholder in the pointer form
+            signature[name] = (f"tensordesc<{kinds['input']}[1, 1, {rows_of[name]}, {head_dim}]>" if tma
+                               else "*" + kinds["input"])
         elif name in INPUT_POINTERS:
             signature[name] = "*" + kinds["input"]
         elif name in POINTERS:
@@ -80,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default="table", help="'table', or comma-separated num_stages to compile each with")
     p.add_argument("--combine", default="mass", help="mass, pooled or pooled_cov (the coarse kernels: coarse_fwd, "
                    "coarse_dq, coarse_dkdv, whose block_k is the chunk of means)")
+    p.add_argument("--tma", action="store_true", help="the sparse kernels' TMA form (fwd, dq, dkdv)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -105,13 +114,15 @@ def main(argv=None) -> int:
                     stages = ([config["num_stages"]] if args.stages == "table"
                               else [int(s) for s in args.stages.split(",")])
                     for s in stages:
-                        row = {"kernel": kernel, "combine": args.combine, "dtype": dt, "head_dim": d, "block_q": bq,
+                        row = {"kernel": kernel, "combine": args.combine, "tma": args.tma, "dtype": dt, "head_dim": d,
+                               "block_q": bq,
                                "block_k": bk,
                                "num_warps": config["num_warps"], "num_stages": s,
                                "estimate": estimate_shared_memory(kernel, bq, bk, d, DTYPES[dt], s)}
                         try:
                             row["compiled"] = compiled_shared_memory(kernel, DTYPES[dt], d, bq, bk,
-                                                                     config["num_warps"], s, args.sm, args.combine)
+                                                                     config["num_warps"], s, args.sm, args.combine,
+                                                                     args.tma)
                         except Exception as exc:  # a launch the compiler rejects is a result too
                             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                         rows.append(row)

@@ -106,7 +106,10 @@ def table_config(kernel: str, block_q: Optional[int], block_k: Optional[int], he
 # a phase lists the tiles that feed a tl.dot from shared memory at the same time, as (rows, cols, element type,
 # loaded inside the pipelined loop). The estimate is the largest phase, a tile loaded inside the loop counted
 # num_stages times (the software pipeline keeps one copy per stage). Element types: "input" (q's dtype),
-# "state" (launch.state_dtype: bf16 for bf16 inputs, fp32 otherwise), "fp32".
+# "state" (launch.state_dtype: bf16 for bf16 inputs, fp32 otherwise), "fp32", and "input_x2": an input tile that
+# float32 inputs hold twice (the dQ kernel's Q_i and dO_i: the compiler keeps a second copy for the split "tf32x3"
+# products; compiled for sm_90 it needs exactly those bytes more than the "input" count, at every block shape and
+# head dim, bench/RESULTS.md "The TMA form ... compiled offline"), once in the half dtypes.
 #
 # It is an estimate, not what the compiler allocates: tiles computed in registers that are the first operand of
 # a dot (P, dS, phi(Q_i)) are not counted, as the tensor cores read them from registers; neither are the
@@ -128,7 +131,7 @@ _SMEM_PHASES = {
         (("D", "D", "state", False), ("D", "D", "fp32", False)),  # H_i, then Proj's W^T
     ),
     "dq": (
-        (("BM", "D", "input", False), ("BM", "D", "input", False),  # Q_i, dO_i
+        (("BM", "D", "input_x2", False), ("BM", "D", "input_x2", False),  # Q_i, dO_i
          ("BN", "D", "input", True), ("BN", "D", "input", True)),  # K_j, V_j
         (("D", "D", "fp32", False),),  # Proj(o_l) for combine="mass", before the loop
     ),
@@ -161,6 +164,8 @@ _SMEM_PHASES = {
 def _element_size(kind: str, dtype: torch.dtype) -> int:
     if kind == "input":
         return dtype.itemsize
+    if kind == "input_x2":
+        return 2 * dtype.itemsize if dtype == torch.float32 else dtype.itemsize
     if kind == "state":  # launch.state_dtype, which imports Triton
         return 2 if dtype == torch.bfloat16 else 4
     return 4

@@ -39,8 +39,16 @@ each token gets through its block's mean key and value in its epilogue.
   block's rows (``pbar``, the weights of the covariance state the launcher forms), the backward kernels add the
   state's gradient with respect to those weights.
 
-Sequence lengths and the critical count are runtime integers (``do_not_specialize``): a new length or
-top-k count does not compile a new kernel.
+Launch forms (``launch_config.py`` picks them; the values computed are the same):
+
+* ``TMA``: the forward and dQ loops gather K/V tiles, the dK/dV loop Q/dO tiles, through host-side TMA descriptors
+  (``KD``, ``VD``, ``QD``, ``DOD``: one ``(B, H, L, D)`` descriptor each, block ``[1, 1, rows, D]``) instead of
+  pointer loads; the pointer arguments stay for everything else.
+* ``PART`` of ``sla_fwd_kernel``: 0 the whole forward, or the split forward's two launches, 1 the sparse loop
+  alone (o_s and the LSE to memory) and 2 the rest (``_fwd_epilogue``, reading them back).
+
+Sequence lengths and the critical count are runtime integers (``do_not_specialize``; a descriptor's shape is not
+specialised either): a new length or top-k count does not compile a new kernel.
 """
 
 import triton

@@ -113,6 +113,7 @@ def _run_scenario(name, model, dtype, out_dir, rank):
         torch.save(dict(grads=grads, sharding=sharding, state=state, in_optimizer=in_optimizer),
                    os.path.join(out_dir, f"{name}_rank0.pt"))
     dist.barrier()
+    print(f"rank {rank}: {name} written", file=sys.stderr, flush=True)  # where a failed run got to
 
 
 def _main(out_dir):
@@ -168,7 +169,14 @@ def _main(out_dir):
     fully_shard(model, mp_policy=policy)
     _run_scenario("mixed_precision", model, torch.float32, out_dir, rank)  # inputs cast by the policy
 
-    dist.destroy_process_group()
+    # Every result is on disk and both ranks passed the last barrier: leave without gloo's teardown. In CI (2 cores)
+    # one rank intermittently aborted with "terminate called without an active exception" (a C++ thread destroyed
+    # while joinable, the signature of a teardown), failing the run: seen in three CI runs, 2026-12-05/06, never in
+    # 20 direct runs. Where it happened is unknown (the log had nothing after the first forward's warnings); the
+    # markers printed above say how far a failed run got. The test compares the files, so the teardown adds nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

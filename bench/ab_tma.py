@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     meta = {"shape": [B, H, L, D], "card": torch.cuda.get_device_name(), "torch": torch.__version__,
             "commit": os.environ.get("SLA_COMMIT", ""), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "critical": 0.05, "negligible": 0.10, "scope": "marginal", "dtype": "bfloat16"}
+    mixes = [tuple(int(x) for x in m.split("x")) for m in args.mix_configs.split(",") if m]
     rows = []
     for case in args.cases.split(","):
         combine, blocks = case.split(":")
@@ -62,7 +63,6 @@ def main(argv=None) -> int:
         f = sla_fn(r, 0.05, 0.10, bq, bk, "marginal", combine=combine)
         forms = {}
         for form in args.forms.split(","):
-            mixes = [tuple(int(x) for x in m.split("x")) for m in args.mix_configs.split(",") if m]
             for mix in (mixes if form.endswith("+split") and mixes else [None]):
                 forms[form + (f" mix {mix[0]}x{mix[1]}" if mix else "")] = overrides(form, mix)
         results = {}

@@ -212,12 +212,17 @@ def _shared_memory_of(index: int) -> Optional[int]:
     return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
 
 
+def _device_index(device: torch.device) -> int:
+    """The index of a CUDA ``device`` (the current device for a bare ``"cuda"``)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_shared_memory(device: torch.device) -> Optional[int]:
     """The opt-in shared memory per block of a CUDA ``device`` in bytes (what a kernel may use), read once per
     device index; None for other devices, or where torch does not report it."""
     if device.type != "cuda":
         return None
-    return _shared_memory_of(device.index if device.index is not None else torch.cuda.current_device())
+    return _shared_memory_of(_device_index(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -347,20 +352,21 @@ def tma_loads(kernel: str, *tensors: torch.Tensor) -> bool:
     """
     if kernel not in TMA_KERNELS:
         raise ValueError(f"kernel must be one of {TMA_KERNELS} for tma_loads, got {kernel!r}")
-    ready = _has_host_descriptors() and all(_descriptor_ready(x) for x in tensors)
+
+    def ready() -> bool:
+        return _has_host_descriptors() and all(_descriptor_ready(x) for x in tensors)
+
     forced = _overrides.get(kernel, {}).get(TMA_KEY)
     if forced is not None:
-        if forced and not ready:
+        if forced and not ready():
             raise ValueError(f"launch override {kernel!r} tma=True, but Triton has no host-side tensor descriptors "
                              "or an input is not 16-byte aligned (base and every stride but the last); run with "
                              "tma=False")
         return forced
-    if not TMA_BY_DEFAULT or interpreting() or not ready:
-        return False
     device = tensors[0].device
-    if device.type != "cuda":
+    if not TMA_BY_DEFAULT or interpreting() or device.type != "cuda":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return _capability(_device_index(device)) >= (9, 0) and ready()
 
 
 def fwd_split() -> bool:

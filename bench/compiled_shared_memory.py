@@ -5,6 +5,10 @@ Triton ships its own ``ptxas``) and the compiled kernel's ``metadata.shared`` is
 that architecture with this Triton; timing still needs the GPU.
 
     python bench/compiled_shared_memory.py --sm 90 --out bench/results_smem_sm90.json
+    python bench/compiled_shared_memory.py --dtypes bf16 --head-dims 128 --blocks 64x64 --tma --resources
+
+``--resources`` adds the registers and stack bytes per thread (``cuobjdump -res-usage``): a kernel at 255
+registers with a stack spills, which is visible here without a GPU.
 
 Per launch: kernel, dtype, head dim, block_q x block_k, num_warps, num_stages (the table's unless ``--stages``),
 the compiler's bytes and the estimate's (``estimate_shared_memory``). ``TRITON_INTERPRET`` must be unset or 0.
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -41,6 +46,38 @@ def compiled_shared_memory(kernel: str, dtype: torch.dtype, head_dim: int, block
     the coarse kernels' ``block_k`` is their chunk of key-block means). ``tma``: the sparse kernels' TMA form (their
     descriptor arguments typed as the launcher builds them); ``"fwd"`` is the one-launch forward (PART 0),
     ``"fwd_mix"`` the split forward's second launch (PART 2)."""
+    compiled = compile_kernel(kernel, dtype, head_dim, block_q, block_k, num_warps, num_stages, sm, combine, tma)
+    return int(compiled.metadata.shared)
+
+
+def resource_usage(compiled) -> dict:
+    """Registers per thread and stack bytes per thread (local memory: with no calls in these kernels, the
+    register spills) of a compiled kernel, from ``cuobjdump -res-usage`` on its cubin. Triton's NVIDIA backend
+    ships the ``cuobjdump`` it runs."""
+    import re
+    import subprocess
+
+    from triton.backends import nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        raise FileNotFoundError(f"no cuobjdump at {tool}: this Triton wheel does not ship it, and --resources "
+                                "needs it")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    if found is None:
+        raise ValueError(f"cuobjdump -res-usage printed no REG/STACK line: {text[:200]!r}")
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))}
+
+
+def compile_kernel(kernel: str, dtype: torch.dtype, head_dim: int, block_q, block_k, num_warps: int,
+                   num_stages: int, sm: int, combine: str = "mass", tma: bool = False):
+    """``kernel`` compiled for ``sm`` (arguments as :func:`compiled_shared_memory`): Triton's compiled kernel, whose
+    ``metadata`` and ``asm["cubin"]`` can be read without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -73,9 +110,8 @@ def compiled_shared_memory(kernel: str, dtype: torch.dtype, head_dim: int, block
             signature[name] = "*" + kinds[POINTERS[name]]
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", sm, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    return int(compiled.metadata.shared)
+    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", sm, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def main(argv=None) -> int:
@@ -89,6 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--combine", default="mass", help="mass, pooled or pooled_cov (the coarse kernels: coarse_fwd, "
                    "coarse_dq, coarse_dkdv, whose block_k is the chunk of means)")
     p.add_argument("--tma", action="store_true", help="the sparse kernels' TMA form (fwd, dq, dkdv)")
+    p.add_argument("--warps", default="table", help="'table', or comma-separated num_warps to compile each with")
+    p.add_argument("--resources", action="store_true",
+                   help="also registers and stack bytes per thread (the spills) from cuobjdump -res-usage")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -113,16 +152,20 @@ def main(argv=None) -> int:
                     config = table_config(kernel, bq, bk, d, DTYPES[dt])
                     stages = ([config["num_stages"]] if args.stages == "table"
                               else [int(s) for s in args.stages.split(",")])
-                    for s in stages:
+                    warps = ([config["num_warps"]] if args.warps == "table"
+                             else [int(w) for w in args.warps.split(",")])
+                    for s, w in ((s, w) for w in warps for s in stages):
                         row = {"kernel": kernel, "combine": args.combine, "tma": args.tma, "dtype": dt, "head_dim": d,
                                "block_q": bq,
                                "block_k": bk,
-                               "num_warps": config["num_warps"], "num_stages": s,
+                               "num_warps": w, "num_stages": s,
                                "estimate": estimate_shared_memory(kernel, bq, bk, d, DTYPES[dt], s)}
                         try:
-                            row["compiled"] = compiled_shared_memory(kernel, DTYPES[dt], d, bq, bk,
-                                                                     config["num_warps"], s, args.sm, args.combine,
-                                                                     args.tma)
+                            compiled = compile_kernel(kernel, DTYPES[dt], d, bq, bk, w, s, args.sm, args.combine,
+                                                      args.tma)
+                            row["compiled"] = int(compiled.metadata.shared)
+                            if args.resources:
+                                row.update(resource_usage(compiled))
                         except Exception as exc:  # a launch the compiler rejects is a result too
                             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                         rows.append(row)

@@ -148,3 +148,23 @@ def test_ab_tma_forms_are_valid_overrides():
                              ("pointer+split", False, True)):
         with launch_overrides(ab_tma.overrides(form, (8, 1) if split else None)):
             assert tma_loads("dkdv", q) == tma and fwd_split() == split
+
+
+def test_compiled_shared_memory_reports_registers_and_spills_offline(tmp_path):
+    # Compiles for sm_90 on this CPU (Triton's own ptxas and cuobjdump) in a child process: the interpreter this
+    # test session runs under decorates kernels for interpretation, not compilation.
+    import subprocess
+
+    out = tmp_path / "res.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compiled_shared_memory.py"), "--kernels",
+                           "state,linear_q", "--dtypes", "bf16", "--head-dims", "64", "--blocks", "64x64",
+                           "--warps", "4", "--resources", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["num_warps"]) for r in rows] == [("state", 4), ("linear_q", 4)]
+    for row in rows:
+        assert "error" not in row, row
+        assert 0 < row["registers"] <= 255 and row["stack_bytes"] >= 0, row
+        assert row["compiled"] > 0

@@ -84,13 +84,13 @@ def compile_kernel(kernel: str, dtype: torch.dtype, head_dim: int, block_q, bloc
 
     from sla.ops.sla.triton import kernels
     from sla.ops.sla.triton.launch import _dot_precision, state_dtype
-    from sla.ops.sla.triton.launch_config import KERNELS
+    from sla.ops.sla.triton.launch_config import KERNELS, epilogue_chunk
 
     fn = getattr(kernels, KERNELS[kernel])
     constants = {"H": 12, "D": head_dim, "BM": block_q, "BN": block_k, "FEATURE": "softmax", "HAS_PROJ": True,
                  "HAS_BIAS": True, "STORE_AUX": True, "MASS": True, "PREC": _dot_precision(dtype),
                  "POOLED": combine != "mass", "COV": combine == "pooled_cov", "BT": block_k, "TMA": tma,
-                 "PART": 2 if kernel == "fwd_mix" else 0}
+                 "PART": 2 if kernel == "fwd_mix" else 0, "DC": epilogue_chunk(head_dim, dtype)}
     # TMA descriptors: (B, H, L, D) tensors, one block of the rows the sparse loop gathers
     rows_of = {"KD": block_k, "VD": block_k, "QD": block_q, "DOD": block_q}
     kinds = {"input": TRITON_TYPES[dtype], "state": TRITON_TYPES[state_dtype(dtype)], "fp32": "fp32", "i32": "i32",

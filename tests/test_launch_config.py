@@ -161,7 +161,7 @@ def test_estimate_counts_the_largest_phase_with_pipelined_tiles_per_stage():
     bf16, fp16 = torch.bfloat16, torch.float16
     # fwd, 64x64, D = 128, bf16, 3 stages: the loop (q tile once, k and v tiles per stage) is the larger phase
     loop = 64 * 128 * 2 + 3 * 2 * 64 * 128 * 2
-    epilogue = 128 * 128 * 2 + 128 * 128 * 4  # H_i (bf16 state) and W^T (fp32)
+    epilogue = 128 * 32 * 2 + 32 * 128 * 4  # 32-column slices of H_i (bf16 state) and W^T (fp32)
     assert loop > epilogue
     assert lc.estimate_shared_memory("fwd", 64, 64, 128, bf16, 3) == loop == 114688
     # with fp16 inputs the states are fp32 and the epilogue is the larger phase at one stage
@@ -358,8 +358,27 @@ def test_overrides_are_read_only():
     ({"dq": {"num_warps": True}}, "num_warps"),
     ({"dq": (4, 2)}, "dq"),
     ([("dq", {"num_warps": 4})], "dict"),
+    ({"fwd": {"chunk": 24}}, "chunk"),  # not a power of two
+    ({"fwd": {"chunk": 8}}, "chunk"),  # below the smallest dot
+    ({"fwd": {"chunk": True}}, "chunk"),
+    ({"dq": {"chunk": 32}}, "chunk"),  # only the forward's epilogue is sliced
 ])
 def test_overrides_are_checked_when_given(overrides, named):
     with pytest.raises(ValueError, match=named):
         lc.launch_overrides(overrides)  # before any with block is entered
     assert not lc.active_overrides()
+
+
+def test_epilogue_chunk_slices_bf16_only_unless_overridden():
+    assert lc.epilogue_chunk(128, torch.bfloat16) == lc.EPILOGUE_CHUNK == 32
+    assert lc.epilogue_chunk(16, torch.bfloat16) == 16  # never wider than the head dim
+    for dtype in (torch.float16, torch.float32):  # fp32 states: H_i whole (see EPILOGUE_CHUNK)
+        assert lc.epilogue_chunk(128, dtype) == 128
+    with lc.launch_overrides({"fwd": {"chunk": 64}}):
+        assert lc.epilogue_chunk(128, torch.float16) == 64
+        assert lc.epilogue_chunk(32, torch.bfloat16) == 32
+    assert lc.epilogue_chunk(128, torch.float16) == 128
+    # the split forward's second launch holds the slices and a row tile; the fused forward's loop stays the larger
+    # phase, so its estimate is the same as before the slicing (bench/results_smem_sm90_tma.json, compiled)
+    assert lc.estimate_shared_memory("fwd_mix", 128, 64, 128, torch.bfloat16, 1) == 128 * 128 * 4
+    assert lc.estimate_shared_memory("fwd", 64, 64, 128, torch.bfloat16, 3) == 114688

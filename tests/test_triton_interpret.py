@@ -31,7 +31,7 @@ from sla.ops.sla.triton import (  # noqa: E402
 )
 from sla.ops.sla.triton.api import coarse_codes, scope_mask_for  # noqa: E402
 from sla.ops.sla.triton.launch import _blocked, block_means  # noqa: E402
-from sla.ops.sla.triton.launch_config import TMA_KERNELS, launch_overrides, tma_loads  # noqa: E402
+from sla.ops.sla.triton.launch_config import EPILOGUE_CHUNK, TMA_KERNELS, launch_overrides, tma_loads  # noqa: E402
 from sla.settings import MIXING_RULES, POOLED_RULES  # noqa: E402
 from sla.ops.sla.triton.testing import (  # noqa: E402
     assert_outputs_within_rule,
@@ -169,19 +169,51 @@ def test_launch_forms_match_reference(B, H, Lq, Lk, D, block_q, block_k, linear_
     assert ("fwd_mix" in parts) == (form == "split")
 
 
+# The forward's epilogue in slices of H_i's columns (W^T's rows): the default only for bfloat16, which the
+# interpreter cannot check (its bf16 matmuls are wrong), so forced here in fp32 and fp16 under the same rule.
+@pytest.mark.parametrize("combine", ["paper", "mass", "pooled_cov"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj", CASES[:2])
+def test_sliced_epilogue_matches_reference(B, H, Lq, Lk, D, block_q, block_k, linear_scope, feature_map, with_proj,
+                                           dtype, combine):
+    from sla.ops.sla.triton import launch
+
+    chunks = []
+    real_chunk = launch.epilogue_chunk
+
+    def spy_chunk(*args):
+        chunks.append(real_chunk(*args))
+        return chunks[-1]
+
+    with launch_overrides({"fwd": {"chunk": 16}}), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launch, "epilogue_chunk", spy_chunk)
+        _run_case(B, H, Lq, Lk, D, block_q, block_k, dtype, linear_scope, feature_map, with_proj, combine=combine)
+    assert chunks and set(chunks) == {16}  # D = 64: four slices
+
+
+def test_sliced_epilogue_at_head_dim_128_fp16():
+    # The default width (32) in four slices at the head dim the benchmarks use.
+    with launch_overrides({"fwd": {"chunk": EPILOGUE_CHUNK}}):
+        _run_case(1, 1, 130, 130, 128, 64, 64, torch.float16, "marginal", "softmax", True, combine="mass")
+
+
 @pytest.mark.parametrize("combine", ["mass", "pooled"])
 def test_launch_forms_agree_on_strided_views(combine):
     # (B, L, H, D) tensors viewed as (B, H, L, D), as diffusers passes them: every form gives the same output and
-    # gradients in fp32 (the loads and launches differ, not the arithmetic), and the same output in inference, where
-    # the split forward passes o_s through o itself.
+    # gradients in fp32 (the loads and launches differ, not the arithmetic; the sliced epilogue, chunk 16 of D = 32,
+    # sums the projection in two pieces), and the same output in inference, where the split forward passes o_s
+    # through o itself.
     x = [torch.randn(1, 300, 2, 32).transpose(1, 2).requires_grad_() for _ in range(3)]
     w = 0.2 * torch.randn(32, 32)
     kw = dict(critical=0.2, negligible=0.1, block_q=32, block_k=64, backend="triton", combine=combine, proj_weight=w)
     results = []
-    for tma, split in ((False, False), (True, False), (False, True), (True, True)):
+    forms = ((False, False, 32), (True, False, 32), (False, True, 32), (True, True, 32), (False, False, 16),
+             (True, True, 16))
+    for tma, split, chunk in forms:
         for t in x:
             t.grad = None
-        with launch_overrides({"fwd": {"tma": tma, "split": split}, "dq": {"tma": tma}, "dkdv": {"tma": tma}}):
+        with launch_overrides({"fwd": {"tma": tma, "split": split, "chunk": chunk}, "dq": {"tma": tma},
+                               "dkdv": {"tma": tma}}):
             o = sla.sparse_linear_attention(*x, **kw)
             o.backward(torch.ones_like(o))
             with torch.no_grad():

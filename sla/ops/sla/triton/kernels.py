@@ -212,7 +212,7 @@ def sla_fwd_kernel(
     qk_scale, log_d, Lq, Lk, Tm, N_CRIT,
     H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FEATURE: tl.constexpr,
     HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, MASS: tl.constexpr,
-    POOLED: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, PART: tl.constexpr,
+    POOLED: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, PART: tl.constexpr, DC: tl.constexpr,
 ):
     # qk_scale = softmax scale * LOG2E (> 0): exp(x) = exp2(x * log2(e)), folded into one multiply-add.
     # PART: 0 = the whole forward in one launch; 1 = the sparse loop alone, writing o_s to OS and the base-2 LSE to
@@ -247,40 +247,54 @@ def sla_fwd_kernel(
         if PART == 2:  # OS may be O itself: each program reads its rows before it writes them
             b_os = tl.load(OS + p_aux, mask=m_qt, other=0.).to(tl.float32)
             b_lse2 = tl.load(LSE + i_bh * Lq + o_m, mask=m_q, other=0.)
-        _fwd_epilogue(HS, ZS, W, BIAS, MASS_OFF, OC, LOG_REST, O, OS, OL, LSE, A, b_os, b_lse2, p_aux, p_q0, o_m, m_q,
-                      m_qt, i_bh, i_b, i_h, i_m, s_q_l, s_o_b, s_o_h, s_o_l, s_oc_b, s_oc_h, s_oc_l, s_hs_bh, s_hs_m,
-                      s_zs_bh, s_zs_m, log_d, Lq, D, FEATURE, HAS_PROJ, HAS_BIAS, STORE_AUX, MASS, POOLED, PREC,
-                      PART)
+        _fwd_epilogue(HS, ZS, W, BIAS, MASS_OFF, OC, LOG_REST, O, OS, OL, LSE, A, b_os, b_lse2, p_aux,
+                      i_b * s_aux_b + i_h * s_aux_h, s_aux_l, p_q0, o_m, m_q, m_qt, i_bh, i_b, i_h, i_m, s_q_l, s_o_b,
+                      s_o_h, s_o_l, s_oc_b, s_oc_h, s_oc_l, s_hs_bh, s_hs_m, s_zs_bh, s_zs_m, log_d, Lq, D, FEATURE,
+                      HAS_PROJ, HAS_BIAS, STORE_AUX, MASS, POOLED, PREC, PART, DC)
 
 
 @triton.jit
-def _fwd_epilogue(HS, ZS, W, BIAS, MASS_OFF, OC, LOG_REST, O, OS, OL, LSE, A, b_os, b_lse2, p_aux, p_q0, o_m, m_q,
-                  m_qt, i_bh, i_b, i_h, i_m, s_q_l, s_o_b, s_o_h, s_o_l, s_oc_b, s_oc_h, s_oc_l, s_hs_bh, s_hs_m,
-                  s_zs_bh, s_zs_m, log_d, Lq, D: tl.constexpr, FEATURE: tl.constexpr, HAS_PROJ: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, MASS: tl.constexpr, POOLED: tl.constexpr,
-                  PREC: tl.constexpr, PART: tl.constexpr):
+def _fwd_epilogue(HS, ZS, W, BIAS, MASS_OFF, OC, LOG_REST, O, OS, OL, LSE, A, b_os, b_lse2, p_aux, p_aux0, s_aux_l,
+                  p_q0, o_m, m_q, m_qt, i_bh, i_b, i_h, i_m, s_q_l, s_o_b, s_o_h, s_o_l, s_oc_b, s_oc_h, s_oc_l,
+                  s_hs_bh, s_hs_m, s_zs_bh, s_zs_m, log_d, Lq, D: tl.constexpr, FEATURE: tl.constexpr,
+                  HAS_PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, MASS: tl.constexpr,
+                  POOLED: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, DC: tl.constexpr):
     """The forward after the sparse loop (``sla_fwd_kernel``'s PART 0 and 2): from o_s and the base-2 LSE
     (``b_os``, ``b_lse2``), the linear branch, ``Proj`` and the combination, then the stores (o_s and the LSE only
-    with PART 0: with PART 2 the loop's launch stored them)."""
+    with PART 0: with PART 2 the loop's launch stored them). ``p_aux`` addresses this block's rows of OS and OL,
+    ``p_aux0`` their (batch, head) slice (row stride ``s_aux_l``). With a projection, ``o_l`` and ``Proj(o_l)`` are
+    formed over ``DC``-column slices of ``H_i`` (``DC``-row slices of ``W^T``)."""
     o_d = tl.arange(0, D)
     # Linear branch: H_i and Z_i are this query block's aggregated states over the key blocks in scope.
     # phi(Q_i) from a second load of the tile (an L2 hit) rather than keeping b_q live past the loop; the two
     # ran at the same speed (bench/RESULTS.md, "Kernels at commit 0f20e68": what was tried on the way).
     b_x = _load_tile(p_q0, o_m, s_q_l, m_qt, D)
     b_pq = _feature_map(b_x.to(tl.float32), FEATURE).to(b_x.dtype).to(tl.float32)
-    b_hs = tl.load(_tile_ptrs(HS + i_bh * s_hs_bh + i_m * s_hs_m, o_d, D, D))  # [D, D]
+    p_hs0 = HS + i_bh * s_hs_bh + i_m * s_hs_m
     b_zs = tl.load(ZS + i_bh * s_zs_bh + i_m * s_zs_m + o_d)  # [D] fp32
-    b_num = tl.dot(b_pq.to(b_hs.dtype), b_hs, input_precision=PREC)
     b_den = tl.sum(b_pq * b_zs[None, :], axis=1)
     # A zero normaliser means nothing in scope (or relu features orthogonal to it): o_l is 0 there.
-    b_ol = b_num / tl.where(b_den == 0., 1., b_den)[:, None]
-
+    b_den_nz = tl.where(b_den == 0., 1., b_den)  # b_den itself goes to the mass weight
     if HAS_PROJ:
-        b_wt = tl.load(W + o_d[None, :] * D + o_d[:, None])  # W^T: [D_in, D_out], fp32
-        b_proj = tl.dot(b_ol, b_wt, input_precision=PREC)
+        # Slice by slice: H_i (D x D, state dtype) and W^T (D x D, fp32) held whole beside o_s and phi(Q_i) made
+        # this kernel spill registers at D = 128 (bench/RESULTS.md, "Register spills and the sliced epilogue").
+        # Each slice of o_l is complete (its dot runs over all of D); Proj(o_l) sums the slices' products in fp32.
+        b_pq_s = b_pq.to(HS.dtype.element_ty)
+        b_proj = tl.zeros_like(b_os)
+        for c in tl.range(0, D, DC):
+            o_c = c + tl.arange(0, DC)
+            b_hs = tl.load(p_hs0 + o_d[:, None] * D + o_c[None, :])  # H_i[:, c]: [D, DC]
+            b_ol = tl.dot(b_pq_s, b_hs, input_precision=PREC) / b_den_nz[:, None]
+            b_wt = tl.load(W + o_d[None, :] * D + o_c[:, None])  # W^T[c, :]: [DC, D_out], fp32
+            b_proj += tl.dot(b_ol, b_wt, input_precision=PREC)
+            if STORE_AUX:
+                tl.store(OL + p_aux0 + o_m[:, None] * s_aux_l + o_c[None, :], b_ol.to(OL.dtype.element_ty),
+                         mask=m_qt)
         if HAS_BIAS:
             b_proj += tl.load(BIAS + o_d)[None, :]
     else:
+        b_hs = tl.load(_tile_ptrs(p_hs0, o_d, D, D))  # [D, D]
+        b_ol = tl.dot(b_pq.to(b_hs.dtype), b_hs, input_precision=PREC) / b_den_nz[:, None]
         b_proj = b_ol
     if POOLED:
         # combine="pooled" (MASS is set too): a from log_rest, the coarse branch's estimate of the mass outside the
@@ -302,7 +316,8 @@ def _fwd_epilogue(HS, ZS, W, BIAS, MASS_OFF, OC, LOG_REST, O, OS, OL, LSE, A, b_
         if PART == 0:  # else the sparse part stored them
             tl.store(OS + p_aux, b_os.to(OS.dtype.element_ty), mask=m_qt)
             tl.store(LSE + i_bh * Lq + o_m, b_lse2, mask=m_q)
-        tl.store(OL + p_aux, b_ol.to(OL.dtype.element_ty), mask=m_qt)
+        if not HAS_PROJ:  # else stored slice by slice above
+            tl.store(OL + p_aux, b_ol.to(OL.dtype.element_ty), mask=m_qt)
         if MASS:
             tl.store(A + i_bh * Lq + o_m, b_a, mask=m_q)
 

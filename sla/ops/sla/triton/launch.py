@@ -51,7 +51,7 @@ from .kernels import (
     sla_fwd_kernel,
     sla_linear_state_kernel,
 )
-from .launch_config import fwd_split, launch_config, tma_loads
+from .launch_config import epilogue_chunk, fwd_split, launch_config, tma_loads
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -205,7 +205,7 @@ def forward(q, k, v, critical_lut, scope_mask, proj_weight, proj_bias, mass_offs
             scale * LOG2E.value, math.log(D), Lq, Lk, Tm, n_crit)  # the forward takes qk_scale (kernels.LOG2E)
     consts = dict(H=H, D=D, BM=block_q, BN=block_k, FEATURE=feature_map, HAS_PROJ=proj_weight is not None,
                   HAS_BIAS=proj_bias is not None, STORE_AUX=store_aux, MASS=mass, POOLED=pooled,
-                  PREC=_dot_precision(q.dtype), TMA=tma)
+                  PREC=_dot_precision(q.dtype), TMA=tma, DC=epilogue_chunk(D, q.dtype))
     for part in (1, 2) if split else (0,):
         name = "fwd_mix" if part == 2 else "fwd"
         sla_fwd_kernel[(Tm, B * H)](*args, **consts, PART=part,

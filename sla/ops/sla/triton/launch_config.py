@@ -10,6 +10,7 @@ whether the sparse loops read their tiles through TMA descriptors.
   through host-side TMA tensor descriptors (compute capability 9.0 and newer) or with pointer loads. Both forms
   compute the same values (the loads differ, not the arithmetic); :data:`TMA_BY_DEFAULT` says which is the default
   where both can run.
+* :func:`epilogue_chunk`: how many columns of ``H_i`` (rows of ``W^T``) the forward's epilogue takes at a time.
 * :func:`launch_overrides`: benchmarks try other configurations inside a ``with`` block; they end with it.
 
 Imports torch only, never Triton, and touches no GPU when imported; the device's limit is read at the first
@@ -46,6 +47,16 @@ TMA_KEY = "tma"
 # The override key that splits the forward in two launches (fwd_split), on kernel "fwd".
 SPLIT_KEY = "split"
 _BOOL_KEYS = {TMA_KEY: TMA_KERNELS, SPLIT_KEY: ("fwd",)}
+# The override key of the epilogue's slice width (epilogue_chunk), on kernel "fwd" (both launches of the split
+# forward take it from there).
+CHUNK_KEY = "chunk"
+# With a projection and bf16 inputs, the forward's epilogue forms o_l and Proj(o_l) over this many columns of H_i
+# (rows of W^T) at a time, so that neither D x D operand is held whole: at D = 128 that cut the kernel's register
+# spills from 1128 to 432 bytes a thread and its time with the tensors backward keeps from 1.22 to 0.96 ms
+# (one-process A/B on an H100; inference no different), bench/RESULTS.md "Register spills and the sliced
+# epilogue". fp16 and fp32 inputs (fp32 states) take H_i whole: sliced, their compiled shared memory grows past
+# the estimate (float32, head dim 64, 128x128: 262160 bytes, more than an H100 has), and they were not timed.
+EPILOGUE_CHUNK = 32
 # Whether the forward runs as two launches unless overridden: the sparse loop alone, then the rest ("fwd_mix").
 # Off: in the same A/B it saved 0.05-0.09 ms of kernel time at 64x64 and lost at 128x64 with 4 warps, and its
 # end-to-end forward times were no better (bench/RESULTS.md, "TMA loads and the split forward").
@@ -125,10 +136,11 @@ _SMEM_PHASES = {
     ),
     "fwd": (
         (("BM", "D", "input", False), ("BN", "D", "input", True), ("BN", "D", "input", True)),  # Q_i; K_j, V_j
-        (("D", "D", "state", False), ("D", "D", "fp32", False)),  # H_i, then Proj's W^T
+        (("D", "DC", "state", False), ("DC", "D", "fp32", False)),  # a slice of H_i, then of Proj's W^T
     ),
     "fwd_mix": (
-        (("D", "D", "state", False), ("D", "D", "fp32", False)),  # H_i, then Proj's W^T
+        (("D", "DC", "state", False), ("DC", "D", "fp32", False)),  # a slice of H_i, then of Proj's W^T
+        (("BM", "D", "fp32", False),),  # a row tile changing layout (compiled for sm_90: this is what it takes)
     ),
     "dq": (
         (("BM", "D", "input_x2", False), ("BM", "D", "input_x2", False),  # Q_i, dO_i
@@ -177,7 +189,7 @@ def estimate_shared_memory(kernel: str, block_q: Optional[int], block_k: Optiona
     ``block_q x head_dim`` and ``block_k x head_dim``, inputs of ``dtype`` and ``num_stages`` pipeline stages:
     the largest of the kernel's phases in ``_SMEM_PHASES`` (the comment above it says what is counted)."""
     _check_kernel(kernel)
-    sizes = {"BM": block_q, "BN": block_k, "D": head_dim}
+    sizes = {"BM": block_q, "BN": block_k, "D": head_dim, "DC": _default_chunk(head_dim, dtype)}
 
     def tile_bytes(rows: str, cols: str, kind: str, pipelined: bool) -> int:
         if sizes[rows] is None or sizes[cols] is None:
@@ -257,7 +269,8 @@ def _checked_overrides(overrides: Mapping) -> dict:
         if not isinstance(config, Mapping):
             raise ValueError(f"launch override of {kernel!r} must be a dict with keys {CONFIG_KEYS}, got "
                              f"{type(config).__name__}")
-        allowed = CONFIG_KEYS + tuple(key for key, kernels in _BOOL_KEYS.items() if kernel in kernels)
+        allowed = (CONFIG_KEYS + tuple(key for key, kernels in _BOOL_KEYS.items() if kernel in kernels)
+                   + ((CHUNK_KEY,) if kernel == "fwd" else ()))
         bad = sorted(set(config) - set(allowed))
         if bad:
             raise ValueError(f"unknown key(s) {bad} in the launch override of {kernel!r}; allowed: {allowed}")
@@ -265,6 +278,10 @@ def _checked_overrides(overrides: Mapping) -> dict:
             if key in _BOOL_KEYS:
                 if not isinstance(value, bool):
                     raise ValueError(f"launch override {kernel!r} {key} must be True or False, got {value!r}")
+            elif key == CHUNK_KEY:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+                    raise ValueError(f"launch override {kernel!r} {key} must be a power of two >= 16 (the smallest "
+                                     f"dot), got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"launch override {kernel!r} {key} must be a positive int, got {value!r}")
         checked[kernel] = MappingProxyType(dict(config))
@@ -285,7 +302,8 @@ def launch_overrides(overrides: Mapping[str, Mapping[str, int]]) -> contextlib.A
     backward included, which runs in a thread of its own on CUDA), so it is not for concurrent use from several
     threads; it ends with the block, also on an exception. Under Triton's interpreter ``num_warps`` and
     ``num_stages`` are ignored, overrides included; ``tma`` is honoured (the interpreter runs descriptor loads, which
-    is how the CPU tests cover that form).
+    is how the CPU tests cover that form), and so is ``"fwd"``'s ``chunk`` (a power of two >= 16: the epilogue's
+    slice width, see :func:`epilogue_chunk`).
 
     Raises:
         ValueError: an unknown kernel or key, or a value that is not a positive int (checked here, before the
@@ -377,3 +395,17 @@ def fwd_split() -> bool:
     :data:`FWD_SPLIT_BY_DEFAULT`."""
     forced = _overrides.get("fwd", {}).get(SPLIT_KEY)
     return FWD_SPLIT_BY_DEFAULT if forced is None else forced
+
+
+def _default_chunk(head_dim: int, dtype: torch.dtype) -> int:
+    return min(head_dim, EPILOGUE_CHUNK) if dtype == torch.bfloat16 else head_dim
+
+
+def epilogue_chunk(head_dim: int, dtype: torch.dtype) -> int:
+    """The width of the slices in which the forward's epilogue takes ``H_i``'s columns and ``W^T``'s rows when there
+    is a projection (``sla_fwd_kernel``'s ``DC``), for inputs of ``dtype``: an override (:func:`launch_overrides`,
+    ``{"fwd": {"chunk": ..}}``, any dtype), else :data:`EPILOGUE_CHUNK` for bfloat16 and the whole head dim
+    (no slicing) otherwise; never more than ``head_dim``. The same values either way up to the fp32 summation of
+    the projection's slices; under the interpreter too."""
+    forced = _overrides.get("fwd", {}).get(CHUNK_KEY)
+    return _default_chunk(head_dim, dtype) if forced is None else min(head_dim, forced)

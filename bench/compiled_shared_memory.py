@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 
@@ -39,30 +41,13 @@ INPUT_POINTERS = {"Q", "K", "V", "O", "OS", "OL", "DO", "DQ", "DK", "DV", "DO_S"
 FLOATS = {"scale", "qk_scale", "log_d"}
 
 
-def compiled_shared_memory(kernel: str, dtype: torch.dtype, head_dim: int, block_q, block_k, num_warps: int,
-                           num_stages: int, sm: int, combine: str = "mass", tma: bool = False) -> int:
-    """``metadata.shared`` of ``kernel`` compiled for ``sm`` with the library's defaults (softmax features, a
-    projection with bias, aux outputs stored) under ``combine`` (``"mass"``, ``"pooled"`` or ``"pooled_cov"``;
-    the coarse kernels' ``block_k`` is their chunk of key-block means). ``tma``: the sparse kernels' TMA form (their
-    descriptor arguments typed as the launcher builds them); ``"fwd"`` is the one-launch forward (PART 0),
-    ``"fwd_mix"`` the split forward's second launch (PART 2)."""
-    compiled = compile_kernel(kernel, dtype, head_dim, block_q, block_k, num_warps, num_stages, sm, combine, tma)
-    return int(compiled.metadata.shared)
-
-
 def resource_usage(compiled) -> dict:
     """Registers per thread and stack bytes per thread (local memory: with no calls in these kernels, the
-    register spills) of a compiled kernel, from ``cuobjdump -res-usage`` on its cubin. Triton's NVIDIA backend
-    ships the ``cuobjdump`` it runs."""
-    import re
-    import subprocess
+    register spills) of a compiled kernel, from ``cuobjdump -res-usage`` on its cubin: the ``cuobjdump`` Triton
+    itself resolves (the one its NVIDIA backend ships, or ``TRITON_CUOBJDUMP_PATH``)."""
+    from triton import knobs
 
-    from triton.backends import nvidia
-
-    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        raise FileNotFoundError(f"no cuobjdump at {tool}: this Triton wheel does not ship it, and --resources "
-                                "needs it")
+    tool = knobs.nvidia.cuobjdump.path
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
@@ -76,8 +61,12 @@ def resource_usage(compiled) -> dict:
 
 def compile_kernel(kernel: str, dtype: torch.dtype, head_dim: int, block_q, block_k, num_warps: int,
                    num_stages: int, sm: int, combine: str = "mass", tma: bool = False):
-    """``kernel`` compiled for ``sm`` (arguments as :func:`compiled_shared_memory`): Triton's compiled kernel, whose
-    ``metadata`` and ``asm["cubin"]`` can be read without a GPU."""
+    """``kernel`` compiled for ``sm`` with the library's defaults (softmax features, a projection with bias, aux
+    outputs stored) under ``combine`` (``"mass"``, ``"pooled"`` or ``"pooled_cov"``; the coarse kernels' ``block_k``
+    is their chunk of key-block means). ``tma``: the sparse kernels' TMA form (their descriptor arguments typed as
+    the launcher builds them); ``"fwd"`` is the one-launch forward (PART 0), ``"fwd_mix"`` the split forward's
+    second launch (PART 2). Triton's compiled kernel: its ``metadata.shared`` and ``asm["cubin"]`` are read without
+    a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

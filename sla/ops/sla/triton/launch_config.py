@@ -50,6 +50,8 @@ _BOOL_KEYS = {TMA_KEY: TMA_KERNELS, SPLIT_KEY: ("fwd",)}
 # The override key of the epilogue's slice width (epilogue_chunk), on kernel "fwd" (both launches of the split
 # forward take it from there).
 CHUNK_KEY = "chunk"
+# The keys beside CONFIG_KEYS, and the kernels whose overrides may carry them.
+_FORM_KEYS = {**_BOOL_KEYS, CHUNK_KEY: ("fwd",)}
 # With a projection and bf16 inputs, the forward's epilogue forms o_l and Proj(o_l) over this many columns of H_i
 # (rows of W^T) at a time, so that neither D x D operand is held whole: at D = 128 that cut the kernel's register
 # spills from 1128 to 432 bytes a thread and its time with the tensors backward keeps from 1.22 to 0.96 ms
@@ -269,8 +271,7 @@ def _checked_overrides(overrides: Mapping) -> dict:
         if not isinstance(config, Mapping):
             raise ValueError(f"launch override of {kernel!r} must be a dict with keys {CONFIG_KEYS}, got "
                              f"{type(config).__name__}")
-        allowed = (CONFIG_KEYS + tuple(key for key, kernels in _BOOL_KEYS.items() if kernel in kernels)
-                   + ((CHUNK_KEY,) if kernel == "fwd" else ()))
+        allowed = CONFIG_KEYS + tuple(key for key, kernels in _FORM_KEYS.items() if kernel in kernels)
         bad = sorted(set(config) - set(allowed))
         if bad:
             raise ValueError(f"unknown key(s) {bad} in the launch override of {kernel!r}; allowed: {allowed}")
